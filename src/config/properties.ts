@@ -1,0 +1,157 @@
+/**
+ * Every setting of one target, in one table: its name (as the seed connector spells it, matched
+ * case-insensitively), its flag, how its value is checked, and whether it is a secret. Every
+ * source (connection string, flags, and later files and environment) feeds the same table, so a
+ * value is checked once, and an error names the key, where the value came from and what is allowed.
+ */
+
+export class ConfigError extends Error {
+  override readonly name = 'ConfigError';
+}
+
+export type Kind =
+  | { readonly type: 'string' }
+  | { readonly type: 'int'; readonly min: number; readonly max: number }
+  | { readonly type: 'enum'; readonly values: readonly string[] }
+  | { readonly type: 'bool' };
+
+export interface Property {
+  readonly name: string;
+  readonly kind: Kind;
+  readonly secret?: boolean;
+  /** The command-line flag that sets it, if any. */
+  readonly flag?: string;
+  readonly help: string;
+  /** Shown in --help; the value used when nothing sets it. */
+  readonly default?: string;
+}
+
+const string = { type: 'string' } as const;
+const port = { type: 'int', min: 1, max: 65535 } as const;
+const milliseconds = { type: 'int', min: 0, max: 86_400_000 } as const;
+const bool = { type: 'bool' } as const;
+
+export const PROPERTIES: readonly Property[] = [
+  // The upstream (Lakebase) connection
+  { name: 'Server', kind: string, help: 'host name of the Lakebase instance (instance-<uuid>.database.cloud.databricks.com)' },
+  { name: 'Port', kind: port, default: '5432', help: 'port of the Lakebase instance' },
+  { name: 'Database', kind: string, default: 'databricks_postgres', help: 'database used when a client names none' },
+  { name: 'User', kind: string, help: 'the Databricks identity to log in as: an e-mail, or a service principal\'s application id (default: OAuthClientId)' },
+  { name: 'Password', kind: string, secret: true, help: 'a fixed password, for native Postgres roles (instead of OAuth)' },
+  { name: 'SSLMode', kind: { type: 'enum', values: ['verify-full', 'verify-ca', 'require'] }, default: 'verify-full', help: 'upstream TLS verification; require encrypts without verifying' },
+  { name: 'SSLRootCert', kind: string, help: 'PEM file of the CA to trust for the upstream (default: the system CAs)' },
+  { name: 'ConnectTimeout', kind: milliseconds, flag: '--connect-timeout', default: '10000', help: 'milliseconds for TCP, TLS and login to the upstream' },
+  { name: 'KeepAlive', kind: milliseconds, flag: '--keepalive', default: '60000', help: 'TCP keepalive delay toward the upstream in milliseconds; 0 turns it off' },
+  // OAuth (the seed connector's properties)
+  { name: 'DatabricksInstance', kind: string, help: 'the workspace host or URL, e.g. dbc-1234.cloud.databricks.com' },
+  { name: 'AuthScheme', kind: { type: 'enum', values: ['OAuthClient', 'OAuthPKCE'] }, default: 'OAuthClient', help: 'OAuthClient (service principal) or OAuthPKCE (a person\'s browser login)' },
+  { name: 'InitiateOAuth', kind: { type: 'enum', values: ['GETANDREFRESH', 'REFRESH', 'OFF'] }, help: 'GETANDREFRESH obtains and refreshes tokens; REFRESH only refreshes; OFF uses OAuthAccessToken as given (default: OFF when only OAuthAccessToken is given, else GETANDREFRESH)' },
+  { name: 'OAuthClientId', kind: string, help: 'the OAuth client id (service principal application id; databricks-cli for OAuthPKCE)' },
+  { name: 'OAuthClientSecret', kind: string, secret: true, help: 'the service principal\'s OAuth secret' },
+  { name: 'OAuthAccessToken', kind: string, secret: true, help: 'an access token to use as given' },
+  { name: 'OAuthRefreshToken', kind: string, secret: true, help: 'a refresh token to start from' },
+  { name: 'OAuthVerifier', kind: string, secret: true, help: 'the code from a login callback, for headless machines' },
+  { name: 'OAuthSettingsLocation', kind: string, help: 'file where tokens persist, or memory:// (default: OAuthSettings.txt in the user config folder)' },
+  { name: 'CallbackURL', kind: string, default: 'http://localhost:8020', help: 'redirect URL of the browser login' },
+  { name: 'Scope', kind: string, help: 'OAuth scopes (default: all-apis, plus offline_access for OAuthPKCE)' },
+  { name: 'LakebaseInstance', kind: string, help: 'Provisioned instance name: exchange the workspace token for a database credential' },
+  { name: 'LakebaseEndpoint', kind: string, help: 'Autoscaling endpoint projects/<p>/branches/<b>/endpoints/<e>: exchange for a database credential' },
+  { name: 'OAuthTimeout', kind: milliseconds, flag: '--oauth-timeout', default: '30000', help: 'milliseconds for each request to the workspace' },
+  { name: 'LoginTimeout', kind: milliseconds, flag: '--login-timeout', default: '300000', help: 'milliseconds a client waits for a browser login to complete' },
+  // The local listener
+  { name: 'ListenAddress', kind: string, flag: '--address', default: '127.0.0.1', help: 'address to listen on' },
+  { name: 'ListenPort', kind: { type: 'int', min: 0, max: 65535 }, flag: '--port', default: '5432', help: 'port to listen on' },
+  { name: 'UnixSocket', kind: string, flag: '--unix-socket', help: 'also listen on DIR/.s.PGSQL.<port>, so that psql -h DIR works' },
+  { name: 'UnixSocketMode', kind: { type: 'enum', values: ['0600', '0660', '0666'] }, flag: '--unix-socket-mode', default: '0600', help: 'permissions of the unix socket file' },
+  { name: 'TLSCert', kind: string, flag: '--tls-cert', help: 'certificate file: offer TLS to clients' },
+  { name: 'TLSKey', kind: string, flag: '--tls-key', help: 'private key file for --tls-cert' },
+  { name: 'ClientAuth', kind: { type: 'enum', values: ['trust', 'scram-sha-256', 'password'] }, flag: '--client-auth', help: 'how clients authenticate to the proxy (default: trust on loopback and unix sockets, scram-sha-256 otherwise)' },
+  { name: 'ClientUsers', kind: string, flag: '--client-users', help: 'file of local users, one "name:password" or "name:SCRAM-SHA-256$..." per line' },
+  { name: 'StartupTimeout', kind: milliseconds, flag: '--startup-timeout', default: '30000', help: 'milliseconds a client has to finish its startup and authentication' },
+  { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client connections at once; 0 means no limit' },
+  { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session idle this many milliseconds; 0 means never' },
+  { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow trust authentication on a non-loopback address (not recommended)' },
+];
+
+const BY_LOWER = new Map(PROPERTIES.map((p) => [p.name.toLowerCase(), p]));
+export const BY_FLAG = new Map(PROPERTIES.filter((p) => p.flag).map((p) => [p.flag as string, p]));
+
+export function findProperty(name: string): Property | undefined {
+  return BY_LOWER.get(name.toLowerCase());
+}
+
+/** Values by canonical name, each with the source that set it, later sources winning. */
+export class Settings {
+  readonly #values = new Map<string, { value: string; source: string }>();
+
+  /** Sets a value from a source; an unknown key is an error that names it and the source. */
+  set(key: string, value: string, source: string): void {
+    const property = findProperty(key);
+    if (!property) {
+      throw new ConfigError(`unknown setting "${key}" in ${source}; known settings: ${PROPERTIES.map((p) => p.name).join(', ')}`);
+    }
+    checkValue(property, value, source);
+    this.#values.set(property.name, { value, source });
+  }
+
+  has(name: string): boolean {
+    return this.#values.has(name);
+  }
+
+  source(name: string): string | undefined {
+    return this.#values.get(name)?.source;
+  }
+
+  string(name: string): string | undefined {
+    const entry = this.#values.get(name);
+    if (entry) return entry.value;
+    return findProperty(name)?.default;
+  }
+
+  int(name: string): number {
+    const text = this.string(name);
+    return text === undefined ? 0 : Number(text);
+  }
+
+  bool(name: string): boolean {
+    return /^(true|yes|on|1)$/i.test(this.string(name) ?? '');
+  }
+
+  /** An error about a setting's value, naming the key and its source. */
+  error(name: string, problem: string): ConfigError {
+    return new ConfigError(`${name}${this.#values.has(name) ? ` (from ${this.source(name)})` : ''}: ${problem}`);
+  }
+}
+
+function checkValue(property: Property, value: string, source: string): void {
+  const shown = property.secret ? 'the value given' : `"${value}"`;
+  const fail = (allowed: string): never => {
+    throw new ConfigError(`${property.name} (from ${source}): ${shown} is not valid; expected ${allowed}`);
+  };
+  const kind = property.kind;
+  switch (kind.type) {
+    case 'string':
+      return;
+    case 'int': {
+      if (!/^\d+$/.test(value.trim())) fail(`a whole number from ${kind.min} to ${kind.max}`);
+      const n = Number(value);
+      if (n < kind.min || n > kind.max) fail(`a whole number from ${kind.min} to ${kind.max}`);
+      return;
+    }
+    case 'enum':
+      if (!kind.values.some((v) => v.toLowerCase() === value.toLowerCase())) fail(`one of ${kind.values.join(', ')}`);
+      return;
+    case 'bool':
+      if (!/^(true|false|yes|no|on|off|1|0)$/i.test(value)) fail('true or false');
+      return;
+    default:
+      throw new Error(`unknown kind ${(kind as Kind).type}`);
+  }
+}
+
+/** The canonical spelling of an enum value given in any case. */
+export function canonicalEnum(name: string, value: string): string {
+  const kind = findProperty(name)?.kind;
+  if (kind?.type !== 'enum') return value;
+  return kind.values.find((v) => v.toLowerCase() === value.toLowerCase()) ?? value;
+}

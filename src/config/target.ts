@@ -1,0 +1,128 @@
+/** Turns checked settings into the typed options of the proxy and of the OAuth token source. */
+import { readFile } from 'node:fs/promises';
+import { createSecureContext } from 'node:tls';
+import { isIPv4, isIPv6 } from 'node:net';
+import type { OAuthOptions } from '../oauth/options.js';
+import type { ProxyOptions } from '../proxy/server.js';
+import type { ClientAuthMethod } from '../proxy/client-handshake.js';
+import { makeVerifier, parseVerifier, type ScramVerifier } from '../auth/scram.js';
+import { canonicalEnum, type Settings } from './properties.js';
+
+export function resolveOAuth(settings: Settings): OAuthOptions {
+  const accessToken = settings.string('OAuthAccessToken');
+  const databricksInstance = settings.string('DatabricksInstance');
+  const authScheme = canonicalEnum('AuthScheme', settings.string('AuthScheme') as string) as OAuthOptions['authScheme'];
+  const initiate = settings.string('InitiateOAuth');
+  const clientId = settings.string('OAuthClientId');
+  return {
+    databricksInstance,
+    authScheme,
+    initiateOAuth: (initiate !== undefined
+      ? canonicalEnum('InitiateOAuth', initiate)
+      : accessToken !== undefined && databricksInstance === undefined
+        ? 'OFF'
+        : 'GETANDREFRESH') as OAuthOptions['initiateOAuth'],
+    clientId,
+    clientSecret: settings.string('OAuthClientSecret'),
+    accessToken,
+    refreshToken: settings.string('OAuthRefreshToken'),
+    verifier: settings.string('OAuthVerifier'),
+    callbackUrl: settings.string('CallbackURL') as string,
+    scope: settings.string('Scope'),
+    settingsLocation: settings.string('OAuthSettingsLocation'),
+    lakebaseInstance: settings.string('LakebaseInstance'),
+    lakebaseEndpoint: settings.string('LakebaseEndpoint'),
+    user: settings.string('User') ?? (authScheme === 'OAuthClient' ? clientId : undefined),
+    requestTimeoutMs: settings.int('OAuthTimeout'),
+    loginTimeoutMs: settings.int('LoginTimeout'),
+  };
+}
+
+export function isLoopback(address: string): boolean {
+  return address === 'localhost' || address === '::1' || (isIPv4(address) && address.startsWith('127.')) || (isIPv6(address) && address === '0:0:0:0:0:0:0:1');
+}
+
+export async function resolveProxy(settings: Settings, name: string): Promise<ProxyOptions> {
+  const server = settings.string('Server');
+  if (server === undefined || server === '') {
+    throw settings.error('Server', 'missing: set the Lakebase host, e.g. --connection "Server=instance-<uuid>.database.cloud.databricks.com;..."');
+  }
+  const oauth = resolveOAuth(settings);
+  const identity = oauth.user;
+  if (identity === undefined || identity === '') {
+    throw settings.error('User', 'missing: set the Databricks identity to log in as (an e-mail, or a service principal\'s application id)');
+  }
+  const address = settings.string('ListenAddress') as string;
+  const loopback = isLoopback(address);
+  const clientAuth = (settings.string('ClientAuth') ?? (loopback ? 'trust' : 'scram-sha-256')) as ClientAuthMethod;
+  if (clientAuth === 'trust' && !loopback && !settings.bool('AllowInsecureListen')) {
+    throw settings.error(
+      'ClientAuth',
+      `trust on the non-loopback address ${address} would let anyone on the network use the identity ${identity}; set --client-auth scram-sha-256 with --client-users FILE, or listen on 127.0.0.1`,
+    );
+  }
+  const usersFile = settings.string('ClientUsers');
+  if (clientAuth !== 'trust' && usersFile === undefined) {
+    throw settings.error('ClientUsers', `missing: --client-auth ${clientAuth} needs a file of local users (--client-users FILE)`);
+  }
+  const tlsCert = settings.string('TLSCert');
+  const tlsKey = settings.string('TLSKey');
+  if ((tlsCert === undefined) !== (tlsKey === undefined)) {
+    throw settings.error(tlsCert === undefined ? 'TLSCert' : 'TLSKey', 'TLSCert and TLSKey must be given together');
+  }
+  const rootCertPath = settings.string('SSLRootCert');
+  return {
+    name,
+    listen: {
+      address,
+      port: settings.int('ListenPort'),
+      unixSocketDir: settings.string('UnixSocket'),
+      unixSocketMode: parseInt(settings.string('UnixSocketMode') as string, 8),
+    },
+    upstream: {
+      host: server,
+      port: settings.int('Port'),
+      sslMode: canonicalEnum('SSLMode', settings.string('SSLMode') as string) as ProxyOptions['upstream']['sslMode'],
+      rootCert: rootCertPath === undefined ? undefined : await readSetting(settings, 'SSLRootCert', rootCertPath),
+      connectTimeoutMs: settings.int('ConnectTimeout'),
+      keepAliveMs: settings.int('KeepAlive'),
+    },
+    identity,
+    defaultDatabase: settings.string('Database') as string,
+    clientAuth: {
+      authMethod: clientAuth,
+      users: usersFile === undefined ? new Map() : parseUsers(await readSetting(settings, 'ClientUsers', usersFile), settings),
+      tls:
+        tlsCert === undefined || tlsKey === undefined
+          ? undefined
+          : createSecureContext({ cert: await readSetting(settings, 'TLSCert', tlsCert), key: await readSetting(settings, 'TLSKey', tlsKey) }),
+    },
+    startupTimeoutMs: settings.int('StartupTimeout'),
+    maxConnections: settings.int('MaxConnections'),
+    idleTimeoutMs: settings.int('IdleTimeout'),
+  };
+}
+
+async function readSetting(settings: Settings, name: string, path: string): Promise<Buffer> {
+  try {
+    return await readFile(path);
+  } catch (error) {
+    throw settings.error(name, `cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+  }
+}
+
+/** Lines "name:password" or "name:SCRAM-SHA-256$..."; blank lines and # comments are skipped. */
+export function parseUsers(text: Buffer, settings: Settings): Map<string, ScramVerifier> {
+  const users = new Map<string, ScramVerifier>();
+  text
+    .toString('utf8')
+    .split(/\r?\n/)
+    .forEach((line, index) => {
+      if (line.trim() === '' || line.trimStart().startsWith('#')) return;
+      const colon = line.indexOf(':');
+      if (colon <= 0) throw settings.error('ClientUsers', `line ${index + 1} is not of the form name:password`);
+      const secret = line.slice(colon + 1);
+      users.set(line.slice(0, colon), parseVerifier(secret) ?? makeVerifier(secret));
+    });
+  return users;
+}

@@ -1,0 +1,25 @@
+/** What the proxy reports as it works; the metrics module implements it. Calls must be cheap. */
+export interface ProxyObserver {
+  clientOpened(): void;
+  clientClosed(): void;
+  /** A client turned away at the connection limit. */
+  clientRejected(): void;
+  upstreamConnected(seconds: number): void;
+  /** Called per relayed chunk: no allocation. */
+  bytes(toUpstream: number, toClient: number): void;
+  /** `reason` is a fixed word (client_password, token, upstream_auth, upstream_connect, protocol). */
+  failure(reason: FailureReason): void;
+  cancel(outcome: 'forwarded' | 'unknown_key' | 'error'): void;
+}
+
+export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections';
+
+export const nullObserver: ProxyObserver = {
+  clientOpened() {},
+  clientClosed() {},
+  clientRejected() {},
+  upstreamConnected() {},
+  bytes() {},
+  failure() {},
+  cancel() {},
+};

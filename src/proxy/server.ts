@@ -1,0 +1,360 @@
+/**
+ * The listeners and the life of one client session: handshake, token, upstream login, relay.
+ */
+import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { chmod, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
+import type { Logger } from '../ops/log.js';
+import { backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse } from '../wire/backend-messages.js';
+import { TokenError, type TokenSource } from '../token/token-source.js';
+import { clientHandshake, HandshakeError, type ClientHandshakeOptions } from './client-handshake.js';
+import { CancelKeys } from './cancel.js';
+import { Relay, type RelayEnd } from './relay.js';
+import { connectUpstream, sendCancel, UpstreamError, type UpstreamTarget } from './upstream.js';
+import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
+
+export interface ListenOptions {
+  readonly address: string;
+  readonly port: number;
+  /** A folder: the socket is `<dir>/.s.PGSQL.<port>`, so that `psql -h <dir>` works. */
+  readonly unixSocketDir: string | undefined;
+  /** Permission bits of the socket file; default 0o600 (owner only). */
+  readonly unixSocketMode: number;
+}
+
+export interface ProxyOptions {
+  readonly name: string;
+  readonly listen: ListenOptions;
+  readonly upstream: UpstreamTarget;
+  /** The upstream identity: the `user` of every upstream login. */
+  readonly identity: string;
+  readonly defaultDatabase: string;
+  readonly clientAuth: ClientHandshakeOptions;
+  /** A client must finish its startup and authentication within this time. */
+  readonly startupTimeoutMs: number;
+  /** 0 means no limit. */
+  readonly maxConnections: number;
+  /** Close a session when neither side sent anything for this long; 0 means never. */
+  readonly idleTimeoutMs: number;
+}
+
+export interface ProxyDeps {
+  readonly tokenSource: TokenSource;
+  readonly logger: Logger;
+  readonly observer?: ProxyObserver;
+}
+
+/** An error the proxy turns into an ErrorResponse for the client. */
+interface ClientFacing {
+  readonly sqlstate: string;
+  readonly message: string;
+}
+
+interface Session {
+  relay: Relay | undefined;
+  socket: Socket;
+}
+
+export class ProxyServer {
+  readonly options: ProxyOptions;
+  readonly #deps: ProxyDeps;
+  readonly #observer: ProxyObserver;
+  readonly #log: Logger;
+  readonly #servers: Server[] = [];
+  readonly #sessions = new Set<Session>();
+  readonly #cancelKeys = new CancelKeys();
+  #socketPath: string | undefined;
+  #accepting = false;
+
+  constructor(options: ProxyOptions, deps: ProxyDeps) {
+    this.options = options;
+    this.#deps = deps;
+    this.#observer = deps.observer ?? nullObserver;
+    this.#log = deps.logger.child({ target: options.name });
+  }
+
+  /** Open client connections, authenticated or not. */
+  get connections(): number {
+    return this.#sessions.size;
+  }
+
+  get atCapacity(): boolean {
+    return this.options.maxConnections > 0 && this.#sessions.size >= this.options.maxConnections;
+  }
+
+  /** The TCP port actually bound (differs from options when 0 was asked for). */
+  get port(): number {
+    const address = this.#servers[0]?.address();
+    return typeof address === 'object' && address ? address.port : this.options.listen.port;
+  }
+
+  get socketPath(): string | undefined {
+    return this.#socketPath;
+  }
+
+  async listen(): Promise<void> {
+    const { address, port, unixSocketDir } = this.options.listen;
+    const tcp = this.#newServer();
+    await listenOn(tcp, { host: address, port }, `port ${port} on ${address} is already in use; choose another with --port`);
+    this.#servers.push(tcp);
+    if (unixSocketDir !== undefined) {
+      const path = join(unixSocketDir, `.s.PGSQL.${this.options.listen.port === 0 ? this.port : port}`);
+      if (Buffer.byteLength(path) > 107) {
+        throw new Error(`unix socket path ${path} is longer than the 107 bytes the system allows; choose a shorter --unix-socket folder`);
+      }
+      await removeStaleSocket(path);
+      const unix = this.#newServer();
+      await listenOn(unix, { path }, `unix socket ${path} is in use by another server; choose another --unix-socket folder or --port`);
+      await chmod(path, this.options.listen.unixSocketMode);
+      this.#servers.push(unix);
+      this.#socketPath = path;
+    }
+    this.#accepting = true;
+  }
+
+  /** Stops accepting; open sessions go on. */
+  async stopAccepting(): Promise<void> {
+    this.#accepting = false;
+    await Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+  }
+
+  /** Resolves when every open session has ended by itself. */
+  async drained(): Promise<void> {
+    while (this.#sessions.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+
+  /** Closes every session at once. */
+  closeAll(): void {
+    for (const session of this.#sessions) {
+      if (session.relay) session.relay.close('shutdown');
+      else session.socket.destroy();
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.stopAccepting();
+    this.closeAll();
+  }
+
+  #newServer(): Server {
+    const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.#accept(socket));
+    server.on('error', (error) => this.#log.error({ err: error.message }, 'listener error'));
+    return server;
+  }
+
+  #accept(socket: Socket): void {
+    socket.on('error', () => {}); // every failure is handled where the socket is used; none may crash the process
+    if (!this.#accepting) {
+      socket.destroy();
+      return;
+    }
+    if (this.atCapacity) {
+      this.#observer.clientRejected();
+      this.#observer.failure('too_many_connections');
+      socket.end(errorResponse({ code: '53300', message: `sorry, too many clients already (lakebase-proxy --max-connections ${this.options.maxConnections})` }));
+      setTimeout(() => socket.destroy(), 1000).unref();
+      return;
+    }
+    const session: Session = { relay: undefined, socket };
+    this.#sessions.add(session);
+    this.#observer.clientOpened();
+    socket.once('close', () => {
+      this.#sessions.delete(session);
+      this.#observer.clientClosed();
+    });
+    this.#run(session).catch((error: unknown) => {
+      this.#log.error({ err: error instanceof Error ? error.message : String(error) }, 'session failed unexpectedly');
+      socket.destroy();
+    });
+  }
+
+  async #run(session: Session): Promise<void> {
+    const started = Date.now();
+    const raw = session.socket;
+    const peer = raw.remoteAddress ? `${raw.remoteAddress}:${raw.remotePort}` : 'unix socket';
+    const startupTimer = setTimeout(() => {
+      this.#observer.failure('startup_timeout');
+      this.#log.info({ peer }, 'client did not complete its startup in time; dropped');
+      raw.destroy();
+    }, this.options.startupTimeoutMs);
+    let handshake;
+    try {
+      handshake = await clientHandshake(raw, this.options.clientAuth);
+    } catch (error) {
+      clearTimeout(startupTimer);
+      if (error instanceof HandshakeError) {
+        this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : 'protocol');
+        this.#log.info({ peer, sqlstate: error.sqlstate, reason: error.message }, 'client handshake refused');
+        refuse(error.socket ?? raw, error);
+      } else {
+        raw.destroy();
+      }
+      return;
+    } finally {
+      clearTimeout(startupTimer);
+    }
+
+    if (handshake.kind === 'cancel') {
+      raw.destroy();
+      await this.#cancel(handshake.processId, handshake.secretKey);
+      return;
+    }
+
+    const { socket: client, parameters, frames } = handshake;
+    const clientUser = parameters.get('user') as string;
+    const database = this.#database(parameters);
+    const abort = new AbortController();
+    const onClientGone = (): void => abort.abort();
+    raw.once('close', onClientGone);
+
+    let upstream;
+    try {
+      const token = await this.#deps.tokenSource.getToken({
+        notice: (message) => client.write(noticeResponse(message)),
+        signal: abort.signal,
+      });
+      const connectStarted = process.hrtime.bigint();
+      const forwarded = new Map(parameters);
+      forwarded.delete('user');
+      forwarded.set('database', database);
+      upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal);
+      this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
+    } catch (error) {
+      raw.off('close', onClientGone);
+      frames.detach();
+      const facing = this.#clientFacing(error);
+      this.#log.warn({ peer, user: clientUser, database, sqlstate: facing.sqlstate, reason: facing.message }, 'upstream login failed');
+      if (!abort.signal.aborted) refuse(client, facing, error instanceof UpstreamError ? error.fields : undefined, this.#context(database));
+      return;
+    }
+    raw.off('close', onClientGone);
+    if (abort.signal.aborted) {
+      upstream.socket.destroy();
+      frames.detach();
+      return;
+    }
+
+    const target = this.options.upstream;
+    const upstreamKey = { processId: upstream.processId, secretKey: upstream.secretKey };
+    const clientKey = this.#cancelKeys.register({
+      ...upstreamKey,
+      cancel: () => sendCancel(target, upstreamKey.processId, upstreamKey.secretKey),
+    });
+    // The upstream's ReadyForQuery ends the greeting; our BackendKeyData goes just before it.
+    const greeting = upstream.greeting;
+    client.write(Buffer.concat([...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]));
+
+    const relay = new Relay(client, upstream.socket, frames.detach(), upstream.leftover, this.#observer.bytes);
+    session.relay = relay;
+    if (this.options.idleTimeoutMs > 0) {
+      raw.setTimeout(this.options.idleTimeoutMs, () => relay.close('idle_timeout'));
+      upstream.socket.setTimeout(this.options.idleTimeoutMs, () => relay.close('idle_timeout'));
+    }
+    this.#log.debug({ peer, user: clientUser, database }, 'session started');
+    const end: RelayEnd = await relay.done;
+    clientKey.release();
+    this.#log.info(
+      {
+        peer,
+        user: clientUser,
+        database,
+        durationMs: Date.now() - started,
+        bytesToUpstream: relay.stats.bytesToUpstream,
+        bytesToClient: relay.stats.bytesToClient,
+        end,
+      },
+      'session ended',
+    );
+  }
+
+  async #cancel(processId: number, secretKey: Buffer): Promise<void> {
+    const upstream = this.#cancelKeys.lookup(processId, secretKey);
+    if (!upstream) {
+      this.#observer.cancel('unknown_key');
+      this.#log.info('cancel request with an unknown key ignored');
+      return;
+    }
+    try {
+      await upstream.cancel();
+      this.#observer.cancel('forwarded');
+      this.#log.info('cancel request forwarded to upstream');
+    } catch (error) {
+      this.#observer.cancel('error');
+      this.#log.warn({ err: (error as Error).message }, 'could not forward cancel request');
+    }
+  }
+
+  /**
+   * The client's database, or the configured default when the client named none or only echoed
+   * its own user name (what libpq sends when no database is given).
+   */
+  #database(parameters: ReadonlyMap<string, string>): string {
+    const asked = parameters.get('database');
+    if (asked === undefined || asked === '' || asked === parameters.get('user')) return this.options.defaultDatabase;
+    return asked;
+  }
+
+  #context(database: string): string {
+    const { host, port } = this.options.upstream;
+    return `lakebase-proxy: login to ${host}:${port} database "${database}" as "${this.options.identity}" with ${this.#deps.tokenSource.describe()}`;
+  }
+
+  #clientFacing(error: unknown): ClientFacing {
+    let reason: FailureReason;
+    let facing: ClientFacing;
+    if (error instanceof TokenError) {
+      reason = 'token';
+      facing = { sqlstate: error.sqlstate, message: `could not obtain a token for ${this.options.identity}: ${error.message}` };
+    } else if (error instanceof UpstreamError) {
+      reason = error.fields ? 'upstream_auth' : 'upstream_connect';
+      facing = error;
+    } else {
+      reason = 'upstream_connect';
+      facing = { sqlstate: '08006', message: `login to upstream failed: ${(error as Error).message}` };
+    }
+    this.#observer.failure(reason);
+    return facing;
+  }
+}
+
+/** Sends an ErrorResponse (the upstream's own fields, with the proxy's context, when given) and closes. */
+function refuse(socket: Duplex, error: ClientFacing, upstreamFields?: ReadonlyArray<readonly [string, string]>, context?: string): void {
+  let message: Buffer;
+  if (upstreamFields) {
+    const fields = upstreamFields.filter(([letter]) => letter !== 'W');
+    const where = upstreamFields.find(([letter]) => letter === 'W')?.[1];
+    if (context) fields.push(['W', where ? `${where}\n${context}` : context]);
+    message = fieldsMessage(BackendCode.ErrorResponse, fields);
+  } else {
+    message = errorResponse({ code: error.sqlstate, message: error.message });
+  }
+  if (socket.writable) socket.end(message);
+  setTimeout(() => socket.destroy(), 1000).unref();
+}
+
+function listenOn(server: Server, where: { host: string; port: number } | { path: string }, busyMessage: string): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onError = (error: NodeJS.ErrnoException): void => {
+      reject(error.code === 'EADDRINUSE' ? new Error(busyMessage) : new Error(`cannot listen on ${'path' in where ? where.path : `${where.host}:${where.port}`}: ${error.message}`));
+    };
+    server.once('error', onError);
+    server.listen({ ...where, backlog: 1024 }, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+}
+
+/** A socket file left by a process that died is removed; one in use is left alone. */
+async function removeStaleSocket(path: string): Promise<void> {
+  const inUse = await new Promise<boolean>((resolve) => {
+    const probe: Socket = netConnect({ path });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (!inUse) await unlink(path).catch(() => {});
+}

@@ -1,0 +1,290 @@
+/**
+ * The login to the upstream server: TCP, SSLRequest, TLS (always: Lakebase refuses plaintext),
+ * StartupMessage, then whichever password method the server asks for, with the token as the
+ * password. The result is a TLS socket at ReadyForQuery and the messages the client must see.
+ */
+import { isIP, connect as netConnect, type Socket } from 'node:net';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { serialize } from 'pg-protocol';
+import { AuthRequest, BackendCode, parseFields, SSL_ACCEPT } from '../wire/backend-messages.js';
+import { FrameReader } from '../wire/frame-reader.js';
+import { PeerClosedError, SocketFrames } from '../wire/socket-frames.js';
+import { md5PasswordResponse, SCRAM, SCRAM_PLUS, ScramClient, tlsServerEndPoint } from '../auth/scram.js';
+
+export interface UpstreamTarget {
+  readonly host: string;
+  readonly port: number;
+  /** verify-full: CA and host name; verify-ca: CA only; require: encryption without verification. */
+  readonly sslMode: 'verify-full' | 'verify-ca' | 'require';
+  /** PEM of the CA(s) to trust; undefined means the system's CAs. */
+  readonly rootCert: Buffer | undefined;
+  readonly connectTimeoutMs: number;
+  /** TCP keepalive initial delay toward the upstream; 0 turns it off. */
+  readonly keepAliveMs: number;
+}
+
+export interface UpstreamSession {
+  readonly socket: TLSSocket;
+  /** ParameterStatus, NoticeResponse and the final ReadyForQuery, raw, in the order received. */
+  readonly greeting: Buffer[];
+  readonly processId: number;
+  readonly secretKey: Buffer;
+  /** Bytes that followed ReadyForQuery in the same read: the first bytes of the relay. */
+  readonly leftover: Buffer;
+}
+
+/** Fields of an ErrorResponse, in order: [letter, value]. */
+export type ErrorFields = ReadonlyArray<readonly [string, string]>;
+
+/** A login that failed: `sqlstate` and a message naming the upstream; `fields` when the server sent them. */
+export class UpstreamError extends Error {
+  override readonly name = 'UpstreamError';
+  constructor(
+    readonly sqlstate: string,
+    message: string,
+    readonly fields?: ErrorFields,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+const SSL_REQUEST = serialize.requestSsl();
+/** Handshake messages are small; a server sending more than this before ReadyForQuery is broken. */
+const MAX_HANDSHAKE_MESSAGE = 1 << 20;
+
+const tlsSessions = new Map<string, Buffer>();
+
+function where(target: UpstreamTarget): string {
+  return `${target.host}:${target.port}`;
+}
+
+/** TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. */
+export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Promise<TLSSocket> {
+  const raw = netConnect({ host: target.host, port: target.port, noDelay: true });
+  raw.on('error', () => {}); // reported through the awaits below
+  if (target.keepAliveMs > 0) raw.setKeepAlive(true, target.keepAliveMs);
+  const cleanup = bound(raw, target, signal);
+  try {
+    await once(raw, 'connect', target);
+    raw.write(SSL_REQUEST);
+    const answer = await readSslAnswer(raw, target);
+    if (answer !== SSL_ACCEPT[0]) {
+      throw new UpstreamError('08001', `upstream ${where(target)} refused TLS (it answered the SSLRequest with "${String.fromCharCode(answer)}"); Lakebase requires TLS`);
+    }
+    const sessionKey = `${where(target)}/${target.sslMode}`;
+    const tls = tlsConnect({
+      socket: raw,
+      ...(isIP(target.host) === 0 ? { servername: target.host } : {}),
+      ...(target.rootCert ? { ca: target.rootCert } : {}),
+      rejectUnauthorized: target.sslMode !== 'require',
+      ...(target.sslMode === 'verify-ca' ? { checkServerIdentity: () => undefined } : {}),
+      session: tlsSessions.get(sessionKey),
+    });
+    tls.on('error', () => {});
+    tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, session));
+    await once(tls, 'secureConnect', target).catch((error: unknown) => {
+      tls.destroy();
+      if (error instanceof UpstreamError && error.cause instanceof Error && 'code' in error.cause) {
+        const hint = target.sslMode === 'require' ? '' : ' (set SSLRootCert to the CA file that signed it, or SSLMode=require to skip verification)';
+        throw new UpstreamError('08001', `TLS handshake with upstream ${where(target)} failed: ${error.cause.message}${hint}`, undefined, { cause: error.cause });
+      }
+      throw error;
+    });
+    return tls;
+  } catch (error) {
+    raw.destroy();
+    throw error;
+  } finally {
+    cleanup();
+  }
+}
+
+/** Destroys the socket when the timeout passes or the signal aborts; returns the cancel function. */
+function bound(socket: Socket, target: UpstreamTarget, signal: AbortSignal | undefined): () => void {
+  const timer = setTimeout(() => {
+    socket.destroy(new UpstreamError('08001', `timed out after ${target.connectTimeoutMs} ms connecting to upstream ${where(target)}`));
+  }, target.connectTimeoutMs);
+  const onAbort = (): void => {
+    socket.destroy(new UpstreamError('08006', `client went away while connecting to upstream ${where(target)}`));
+  };
+  signal?.addEventListener('abort', onAbort, { once: true });
+  if (signal?.aborted) onAbort();
+  return () => {
+    clearTimeout(timer);
+    signal?.removeEventListener('abort', onAbort);
+  };
+}
+
+function once(socket: Socket, event: 'connect' | 'secureConnect', target: UpstreamTarget): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onError = (error: Error): void => {
+      socket.off(event, onEvent);
+      socket.off('close', onClose);
+      reject(error instanceof UpstreamError ? error : new UpstreamError('08001', `could not connect to upstream ${where(target)}: ${error.message}`, undefined, { cause: error }));
+    };
+    const onClose = (): void => onError(new UpstreamError('08006', `upstream ${where(target)} closed the connection during ${event === 'connect' ? 'connect' : 'the TLS handshake'}`));
+    const onEvent = (): void => {
+      socket.off('error', onError);
+      socket.off('close', onClose);
+      resolve();
+    };
+    socket.once(event, onEvent);
+    socket.once('error', onError);
+    socket.once('close', onClose);
+  });
+}
+
+function readSslAnswer(socket: Socket, target: UpstreamTarget): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    const done = (): void => {
+      socket.off('data', onData);
+      socket.off('error', onError);
+      socket.off('close', onClose);
+    };
+    const onData = (chunk: Buffer): void => {
+      done();
+      socket.pause();
+      // Bytes after the one-byte answer and before TLS would be read as if encrypted (CVE-2021-23222).
+      if (chunk.length !== 1) reject(new UpstreamError('08P01', `upstream ${where(target)} sent unencrypted data after its SSL answer`));
+      else resolve(chunk[0] as number);
+    };
+    const onError = (error: Error): void => {
+      done();
+      reject(error instanceof UpstreamError ? error : new UpstreamError('08001', `could not connect to upstream ${where(target)}: ${error.message}`, undefined, { cause: error }));
+    };
+    const onClose = (): void => onError(new UpstreamError('08006', `upstream ${where(target)} closed the connection after the SSLRequest`));
+    socket.on('data', onData);
+    socket.once('error', onError);
+    socket.once('close', onClose);
+  });
+}
+
+/**
+ * Logs in as `user` with `password`, forwarding the client's startup `parameters`.
+ * Rejects with UpstreamError; the socket is destroyed on failure.
+ */
+export async function connectUpstream(
+  target: UpstreamTarget,
+  user: string,
+  password: string,
+  parameters: ReadonlyMap<string, string>,
+  signal?: AbortSignal,
+): Promise<UpstreamSession> {
+  const socket = await openTls(target, signal);
+  const cleanup = bound(socket, target, signal);
+  const frames = new SocketFrames(socket, new FrameReader(MAX_HANDSHAKE_MESSAGE, true));
+  try {
+    socket.write(serialize.startup({ ...Object.fromEntries(parameters), user }));
+    const greeting: Buffer[] = [];
+    let processId = 0;
+    let secretKey = Buffer.alloc(4);
+    let scram: ScramClient | undefined;
+    for (;;) {
+      const { type, body } = await frames.next();
+      switch (type) {
+        case BackendCode.Authentication:
+          scram = authenticate(socket, body, user, password, scram, target);
+          break;
+        case BackendCode.BackendKeyData:
+          if (body.length < 8) throw new UpstreamError('08P01', `upstream ${where(target)} sent a malformed BackendKeyData`);
+          processId = body.readInt32BE(0);
+          secretKey = Buffer.from(body.subarray(4));
+          break;
+        case BackendCode.ParameterStatus:
+        case BackendCode.NoticeResponse:
+        case BackendCode.ReadyForQuery:
+          greeting.push(rawMessage(type, body));
+          if (type === BackendCode.ReadyForQuery) {
+            return { socket, greeting, processId, secretKey, leftover: frames.detach() };
+          }
+          break;
+        case BackendCode.NegotiateProtocolVersion:
+          break; // we ask for 3.0 without _pq_ options; nothing to adjust
+        case BackendCode.ErrorResponse: {
+          const fields = parseFields(body);
+          const code = fields.find(([letter]) => letter === 'C')?.[1] ?? '08006';
+          const text = fields.find(([letter]) => letter === 'M')?.[1] ?? 'login failed';
+          throw new UpstreamError(code, `upstream ${where(target)} refused the login: ${text}`, fields);
+        }
+        default:
+          throw new UpstreamError('08P01', `upstream ${where(target)} sent unexpected message type ${type} during login`);
+      }
+    }
+  } catch (error) {
+    frames.detach();
+    socket.destroy();
+    if (error instanceof UpstreamError) throw error;
+    if (error instanceof PeerClosedError) throw new UpstreamError('08006', `upstream ${where(target)} closed the connection during login`);
+    throw new UpstreamError('08006', `login to upstream ${where(target)} failed: ${(error as Error).message}`, undefined, { cause: error });
+  } finally {
+    cleanup();
+  }
+}
+
+function rawMessage(type: number, body: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(5 + body.length);
+  out[0] = type;
+  out.writeInt32BE(4 + body.length, 1);
+  body.copy(out, 5);
+  return out;
+}
+
+/** Answers one Authentication request; returns the SCRAM state for the next round. */
+function authenticate(
+  socket: TLSSocket,
+  body: Buffer,
+  user: string,
+  password: string,
+  scram: ScramClient | undefined,
+  target: UpstreamTarget,
+): ScramClient | undefined {
+  const request = body.readInt32BE(0);
+  switch (request) {
+    case AuthRequest.Ok:
+      return undefined;
+    case AuthRequest.CleartextPassword:
+      socket.write(serialize.password(password));
+      return undefined;
+    case AuthRequest.MD5Password:
+      socket.write(serialize.password(md5PasswordResponse(user, password, body.subarray(4, 8))));
+      return undefined;
+    case AuthRequest.SASL: {
+      const mechanisms = body.toString('utf8', 4).split('\0').filter(Boolean);
+      const plus = mechanisms.includes(SCRAM_PLUS);
+      if (!plus && !mechanisms.includes(SCRAM)) {
+        throw new UpstreamError('28000', `upstream ${where(target)} offers no supported SASL mechanism (${mechanisms.join(', ')})`);
+      }
+      const certificate = socket.getPeerCertificate();
+      const binding = certificate?.raw ? tlsServerEndPoint(certificate.raw) : undefined;
+      const client = new ScramClient(password, plus && binding ? SCRAM_PLUS : SCRAM, binding, plus);
+      socket.write(serialize.sendSASLInitialResponseMessage(client.mechanism, client.clientFirstMessage()));
+      return client;
+    }
+    case AuthRequest.SASLContinue:
+      if (!scram) throw new UpstreamError('08P01', `upstream ${where(target)} sent SASLContinue out of order`);
+      socket.write(serialize.sendSCRAMClientFinalMessage(scram.clientFinalMessage(body.toString('utf8', 4))));
+      return scram;
+    case AuthRequest.SASLFinal:
+      if (!scram) throw new UpstreamError('08P01', `upstream ${where(target)} sent SASLFinal out of order`);
+      scram.verifyServerFinal(body.toString('utf8', 4));
+      return undefined;
+    default:
+      throw new UpstreamError('28000', `upstream ${where(target)} asked for authentication method ${request}, which the proxy does not support`);
+  }
+}
+
+/** Sends a CancelRequest for the given upstream backend over TLS, then closes. */
+export async function sendCancel(target: UpstreamTarget, processId: number, secretKey: Buffer): Promise<void> {
+  const socket = await openTls(target);
+  const body = Buffer.allocUnsafe(16);
+  body.writeInt32BE(16, 0);
+  body.writeInt32BE(80877102, 4);
+  body.writeInt32BE(processId, 8);
+  secretKey.copy(body, 12, 0, 4);
+  await new Promise<void>((resolve) => {
+    socket.once('close', () => resolve());
+    socket.end(body);
+    setTimeout(() => socket.destroy(), target.connectTimeoutMs).unref();
+  });
+}

@@ -1,0 +1,116 @@
+/** Starts the proxy in front of the test Postgres: in this process, or as the real program. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { Writable } from 'node:stream';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from '../../src/cli/args.js';
+import { createTokenSource } from '../../src/cli/main.js';
+import { resolveOAuth, resolveProxy } from '../../src/config/target.js';
+import { createLogger } from '../../src/ops/log.js';
+import { ProxyServer } from '../../src/proxy/server.js';
+import type { ProxyObserver } from '../../src/proxy/observer.js';
+import type { TokenSource } from '../../src/token/token-source.js';
+import type { TestPostgres } from './postgres.js';
+
+export const BIN = fileURLToPath(new URL('../../../bin/lakebase-proxy.js', import.meta.url));
+
+/** The connection string that reaches the test server as the token role with `token`. */
+export function connectionFor(pg: TestPostgres, token: string, extra = ''): string {
+  return `Server=localhost;Port=${pg.port};User=${pg.tokenRole};SSLRootCert=${pg.ca.caFile};OAuthAccessToken=${token};Database=${pg.database}${extra ? ';' + extra : ''}`;
+}
+
+export interface InProcessProxy {
+  readonly server: ProxyServer;
+  readonly port: number;
+  /** Every log line written, as parsed JSON objects. */
+  readonly logs: Array<Record<string, unknown>>;
+  /** The raw log text, for searching for secrets. */
+  logText(): string;
+  close(): Promise<void>;
+}
+
+export async function startProxy(
+  args: string[],
+  deps: { tokenSource?: TokenSource; observer?: ProxyObserver } = {},
+): Promise<InProcessProxy> {
+  const parsed = parseArgs(['--port', '0', ...args]);
+  const options = await resolveProxy(parsed.settings, 'test');
+  const tokenSource = deps.tokenSource ?? createTokenSource(resolveOAuth(parsed.settings), parsed.settings.string('Password'));
+  const lines: string[] = [];
+  const destination = new Writable({
+    write(chunk: Buffer, _encoding, callback) {
+      lines.push(...chunk.toString('utf8').split('\n').filter(Boolean));
+      callback();
+    },
+  });
+  const logger = createLogger({ level: 'debug', format: 'json', destination });
+  const server = new ProxyServer(options, { tokenSource, logger, ...(deps.observer ? { observer: deps.observer } : {}) });
+  await server.listen();
+  return {
+    server,
+    port: server.port,
+    get logs() {
+      return lines.map((line) => JSON.parse(line) as Record<string, unknown>);
+    },
+    logText: () => lines.join('\n'),
+    async close() {
+      await server.close();
+      await tokenSource.close();
+    },
+  };
+}
+
+export interface ProxyProcess {
+  readonly child: ChildProcess;
+  readonly port: number;
+  readonly socketPath: string | undefined;
+  /** Everything the program wrote to stdout and stderr so far. */
+  output(): string;
+  /** Sends a signal and resolves with the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+  exited: Promise<number | null>;
+}
+
+/** Runs `bin/lakebase-proxy.js` with `args` (plus `--port 0` unless a port is given) until it logs "listening". */
+export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000): Promise<ProxyProcess> {
+  const withPort = args.includes('--port') ? args : ['--port', '0', ...args];
+  const child = spawn(process.execPath, [BIN, ...withPort, '--log-format', 'json'], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  return new Promise<ProxyProcess>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`proxy did not start in ${timeoutMs} ms:\n${output}`));
+    }, timeoutMs);
+    const onData = (chunk: Buffer): void => {
+      output += chunk.toString('utf8');
+      for (const line of output.split('\n').slice(0, -1)) {
+        if (!line.startsWith('{')) continue;
+        const entry = JSON.parse(line) as { msg?: string; port?: number; socket?: string };
+        if (entry.msg === 'listening') {
+          clearTimeout(timer);
+          resolve({
+            child,
+            port: entry.port as number,
+            socketPath: entry.socket,
+            output: () => output,
+            exited,
+            stop: (signal: NodeJS.Signals = 'SIGTERM') => {
+              child.kill(signal);
+              return exited;
+            },
+          });
+          return;
+        }
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`proxy exited with ${code} before listening:\n${output}`));
+    });
+  });
+}
