@@ -23,12 +23,29 @@ export class Relay {
   readonly #client: Duplex;
   readonly #upstream: Duplex;
   #closed = 0;
+  /** Whether the client's last bytes were a Terminate message: it left on purpose. */
+  #clientTerminated = false;
+  /** Whether the upstream's last bytes were a ReadyForQuery: no query is running. */
+  #upstreamIdle = true;
+  readonly #onAbandoned: (() => void) | undefined;
 
   /**
    * @param clientFirst bytes the client sent before the relay started, for the upstream
    * @param upstreamFirst bytes the upstream sent after ReadyForQuery, for the client
    */
-  constructor(client: Duplex, upstream: Duplex, clientFirst: Buffer, upstreamFirst: Buffer, onBytes?: (toUpstream: number, toClient: number) => void) {
+  /**
+   * @param onAbandoned called when the client goes away while a query may be running upstream,
+   *   so the caller can cancel it (Postgres notices a vanished peer only at its next write)
+   */
+  constructor(
+    client: Duplex,
+    upstream: Duplex,
+    clientFirst: Buffer,
+    upstreamFirst: Buffer,
+    onBytes?: (toUpstream: number, toClient: number) => void,
+    onAbandoned?: () => void,
+  ) {
+    this.#onAbandoned = onAbandoned;
     this.#client = client;
     this.#upstream = upstream;
     this.done = new Promise((resolve) => (this.#resolve = resolve));
@@ -48,8 +65,14 @@ export class Relay {
   }
 
   #forward(chunk: Buffer, to: Duplex, from: Duplex, toUpstream: boolean, onBytes?: (toUpstream: number, toClient: number) => void): void {
-    if (toUpstream) this.stats.bytesToUpstream += chunk.length;
-    else this.stats.bytesToClient += chunk.length;
+    if (toUpstream) {
+      this.stats.bytesToUpstream += chunk.length;
+      this.#clientTerminated = endsWith(chunk, TERMINATE);
+      this.#upstreamIdle = false; // until its next ReadyForQuery
+    } else {
+      this.stats.bytesToClient += chunk.length;
+      this.#upstreamIdle = endsWithReadyForQuery(chunk);
+    }
     onBytes?.(toUpstream ? chunk.length : 0, toUpstream ? 0 : chunk.length);
     if (!to.write(chunk)) from.pause();
   }
@@ -77,6 +100,21 @@ export class Relay {
 
   /** The first end decides how the session ended. */
   #finish(end: RelayEnd): void {
-    this.#end ??= end;
+    if (this.#end !== undefined) return;
+    this.#end = end;
+    if ((end === 'client_closed' || end === 'client_error') && !this.#clientTerminated && !this.#upstreamIdle) this.#onAbandoned?.();
   }
+}
+
+/** Terminate: 'X' and length 4. */
+const TERMINATE = Buffer.from([0x58, 0, 0, 0, 4]);
+
+function endsWith(chunk: Buffer, tail: Buffer): boolean {
+  return chunk.length >= tail.length && chunk.compare(tail, 0, tail.length, chunk.length - tail.length) === 0;
+}
+
+/** ReadyForQuery: 'Z', length 5, a status byte. */
+function endsWithReadyForQuery(chunk: Buffer): boolean {
+  const at = chunk.length - 6;
+  return at >= 0 && chunk[at] === 0x5a && chunk.readInt32BE(at + 1) === 5;
 }

@@ -113,13 +113,13 @@ export class ProxyServer {
     this.#accepting = true;
   }
 
-  /** Stops accepting; open sessions go on. */
-  async stopAccepting(): Promise<void> {
+  /** Stops listening at once; open sessions go on. */
+  stopAccepting(): void {
     this.#accepting = false;
-    await Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    for (const server of this.#servers) server.close();
   }
 
-  /** Resolves when every open session has ended by itself. */
+  /** Resolves when every open session has ended. */
   async drained(): Promise<void> {
     while (this.#sessions.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
   }
@@ -133,8 +133,9 @@ export class ProxyServer {
   }
 
   async close(): Promise<void> {
-    await this.stopAccepting();
+    this.stopAccepting();
     this.closeAll();
+    await this.drained();
   }
 
   #newServer(): Server {
@@ -237,15 +238,16 @@ export class ProxyServer {
 
     const target = this.options.upstream;
     const upstreamKey = { processId: upstream.processId, secretKey: upstream.secretKey };
-    const clientKey = this.#cancelKeys.register({
-      ...upstreamKey,
-      cancel: () => sendCancel(target, upstreamKey.processId, upstreamKey.secretKey),
-    });
+    const cancelUpstream = (): Promise<void> => sendCancel(target, upstreamKey.processId, upstreamKey.secretKey);
+    const clientKey = this.#cancelKeys.register({ ...upstreamKey, cancel: cancelUpstream });
     // The upstream's ReadyForQuery ends the greeting; our BackendKeyData goes just before it.
     const greeting = upstream.greeting;
     client.write(Buffer.concat([...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]));
 
-    const relay = new Relay(client, upstream.socket, frames.detach(), upstream.leftover, this.#observer.bytes);
+    const relay = new Relay(client, upstream.socket, frames.detach(), upstream.leftover, this.#observer.bytes, () => {
+      this.#log.info({ peer }, 'client went away during a query; cancelling it upstream');
+      cancelUpstream().catch(() => {});
+    });
     session.relay = relay;
     if (this.options.idleTimeoutMs > 0) {
       raw.setTimeout(this.options.idleTimeoutMs, () => relay.close('idle_timeout'));

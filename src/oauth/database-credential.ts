@@ -1,0 +1,35 @@
+/**
+ * LakebaseInstance / LakebaseEndpoint: the workspace token is exchanged for a database credential,
+ * and that is the Postgres password. The credential is cached by its own CachedTokenSource (its
+ * own expiry and refresh), so a workspace token is needed only when a new credential is.
+ */
+import type { Token } from '../token/token-source.js';
+import type { FetchContext, TokenFetcher } from './cached-token-source.js';
+import type { IssuedTokens, LakebaseTarget, WorkspaceClient } from './workspace-client.js';
+
+/** Gives a valid workspace token; `context.interactive` says whether it may start a browser login. */
+export type WorkspaceTokenProvider = (context: FetchContext) => Promise<Token>;
+
+export class DatabaseCredentialFetcher implements TokenFetcher {
+  readonly #workspaceToken: WorkspaceTokenProvider;
+  readonly #client: WorkspaceClient;
+  readonly #target: LakebaseTarget;
+  readonly #describeWorkspace: () => string;
+
+  constructor(workspaceToken: WorkspaceTokenProvider, client: WorkspaceClient, target: LakebaseTarget, describeWorkspace: () => string) {
+    this.#workspaceToken = workspaceToken;
+    this.#client = client;
+    this.#target = target;
+    this.#describeWorkspace = describeWorkspace;
+  }
+
+  describe(): string {
+    const what = 'instance' in this.#target ? `instance ${this.#target.instance}` : `endpoint ${this.#target.endpoint}`;
+    return `database credential for ${what}, from ${this.#describeWorkspace()}`;
+  }
+
+  async fetch(context: FetchContext): Promise<IssuedTokens> {
+    const workspace = await this.#workspaceToken(context);
+    return this.#client.databaseCredential(workspace.value, this.#target);
+  }
+}

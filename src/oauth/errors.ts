@@ -1,0 +1,212 @@
+/**
+ * The one place where failures from openid-client, fetch and the workspace's HTTP answers become
+ * TokenErrors. Each HTTP operation is translated exactly once, right where it leaves the retry
+ * loop (see `http.ts`); past that point only TokenError travels.
+ *
+ * A message names the endpoint and the cause in plain words and never holds a secret: server
+ * text that is quoted is passed through `redact` with every secret the operation knew.
+ */
+import { ClientError, ResponseBodyError } from 'openid-client';
+import { TokenError } from '../token/token-source.js';
+
+/** What an HTTP operation was doing, for the message. */
+export interface OperationInfo {
+  /** e.g. `client_credentials`, `refresh_token`, `authorization_code`, `discovery`, `database credential`. */
+  readonly what: 'discovery' | 'client_credentials' | 'refresh_token' | 'authorization_code' | 'database credential';
+  readonly url: string;
+  readonly attempts: number;
+  readonly timeoutMs: number;
+  /** Whether the client authenticates with OAuthClientSecret (changes the invalid_client advice). */
+  readonly confidential: boolean;
+}
+
+/** A non-2xx answer from a workspace API that is not an OAuth token endpoint. */
+export class HttpStatusError extends Error {
+  override readonly name = 'HttpStatusError';
+  constructor(
+    readonly status: number,
+    /** Databricks' `error_code` and `message`, when the body had them. */
+    readonly detail: string | undefined,
+  ) {
+    super(`HTTP ${status}${detail ? ` ${detail}` : ''}`);
+  }
+}
+
+/** An answer that is not what the API promises (not JSON, a field missing). */
+export class BadResponseError extends Error {
+  override readonly name = 'BadResponseError';
+}
+
+/** Whether another attempt may succeed: network failures, timeouts and 5xx (and 429). */
+export function isRetryable(err: unknown): boolean {
+  if (err instanceof ResponseBodyError) return err.status === 429 || err.status >= 500;
+  if (err instanceof HttpStatusError) return err.status === 429 || err.status >= 500;
+  if (err instanceof ClientError) {
+    if (err.code === 'OAUTH_TIMEOUT') return true;
+    if (err.code === 'OAUTH_RESPONSE_IS_NOT_CONFORM') {
+      const status = responseStatus(err.cause);
+      return status === 429 || (status !== undefined && status >= 500);
+    }
+    return false;
+  }
+  return isNetworkError(err) || isTimeout(err);
+}
+
+/** Replaces every occurrence of a secret in server-provided text. */
+export function redact(text: string, secrets: ReadonlyArray<string | undefined>): string {
+  let out = text;
+  for (const secret of secrets) {
+    if (secret !== undefined && secret.length >= 4) out = out.split(secret).join('[redacted]');
+  }
+  return out.length > 300 ? `${out.slice(0, 300)}...` : out;
+}
+
+export function translate(err: unknown, op: OperationInfo, secrets: ReadonlyArray<string | undefined>): TokenError {
+  if (err instanceof TokenError) return err;
+  const cause = sanitizedCause(err, secrets);
+  const tries = op.attempts > 1 ? ` (${op.attempts} attempts)` : '';
+  const make = (code: ConstructorParameters<typeof TokenError>[0], message: string) =>
+    new TokenError(code, redact(message, secrets), { cause });
+
+  if (err instanceof ResponseBodyError) {
+    const description = err.error_description ? ` (${err.error_description})` : '';
+    return oauthError(err.error, description, err.status, op, make);
+  }
+  if (err instanceof HttpStatusError) {
+    if (err.status >= 500) {
+      return make('server_error', `${op.url} answered HTTP ${err.status}${tries}: the workspace is having trouble, try again later`);
+    }
+    return make(err.status === 401 ? 'invalid_grant' : 'invalid_client', `${op.url} answered ${err.message}${adviceFor(op, err.status)}`);
+  }
+  if (err instanceof BadResponseError) {
+    return make('bad_response', `unexpected answer from ${op.url}: ${err.message}`);
+  }
+  if (err instanceof ClientError) {
+    switch (err.code) {
+      case 'OAUTH_TIMEOUT':
+        return make('timeout', `no answer from ${op.url} within ${seconds(op.timeoutMs)}${tries}`);
+      case 'OAUTH_RESPONSE_IS_NOT_CONFORM': {
+        const status = responseStatus(err.cause);
+        if (status !== undefined && status >= 500) {
+          return make('server_error', `${op.url} answered HTTP ${status}${tries}: the workspace is having trouble, try again later`);
+        }
+        if (status === 401 && op.what !== 'discovery') {
+          return oauthError('invalid_client', '', status, op, make);
+        }
+        return make('bad_response', `${op.url} answered HTTP ${status ?? '?'}${adviceFor(op, status)}`);
+      }
+      case 'OAUTH_RESPONSE_IS_NOT_JSON':
+        return make('bad_response', `unexpected answer from ${op.url}: not JSON${adviceFor(op, undefined)}`);
+      case 'OAUTH_PARSE_ERROR':
+        return make('bad_response', `unexpected answer from ${op.url}: malformed JSON`);
+      case 'OAUTH_INVALID_RESPONSE':
+        return make('bad_response', `unexpected answer from ${op.url}: ${err.message}`);
+      default:
+        return make('bad_response', `${op.what} with ${op.url} failed: ${err.message}`);
+    }
+  }
+  if (isTimeout(err)) {
+    return make('timeout', `no answer from ${op.url} within ${seconds(op.timeoutMs)}${tries}`);
+  }
+  if (isNetworkError(err)) {
+    return make('unreachable', `cannot reach ${op.url}${tries}: ${networkReason(err)}`);
+  }
+  return make('bad_response', `${op.what} with ${op.url} failed: ${err instanceof Error ? err.message : String(err)}`);
+}
+
+function oauthError(
+  error: string,
+  description: string,
+  status: number,
+  op: OperationInfo,
+  make: (code: ConstructorParameters<typeof TokenError>[0], message: string) => TokenError,
+): TokenError {
+  const from = `${error} from ${op.url}`;
+  switch (error) {
+    case 'invalid_client':
+    case 'unauthorized_client':
+      return make(
+        'invalid_client',
+        op.confidential
+          ? `${from}${description}: check OAuthClientId and OAuthClientSecret`
+          : `${from}${description}: check OAuthClientId (a public client such as databricks-cli needs no secret)`,
+      );
+    case 'invalid_grant':
+      if (op.what === 'refresh_token') {
+        return make(
+          'invalid_grant',
+          `${from}${description}: the refresh token was refused (expired, revoked or already used); sign in again with \`lakebase-proxy auth login\``,
+        );
+      }
+      if (op.what === 'authorization_code') {
+        return make(
+          'invalid_grant',
+          `${from}${description}: the authorization code was refused (codes are single-use and expire within minutes); run \`lakebase-proxy auth url\` and sign in again`,
+        );
+      }
+      return make('invalid_grant', `${from}${description}`);
+    case 'invalid_scope':
+      return make('invalid_client', `${from}${description}: check Scope (default all-apis, plus offline_access for OAuthPKCE)`);
+    default:
+      if (status >= 500) return make('server_error', `${from}${description}: the workspace is having trouble, try again later`);
+      return make('invalid_grant', `${from}${description}`);
+  }
+}
+
+function adviceFor(op: OperationInfo, status: number | undefined): string {
+  if (op.what === 'discovery') return ': check DatabricksInstance (the workspace URL, e.g. https://dbc-1234.cloud.databricks.com)';
+  if (op.what === 'database credential') {
+    if (status === 401) return ': the workspace refused the OAuth token';
+    if (status === 403) return ': the identity may not log in to this database; check its Lakebase permissions';
+    if (status === 404) return ': check LakebaseInstance or LakebaseEndpoint';
+  }
+  return '';
+}
+
+function seconds(ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000} s` : `${(ms / 1000).toFixed(1)} s`;
+}
+
+function responseStatus(cause: unknown): number | undefined {
+  if (typeof cause === 'object' && cause !== null && 'status' in cause && typeof cause.status === 'number') {
+    return cause.status;
+  }
+  return undefined;
+}
+
+function isTimeout(err: unknown): boolean {
+  return err instanceof Error && (err.name === 'TimeoutError' || (err.name === 'AbortError' && isTimeout(err.cause)));
+}
+
+/** fetch rejects with `TypeError: fetch failed` and the socket error as its cause. */
+function isNetworkError(err: unknown): boolean {
+  return err instanceof TypeError && err.message === 'fetch failed';
+}
+
+function networkReason(err: unknown): string {
+  let current: unknown = err;
+  for (let depth = 0; depth < 4 && current instanceof Error; depth++) {
+    const code = (current as { code?: unknown }).code;
+    if (typeof code === 'string') {
+      if (/CERT|SELF_SIGNED|UNABLE_TO_VERIFY|ALTNAME/.test(code)) {
+        return `its TLS certificate is not trusted (${code}); add the CA with NODE_EXTRA_CA_CERTS`;
+      }
+      return code;
+    }
+    current = current.cause;
+  }
+  return err instanceof Error && err.cause instanceof Error ? err.cause.message : 'network error';
+}
+
+/**
+ * A copy of the error chain with names, codes and messages only: library errors may carry the
+ * response body (which can hold a token) as their cause, and a logged TokenError must not.
+ */
+function sanitizedCause(err: unknown, secrets: ReadonlyArray<string | undefined>, depth = 0): Error | undefined {
+  if (!(err instanceof Error) || depth > 4) return undefined;
+  const copy = new Error(redact(err.message, secrets), { cause: sanitizedCause(err.cause, secrets, depth + 1) });
+  copy.name = err.name;
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'string') Object.defineProperty(copy, 'code', { value: code, enumerable: true });
+  return copy;
+}

@@ -1,0 +1,117 @@
+/**
+ * `createTokenSource` (re-exported by index.ts) turns the seed connector's properties
+ * (OAuthOptions) into the TokenSource the relay asks for a password at each client login.
+ *
+ * - InitiateOAuth=OFF: OAuthAccessToken as given (StaticTokenSource).
+ * - AuthScheme=OAuthClient: client credentials (HTTP Basic, scope all-apis).
+ * - AuthScheme=OAuthPKCE: a fresh stored token, the OAuthVerifier code of a login begun by
+ *   `auth url`, the stored or given refresh token, and with GETANDREFRESH a browser login whose URL
+ *   every waiting client gets as a NoticeResponse.
+ * - LakebaseInstance / LakebaseEndpoint: the workspace token is exchanged for a database credential.
+ *
+ * Configuration that can never give a token (a missing key) throws a TokenError at once.
+ */
+import type { OAuthOptions } from './options.js';
+import type { Logger } from '../ops/log.js';
+import { StaticTokenSource } from '../token/static-token.js';
+import { TokenError, type TokenSource } from '../token/token-source.js';
+import { CachedTokenSource } from './cached-token-source.js';
+import { DatabaseCredentialFetcher } from './database-credential.js';
+import { DEFAULT_RETRY } from './http.js';
+import { openSettingsStore, settingsKey, type SettingsStore } from './settings-store.js';
+import { DATABRICKS_CLI_CLIENT_ID, WorkspaceClient, workspaceUrl, type LakebaseTarget } from './workspace-client.js';
+import { WorkspaceTokenFetcher } from './workspace-token.js';
+
+export interface TokenSourceDeps {
+  readonly logger: Logger;
+  /** Called once per token obtained (`success`) or not (`failure`) for the password the relay uses. */
+  readonly onRefresh?: (result: 'success' | 'failure') => void;
+}
+
+export function createTokenSource(options: OAuthOptions, deps: TokenSourceDeps): TokenSource {
+  return buildTokenSource(options, deps, { allowBrowserLogin: true });
+}
+
+/** createTokenSource, with the browser login turned off for commands such as `auth token`. */
+export function buildTokenSource(options: OAuthOptions, deps: TokenSourceDeps, mode: { allowBrowserLogin: boolean }): TokenSource {
+  const lakebase = lakebaseTarget(options);
+  if (options.initiateOAuth === 'OFF') {
+    if (!options.accessToken) {
+      throw new TokenError(
+        'token_missing',
+        'InitiateOAuth=OFF uses OAuthAccessToken, which is not set: give a token, or set InitiateOAuth=GETANDREFRESH to obtain one',
+      );
+    }
+    const fixed = new StaticTokenSource(options.accessToken);
+    if (lakebase === undefined) return fixed;
+    const client = workspaceClient(options, deps.logger, 'scheme');
+    const fetcher = new DatabaseCredentialFetcher(() => fixed.getToken(), client, lakebase, () => fixed.describe());
+    return new CachedTokenSource(fetcher, { ...deps, inner: fixed });
+  }
+
+  const client = workspaceClient(options, deps.logger, 'scheme');
+  const fetcher = new WorkspaceTokenFetcher(
+    {
+      client,
+      store: settingsStore(options),
+      key: settingsKey(client.workspace, client.clientId),
+      grant: options.authScheme === 'OAuthClient' ? 'client_credentials' : 'user',
+      initiate: options.initiateOAuth,
+      allowBrowserLogin: mode.allowBrowserLogin,
+      callbackUrl: options.callbackUrl,
+      loginTimeoutMs: options.loginTimeoutMs,
+      logger: deps.logger,
+    },
+    { accessToken: options.accessToken, refreshToken: options.refreshToken, verifier: options.verifier },
+  );
+  if (lakebase === undefined) return new CachedTokenSource(fetcher, deps);
+  const workspace = new CachedTokenSource(fetcher, { logger: deps.logger });
+  const database = new DatabaseCredentialFetcher(
+    (context) => workspace.acquire({ notice: (m) => context.notice(m), signal: context.signal }, context.interactive),
+    client,
+    lakebase,
+    () => workspace.describe(),
+  );
+  return new CachedTokenSource(database, { ...deps, inner: workspace });
+}
+
+/**
+ * The client for the options. `scheme` follows AuthScheme; `browser` is the authorization-code
+ * flow of the `auth login|url|exchange` commands, whatever AuthScheme says.
+ */
+export function workspaceClient(options: OAuthOptions, logger: Logger, flow: 'scheme' | 'browser'): WorkspaceClient {
+  const workspace = workspaceUrl(options.databricksInstance);
+  const browser = flow === 'browser' || options.authScheme === 'OAuthPKCE';
+  if (!browser && options.initiateOAuth !== 'OFF') {
+    if (!options.clientId) {
+      throw new TokenError('token_missing', "AuthScheme=OAuthClient needs OAuthClientId (the service principal's application id)");
+    }
+    if (!options.clientSecret) {
+      throw new TokenError('token_missing', "AuthScheme=OAuthClient needs OAuthClientSecret (the service principal's OAuth secret)");
+    }
+  }
+  return new WorkspaceClient({
+    workspace,
+    clientId: options.clientId ?? DATABRICKS_CLI_CLIENT_ID,
+    clientSecret: options.clientSecret || undefined,
+    scope: options.scope ?? (browser ? 'all-apis offline_access' : 'all-apis'),
+    requestTimeoutMs: options.requestTimeoutMs,
+    retry: DEFAULT_RETRY,
+    logger,
+  });
+}
+
+export function settingsStore(options: OAuthOptions): SettingsStore {
+  // A lock is held for at most a discovery and a token request, each with its retries.
+  const lockStaleMs = 2 * DEFAULT_RETRY.attempts * options.requestTimeoutMs + 2 * DEFAULT_RETRY.maxDelayMs + 5_000;
+  return openSettingsStore(options.settingsLocation, { lockStaleMs });
+}
+
+function lakebaseTarget(options: OAuthOptions): LakebaseTarget | undefined {
+  if (options.lakebaseInstance && options.lakebaseEndpoint) {
+    throw new TokenError('token_missing', 'set LakebaseInstance (Provisioned) or LakebaseEndpoint (Autoscaling), not both');
+  }
+  if (options.lakebaseInstance) return { instance: options.lakebaseInstance };
+  if (options.lakebaseEndpoint) return { endpoint: options.lakebaseEndpoint };
+  return undefined;
+}
