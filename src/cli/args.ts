@@ -1,12 +1,13 @@
-/** Command-line parsing into Settings: flags from the property table, plus --connection. */
-import { parseConnectionString } from '../config/connection-string.js';
-import { BY_FLAG, ConfigError, PROPERTIES, Settings } from '../config/properties.js';
+/** Command-line parsing: what was asked for, before any configuration source is read. */
+import { BY_FLAG, ConfigError, envName, PROPERTIES } from '../config/properties.js';
 
 export interface ParsedArgs {
   readonly command: string | undefined;
-  readonly settings: Settings;
-  readonly logLevel: string;
-  readonly logFormat: 'json' | 'pretty' | undefined;
+  /** Each --connection string; several mean several targets. */
+  readonly connections: readonly string[];
+  /** [flag, value] in order, for properties that have a flag. */
+  readonly flags: ReadonlyArray<readonly [string, string]>;
+  readonly configFile: string | undefined;
   readonly help: boolean;
   readonly version: boolean;
   /** Arguments not consumed here, for a subcommand to read. */
@@ -15,19 +16,15 @@ export interface ParsedArgs {
 
 const BOOLEAN_FLAGS = new Set(PROPERTIES.filter((p) => p.kind.type === 'bool' && p.flag).map((p) => p.flag as string));
 
-/**
- * `--flag value` and `--flag=value`. A connection string goes first and flags after it, so that
- * flags win, whatever their order on the command line.
- */
-export function parseArgs(argv: readonly string[], settings = new Settings()): ParsedArgs {
+/** `--flag value` and `--flag=value`; boolean flags take no value (or `--flag=false`). */
+export function parseArgs(argv: readonly string[]): ParsedArgs {
   const rest: string[] = [];
   const flags: Array<[string, string]> = [];
   const connections: string[] = [];
   let command: string | undefined;
+  let configFile: string | undefined;
   let help = false;
   let version = false;
-  let logLevel = 'info';
-  let logFormat: ParsedArgs['logFormat'];
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i] as string;
     const eq = arg.startsWith('--') ? arg.indexOf('=') : -1;
@@ -42,21 +39,13 @@ export function parseArgs(argv: readonly string[], settings = new Settings()): P
     if (name === '--help' || name === '-h') help = true;
     else if (name === '--version') version = true;
     else if (name === '--connection' || name === '-c') connections.push(value());
-    else if (name === '--log-level') logLevel = value();
-    else if (name === '--log-format') {
-      const format = value();
-      if (format !== 'json' && format !== 'pretty') throw new ConfigError(`--log-format: "${format}" is not valid; expected json or pretty`);
-      logFormat = format;
-    } else if (BOOLEAN_FLAGS.has(name)) flags.push([name, eq > 0 ? arg.slice(eq + 1) : 'true']);
+    else if (name === '--config') configFile = value();
+    else if (BOOLEAN_FLAGS.has(name)) flags.push([name, eq > 0 ? arg.slice(eq + 1) : 'true']);
     else if (BY_FLAG.has(name)) flags.push([name, value()]);
     else if (command === undefined && !arg.startsWith('-')) command = arg;
     else rest.push(arg);
   }
-  for (const text of connections) {
-    for (const [key, val] of parseConnectionString(text)) settings.set(key, val, '--connection');
-  }
-  for (const [flag, val] of flags) settings.set((BY_FLAG.get(flag) as { name: string }).name, val, flag);
-  return { command, settings, logLevel, logFormat, help, version, rest };
+  return { command, connections, flags, configFile, help, version, rest };
 }
 
 export function helpText(): string {
@@ -64,22 +53,26 @@ export function helpText(): string {
     'lakebase-proxy: a local Postgres endpoint that logs in to Databricks Lakebase with OAuth tokens',
     '',
     'Usage:',
-    '  lakebase-proxy --connection "Server=...;User=...;DatabricksInstance=...;..." [options]',
+    '  lakebase-proxy --connection "Server=...;DatabricksInstance=...;OAuthClientId=...;..." [options]',
+    '  lakebase-proxy --config FILE [options]',
+    '  lakebase-proxy check [--connection ...]        log in, run SELECT 1, exit 0 or 1',
     '  lakebase-proxy auth login|url|exchange|refresh|token [--connection ...]',
+    '',
+    'Sources, later wins: defaults, --config FILE (YAML), ~/.databrickscfg profile, DATABRICKS_HOST /',
+    'DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET, LAKEBASE_PROXY_* variables, --connection, flags.',
     '',
     'Connection properties (in --connection "Key=Value;Key=Value", keys case-insensitive):',
   ];
-  for (const p of PROPERTIES.filter((property) => !property.flag)) {
-    lines.push(`  ${p.name.padEnd(22)} ${p.help}${p.default !== undefined ? ` [default ${p.default}]` : ''}`);
-  }
-  lines.push('', 'Options (each also a connection property of the name shown):');
-  lines.push(`  ${'--connection, -c STR'.padEnd(30)} connection properties, as above`);
+  const describe = (p: (typeof PROPERTIES)[number]): string =>
+    `${p.help}${p.default !== undefined ? ` [default ${p.default}]` : ''} (env ${envName(p)})`;
+  for (const p of PROPERTIES.filter((property) => !property.flag)) lines.push(`  ${p.name.padEnd(22)} ${describe(p)}`);
+  lines.push('', 'Options (each also a property of the name shown, in a config file or connection string):');
+  lines.push(`  ${'--connection, -c STR'.padEnd(30)} connection properties, as above; give it again for another target (env LAKEBASE_PROXY_CONNECTION)`);
+  lines.push(`  ${'--config FILE'.padEnd(30)} YAML configuration file (env LAKEBASE_PROXY_CONFIG)`);
   for (const p of PROPERTIES.filter((property) => property.flag)) {
     const flag = `${p.flag}${p.kind.type === 'bool' ? '' : ' VALUE'}`;
-    lines.push(`  ${flag.padEnd(30)} ${p.help} (${p.name})${p.default !== undefined ? ` [default ${p.default}]` : ''}`);
+    lines.push(`  ${flag.padEnd(30)} ${p.name}: ${describe(p)}`);
   }
-  lines.push(`  ${'--log-level LEVEL'.padEnd(30)} trace, debug, info, warn, error or silent [default info]`);
-  lines.push(`  ${'--log-format json|pretty'.padEnd(30)} [default: pretty on a terminal, else json]`);
   lines.push(`  ${'--help, --version'.padEnd(30)}`);
   return lines.join('\n') + '\n';
 }

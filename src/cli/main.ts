@@ -1,71 +1,138 @@
 import { readFileSync } from 'node:fs';
 import { createLogger, type Logger } from '../ops/log.js';
-import { ConfigError } from '../config/properties.js';
+import { ConfigError, type Settings } from '../config/properties.js';
+import { loadConfig, type LoadedConfig } from '../config/load.js';
 import { resolveOAuth, resolveProxy } from '../config/target.js';
-import { ProxyServer } from '../proxy/server.js';
+import { ProxyServer, type ProxyOptions } from '../proxy/server.js';
 import { StaticTokenSource } from '../token/static-token.js';
 import { TokenError, type TokenSource } from '../token/token-source.js';
-import type { OAuthOptions } from '../oauth/options.js';
+import { createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
+import { connectionTest } from '../ops/check.js';
 import { helpText, parseArgs } from './args.js';
 
 /** Runs the program; resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
-  let args;
   try {
-    args = parseArgs(argv);
+    const args = parseArgs(argv);
+    if (args.help && args.command !== 'auth') {
+      process.stdout.write(helpText());
+      return 0;
+    }
+    if (args.version) {
+      const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+      process.stdout.write(`lakebase-proxy ${pkg.version}\n`);
+      return 0;
+    }
+    const config = await loadConfig(args);
+    const logger = loggerFor(config.process);
+    switch (args.command) {
+      case undefined:
+      case 'serve':
+        if (args.rest.length > 0) throw new ConfigError(`unknown option ${args.rest[0]}; see --help`);
+        return await serve(config, logger);
+      case 'check':
+        if (args.rest.length > 0) throw new ConfigError(`unknown option ${args.rest[0]}; see --help`);
+        return await check(config, logger);
+      case 'auth': {
+        const target = config.targets[0];
+        if (config.targets.length !== 1 || !target) throw new ConfigError('auth commands work on one target; give one --connection');
+        return await runAuthCommand(args.help ? [...args.rest, '--help'] : args.rest, resolveOAuth(target.settings), {
+          stdout: process.stdout,
+          stderr: process.stderr,
+          logger,
+        });
+      }
+      default:
+        throw new ConfigError(`unknown command "${args.command}"; see --help`);
+    }
   } catch (error) {
     return fail(error);
-  }
-  if (args.help) {
-    process.stdout.write(helpText());
-    return 0;
-  }
-  if (args.version) {
-    const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
-    process.stdout.write(`lakebase-proxy ${pkg.version}\n`);
-    return 0;
-  }
-  const logger = createLogger({ level: args.logLevel, ...(args.logFormat ? { format: args.logFormat } : {}) });
-  switch (args.command) {
-    case undefined:
-    case 'serve':
-      if (args.rest.length > 0) return fail(new ConfigError(`unknown option ${args.rest[0]}; see --help`));
-      return serve(args.settings, logger).catch(fail);
-    default:
-      return fail(new ConfigError(`unknown command "${args.command}"; see --help`));
   }
 }
 
 function fail(error: unknown): number {
-  const message = error instanceof ConfigError || error instanceof TokenError ? error.message : error instanceof Error ? error.message : String(error);
-  process.stderr.write(`lakebase-proxy: ${message}\n`);
+  const known = error instanceof ConfigError || error instanceof TokenError;
+  process.stderr.write(`lakebase-proxy: ${known || error instanceof Error ? (error as Error).message : String(error)}\n`);
   return 1;
 }
 
-export function createTokenSource(oauth: OAuthOptions, password: string | undefined): TokenSource {
-  if (password !== undefined) return new StaticTokenSource(password, undefined);
-  if (oauth.initiateOAuth === 'OFF') {
-    if (oauth.accessToken === undefined) throw new ConfigError('OAuthAccessToken: missing; InitiateOAuth=OFF uses the token given there');
-    return new StaticTokenSource(oauth.accessToken);
-  }
-  throw new ConfigError('InitiateOAuth: only OFF is available in this build');
+function loggerFor(settings: Settings): Logger {
+  const format = settings.string('LogFormat') as 'json' | 'pretty' | undefined;
+  return createLogger({ level: settings.string('LogLevel') as string, ...(format ? { format } : {}) });
 }
 
-async function serve(settings: import('../config/properties.js').Settings, logger: Logger): Promise<number> {
-  const options = await resolveProxy(settings, 'default');
-  const tokenSource = createTokenSource(resolveOAuth(settings), settings.string('Password'));
-  if (options.upstream.sslMode === 'require') {
-    logger.warn({ upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
+/** The token source of a target: a fixed Password, or the OAuth flows. */
+export function createTokenSource(settings: Settings, logger: Logger, onRefresh?: (result: 'success' | 'failure') => void): TokenSource {
+  const password = settings.string('Password');
+  if (password !== undefined) return new StaticTokenSource(password, undefined);
+  return createOAuthTokenSource(resolveOAuth(settings), { logger, ...(onRefresh ? { onRefresh } : {}) });
+}
+
+interface Running {
+  readonly options: ProxyOptions;
+  readonly tokenSource: TokenSource;
+}
+
+async function prepare(config: LoadedConfig, logger: Logger): Promise<Running[]> {
+  const running: Running[] = [];
+  for (const target of config.targets) {
+    const options = await resolveProxy(target.settings, target.name);
+    running.push({ options, tokenSource: createTokenSource(target.settings, logger.child({ target: target.name })) });
   }
-  const proxy = new ProxyServer(options, { tokenSource, logger });
-  await proxy.listen();
-  logger.info(
-    { address: options.listen.address, port: proxy.port, socket: proxy.socketPath, upstream: `${options.upstream.host}:${options.upstream.port}`, identity: options.identity, token: undefined, tokenSource: tokenSource.describe() },
-    'listening',
-  );
+  return running;
+}
+
+async function check(config: LoadedConfig, logger: Logger): Promise<number> {
+  const targets = await prepare(config, logger);
+  let ok = true;
+  for (const { options, tokenSource } of targets) {
+    ok = (await connectionTest(options, tokenSource, (line) => process.stdout.write(line + '\n'))) && ok;
+    await tokenSource.close();
+  }
+  return ok ? 0 : 1;
+}
+
+async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
+  const targets = await prepare(config, logger);
+  const servers: ProxyServer[] = [];
+  const closeTokens = (): Promise<unknown> => Promise.all(targets.map((t) => t.tokenSource.close()));
+  try {
+    if (config.process.bool('RunConnectionTest')) {
+      for (const { options, tokenSource } of targets) {
+        const ok = await connectionTest(options, tokenSource, (line) => logger.info({ target: options.name }, line));
+        if (!ok) throw new ConfigError(`connection test of target ${options.name} failed; see the log above`);
+      }
+    }
+    for (const { options, tokenSource } of targets) {
+      if (options.upstream.sslMode === 'require') {
+        logger.warn({ target: options.name, upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
+      }
+      const server = new ProxyServer(options, { tokenSource, logger });
+      await server.listen();
+      servers.push(server);
+      logger.info(
+        {
+          target: options.name,
+          address: options.listen.address,
+          port: server.port,
+          socket: server.socketPath,
+          upstream: `${options.upstream.host}:${options.upstream.port}`,
+          identity: options.identity,
+          tokenSource: tokenSource.describe(),
+        },
+        'listening',
+      );
+    }
+  } catch (error) {
+    for (const server of servers) await server.close();
+    await closeTokens();
+    throw error;
+  }
   return new Promise<number>((resolve) => {
     const stop = (): void => {
-      void proxy.close().then(() => tokenSource.close()).then(() => resolve(0));
+      void Promise.all(servers.map((s) => s.close()))
+        .then(closeTokens)
+        .then(() => resolve(0));
     };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);

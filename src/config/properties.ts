@@ -24,6 +24,8 @@ export interface Property {
   readonly help: string;
   /** Shown in --help; the value used when nothing sets it. */
   readonly default?: string;
+  /** A setting of the process, not of one target (logs, HTTP endpoint, shutdown). */
+  readonly process?: boolean;
 }
 
 const string = { type: 'string' } as const;
@@ -71,13 +73,41 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client connections at once; 0 means no limit' },
   { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session idle this many milliseconds; 0 means never' },
   { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow trust authentication on a non-loopback address (not recommended)' },
+  { name: 'Profile', kind: string, help: 'a profile of ~/.databrickscfg to take host, client_id and client_secret from (or DATABRICKS_CONFIG_PROFILE)' },
+  // The process
+  { name: 'LogLevel', kind: { type: 'enum', values: ['trace', 'debug', 'info', 'warn', 'error', 'silent'] }, flag: '--log-level', default: 'info', process: true, help: 'log level' },
+  { name: 'LogFormat', kind: { type: 'enum', values: ['json', 'pretty'] }, flag: '--log-format', process: true, help: 'log format (default: pretty on a terminal, else json)' },
+  { name: 'HttpAddress', kind: string, flag: '--http-address', default: '127.0.0.1', process: true, help: 'address of the /metrics and health endpoints' },
+  { name: 'HttpPort', kind: { type: 'int', min: 0, max: 65535 }, flag: '--http-port', default: '9090', process: true, help: 'port of the /metrics and health endpoints' },
+  { name: 'NoHttp', kind: bool, flag: '--no-http', default: 'false', process: true, help: 'serve no /metrics and health endpoints' },
+  { name: 'MinSigtermDelay', kind: milliseconds, flag: '--min-sigterm-delay', default: '0', process: true, help: 'after SIGTERM, milliseconds to keep accepting new clients' },
+  { name: 'MaxSigtermDelay', kind: milliseconds, flag: '--max-sigterm-delay', default: '0', process: true, help: 'after that, milliseconds to wait for open sessions before closing them' },
+  { name: 'ExitZeroOnSigterm', kind: bool, flag: '--exit-zero-on-sigterm', default: 'false', process: true, help: 'exit 0 after SIGTERM even when sessions had to be closed (for Kubernetes Jobs)' },
+  { name: 'RunConnectionTest', kind: bool, flag: '--run-connection-test', default: 'false', process: true, help: 'at start-up, log in to each target and run SELECT 1; exit 1 if it fails' },
 ];
 
-const BY_LOWER = new Map(PROPERTIES.map((p) => [p.name.toLowerCase(), p]));
+/** Names match case-insensitively, and with or without dashes and underscores (listen-port). */
+const normal = (name: string): string => name.toLowerCase().replace(/[-_]/g, '');
+const BY_LOWER = new Map(PROPERTIES.map((p) => [normal(p.name), p]));
 export const BY_FLAG = new Map(PROPERTIES.filter((p) => p.flag).map((p) => [p.flag as string, p]));
 
 export function findProperty(name: string): Property | undefined {
-  return BY_LOWER.get(name.toLowerCase());
+  return BY_LOWER.get(normal(name));
+}
+
+/**
+ * The environment variable of a property: LAKEBASE_PROXY_ and the flag's name (--port ->
+ * LAKEBASE_PROXY_PORT), or the property's name in upper snake case (OAuthClientSecret ->
+ * LAKEBASE_PROXY_OAUTH_CLIENT_SECRET).
+ */
+export function envName(property: Property): string {
+  const base = property.flag
+    ? property.flag.slice(2).replace(/-/g, '_')
+    : property.name
+        .replace(/OAuth/g, 'Oauth')
+        .replace(/SSL|TLS|URL/g, (m) => m[0] + m.slice(1).toLowerCase())
+        .replace(/([a-z0-9])([A-Z])/g, '$1_$2');
+  return `LAKEBASE_PROXY_${base.toUpperCase()}`;
 }
 
 /** Values by canonical name, each with the source that set it, later sources winning. */

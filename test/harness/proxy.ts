@@ -4,7 +4,8 @@ import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from '../../src/cli/args.js';
 import { createTokenSource } from '../../src/cli/main.js';
-import { resolveOAuth, resolveProxy } from '../../src/config/target.js';
+import { loadConfig } from '../../src/config/load.js';
+import { resolveProxy } from '../../src/config/target.js';
 import { createLogger } from '../../src/ops/log.js';
 import { ProxyServer } from '../../src/proxy/server.js';
 import type { ProxyObserver } from '../../src/proxy/observer.js';
@@ -32,9 +33,9 @@ export async function startProxy(
   args: string[],
   deps: { tokenSource?: TokenSource; observer?: ProxyObserver } = {},
 ): Promise<InProcessProxy> {
-  const parsed = parseArgs(['--port', '0', ...args]);
-  const options = await resolveProxy(parsed.settings, 'test');
-  const tokenSource = deps.tokenSource ?? createTokenSource(resolveOAuth(parsed.settings), parsed.settings.string('Password'));
+  const config = await loadConfig(parseArgs(['--port', '0', ...args]), {});
+  const settings = (config.targets[0] as { settings: import('../../src/config/properties.js').Settings }).settings;
+  const options = await resolveProxy(settings, 'test');
   const lines: string[] = [];
   const destination = new Writable({
     write(chunk: Buffer, _encoding, callback) {
@@ -43,6 +44,7 @@ export async function startProxy(
     },
   });
   const logger = createLogger({ level: 'debug', format: 'json', destination });
+  const tokenSource = deps.tokenSource ?? createTokenSource(settings, logger);
   const server = new ProxyServer(options, { tokenSource, logger, ...(deps.observer ? { observer: deps.observer } : {}) });
   await server.listen();
   return {
