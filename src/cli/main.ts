@@ -8,6 +8,7 @@ import { StaticTokenSource } from '../token/static-token.js';
 import { TokenError, type TokenSource } from '../token/token-source.js';
 import { createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
 import { connectionTest } from '../ops/check.js';
+import { untilSignal } from '../ops/shutdown.js';
 import { helpText, parseArgs } from './args.js';
 
 /** Runs the program; resolves with the exit code. */
@@ -95,6 +96,7 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
 async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
   const targets = await prepare(config, logger);
   const servers: ProxyServer[] = [];
+  const state = { started: false, shuttingDown: false };
   const closeTokens = (): Promise<unknown> => Promise.all(targets.map((t) => t.tokenSource.close()));
   try {
     if (config.process.bool('RunConnectionTest')) {
@@ -128,13 +130,16 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
     await closeTokens();
     throw error;
   }
-  return new Promise<number>((resolve) => {
-    const stop = (): void => {
-      void Promise.all(servers.map((s) => s.close()))
-        .then(closeTokens)
-        .then(() => resolve(0));
-    };
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
-  });
+  const code = await untilSignal(
+    servers,
+    {
+      minDelayMs: config.process.int('MinSigtermDelay'),
+      maxDelayMs: config.process.int('MaxSigtermDelay'),
+      exitZero: config.process.bool('ExitZeroOnSigterm'),
+    },
+    state,
+    logger,
+  );
+  await closeTokens();
+  return code;
 }

@@ -26,6 +26,8 @@ export interface Property {
   readonly default?: string;
   /** A setting of the process, not of one target (logs, HTTP endpoint, shutdown). */
   readonly process?: boolean;
+  /** The environment variable, where the rule in envName() would clash with another's. */
+  readonly env?: string;
 }
 
 const string = { type: 'string' } as const;
@@ -36,7 +38,7 @@ const bool = { type: 'bool' } as const;
 export const PROPERTIES: readonly Property[] = [
   // The upstream (Lakebase) connection
   { name: 'Server', kind: string, help: 'host name of the Lakebase instance (instance-<uuid>.database.cloud.databricks.com)' },
-  { name: 'Port', kind: port, default: '5432', help: 'port of the Lakebase instance' },
+  { name: 'Port', kind: port, default: '5432', env: 'LAKEBASE_PROXY_SERVER_PORT', help: 'port of the Lakebase instance' },
   { name: 'Database', kind: string, default: 'databricks_postgres', help: 'database used when a client names none' },
   { name: 'User', kind: string, help: 'the Databricks identity to log in as: an e-mail, or a service principal\'s application id (default: OAuthClientId)' },
   { name: 'Password', kind: string, secret: true, help: 'a fixed password, for native Postgres roles (instead of OAuth)' },
@@ -101,6 +103,7 @@ export function findProperty(name: string): Property | undefined {
  * LAKEBASE_PROXY_OAUTH_CLIENT_SECRET).
  */
 export function envName(property: Property): string {
+  if (property.env) return property.env;
   const base = property.flag
     ? property.flag.slice(2).replace(/-/g, '_')
     : property.name

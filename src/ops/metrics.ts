@@ -1,0 +1,223 @@
+/**
+ * Every Prometheus metric of the proxy, on a private registry (never prom-client's global one, so
+ * that a program embedding the proxy keeps its own metrics apart).
+ *
+ * The proxy reports through `ProxyObserver`, whose `bytes()` runs for every relayed chunk: the
+ * observers only add to plain number fields, and the counters are published from those fields in
+ * `collect()` at scrape time. The cost of an observation is an addition, not a label lookup.
+ *
+ * Labels: `target` (the configured target's name), and fixed words (`direction`, `reason`,
+ * `result`, `outcome`). No label ever holds a user name, a token or a query.
+ */
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { FailureReason, ProxyObserver } from '../proxy/observer.js';
+
+export const METRIC_PREFIX = 'lakebase_proxy_';
+
+export type TokenRefreshResult = 'success' | 'failure';
+type CancelOutcome = Parameters<ProxyObserver['cancel']>[0];
+
+// Records rather than arrays so that the compiler insists on every member of each union.
+const FAILURE_REASONS = Object.keys({
+  client_password: true,
+  token: true,
+  upstream_auth: true,
+  upstream_connect: true,
+  protocol: true,
+  startup_timeout: true,
+  too_many_connections: true,
+} satisfies Record<FailureReason, true>) as FailureReason[];
+const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
+const REFRESH_RESULTS: readonly TokenRefreshResult[] = ['success', 'failure'];
+
+/** Upstream connect (TCP, TLS, login) takes tens of milliseconds nearby and seconds when far or failing. */
+const CONNECT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+/** What one target's observer has counted since the start. */
+interface TargetCounts {
+  opened: number;
+  closed: number;
+  rejected: number;
+  bytesToUpstream: number;
+  bytesToClient: number;
+  failures: Record<FailureReason, number>;
+  cancels: Record<CancelOutcome, number>;
+}
+
+export class Metrics {
+  readonly #registry = new Registry();
+  readonly #targets = new Map<string, { counts: TargetCounts; observer: ProxyObserver }>();
+  readonly #refreshes = new Map<string, Record<TokenRefreshResult, number>>();
+  readonly #expiry = new Map<string, () => Date | undefined>();
+  readonly #connectSeconds: Histogram<'target'>;
+
+  constructor() {
+    const registers = [this.#registry];
+    const targets = this.#targets;
+    const refreshes = this.#refreshes;
+    const expiry = this.#expiry;
+    /** Replaces the metric's series with what `read` sets for each target. */
+    const publish = <L extends string>(metric: Counter<L> | Gauge<L>, read: (counts: TargetCounts, target: string) => void): void => {
+      metric.reset();
+      for (const [target, { counts }] of targets) read(counts, target);
+    };
+
+    new Gauge({
+      name: `${METRIC_PREFIX}client_connections_open`,
+      help: 'Client connections open now, authenticated or not.',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.set({ target }, c.opened - c.closed));
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}client_connections_total`,
+      help: 'Client connections accepted.',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.opened));
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}client_connections_rejected_total`,
+      help: 'Client connections turned away at --max-connections (SQLSTATE 53300).',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.rejected));
+      },
+    });
+    this.#connectSeconds = new Histogram({
+      name: `${METRIC_PREFIX}upstream_connect_duration_seconds`,
+      help: 'Time to connect to the upstream and log in (TCP, TLS, authentication), for logins that succeeded.',
+      labelNames: ['target'],
+      buckets: CONNECT_BUCKETS,
+      registers,
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}relayed_bytes_total`,
+      help: 'Bytes relayed between clients and the upstream, by direction.',
+      labelNames: ['target', 'direction'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          this.inc({ target, direction: 'to_upstream' }, c.bytesToUpstream);
+          this.inc({ target, direction: 'to_client' }, c.bytesToClient);
+        });
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}login_failures_total`,
+      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections).',
+      labelNames: ['target', 'reason'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          for (const reason of FAILURE_REASONS) this.inc({ target, reason }, c.failures[reason]);
+        });
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}cancel_requests_total`,
+      help: 'Cancel requests from clients, by outcome (forwarded, unknown_key, error).',
+      labelNames: ['target', 'outcome'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          for (const outcome of CANCEL_OUTCOMES) this.inc({ target, outcome }, c.cancels[outcome]);
+        });
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}token_refreshes_total`,
+      help: 'Token fetches and refreshes, by result.',
+      labelNames: ['target', 'result'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [target, counts] of refreshes) {
+          for (const result of REFRESH_RESULTS) this.inc({ target, result }, counts[result]);
+        }
+      },
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}token_expiry_timestamp_seconds`,
+      help: 'When the token held now expires, in seconds since the Unix epoch; absent while no token is held or its lifetime is unknown.',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [target, read] of expiry) {
+          const at = read();
+          if (at !== undefined && Number.isFinite(at.getTime())) this.set({ target }, at.getTime() / 1000);
+        }
+      },
+    });
+    collectDefaultMetrics({ register: this.#registry, prefix: METRIC_PREFIX });
+  }
+
+  /** The observer for one target's `ProxyServer`; the same one for the same name. */
+  observerFor(target: string): ProxyObserver {
+    const known = this.#targets.get(target);
+    if (known) return known.observer;
+    const counts: TargetCounts = {
+      opened: 0,
+      closed: 0,
+      rejected: 0,
+      bytesToUpstream: 0,
+      bytesToClient: 0,
+      failures: Object.fromEntries(FAILURE_REASONS.map((r) => [r, 0])) as Record<FailureReason, number>,
+      cancels: Object.fromEntries(CANCEL_OUTCOMES.map((o) => [o, 0])) as Record<CancelOutcome, number>,
+    };
+    const histogram = this.#connectSeconds;
+    const labels = { target };
+    histogram.zero(labels);
+    // Plain functions over `counts`: the relay calls `bytes` detached from this object.
+    const observer: ProxyObserver = {
+      clientOpened: () => void counts.opened++,
+      clientClosed: () => void counts.closed++,
+      clientRejected: () => void counts.rejected++,
+      upstreamConnected: (seconds) => histogram.observe(labels, seconds),
+      bytes: (toUpstream, toClient) => {
+        counts.bytesToUpstream += toUpstream;
+        counts.bytesToClient += toClient;
+      },
+      failure: (reason) => void counts.failures[reason]++,
+      cancel: (outcome) => void counts.cancels[outcome]++,
+    };
+    this.#targets.set(target, { counts, observer });
+    this.#refreshCounts(target);
+    return observer;
+  }
+
+  /** Counts one token fetch or refresh for `target`. */
+  tokenRefreshed(target: string, result: TokenRefreshResult): void {
+    this.#refreshCounts(target)[result]++;
+  }
+
+  /** Publishes `read()` (e.g. `() => tokenSource.currentExpiry()`) as the target's token expiry at each scrape. */
+  watchTokenExpiry(target: string, read: () => Date | undefined): void {
+    this.#expiry.set(target, read);
+  }
+
+  /** The Content-Type of `text()`: Prometheus text format 0.0.4. */
+  get contentType(): string {
+    return this.#registry.contentType;
+  }
+
+  /** The exposition text of every metric. */
+  async text(): Promise<string> {
+    return await this.#registry.metrics();
+  }
+
+  #refreshCounts(target: string): Record<TokenRefreshResult, number> {
+    let counts = this.#refreshes.get(target);
+    if (!counts) {
+      counts = { success: 0, failure: 0 };
+      this.#refreshes.set(target, counts);
+    }
+    return counts;
+  }
+}
