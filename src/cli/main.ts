@@ -98,6 +98,17 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
   const servers: ProxyServer[] = [];
   const state = { started: false, shuttingDown: false };
   const closeTokens = (): Promise<unknown> => Promise.all(targets.map((t) => t.tokenSource.close()));
+  // Handlers first: a signal that follows the "listening" line at once must find them.
+  const stopped = untilSignal(
+    servers,
+    {
+      minDelayMs: config.process.int('MinSigtermDelay'),
+      maxDelayMs: config.process.int('MaxSigtermDelay'),
+      exitZero: config.process.bool('ExitZeroOnSigterm'),
+    },
+    state,
+    logger,
+  );
   try {
     if (config.process.bool('RunConnectionTest')) {
       for (const { options, tokenSource } of targets) {
@@ -130,16 +141,7 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
     await closeTokens();
     throw error;
   }
-  const code = await untilSignal(
-    servers,
-    {
-      minDelayMs: config.process.int('MinSigtermDelay'),
-      maxDelayMs: config.process.int('MaxSigtermDelay'),
-      exitZero: config.process.bool('ExitZeroOnSigterm'),
-    },
-    state,
-    logger,
-  );
+  const code = await stopped;
   await closeTokens();
   return code;
 }

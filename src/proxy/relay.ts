@@ -59,6 +59,7 @@ export class Relay {
 
   /** Ends the session from outside (shutdown): both sockets are destroyed. */
   close(end: RelayEnd = 'shutdown'): void {
+    if (this.#end === undefined && !this.#upstreamIdle) this.#onAbandoned?.();
     this.#finish(end);
     this.#client.destroy();
     this.#upstream.destroy();

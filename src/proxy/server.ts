@@ -64,6 +64,7 @@ export class ProxyServer {
   readonly #servers: Server[] = [];
   readonly #sessions = new Set<Session>();
   readonly #cancelKeys = new CancelKeys();
+  readonly #cancelsInFlight = new Set<Promise<void>>();
   #socketPath: string | undefined;
   #accepting = false;
 
@@ -119,9 +120,9 @@ export class ProxyServer {
     for (const server of this.#servers) server.close();
   }
 
-  /** Resolves when every open session has ended. */
+  /** Resolves when every open session has ended and every cancel it caused was sent. */
   async drained(): Promise<void> {
-    while (this.#sessions.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
+    while (this.#sessions.size > 0 || this.#cancelsInFlight.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
   }
 
   /** Closes every session at once. */
@@ -245,8 +246,10 @@ export class ProxyServer {
     client.write(Buffer.concat([...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]));
 
     const relay = new Relay(client, upstream.socket, frames.detach(), upstream.leftover, this.#observer.bytes, () => {
-      this.#log.info({ peer }, 'client went away during a query; cancelling it upstream');
-      cancelUpstream().catch(() => {});
+      this.#log.info({ peer }, 'session ended during a query; cancelling it upstream');
+      const sent = cancelUpstream().catch(() => {});
+      this.#cancelsInFlight.add(sent);
+      void sent.then(() => this.#cancelsInFlight.delete(sent));
     });
     session.relay = relay;
     if (this.options.idleTimeoutMs > 0) {
