@@ -9,6 +9,8 @@ import { TokenError, type TokenSource } from '../token/token-source.js';
 import { createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
 import { connectionTest } from '../ops/check.js';
 import { untilSignal } from '../ops/shutdown.js';
+import { Metrics } from '../ops/metrics.js';
+import { startOpsServer, type OpsServer } from '../ops/http.js';
 import { helpText, parseArgs } from './args.js';
 
 /** Runs the program; resolves with the exit code. */
@@ -74,11 +76,14 @@ interface Running {
   readonly tokenSource: TokenSource;
 }
 
-async function prepare(config: LoadedConfig, logger: Logger): Promise<Running[]> {
+async function prepare(config: LoadedConfig, logger: Logger, metrics?: Metrics): Promise<Running[]> {
   const running: Running[] = [];
   for (const target of config.targets) {
     const options = await resolveProxy(target.settings, target.name);
-    running.push({ options, tokenSource: createTokenSource(target.settings, logger.child({ target: target.name })) });
+    const onRefresh = metrics ? (result: 'success' | 'failure') => metrics.tokenRefreshed(target.name, result) : undefined;
+    const tokenSource = createTokenSource(target.settings, logger.child({ target: target.name }), onRefresh);
+    metrics?.watchTokenExpiry(target.name, () => tokenSource.currentExpiry());
+    running.push({ options, tokenSource });
   }
   return running;
 }
@@ -94,9 +99,11 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
 }
 
 async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
-  const targets = await prepare(config, logger);
+  const metrics = new Metrics();
+  const targets = await prepare(config, logger, metrics);
   const servers: ProxyServer[] = [];
   const state = { started: false, shuttingDown: false };
+  let ops: OpsServer | undefined;
   const closeTokens = (): Promise<unknown> => Promise.all(targets.map((t) => t.tokenSource.close()));
   // Handlers first: a signal that follows the "listening" line at once must find them.
   const stopped = untilSignal(
@@ -110,6 +117,17 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
     logger,
   );
   try {
+    if (!config.process.bool('NoHttp')) {
+      // Before the listeners, so that /startup answers 503 while they start.
+      ops = await startOpsServer({
+        address: config.process.string('HttpAddress') as string,
+        port: config.process.int('HttpPort'),
+        metrics,
+        health: { get started() { return state.started; }, get shuttingDown() { return state.shuttingDown; }, atCapacity: () => servers.some((s) => s.atCapacity) },
+        logger,
+      });
+      logger.info({ address: config.process.string('HttpAddress'), port: ops.port }, 'serving /metrics, /startup, /liveness and /readiness');
+    }
     if (config.process.bool('RunConnectionTest')) {
       for (const { options, tokenSource } of targets) {
         const ok = await connectionTest(options, tokenSource, (line) => logger.info({ target: options.name }, line));
@@ -120,7 +138,7 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
       if (options.upstream.sslMode === 'require') {
         logger.warn({ target: options.name, upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
       }
-      const server = new ProxyServer(options, { tokenSource, logger });
+      const server = new ProxyServer(options, { tokenSource, logger, observer: metrics.observerFor(options.name) });
       await server.listen();
       servers.push(server);
       logger.info(
@@ -136,12 +154,15 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
         'listening',
       );
     }
+    state.started = true;
   } catch (error) {
     for (const server of servers) await server.close();
     await closeTokens();
+    await ops?.close();
     throw error;
   }
   const code = await stopped;
+  await ops?.close();
   await closeTokens();
   return code;
 }
