@@ -27,7 +27,7 @@ export interface FetchContext {
 
 /** Where tokens come from: one grant, a login, or a database-credential exchange. */
 export interface TokenFetcher {
-  /** A new token; rejects with a TokenError. `held` is the token in use now, if any. */
+  /** A new token; rejects with a TokenError. `held` is the token in use now (or just refused), if any. */
   fetch(context: FetchContext, held: IssuedTokens | undefined): Promise<IssuedTokens>;
   describe(): string;
 }
@@ -73,6 +73,8 @@ export class CachedTokenSource implements TokenSource {
   readonly #deps: CachedTokenSourceDeps;
   readonly #closed = new AbortController();
   #held: { tokens: IssuedTokens; token: Token } | undefined;
+  /** A token dropped by invalidate(): the fetcher must not hand it back. */
+  #refused: IssuedTokens | undefined;
   #flight: Flight | undefined;
   #timer: NodeJS.Timeout | undefined;
   #lastFailureAt: number | undefined;
@@ -90,13 +92,13 @@ export class CachedTokenSource implements TokenSource {
   async acquire(context: TokenRequestContext, interactive: boolean): Promise<Token> {
     if (this.#closed.signal.aborted) throw new TokenError('token_missing', 'the token source is closed');
     const held = this.#held;
-    if (held) {
-      const state = tokenState(held.tokens, Date.now());
-      if (state === 'fresh') return held.token;
-      if (state === 'usable' && this.#coolingDown(held.tokens)) return held.token;
-    }
+    const state = held ? tokenState(held.tokens, Date.now()) : 'expired';
+    if (held && state === 'fresh') return held.token;
+    if (held && state === 'usable' && this.#coolingDown(held.tokens)) return held.token;
+    // While a valid token is held, a refresh may fail quietly; a browser login waits until it expires.
+    const mayLogin = interactive && state === 'expired';
     for (let round = 0; ; round++) {
-      const flight = this.#flight ?? this.#start(interactive);
+      const flight = this.#flight ?? this.#start(round === 0 ? mayLogin : interactive);
       try {
         await flight.join(context);
         const now = this.#held;
@@ -121,6 +123,7 @@ export class CachedTokenSource implements TokenSource {
 
   /** Drops the held token (e.g. the server refused it) so the next caller fetches anew. */
   invalidate(): void {
+    this.#refused = this.#held?.tokens ?? this.#refused;
     this.#held = undefined;
     clearTimeout(this.#timer);
   }
@@ -149,9 +152,10 @@ export class CachedTokenSource implements TokenSource {
     try {
       const tokens = await this.#fetcher.fetch(
         { interactive: flight.interactive, notice: (m) => flight.notice(m), signal: this.#closed.signal },
-        previous?.tokens,
+        previous?.tokens ?? this.#refused,
       );
       this.#held = { tokens, token: publicToken(tokens) };
+      this.#refused = undefined;
       this.#lastFailureAt = undefined;
       onRefresh?.('success');
       logger.info(
@@ -164,9 +168,10 @@ export class CachedTokenSource implements TokenSource {
       this.#lastFailureAt = Date.now();
       onRefresh?.('failure');
       const stillValid = this.#held !== undefined && tokenState(this.#held.tokens, Date.now()) !== 'expired';
+      // `errorCode`, not `code`: the logger redacts `code` (an authorization code is a secret).
       logger.warn(
-        { source: this.#fetcher.describe(), code: error.code, err: { message: error.message }, servingValidToken: stillValid },
-        'token refresh failed',
+        { source: this.#fetcher.describe(), errorCode: error.code, err: { message: error.message }, servingValidToken: stillValid },
+        previous ? 'token refresh failed' : 'token request failed',
       );
       throw error;
     } finally {

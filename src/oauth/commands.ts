@@ -136,7 +136,7 @@ async function login(options: OAuthOptions, flags: Flags, io: AuthCommandIO): Pr
     callbackUrl: stringFlag(flags, 'callback-url') ?? options.callbackUrl,
     timeoutMs: options.loginTimeoutMs,
     onUrl: (url) => {
-      io.stderr.write(`${LOGIN_NOTICE_PREFIX}\n  ${url}\n`);
+      io.stderr.write(`${LOGIN_NOTICE_PREFIX.trimEnd()}\n  ${url}\n`);
       openBrowser(url, io.logger);
     },
     logger: io.logger,

@@ -3,12 +3,18 @@
  * and that is the Postgres password. The credential is cached by its own CachedTokenSource (its
  * own expiry and refresh), so a workspace token is needed only when a new credential is.
  */
-import type { Token } from '../token/token-source.js';
+import { TokenError, type Token } from '../token/token-source.js';
 import type { FetchContext, TokenFetcher } from './cached-token-source.js';
 import type { IssuedTokens, LakebaseTarget, WorkspaceClient } from './workspace-client.js';
 
-/** Gives a valid workspace token; `context.interactive` says whether it may start a browser login. */
-export type WorkspaceTokenProvider = (context: FetchContext) => Promise<Token>;
+/**
+ * Gives a valid workspace token; `context.interactive` says whether it may start a browser login.
+ * `invalidate`, when there is one, drops a token the workspace refused so the next call gets a new one.
+ */
+export interface WorkspaceTokenProvider {
+  token(context: FetchContext): Promise<Token>;
+  invalidate?(): void;
+}
 
 export class DatabaseCredentialFetcher implements TokenFetcher {
   readonly #workspaceToken: WorkspaceTokenProvider;
@@ -29,7 +35,15 @@ export class DatabaseCredentialFetcher implements TokenFetcher {
   }
 
   async fetch(context: FetchContext): Promise<IssuedTokens> {
-    const workspace = await this.#workspaceToken(context);
-    return this.#client.databaseCredential(workspace.value, this.#target);
+    const workspace = await this.#workspaceToken.token(context);
+    try {
+      return await this.#client.databaseCredential(workspace.value, this.#target);
+    } catch (err) {
+      // 401: the workspace token was revoked before its expiry. One new token, one more try.
+      if (!(err instanceof TokenError) || err.code !== 'invalid_grant' || this.#workspaceToken.invalidate === undefined) throw err;
+      this.#workspaceToken.invalidate();
+      const fresh = await this.#workspaceToken.token(context);
+      return this.#client.databaseCredential(fresh.value, this.#target);
+    }
   }
 }

@@ -76,7 +76,7 @@ export function translate(err: unknown, op: OperationInfo, secrets: ReadonlyArra
     if (err.status >= 500) {
       return make('server_error', `${op.url} answered HTTP ${err.status}${tries}: the workspace is having trouble, try again later`);
     }
-    return make(err.status === 401 ? 'invalid_grant' : 'invalid_client', `${op.url} answered ${err.message}${adviceFor(op, err.status)}`);
+    return make(err.status === 401 ? 'invalid_grant' : 'invalid_client', `${op.url} answered ${err.message.replace(/\.$/, '')}${adviceFor(op, err.status)}`);
   }
   if (err instanceof BadResponseError) {
     return make('bad_response', `unexpected answer from ${op.url}: ${err.message}`);
@@ -100,7 +100,8 @@ export function translate(err: unknown, op: OperationInfo, secrets: ReadonlyArra
       case 'OAUTH_PARSE_ERROR':
         return make('bad_response', `unexpected answer from ${op.url}: malformed JSON`);
       case 'OAUTH_INVALID_RESPONSE':
-        return make('bad_response', `unexpected answer from ${op.url}: ${err.message}`);
+        // The cause says which field was wrong; its own cause (the body) is never quoted.
+        return make('bad_response', `unexpected answer from ${op.url}: ${err.cause instanceof Error ? err.cause.message : err.message}`);
       default:
         return make('bad_response', `${op.what} with ${op.url} failed: ${err.message}`);
     }

@@ -45,7 +45,7 @@ export function buildTokenSource(options: OAuthOptions, deps: TokenSourceDeps, m
     const fixed = new StaticTokenSource(options.accessToken);
     if (lakebase === undefined) return fixed;
     const client = workspaceClient(options, deps.logger, 'scheme');
-    const fetcher = new DatabaseCredentialFetcher(() => fixed.getToken(), client, lakebase, () => fixed.describe());
+    const fetcher = new DatabaseCredentialFetcher({ token: () => fixed.getToken() }, client, lakebase, () => fixed.describe());
     return new CachedTokenSource(fetcher, { ...deps, inner: fixed });
   }
 
@@ -67,7 +67,10 @@ export function buildTokenSource(options: OAuthOptions, deps: TokenSourceDeps, m
   if (lakebase === undefined) return new CachedTokenSource(fetcher, deps);
   const workspace = new CachedTokenSource(fetcher, { logger: deps.logger });
   const database = new DatabaseCredentialFetcher(
-    (context) => workspace.acquire({ notice: (m) => context.notice(m), signal: context.signal }, context.interactive),
+    {
+      token: (context) => workspace.acquire({ notice: (m) => context.notice(m), signal: context.signal }, context.interactive),
+      invalidate: () => workspace.invalidate(),
+    },
     client,
     lakebase,
     () => workspace.describe(),

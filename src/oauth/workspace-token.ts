@@ -95,7 +95,7 @@ export class WorkspaceTokenFetcher implements TokenFetcher {
     const unchanged = () => (changed ? next : undefined);
 
     const stored = storedTokens(next);
-    if (stored) {
+    if (stored && stored.accessToken !== held?.accessToken) {
       const state = tokenState(stored, Date.now());
       // Another process refreshed (fresh), or this process starts with a token still valid.
       if (state === 'fresh' || (state === 'usable' && held === undefined)) {
