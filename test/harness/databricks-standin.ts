@@ -48,7 +48,11 @@ export interface StandinOptions {
   readonly instances?: readonly string[];
   /** Called for every token issued, before the answer is sent (so a password can be set first). */
   readonly onIssue?: (token: string, expiresAt: Date, kind: TokenKind) => void | Promise<void>;
-  /** Port to listen on (127.0.0.1); 0 (default) picks a free one. */
+  /** Address to listen on; default 127.0.0.1 (0.0.0.0 in the compose demo). */
+  readonly host?: string;
+  /** The public base URL, when clients reach it by another name (https://oauth:8443 in compose). */
+  readonly publicUrl?: string;
+  /** Port to listen on; 0 (default) picks a free one. */
   readonly port?: number;
 }
 
@@ -451,7 +455,7 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
   const listen = (port: number) =>
     new Promise<number>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(port, '127.0.0.1', () => {
+      server.listen(port, options.host ?? '127.0.0.1', () => {
         server.off('error', reject);
         resolve((server.address() as AddressInfo).port);
       });
@@ -465,7 +469,7 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
     });
 
   const port = await listen(options.port ?? 0);
-  origin = `https://localhost:${port}`;
+  origin = options.publicUrl?.replace(/\/$/, '') ?? `https://localhost:${port}`;
   let isUp = true;
 
   const result: DatabricksStandin = {
