@@ -9,7 +9,8 @@ export class StaticTokenSource implements TokenSource {
   readonly #token: Token;
 
   constructor(value: string, expiresAt: Date | undefined = jwtExpiry(value)) {
-    this.#token = { value, expiresAt };
+    // value is not enumerable: spreading or serializing the token never carries the secret.
+    this.#token = Object.defineProperty({ expiresAt } as Token, 'value', { value, enumerable: false });
   }
 
   getToken(): Promise<Token> {
