@@ -46,8 +46,22 @@ export interface ScramVerifier {
   readonly serverKey: Buffer;
 }
 
+/** RFC 3454 table C.1.2, non-ASCII spaces: SASLprep maps them to U+0020 (NFKC alone keeps some). */
+const NON_ASCII_SPACE = /[\u00a0\u1680\u2000-\u200b\u202f\u205f\u3000]/g;
+/** RFC 3454 table B.1, "commonly mapped to nothing" (soft hyphen, zero-width joiners, variation selectors...). */
+const MAPPED_TO_NOTHING = /[\u00ad\u034f\u1806\u180b-\u180d\u200c\u200d\u2060\ufe00-\ufe0f\ufeff]/g;
+
+/**
+ * SASLprep (RFC 4013) as Postgres applies it to passwords, so that our keys match the verifiers it
+ * stores and the proofs libpq and node-postgres send. As in node-postgres, the prohibited-output
+ * and bidirectional checks are left out (Postgres then uses the password unprepared).
+ */
+function saslprep(password: string): string {
+  return password.replace(NON_ASCII_SPACE, ' ').replace(MAPPED_TO_NOTHING, '').normalize('NFKC');
+}
+
 function keys(password: string, salt: Buffer, iterations: number): { clientKey: Buffer; storedKey: Buffer; serverKey: Buffer } {
-  const salted = pbkdf2Sync(password.normalize('NFKC'), salt, iterations, 32, 'sha256');
+  const salted = pbkdf2Sync(saslprep(password), salt, iterations, 32, 'sha256');
   const clientKey = hmac(salted, 'Client Key');
   return { clientKey, storedKey: sha256(clientKey), serverKey: hmac(salted, 'Server Key') };
 }

@@ -67,7 +67,7 @@ function loggerFor(settings: Settings): Logger {
 /** The token source of a target: a fixed Password, or the OAuth flows. */
 export function createTokenSource(settings: Settings, logger: Logger, onRefresh?: (result: 'success' | 'failure') => void): TokenSource {
   const password = settings.string('Password');
-  if (password !== undefined) return new StaticTokenSource(password, undefined);
+  if (password !== undefined) return new StaticTokenSource(password, undefined, 'fixed password (Password)');
   return createOAuthTokenSource(resolveOAuth(settings), { logger, ...(onRefresh ? { onRefresh } : {}) });
 }
 

@@ -62,7 +62,8 @@ const MAX_AUTH_MESSAGE = 65535;
 
 export async function clientHandshake(raw: Socket, options: ClientHandshakeOptions): Promise<HandshakeResult> {
   let socket: Duplex = raw;
-  let frames = new SocketFrames(raw, new FrameReader(MAX_STARTUP_PACKET_LENGTH, false));
+  // The limit counts the payload after the length word, as Postgres' does.
+  let frames = new SocketFrames(raw, new FrameReader(MAX_STARTUP_PACKET_LENGTH + 4, false));
   let encrypted = false;
   let negotiatedEncryption = false;
   try {
@@ -79,7 +80,7 @@ export async function clientHandshake(raw: Socket, options: ClientHandshakeOptio
             frames.detach();
             raw.write(SSL_ACCEPT);
             socket = await upgrade(raw, options.tls);
-            frames = new SocketFrames(socket, new FrameReader(MAX_STARTUP_PACKET_LENGTH, false));
+            frames = new SocketFrames(socket, new FrameReader(MAX_STARTUP_PACKET_LENGTH + 4, false));
             encrypted = true;
             negotiatedEncryption = true;
           } else {

@@ -4,6 +4,8 @@
  * by the sockets' own buffers), and one teardown whoever ends first.
  */
 import type { Duplex } from 'node:stream';
+import { BackendCode, errorResponse } from '../wire/backend-messages.js';
+import { MessageBoundaries } from '../wire/message-boundaries.js';
 
 export type RelayEnd = 'client_closed' | 'upstream_closed' | 'client_error' | 'upstream_error' | 'shutdown' | 'idle_timeout';
 
@@ -28,6 +30,9 @@ export class Relay {
   /** Whether the upstream's last bytes were a ReadyForQuery: no query is running. */
   #upstreamIdle = true;
   readonly #onAbandoned: (() => void) | undefined;
+  /** Where the upstream's messages to the client begin and end: see #farewell. */
+  readonly #toClient = new MessageBoundaries();
+  readonly #upstreamName: string;
 
   /**
    * @param clientFirst bytes the client sent before the relay started, for the upstream
@@ -36,6 +41,8 @@ export class Relay {
   /**
    * @param onAbandoned called when the client goes away while a query may be running upstream,
    *   so the caller can cancel it (Postgres notices a vanished peer only at its next write)
+   * @param upstreamName host:port for the error a client gets when the upstream goes away
+   *   (default: the socket's peer address)
    */
   constructor(
     client: Duplex,
@@ -44,8 +51,11 @@ export class Relay {
     upstreamFirst: Buffer,
     onBytes?: (toUpstream: number, toClient: number) => void,
     onAbandoned?: () => void,
+    upstreamName?: string,
   ) {
     this.#onAbandoned = onAbandoned;
+    const peer = upstream as Duplex & { remoteAddress?: string; remotePort?: number };
+    this.#upstreamName = upstreamName ?? `${peer.remoteAddress ?? 'unknown'}:${peer.remotePort ?? 0}`;
     this.#client = client;
     this.#upstream = upstream;
     this.done = new Promise((resolve) => (this.#resolve = resolve));
@@ -72,6 +82,7 @@ export class Relay {
       this.#upstreamIdle = false; // until its next ReadyForQuery
     } else {
       this.stats.bytesToClient += chunk.length;
+      this.#toClient.observe(chunk);
       this.#upstreamIdle = endsWithReadyForQuery(chunk);
     }
     onBytes?.(toUpstream ? chunk.length : 0, toUpstream ? 0 : chunk.length);
@@ -82,27 +93,51 @@ export class Relay {
     from.on('data', (chunk: Buffer) => this.#forward(chunk, to, from, fromClient, onBytes));
     to.on('drain', () => from.resume());
     from.on('end', () => {
+      const farewell = this.#farewell(fromClient);
       // Half-close: pass the FIN on once what is queued has been written.
       this.#finish(fromClient ? 'client_closed' : 'upstream_closed');
-      to.end();
+      if (!to.writableEnded) to.end(farewell);
       setTimeout(() => to.destroy(), LINGER_MS).unref();
     });
-    from.on('error', () => {
+    from.on('error', (error: Error) => {
+      const farewell = this.#farewell(fromClient, error);
       this.#finish(fromClient ? 'client_error' : 'upstream_error');
-      to.destroy();
+      if (farewell && !to.writableEnded) {
+        to.end(farewell);
+        setTimeout(() => to.destroy(), LINGER_MS).unref();
+      } else {
+        to.destroy();
+      }
     });
     from.on('close', () => {
+      const farewell = this.#farewell(fromClient);
       this.#finish(fromClient ? 'client_closed' : 'upstream_closed');
-      if (!to.writableEnded) to.end();
+      if (!to.writableEnded) to.end(farewell);
       setTimeout(() => to.destroy(), LINGER_MS).unref();
       if (++this.#closed === 2) this.#resolve(this.#end as RelayEnd);
     });
   }
 
+  /**
+   * When the upstream is the first to go, and neither said goodbye (the client a Terminate, the
+   * upstream an ErrorResponse such as 57P01), the client gets an ErrorResponse 08006 naming the
+   * upstream, as libpq would report a lost server. Only between two messages: inside one, an
+   * added message would be read as the rest of it, so the client just sees the connection close.
+   */
+  #farewell(fromClient: boolean, error?: Error): Buffer | undefined {
+    if (fromClient || this.#end !== undefined || this.#clientTerminated) return undefined;
+    if (!this.#toClient.atBoundary || this.#toClient.lastType === BackendCode.ErrorResponse) return undefined;
+    const message = error
+      ? `lost the connection to upstream ${this.#upstreamName}: ${error.message}`
+      : `upstream ${this.#upstreamName} closed the connection unexpectedly`;
+    return errorResponse({ code: '08006', message });
+  }
+
   /** The first end decides how the session ended. */
   #finish(end: RelayEnd): void {
     if (this.#end !== undefined) return;
-    this.#end = end;
+    // After a Terminate the server closes first, often before the client's FIN arrives: the client ended it.
+    this.#end = end === 'upstream_closed' && this.#clientTerminated ? 'client_closed' : end;
     if ((end === 'client_closed' || end === 'client_error') && !this.#clientTerminated && !this.#upstreamIdle) this.#onAbandoned?.();
   }
 }

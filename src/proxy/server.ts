@@ -97,7 +97,7 @@ export class ProxyServer {
   async listen(): Promise<void> {
     const { address, port, unixSocketDir } = this.options.listen;
     const tcp = this.#newServer();
-    await listenOn(tcp, { host: address, port }, `port ${port} on ${address} is already in use; choose another with --port`);
+    await listenOn(tcp, { host: address, port }, `port ${port} on ${address} is already in use; choose another with --port`, this.#log);
     this.#servers.push(tcp);
     if (unixSocketDir !== undefined) {
       const path = join(unixSocketDir, `.s.PGSQL.${this.options.listen.port === 0 ? this.port : port}`);
@@ -106,7 +106,7 @@ export class ProxyServer {
       }
       await removeStaleSocket(path);
       const unix = this.#newServer();
-      await listenOn(unix, { path }, `unix socket ${path} is in use by another server; choose another --unix-socket folder or --port`);
+      await listenOn(unix, { path }, `unix socket ${path} is in use by another server; choose another --unix-socket folder or --port`, this.#log);
       await chmod(path, this.options.listen.unixSocketMode);
       this.#servers.push(unix);
       this.#socketPath = path;
@@ -140,9 +140,7 @@ export class ProxyServer {
   }
 
   #newServer(): Server {
-    const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.#accept(socket));
-    server.on('error', (error) => this.#log.error({ err: error.message }, 'listener error'));
-    return server;
+    return createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.#accept(socket));
   }
 
   #accept(socket: Socket): void {
@@ -338,7 +336,7 @@ function refuse(socket: Duplex, error: ClientFacing, upstreamFields?: ReadonlyAr
   setTimeout(() => socket.destroy(), 1000).unref();
 }
 
-function listenOn(server: Server, where: { host: string; port: number } | { path: string }, busyMessage: string): Promise<void> {
+function listenOn(server: Server, where: { host: string; port: number } | { path: string }, busyMessage: string, logger: Logger): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     const onError = (error: NodeJS.ErrnoException): void => {
       reject(error.code === 'EADDRINUSE' ? new Error(busyMessage) : new Error(`cannot listen on ${'path' in where ? where.path : `${where.host}:${where.port}`}: ${error.message}`));
@@ -346,6 +344,7 @@ function listenOn(server: Server, where: { host: string; port: number } | { path
     server.once('error', onError);
     server.listen({ ...where, backlog: 1024 }, () => {
       server.off('error', onError);
+      server.on('error', (error) => logger.error({ err: error.message }, 'listener error'));
       resolve();
     });
   });

@@ -9,6 +9,7 @@ import { serialize } from 'pg-protocol';
 import { AuthRequest, BackendCode, parseFields, SSL_ACCEPT } from '../wire/backend-messages.js';
 import { FrameReader } from '../wire/frame-reader.js';
 import { PeerClosedError, SocketFrames } from '../wire/socket-frames.js';
+import { encodeStartupMessage } from '../wire/startup-packets.js';
 import { md5PasswordResponse, SCRAM, SCRAM_PLUS, ScramClient, tlsServerEndPoint } from '../auth/scram.js';
 
 export interface UpstreamTarget {
@@ -53,10 +54,24 @@ const SSL_REQUEST = serialize.requestSsl();
 /** Handshake messages are small; a server sending more than this before ReadyForQuery is broken. */
 const MAX_HANDSHAKE_MESSAGE = 1 << 20;
 
-const tlsSessions = new Map<string, Buffer>();
+/**
+ * TLS sessions to resume, with the server certificate of the full handshake each came from: a
+ * resumed session does not carry the certificate again (getPeerCertificate() is empty), and
+ * SCRAM-SHA-256-PLUS needs it for its channel binding.
+ */
+const tlsSessions = new Map<string, { readonly session: Buffer; readonly certificate: Buffer | undefined }>();
+/** The server certificate (DER) behind each upstream TLS socket, resumed or not. */
+const peerCertificates = new WeakMap<TLSSocket, Buffer>();
 
 function where(target: UpstreamTarget): string {
   return `${target.host}:${target.port}`;
+}
+
+/** Node reports a connect that failed on every address of a host (IPv4 and IPv6) as an AggregateError without a message. */
+function reason(error: Error): string {
+  if (error.message !== '') return error.message;
+  if (error instanceof AggregateError) return error.errors.map((e: unknown) => (e instanceof Error ? e.message : String(e))).join('; ');
+  return (error as NodeJS.ErrnoException).code ?? error.name;
 }
 
 /** TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. */
@@ -73,24 +88,28 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Pro
       throw new UpstreamError('08001', `upstream ${where(target)} refused TLS (it answered the SSLRequest with "${String.fromCharCode(answer)}"); Lakebase requires TLS`);
     }
     const sessionKey = `${where(target)}/${target.sslMode}`;
+    const offered = tlsSessions.get(sessionKey);
     const tls = tlsConnect({
       socket: raw,
       ...(isIP(target.host) === 0 ? { servername: target.host } : {}),
       ...(target.rootCert ? { ca: target.rootCert } : {}),
       rejectUnauthorized: target.sslMode !== 'require',
       ...(target.sslMode === 'verify-ca' ? { checkServerIdentity: () => undefined } : {}),
-      session: tlsSessions.get(sessionKey),
+      session: offered?.session,
     });
+    const certificate = (): Buffer | undefined => (tls.isSessionReused() ? offered?.certificate : tls.getPeerCertificate()?.raw);
     tls.on('error', () => {});
-    tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, session));
+    tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, { session, certificate: certificate() }));
     await once(tls, 'secureConnect', target).catch((error: unknown) => {
       tls.destroy();
       if (error instanceof UpstreamError && error.cause instanceof Error && 'code' in error.cause) {
-        const hint = target.sslMode === 'require' ? '' : ' (set SSLRootCert to the CA file that signed it, or SSLMode=require to skip verification)';
+        const hint = target.sslMode === 'require' ? '' : verificationHint(String(error.cause.code));
         throw new UpstreamError('08001', `TLS handshake with upstream ${where(target)} failed: ${error.cause.message}${hint}`, undefined, { cause: error.cause });
       }
       throw error;
     });
+    const der = certificate();
+    if (der) peerCertificates.set(tls, der);
     return tls;
   } catch (error) {
     raw.destroy();
@@ -98,6 +117,20 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Pro
   } finally {
     cleanup();
   }
+}
+
+/**
+ * Advice for a certificate that did not verify; none for other failures (a reset, a closed
+ * connection, a peer that does not speak TLS), where changing the trust settings would not help.
+ */
+function verificationHint(code: string): string {
+  if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
+    return ' (the certificate does not name this host: connect by a name it lists, or set SSLMode=verify-ca to check the CA only)';
+  }
+  if (!code.startsWith('ERR_') && /CERT|UNABLE_TO_|SELF_SIGNED|INVALID_CA/.test(code)) {
+    return ' (set SSLRootCert to the CA file that signed it, or SSLMode=require to skip verification)';
+  }
+  return '';
 }
 
 /** Destroys the socket when the timeout passes or the signal aborts; returns the cancel function. */
@@ -121,7 +154,7 @@ function once(socket: Socket, event: 'connect' | 'secureConnect', target: Upstre
     const onError = (error: Error): void => {
       socket.off(event, onEvent);
       socket.off('close', onClose);
-      reject(error instanceof UpstreamError ? error : new UpstreamError('08001', `could not connect to upstream ${where(target)}: ${error.message}`, undefined, { cause: error }));
+      reject(error instanceof UpstreamError ? error : new UpstreamError('08001', `could not connect to upstream ${where(target)}: ${reason(error)}`, undefined, { cause: error }));
     };
     const onClose = (): void => onError(new UpstreamError('08006', `upstream ${where(target)} closed the connection during ${event === 'connect' ? 'connect' : 'the TLS handshake'}`));
     const onEvent = (): void => {
@@ -151,7 +184,7 @@ function readSslAnswer(socket: Socket, target: UpstreamTarget): Promise<number> 
     };
     const onError = (error: Error): void => {
       done();
-      reject(error instanceof UpstreamError ? error : new UpstreamError('08001', `could not connect to upstream ${where(target)}: ${error.message}`, undefined, { cause: error }));
+      reject(error instanceof UpstreamError ? error : new UpstreamError('08001', `could not connect to upstream ${where(target)}: ${reason(error)}`, undefined, { cause: error }));
     };
     const onClose = (): void => onError(new UpstreamError('08006', `upstream ${where(target)} closed the connection after the SSLRequest`));
     socket.on('data', onData);
@@ -175,7 +208,7 @@ export async function connectUpstream(
   const cleanup = bound(socket, target, signal);
   const frames = new SocketFrames(socket, new FrameReader(MAX_HANDSHAKE_MESSAGE, true));
   try {
-    socket.write(serialize.startup({ ...Object.fromEntries(parameters), user }));
+    socket.write(encodeStartupMessage(new Map([...parameters, ['user', user]])));
     const greeting: Buffer[] = [];
     let processId = 0;
     let secretKey = Buffer.alloc(4);
@@ -255,8 +288,8 @@ function authenticate(
       if (!plus && !mechanisms.includes(SCRAM)) {
         throw new UpstreamError('28000', `upstream ${where(target)} offers no supported SASL mechanism (${mechanisms.join(', ')})`);
       }
-      const certificate = socket.getPeerCertificate();
-      const binding = certificate?.raw ? tlsServerEndPoint(certificate.raw) : undefined;
+      const certificate = peerCertificates.get(socket);
+      const binding = certificate ? tlsServerEndPoint(certificate) : undefined;
       const client = new ScramClient(password, plus && binding ? SCRAM_PLUS : SCRAM, binding, plus);
       socket.write(serialize.sendSASLInitialResponseMessage(client.mechanism, client.clientFirstMessage()));
       return client;

@@ -7,8 +7,10 @@ import { TokenError, type Token, type TokenSource } from './token-source.js';
  */
 export class StaticTokenSource implements TokenSource {
   readonly #token: Token;
+  readonly #description: string;
 
-  constructor(value: string, expiresAt: Date | undefined = jwtExpiry(value)) {
+  constructor(value: string, expiresAt: Date | undefined = jwtExpiry(value), description = 'static token (OAuthAccessToken, InitiateOAuth=OFF)') {
+    this.#description = description;
     // value is not enumerable: spreading or serializing the token never carries the secret.
     this.#token = Object.defineProperty({ expiresAt } as Token, 'value', { value, enumerable: false });
   }
@@ -27,7 +29,7 @@ export class StaticTokenSource implements TokenSource {
   }
 
   describe(): string {
-    return 'static token (OAuthAccessToken, InitiateOAuth=OFF)';
+    return this.#description;
   }
 
   currentExpiry(): Date | undefined {

@@ -32,6 +32,20 @@ export class StartupPacketError extends Error {
   }
 }
 
+/**
+ * A protocol 3.0 StartupMessage with exactly `parameters`, in order. (pg-protocol's
+ * `serialize.startup` appends `client_encoding=UTF8`, which would override the client's own.)
+ * @see https://www.postgresql.org/docs/current/protocol-message-formats.html#PROTOCOL-MESSAGE-FORMATS-STARTUPMESSAGE
+ */
+export function encodeStartupMessage(parameters: ReadonlyMap<string, string>): Buffer {
+  const pairs: Buffer[] = [];
+  for (const [name, value] of parameters) pairs.push(Buffer.from(`${name}\0${value}\0`, 'utf8'));
+  const body = Buffer.concat([Buffer.from([0, 3, 0, 0]), ...pairs, Buffer.from([0])]);
+  const length = Buffer.allocUnsafe(4);
+  length.writeInt32BE(4 + body.length, 0);
+  return Buffer.concat([length, body]);
+}
+
 /** Decodes the body (after the length field) of one startup-phase packet. */
 export function decodeStartupPacket(body: Buffer): StartupPacket {
   if (body.length < 4) throw new StartupPacketError('startup packet too short');
