@@ -6,10 +6,10 @@
 import { isIP, connect as netConnect, type Socket } from 'node:net';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { serialize } from 'pg-protocol';
-import { AuthRequest, BackendCode, parseFields, SSL_ACCEPT } from '../wire/backend-messages.js';
+import { AuthRequest, BackendCode, message, parseFields, SSL_ACCEPT } from '../wire/backend-messages.js';
 import { FrameReader } from '../wire/frame-reader.js';
 import { PeerClosedError, SocketFrames } from '../wire/socket-frames.js';
-import { encodeStartupMessage } from '../wire/startup-packets.js';
+import { CANCEL_REQUEST_CODE, encodeStartupMessage } from '../wire/startup-packets.js';
 import { md5PasswordResponse, SCRAM, SCRAM_PLUS, ScramClient, tlsServerEndPoint } from '../auth/scram.js';
 
 export interface UpstreamTarget {
@@ -227,7 +227,7 @@ export async function connectUpstream(
         case BackendCode.ParameterStatus:
         case BackendCode.NoticeResponse:
         case BackendCode.ReadyForQuery:
-          greeting.push(rawMessage(type, body));
+          greeting.push(message(type, body));
           if (type === BackendCode.ReadyForQuery) {
             return { socket, greeting, processId, secretKey, leftover: frames.detach() };
           }
@@ -253,14 +253,6 @@ export async function connectUpstream(
   } finally {
     cleanup();
   }
-}
-
-function rawMessage(type: number, body: Buffer): Buffer {
-  const out = Buffer.allocUnsafe(5 + body.length);
-  out[0] = type;
-  out.writeInt32BE(4 + body.length, 1);
-  body.copy(out, 5);
-  return out;
 }
 
 /** Answers one Authentication request; returns the SCRAM state for the next round. */
@@ -312,7 +304,7 @@ export async function sendCancel(target: UpstreamTarget, processId: number, secr
   const socket = await openTls(target);
   const body = Buffer.allocUnsafe(16);
   body.writeInt32BE(16, 0);
-  body.writeInt32BE(80877102, 4);
+  body.writeInt32BE(CANCEL_REQUEST_CODE, 4);
   body.writeInt32BE(processId, 8);
   secretKey.copy(body, 12, 0, 4);
   await new Promise<void>((resolve) => {

@@ -26,7 +26,8 @@ export const enum AuthRequest {
 export const SSL_ACCEPT = Buffer.from('S');
 export const SSL_REFUSE = Buffer.from('N');
 
-function message(code: number, body: Buffer): Buffer {
+/** A typed message: the code, the length, the body (copied). */
+export function message(code: number, body: Buffer): Buffer {
   const out = Buffer.allocUnsafe(5 + body.length);
   out[0] = code;
   out.writeInt32BE(4 + body.length, 1);
