@@ -225,6 +225,10 @@ test('the demo is consistent: one client id, secret, URL and role across service
     if (!mount) return value;
     return mount.named ? join(certs, value.slice(mount.target.length)) : at(join(mount.source, value.slice(mount.target.length)));
   };
+  for (const [name, value] of Object.entries(environment(demo))) {
+    const property = byEnv.get(name);
+    if (property && value !== undefined) settings.set(property.name, value, name);
+  }
   for (const [key, value] of connection) settings.set(key, toHost(value), '--connection');
   settings.set('ClientUsers', toHost(args[args.indexOf('--client-users') + 1] ?? ''), '--client-users');
   const options = await resolveProxy(settings, 'demo');

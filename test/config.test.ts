@@ -11,6 +11,7 @@ import { loadConfig } from '../src/config/load.js';
 import { resolveProxy } from '../src/config/target.js';
 import { envName, findProperty, PROPERTIES } from '../src/config/properties.js';
 import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { testCA } from './harness/certs.js';
 import { BIN, startProxyProcess } from './harness/proxy.js';
 
 let dir: string;
@@ -105,8 +106,13 @@ test('trust on a non-loopback address is refused; client auth makes it allowed',
   const trust = (await load(['--connection', 'Server=h;User=u', '--address', '0.0.0.0', '--client-auth', 'trust'])).targets[0]!.settings;
   await assert.rejects(resolveProxy(trust, 't'), /ClientAuth \(from the command line\): trust on the non-loopback address 0\.0\.0\.0/);
   const users = file('users', 'alice:pw\n');
-  const ok = (await load(['--connection', 'Server=h;User=u', '--address', '0.0.0.0', '--client-users', users])).targets[0]!.settings;
-  assert.equal((await resolveProxy(ok, 't')).clientAuth.authMethod, 'scram-sha-256');
+  const noTls = (await load(['--connection', 'Server=h;User=u', '--address', '0.0.0.0', '--client-users', users])).targets[0]!.settings;
+  await assert.rejects(resolveProxy(noTls, 't'), /TLSCert: missing: on the non-loopback address 0\.0\.0\.0/);
+  const ca = await testCA();
+  const ok = (await load(['--connection', 'Server=h;User=u', '--address', '0.0.0.0', '--client-users', users, '--tls-cert', ca.serverCertFile, '--tls-key', ca.serverKeyFile])).targets[0]!.settings;
+  const options = await resolveProxy(ok, 't');
+  assert.equal(options.clientAuth.authMethod, 'scram-sha-256');
+  assert.ok(options.clientAuth.tls, 'client TLS offered');
 });
 
 test('two targets from one config file, each on its own port with its own identity', async () => {

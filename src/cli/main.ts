@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { createLogger, type Logger } from '../ops/log.js';
-import { ConfigError, type Settings } from '../config/properties.js';
+import { ConfigError, envName, PROPERTIES, type Settings } from '../config/properties.js';
 import { loadConfig, type LoadedConfig } from '../config/load.js';
 import { resolveOAuth, resolveProxy } from '../config/target.js';
 import { ProxyServer, type ProxyOptions } from '../proxy/server.js';
@@ -15,6 +15,8 @@ import { helpText, parseArgs } from './args.js';
 
 /** Runs the program; resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
+  // Overwrites the command line that `ps` and /proc/<pid>/cmdline show every local user, which may hold secrets.
+  process.title = 'lakebase-proxy';
   try {
     const args = parseArgs(argv);
     if (args.help && args.command !== 'auth') {
@@ -57,6 +59,20 @@ function fail(error: unknown): number {
   const known = error instanceof ConfigError || error instanceof TokenError;
   process.stderr.write(`lakebase-proxy: ${known || error instanceof Error ? (error as Error).message : String(error)}\n`);
   return 1;
+}
+
+function warnAboutSecretsOnTheCommandLine(config: LoadedConfig, logger: Logger): void {
+  for (const target of config.targets) {
+    for (const property of PROPERTIES) {
+      const source = property.secret ? target.settings.source(property.name) : undefined;
+      if (source?.startsWith('--connection')) {
+        logger.warn(
+          { target: target.name, setting: property.name },
+          `${property.name} was given on the command line, which other local users may see while the program starts; prefer ${envName(property)} or a config file`,
+        );
+      }
+    }
+  }
 }
 
 function loggerFor(settings: Settings): Logger {
@@ -155,6 +171,7 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
       );
     }
     state.started = true;
+    warnAboutSecretsOnTheCommandLine(config, logger);
   } catch (error) {
     for (const server of servers) await server.close();
     await closeTokens();

@@ -18,7 +18,9 @@ export function parseConnectionString(text: string): Array<[string, string]> {
     const eq = text.indexOf('=', i);
     const semi = text.indexOf(';', i);
     if (eq < 0 || (semi >= 0 && semi < eq)) {
-      throw new ConnectionStringError(`connection string: "${text.slice(i, semi < 0 ? n : semi).trim()}" is not of the form Key=Value`);
+      // Only the leading name: what follows may be a secret typed with the wrong separator.
+      const name = /^[\w.-]*/.exec(text.slice(i))?.[0] ?? '';
+      throw new ConnectionStringError(`connection string: "${name}…" is not of the form Key=Value`);
     }
     const key = text.slice(i, eq).trim();
     if (key === '') throw new ConnectionStringError('connection string: a property has an empty name before "="');

@@ -74,7 +74,7 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'StartupTimeout', kind: milliseconds, flag: '--startup-timeout', default: '30000', help: 'milliseconds a client has to finish its startup and authentication' },
   { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client connections at once; 0 means no limit' },
   { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session idle this many milliseconds; 0 means never' },
-  { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow trust authentication on a non-loopback address (not recommended)' },
+  { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow a non-loopback address without client TLS, or with trust authentication (only inside a private network)' },
   { name: 'Profile', kind: string, help: 'a profile of ~/.databrickscfg to take host, client_id and client_secret from (or DATABRICKS_CONFIG_PROFILE)' },
   // The process
   { name: 'LogLevel', kind: { type: 'enum', values: ['trace', 'debug', 'info', 'warn', 'error', 'silent'] }, flag: '--log-level', default: 'info', process: true, help: 'log level' },

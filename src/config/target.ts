@@ -67,6 +67,12 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
   }
   const tlsCert = settings.string('TLSCert');
   const tlsKey = settings.string('TLSKey');
+  if (!loopback && tlsCert === undefined && !settings.bool('AllowInsecureListen')) {
+    throw settings.error(
+      'TLSCert',
+      `missing: on the non-loopback address ${address} clients' passwords and queries would cross the network in the clear; set --tls-cert and --tls-key, or --allow-insecure-listen inside a private network (a container's)`,
+    );
+  }
   if ((tlsCert === undefined) !== (tlsKey === undefined)) {
     throw settings.error(tlsCert === undefined ? 'TLSCert' : 'TLSKey', 'TLSCert and TLSKey must be given together');
   }

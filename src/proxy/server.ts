@@ -248,7 +248,7 @@ export class ProxyServer {
       const sent = cancelUpstream().catch(() => {});
       this.#cancelsInFlight.add(sent);
       void sent.then(() => this.#cancelsInFlight.delete(sent));
-    });
+    }, `${target.host}:${target.port}`);
     session.relay = relay;
     if (this.options.idleTimeoutMs > 0) {
       raw.setTimeout(this.options.idleTimeoutMs, () => relay.close('idle_timeout'));

@@ -1,0 +1,83 @@
+/**
+ * 1,000 clients at once through the real program, each running queries for a bounded time:
+ * zero errors, every answer right, and afterwards every session closed cleanly on both sides
+ * (no backend left, no descriptor left in the proxy). LAKEBASE_PROXY_LONG_TESTS=1 runs a minute.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import type pg from 'pg';
+import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
+import { cleanEnvironment, LONG, openFds, pgClient, waitUntil, whoAmI } from './reliability-support.js';
+
+cleanEnvironment();
+
+const CLIENTS = 1000;
+const RUN_MS = LONG ? 60_000 : 3_000;
+let db: TestPostgres;
+let proxy: ProxyProcess;
+const token = 'tok-' + randomBytes(600).toString('base64url');
+
+before(async () => {
+  db = await startPostgres({ extraConf: { max_connections: '1100' } });
+  await db.setTokenPassword(token);
+  // Each client holds two descriptors in the proxy (its socket and the upstream's): 2,000 here.
+  proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--connect-timeout', '30000']);
+});
+
+after(async () => {
+  await proxy?.stop('SIGINT');
+  await db?.stop();
+});
+
+test(`${CLIENTS} concurrent clients run queries for ${RUN_MS / 1000} s with zero errors; every session closes cleanly`, async (t) => {
+  const pid = proxy.child.pid as number;
+  const fdsBefore = openFds(pid);
+  const errors: string[] = [];
+  const clients: pg.Client[] = [];
+  // Connect in waves so the test measures the relay, not the server's fork rate; then all run at once.
+  for (let i = 0; i < CLIENTS; i += 100) {
+    const wave = Array.from({ length: Math.min(100, CLIENTS - i) }, () => pgClient(proxy.port, db, { application_name: 'load' }));
+    clients.push(...wave);
+    await Promise.all(wave.map((c) => c.connect()));
+  }
+  assert.equal(await db.backendsOf(db.tokenRole), CLIENTS, 'every client has its own upstream session');
+  const deadline = Date.now() + RUN_MS;
+  let queries = 0;
+  await Promise.all(
+    clients.map(async (c, n) => {
+      for (let i = 0; Date.now() < deadline; i++) {
+        try {
+          if (i % 2 === 0) {
+            const r = await c.query('select $1::int * 2 as v, $2::text as who', [n * 1000 + i, `c${n}`]);
+            if (r.rows[0].v !== (n * 1000 + i) * 2 || r.rows[0].who !== `c${n}`) errors.push(`client ${n}: wrong answer ${JSON.stringify(r.rows[0])}`);
+          } else {
+            const r = await c.query(`select ${n} as n, repeat('z', ${(i * 37) % 2000}) as pad`);
+            if (r.rows[0].n !== n || r.rows[0].pad.length !== (i * 37) % 2000) errors.push(`client ${n}: wrong answer`);
+          }
+          queries++;
+        } catch (error) {
+          errors.push(`client ${n}: ${(error as Error).message}`);
+          return;
+        }
+      }
+    }),
+  );
+  await Promise.all(clients.map((c) => c.end().catch((error: Error) => errors.push(`end: ${error.message}`))));
+  assert.deepEqual(errors.slice(0, 10), [], `${errors.length} errors`);
+  assert.ok(queries >= CLIENTS * 2, `${queries} queries ran`);
+  t.diagnostic(`${queries} queries in ${RUN_MS} ms across ${CLIENTS} sessions`);
+
+  await waitUntil(async () => (await db.backendsOf(db.tokenRole)) === 0, 15_000, 'every upstream backend gone');
+  await waitUntil(() => openFds(pid) <= fdsBefore + 2, 15_000, 'the proxy back to its descriptors before');
+  await waitUntil(() => (proxy.output().match(/"msg":"session ended"/g) ?? []).length >= CLIENTS, 5000, 'a log line per session');
+  const ends = proxy
+    .output()
+    .split('\n')
+    .filter((l) => l.includes('"msg":"session ended"'))
+    .map((l) => (JSON.parse(l) as { end: string }).end);
+  assert.deepEqual([...new Set(ends)], ['client_closed'], 'each session ended by its client, none by an error');
+  assert.doesNotMatch(proxy.output(), /"level":(50|60)/, 'nothing logged as error or fatal');
+  assert.equal(await whoAmI(proxy.port, db), db.tokenRole);
+});
