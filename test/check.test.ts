@@ -2,14 +2,13 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { BIN, connectionFor, startProxyProcess } from './harness/proxy.js';
 
 let db: TestPostgres;
 const token = 'check-token-' + Date.now();
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
 });
 after(async () => db?.stop());
 

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import pg from 'pg';
 import { PROPERTIES } from '../src/config/properties.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { BIN, connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
 
 // The program reads its settings from the environment too: keep the developer's out of these runs.
@@ -81,8 +81,7 @@ let workDir: string;
 const token = 'tok-' + randomBytes(32).toString('base64url');
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
   socketDir = mkdtempSync(join(tmpdir(), 'lbp-cli-sock-'));
   workDir = mkdtempSync(join(tmpdir(), 'lbp-cli-'));
   proxy = await startProxyProcess([

@@ -5,7 +5,8 @@ import { randomBytes } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
 import { request } from 'node:http';
 import pg from 'pg';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { waitFor } from './harness/databricks-standin.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { startOpsServer, type HealthState, type OpsServer } from '../src/ops/http.js';
 import { Metrics } from '../src/ops/metrics.js';
@@ -33,10 +34,9 @@ const token = 'tok-' + randomBytes(600).toString('base64url');
 
 before(async () => {
   [db, ops] = await Promise.all([
-    startPostgres(),
+    startTokenPostgres(token),
     startOpsServer({ address: '127.0.0.1', port: 0, metrics: new Metrics(), health, logger: silentLogger }),
   ]);
-  await db.setTokenPassword(token);
 });
 
 after(async () => {
@@ -73,14 +73,6 @@ async function probes(): Promise<Record<string, string>> {
   return answers;
 }
 
-async function waitFor(condition: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
 test('while starting: startup and readiness 503, liveness 200', async () => {
   assert.deepEqual(await probes(), { '/startup': '503 starting', '/liveness': '200 ok', '/readiness': '503 starting' });
 });
@@ -112,7 +104,7 @@ test('at --max-connections: readiness 503 while a real session holds the only sl
     const extra = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'anyone', database: db.database });
     await assert.rejects(extra.connect(), (e: pg.DatabaseError) => e.code === '53300');
     await c.end();
-    await waitFor(() => proxy.server.connections === 0, 'the session to close');
+    await waitFor(() => proxy.server.connections === 0, 5000, 'the session to close');
     assert.deepEqual(await probes(), { '/startup': '200 ok', '/liveness': '200 ok', '/readiness': '200 ok' });
   } finally {
     state.capacity = () => false;

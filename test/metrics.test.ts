@@ -5,8 +5,9 @@ import { randomBytes } from 'node:crypto';
 import { connect as netConnect } from 'node:net';
 import pg from 'pg';
 import promClient from 'prom-client';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import { waitFor } from './harness/databricks-standin.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
+import { connectionFor, proxyClient, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { startOpsServer } from '../src/ops/http.js';
 import { Metrics, METRIC_PREFIX } from '../src/ops/metrics.js';
 import { silentLogger } from '../src/ops/log.js';
@@ -25,8 +26,7 @@ const CLIENT_USER = 'metrics.client.user@example.com';
 const QUERY_MARK = 'query_text_must_not_leak_5f1c';
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
   proxy = await startProxy(['--connection', connectionFor(db, token), '--max-connections', '2'], {
     tokenSource,
     observer: metrics.observerFor('default'),
@@ -82,21 +82,11 @@ function value(samples: Samples, name: string, labels: Record<string, string> = 
 }
 
 function client(port = proxy.port): pg.Client {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: CLIENT_USER, database: db.database });
-  c.on('error', () => {});
-  return c;
+  return proxyClient(port, db, { user: CLIENT_USER });
 }
 
 function sessionEnds(): Array<{ bytesToUpstream: number; bytesToClient: number }> {
   return proxy.logs.filter((l) => l['msg'] === 'session ended') as unknown as Array<{ bytesToUpstream: number; bytesToClient: number }>;
-}
-
-async function waitFor(condition: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 test('a session counts one connection, one upstream connect, and the bytes its session-end log reports', async () => {
@@ -108,9 +98,9 @@ test('a session counts one connection, one upstream connect, and the bytes its s
   const r = await c.query(`select '${QUERY_MARK}' as mark, repeat('x', 100000) as filler`);
   assert.equal(r.rows[0].mark, QUERY_MARK);
   await c.end();
-  await waitFor(() => sessionEnds().length === endsBefore + 1, 'the session-end log line');
+  await waitFor(() => sessionEnds().length === endsBefore + 1, 5000, 'the session-end log line');
   const ended = sessionEnds().at(-1) as { bytesToUpstream: number; bytesToClient: number };
-  await waitFor(() => proxy.server.connections === 0, 'the connection to close');
+  await waitFor(() => proxy.server.connections === 0, 5000, 'the connection to close');
 
   const after = (await scrape()).samples;
   const delta = (name: string, labels: Record<string, string>): number => value(after, name, labels) - value(before, name, labels);
@@ -136,7 +126,7 @@ test('a login the upstream refuses counts upstream_auth under its own target onl
   const before = (await scrape()).samples;
   const c = client(wrongProxy.port);
   await assert.rejects(c.connect(), (e: pg.DatabaseError) => e.code === '28P01');
-  await waitFor(() => wrongProxy.server.connections === 0, 'the refused connection to close');
+  await waitFor(() => wrongProxy.server.connections === 0, 5000, 'the refused connection to close');
 
   const after = (await scrape()).samples;
   const delta = (name: string, labels: Record<string, string>): number => value(after, name, labels) - value(before, name, labels);
@@ -158,7 +148,7 @@ test('a client over --max-connections is counted as rejected, and the open gauge
   } finally {
     await Promise.all(held.map((c) => c.end()));
   }
-  await waitFor(() => proxy.server.connections === 0, 'the held connections to close');
+  await waitFor(() => proxy.server.connections === 0, 5000, 'the held connections to close');
   const after = (await scrape()).samples;
   const delta = (name: string, labels: Record<string, string>): number => value(after, name, labels) - value(before, name, labels);
   assert.equal(delta('client_connections_rejected_total', { target: 'default' }), 1);
@@ -186,7 +176,7 @@ test('cancel requests are counted by outcome', async () => {
     sendCancel(processID, secretKey);
     await assert.rejects(sleeping, (e: pg.DatabaseError) => e.code === '57014');
     sendCancel(processID, secretKey ^ 1);
-    await waitFor(() => proxy.logs.some((l) => l['msg'] === 'cancel request with an unknown key ignored'), 'the unknown cancel key');
+    await waitFor(() => proxy.logs.some((l) => l['msg'] === 'cancel request with an unknown key ignored'), 5000, 'the unknown cancel key');
   } finally {
     await c.end();
   }
@@ -200,7 +190,7 @@ test('cancel requests are counted by outcome', async () => {
 
 test('over every session so far, the relayed bytes equal the sums of the session-end logs', async () => {
   // Relayed so far: one in the first test, two held at the limit, one cancelled query.
-  await waitFor(() => sessionEnds().length === 4, 'four session-end log lines');
+  await waitFor(() => sessionEnds().length === 4, 5000, 'four session-end log lines');
   const ends = sessionEnds();
   const { samples } = await scrape();
   const sum = (field: 'bytesToUpstream' | 'bytesToClient'): number => ends.reduce((total, end) => total + end[field], 0);

@@ -1,41 +1,25 @@
 /** AuthScheme=OAuthClient: client credentials against the workspace stand-in, proved on a real Postgres. */
-import { after, afterEach, before, beforeEach, test } from 'node:test';
+import { after, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createTokenSource } from '../src/oauth/index.js';
 import { silentLogger } from '../src/ops/log.js';
 import { TokenError, type TokenSource } from '../src/token/token-source.js';
-import { captureLogger, postgresLogin, standinOptions, startDatabricksStandin, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { captureLogger, postgresLogin, standinOptions, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
+import { closedAfterEachTest, startStandinWithPostgres } from './harness/oauth-fixture.js';
+import type { TestPostgres } from './harness/postgres.js';
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
-const sources: TokenSource[] = [];
+let close: () => Promise<void>;
+const track = closedAfterEachTest<TokenSource>();
 const noNotice = { notice: () => undefined };
 
-before(async () => {
-  db = await startPostgres();
-  standin = await startDatabricksStandin({ onIssue: (token, expiresAt) => db.setTokenPassword(token, expiresAt) });
-});
-
-after(async () => {
-  await Promise.all(sources.map((s) => s.close()));
-  await standin?.close();
-  await db?.stop();
-});
-
-// A source left running would refresh in the background and change the role's password.
-afterEach(() => Promise.all(sources.splice(0).map((s) => s.close())));
-
-beforeEach(() => {
-  standin.fault(undefined);
-  standin.tokenLifetimeSeconds = 3600;
-  standin.resetCounts();
-});
+before(async () => ({ db, standin, close } = await startStandinWithPostgres()));
+after(() => close?.());
+beforeEach(() => standin.reset());
 
 function source(overrides: Parameters<typeof standinOptions>[1] = {}, deps: Partial<Parameters<typeof createTokenSource>[1]> = {}): TokenSource {
-  const s = createTokenSource(standinOptions(standin, overrides), { logger: silentLogger, ...deps });
-  sources.push(s);
-  return s;
+  return track(createTokenSource(standinOptions(standin, overrides), { logger: silentLogger, ...deps }));
 }
 
 test('a service principal gets a token at once and Postgres accepts it as the password', async () => {

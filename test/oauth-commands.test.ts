@@ -1,40 +1,28 @@
 /** `lakebase-proxy auth login|url|exchange|refresh|token`, run in-process against the stand-in. */
 import { after, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { AUTH_HELP, LOGIN_NOTICE_PREFIX, runAuthCommand } from '../src/oauth/index.js';
 import type { OAuthOptions } from '../src/oauth/options.js';
-import { postgresLogin, standinOptions, startDatabricksStandin, waitFor, captureLogger, type DatabricksStandin } from './harness/databricks-standin.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { postgresLogin, standinOptions, waitFor, captureLogger, type DatabricksStandin } from './harness/databricks-standin.js';
+import { startStandinWithPostgres } from './harness/oauth-fixture.js';
+import type { TestPostgres } from './harness/postgres.js';
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
+let close: () => Promise<void>;
 let dir: string;
 
 before(async () => {
   process.env['LAKEBASE_PROXY_NO_BROWSER'] = '1';
-  db = await startPostgres();
-  standin = await startDatabricksStandin({
-    instances: ['my-instance'],
-    onIssue: (token, expiresAt, kind) => (kind === 'database' ? db.setTokenPassword(token, expiresAt) : undefined),
-  });
-  dir = mkdtempSync(join(tmpdir(), 'lbp-oauth-commands-'));
+  ({ db, standin, dir, close } = await startStandinWithPostgres({ instances: ['my-instance'], databaseCredentialsOnly: true, dirPrefix: 'lbp-oauth-commands-' }));
 });
 
-after(async () => {
-  await standin?.close();
-  await db?.stop();
-  rmSync(dir, { recursive: true, force: true });
-});
+after(() => close?.());
 
-beforeEach(() => {
-  standin.fault(undefined);
-  standin.tokenLifetimeSeconds = 3600;
-  standin.resetCounts();
-});
+beforeEach(() => standin.reset());
 
 let count = 0;
 function pkce(overrides: Partial<OAuthOptions> = {}): OAuthOptions {

@@ -1,45 +1,27 @@
 /** LakebaseInstance / LakebaseEndpoint: the workspace token exchanged for a database credential. */
-import { after, afterEach, before, beforeEach, test } from 'node:test';
+import { after, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createTokenSource, LOGIN_NOTICE_PREFIX } from '../src/oauth/index.js';
 import { silentLogger } from '../src/ops/log.js';
 import { TokenError, type TokenSource } from '../src/token/token-source.js';
-import { postgresLogin, standinOptions, startDatabricksStandin, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { postgresLogin, standinOptions, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
+import { closedAfterEachTest, startStandinWithPostgres } from './harness/oauth-fixture.js';
+import type { TestPostgres } from './harness/postgres.js';
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
-const sources: TokenSource[] = [];
+let close: () => Promise<void>;
+const track = closedAfterEachTest<TokenSource>();
 const noNotice = { notice: () => undefined };
 const ENDPOINT = 'projects/p1/branches/main/endpoints/ep-primary';
 
-before(async () => {
-  db = await startPostgres();
-  // Only database credentials are Postgres passwords here.
-  standin = await startDatabricksStandin({
-    instances: ['my-instance'],
-    onIssue: (token, expiresAt, kind) => (kind === 'database' ? db.setTokenPassword(token, expiresAt) : undefined),
-  });
-});
-
-after(async () => {
-  await standin?.close();
-  await db?.stop();
-});
-
-afterEach(() => Promise.all(sources.splice(0).map((s) => s.close())));
-
-beforeEach(() => {
-  standin.fault(undefined);
-  standin.tokenLifetimeSeconds = 3600;
-  standin.databaseTokenLifetimeSeconds = 3600;
-  standin.resetCounts();
-});
+// Only database credentials are Postgres passwords here.
+before(async () => ({ db, standin, close } = await startStandinWithPostgres({ instances: ['my-instance'], databaseCredentialsOnly: true })));
+after(() => close?.());
+beforeEach(() => standin.reset());
 
 function source(overrides: Parameters<typeof standinOptions>[1]): TokenSource {
-  const s = createTokenSource(standinOptions(standin, overrides), { logger: silentLogger });
-  sources.push(s);
-  return s;
+  return track(createTokenSource(standinOptions(standin, overrides), { logger: silentLogger }));
 }
 
 test('LakebaseInstance: POST /api/2.0/database/credentials, and the credential is the password', async () => {

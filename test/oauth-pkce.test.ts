@@ -3,46 +3,30 @@
  * InitiateOAuth=REFRESH, a given OAuthRefreshToken, an expired refresh token and OAuthVerifier.
  * The browser is played by following the authorize URL over HTTP.
  */
-import { after, afterEach, before, beforeEach, test } from 'node:test';
+import { after, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { createTokenSource, LOGIN_NOTICE_PREFIX, runAuthCommand } from '../src/oauth/index.js';
 import type { OAuthOptions } from '../src/oauth/options.js';
 import { silentLogger } from '../src/ops/log.js';
 import { TokenError, type TokenSource } from '../src/token/token-source.js';
-import { postgresLogin, standinOptions, startDatabricksStandin, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { postgresLogin, standinOptions, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
+import { closedAfterEachTest, startStandinWithPostgres } from './harness/oauth-fixture.js';
+import type { TestPostgres } from './harness/postgres.js';
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
+let close: () => Promise<void>;
 let dir: string;
-const sources: TokenSource[] = [];
+const track = closedAfterEachTest<TokenSource>();
 const noNotice = { notice: () => undefined };
 
-before(async () => {
-  db = await startPostgres();
-  standin = await startDatabricksStandin({ onIssue: (token, expiresAt) => db.setTokenPassword(token, expiresAt) });
-  dir = mkdtempSync(join(tmpdir(), 'lbp-oauth-pkce-'));
-});
+before(async () => ({ db, standin, dir, close } = await startStandinWithPostgres({ dirPrefix: 'lbp-oauth-pkce-' })));
+after(() => close?.());
 
-after(async () => {
-  await Promise.all(sources.map((s) => s.close()));
-  await standin?.close();
-  await db?.stop();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-// A source left running would refresh in the background and change the role's password.
-afterEach(() => Promise.all(sources.splice(0).map((s) => s.close())));
-
-beforeEach(() => {
-  standin.fault(undefined);
-  standin.tokenLifetimeSeconds = 3600;
-  standin.resetCounts();
-});
+beforeEach(() => standin.reset());
 
 let fileCount = 0;
 function settingsFile(): string {
@@ -54,9 +38,7 @@ function pkce(overrides: Partial<OAuthOptions> = {}): OAuthOptions {
 }
 
 function source(options: OAuthOptions): TokenSource {
-  const s = createTokenSource(options, { logger: silentLogger });
-  sources.push(s);
-  return s;
+  return track(createTokenSource(options, { logger: silentLogger }));
 }
 
 /** A client waiting for a token, with the notices it received. */

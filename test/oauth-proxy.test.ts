@@ -4,45 +4,31 @@
  */
 import { after, afterEach, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
 import { createTokenSource, LOGIN_NOTICE_PREFIX } from '../src/oauth/index.js';
 import type { OAuthOptions } from '../src/oauth/options.js';
 import { silentLogger } from '../src/ops/log.js';
 import type { TokenSource } from '../src/token/token-source.js';
-import { standinOptions, startDatabricksStandin, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { startProxy, startProxyProcess, type InProcessProxy, type ProxyProcess } from './harness/proxy.js';
+import { standinOptions, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
+import { startStandinWithPostgres } from './harness/oauth-fixture.js';
+import type { TestPostgres } from './harness/postgres.js';
+import { proxyClient, startProxy, startProxyProcess, type InProcessProxy, type ProxyProcess } from './harness/proxy.js';
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
+let close: () => Promise<void>;
 let dir: string;
 const running: Array<InProcessProxy | ProxyProcess> = [];
 
-before(async () => {
-  db = await startPostgres();
-  standin = await startDatabricksStandin({ onIssue: (token, expiresAt) => db.setTokenPassword(token, expiresAt) });
-  dir = mkdtempSync(join(tmpdir(), 'lbp-oauth-proxy-'));
-});
-
-after(async () => {
-  await standin?.close();
-  await db?.stop();
-  rmSync(dir, { recursive: true, force: true });
-});
+before(async () => ({ db, standin, dir, close } = await startStandinWithPostgres({ dirPrefix: 'lbp-oauth-proxy-' })));
+after(() => close?.());
 
 afterEach(async () => {
   await Promise.all(running.splice(0).map((p) => ('close' in p ? p.close() : p.stop())));
 });
 
-beforeEach(async () => {
-  await standin.up();
-  standin.fault(undefined);
-  standin.tokenLifetimeSeconds = 3600;
-  standin.resetCounts();
-});
+beforeEach(() => standin.reset());
 
 /** Upstream settings only: the token source is handed to the proxy. */
 function upstream(): string {
@@ -57,9 +43,7 @@ async function proxyWith(options: OAuthOptions): Promise<InProcessProxy & { toke
 }
 
 function client(port: number): pg.Client {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'anyone', database: db.database, connectionTimeoutMillis: 10_000 });
-  c.on('error', () => undefined);
-  return c;
+  return proxyClient(port, db, { connectionTimeoutMillis: 10_000 });
 }
 
 async function whoAmI(port: number): Promise<string> {

@@ -3,46 +3,33 @@
  * read, the lock, memory://, and token sources (in one process and in two) sharing one file
  * without ever spending a refresh token twice.
  */
-import { after, afterEach, before, beforeEach, test } from 'node:test';
+import { after, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { hostname, tmpdir } from 'node:os';
+import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { createTokenSource, LOGIN_NOTICE_PREFIX } from '../src/oauth/index.js';
 import type { OAuthOptions } from '../src/oauth/options.js';
 import { defaultSettingsPath, openSettingsStore } from '../src/oauth/settings-store.js';
 import { silentLogger } from '../src/ops/log.js';
 import { TokenError, type TokenSource } from '../src/token/token-source.js';
-import { captureLogger, postgresLogin, standinOptions, startDatabricksStandin, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { captureLogger, postgresLogin, standinOptions, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
+import { closedAfterEachTest, startStandinWithPostgres } from './harness/oauth-fixture.js';
+import type { TestPostgres } from './harness/postgres.js';
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
+let close: () => Promise<void>;
 let dir: string;
-const sources: TokenSource[] = [];
+const track = closedAfterEachTest<TokenSource>();
 const noNotice = { notice: () => undefined };
 const storeOptions = { lockStaleMs: 5_000 };
 
-before(async () => {
-  db = await startPostgres();
-  standin = await startDatabricksStandin({ onIssue: (token, expiresAt) => db.setTokenPassword(token, expiresAt) });
-  dir = mkdtempSync(join(tmpdir(), 'lbp-oauth-settings-'));
-});
+before(async () => ({ db, standin, dir, close } = await startStandinWithPostgres({ dirPrefix: 'lbp-oauth-settings-' })));
+after(() => close?.());
 
-after(async () => {
-  await standin?.close();
-  await db?.stop();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-afterEach(() => Promise.all(sources.splice(0).map((s) => s.close())));
-
-beforeEach(() => {
-  standin.fault(undefined);
-  standin.tokenLifetimeSeconds = 3600;
-  standin.resetCounts();
-});
+beforeEach(() => standin.reset());
 
 let count = 0;
 function freshPath(): string {
@@ -50,9 +37,7 @@ function freshPath(): string {
 }
 
 function source(options: OAuthOptions, logger = silentLogger): TokenSource {
-  const s = createTokenSource(options, { logger });
-  sources.push(s);
-  return s;
+  return track(createTokenSource(options, { logger }));
 }
 
 function pkce(overrides: Partial<OAuthOptions>): OAuthOptions {

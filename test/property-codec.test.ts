@@ -30,7 +30,7 @@ import {
   StartupPacketError,
   type StartupPacket,
 } from '../src/wire/startup-packets.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { fuzzListener } from './fuzz.js';
 import { sleep, waitUntil, whoAmI } from './reliability-support.js';
@@ -382,8 +382,7 @@ let usersDir: string;
 const token = 'tok-' + randomBytes(32).toString('base64url');
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
   usersDir = mkdtempSync(join(tmpdir(), 'lbp-property-'));
   writeFileSync(join(usersDir, 'users'), 'alice:wonderland\n', { mode: 0o600 });
   [trust, scram] = await Promise.all([

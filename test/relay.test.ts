@@ -7,23 +7,16 @@ import { pipeline } from 'node:stream/promises';
 import { Readable, Writable } from 'node:stream';
 import pg from 'pg';
 import copyStreams from 'pg-copy-streams';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import type { TestPostgres } from './harness/postgres.js';
+import { startProxiedPostgres, type InProcessProxy } from './harness/proxy.js';
 
 let db: TestPostgres;
 let proxy: InProcessProxy;
+let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(600).toString('base64url'); // as long as a Databricks token
 
-before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
-  proxy = await startProxy(['--connection', connectionFor(db, token)]);
-});
-
-after(async () => {
-  await proxy?.close();
-  await db?.stop();
-});
+before(async () => ({ db, proxy, close } = await startProxiedPostgres(token)));
+after(() => close?.());
 
 function client(extra: Partial<pg.ClientConfig> = {}): pg.Client {
   return new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'anyone', database: db.database, ...extra });

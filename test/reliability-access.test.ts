@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
 import { serialize } from 'pg-protocol';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, startProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, loginError, whoAmI } from './reliability-support.js';
 
@@ -25,8 +25,7 @@ let dir: string;
 const token = 'tok-' + randomBytes(48).toString('base64url');
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
   dir = mkdtempSync(join(tmpdir(), 'lbp-access-'));
 });
 

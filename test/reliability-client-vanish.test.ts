@@ -10,28 +10,24 @@ import type { Socket } from 'node:net';
 import { Writable } from 'node:stream';
 import type pg from 'pg';
 import copyStreams from 'pg-copy-streams';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import type { TestPostgres } from './harness/postgres.js';
+import { startProxiedPostgres, type InProcessProxy } from './harness/proxy.js';
 import { backendsNamed, pgClient, sleep, waitUntil, whoAmI } from './reliability-support.js';
 
 let db: TestPostgres;
 let proxy: InProcessProxy;
+let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(48).toString('base64url');
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
-  proxy = await startProxy(['--connection', connectionFor(db, token)]);
+  ({ db, proxy, close } = await startProxiedPostgres(token));
   const c = pgClient(proxy.port, db);
   await c.connect();
   await c.query('create table vanish_sink (id int, payload text)');
   await c.end();
 });
 
-after(async () => {
-  await proxy?.close();
-  await db?.stop();
-});
+after(() => close?.());
 
 function socketOf(c: pg.Client): Socket {
   return (c as unknown as { connection: { stream: Socket } }).connection.stream;

@@ -12,8 +12,8 @@ import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import copyStreams from 'pg-copy-streams';
 import { serialize } from 'pg-protocol';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
+import type { TestPostgres } from './harness/postgres.js';
+import { startProxiedPostgresProcess, type ProxyProcess } from './harness/proxy.js';
 import { backendsNamed, cleanEnvironment, LONG, pgClient, rssBytes, sleep, waitUntil } from './reliability-support.js';
 
 cleanEnvironment();
@@ -22,18 +22,11 @@ const BYTES = LONG ? 1024 ** 3 : 50 * 1024 ** 2;
 const ROW_PAYLOAD = 1000;
 let db: TestPostgres;
 let proxy: ProxyProcess;
+let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(48).toString('base64url');
 
-before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
-  proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http']);
-});
-
-after(async () => {
-  await proxy?.stop('SIGINT');
-  await db?.stop();
-});
+before(async () => ({ db, proxy, close } = await startProxiedPostgresProcess(token, ['--no-http'])));
+after(() => close?.());
 
 /** A superuser session on the server's own socket: the reference, with no proxy in between. */
 async function directClient(): Promise<pg.Client> {

@@ -7,8 +7,8 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type pg from 'pg';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
+import type { TestPostgres } from './harness/postgres.js';
+import { startProxiedPostgresProcess, type ProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, LONG, openFds, pgClient, waitUntil, whoAmI } from './reliability-support.js';
 
 cleanEnvironment();
@@ -17,19 +17,15 @@ const CLIENTS = 1000;
 const RUN_MS = LONG ? 60_000 : 3_000;
 let db: TestPostgres;
 let proxy: ProxyProcess;
+let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(600).toString('base64url');
 
 before(async () => {
-  db = await startPostgres({ extraConf: { max_connections: '1100' } });
-  await db.setTokenPassword(token);
   // Each client holds two descriptors in the proxy (its socket and the upstream's): 2,000 here.
-  proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--connect-timeout', '30000']);
+  ({ db, proxy, close } = await startProxiedPostgresProcess(token, ['--no-http', '--connect-timeout', '30000'], { extraConf: { max_connections: '1100' } }));
 });
 
-after(async () => {
-  await proxy?.stop('SIGINT');
-  await db?.stop();
-});
+after(() => close?.());
 
 test(`${CLIENTS} concurrent clients run queries for ${RUN_MS / 1000} s with zero errors; every session closes cleanly`, async (t) => {
   const pid = proxy.child.pid as number;

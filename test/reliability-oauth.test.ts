@@ -9,8 +9,9 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startDatabricksStandin, type DatabricksStandin, type Fault } from './harness/databricks-standin.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import type { DatabricksStandin, Fault } from './harness/databricks-standin.js';
+import { startStandinWithPostgres } from './harness/oauth-fixture.js';
+import type { TestPostgres } from './harness/postgres.js';
 import { startProxyProcess, type ProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, pgClient, sleep, waitUntil, whoAmI } from './reliability-support.js';
 
@@ -19,11 +20,11 @@ cleanEnvironment();
 const LIFETIME_S = 6;
 let db: TestPostgres;
 let standin: DatabricksStandin;
+let close: () => Promise<void>;
 let proxy: ProxyProcess;
 
 before(async () => {
-  db = await startPostgres();
-  standin = await startDatabricksStandin({ onIssue: (token, expiresAt) => db.setTokenPassword(token, expiresAt) });
+  ({ db, standin, close } = await startStandinWithPostgres());
   standin.tokenLifetimeSeconds = LIFETIME_S;
   const connection = [
     `Server=localhost;Port=${db.port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};Database=${db.database}`,
@@ -36,8 +37,7 @@ before(async () => {
 
 after(async () => {
   await proxy?.stop('SIGINT');
-  await standin?.close();
-  await db?.stop();
+  await close?.();
 });
 
 type Named = readonly [string, Fault | 'down'];

@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type pg from 'pg';
 import { untrustedCert } from './harness/certs.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { BIN, connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, listen, pgClient } from './reliability-support.js';
 
@@ -71,8 +71,7 @@ function program(args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<
 }
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
   dir = mkdtempSync(join(tmpdir(), 'lbp-secrets-'));
 });
 

@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { connect as netConnect } from 'node:net';
 import { serialize } from 'pg-protocol';
 import { parseFields } from '../src/wire/backend-messages.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, pgClient, sleep, waitUntil } from './reliability-support.js';
 
@@ -20,8 +20,7 @@ let db: TestPostgres;
 const token = 'tok-' + randomBytes(48).toString('base64url');
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
 });
 
 after(async () => {

@@ -9,8 +9,8 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { connect as netConnect, type Socket } from 'node:net';
 import { serialize } from 'pg-protocol';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
+import type { TestPostgres } from './harness/postgres.js';
+import { connectionFor, startProxiedPostgresProcess, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, LONG, openFds, sleep, waitUntil, whoAmI } from './reliability-support.js';
 
 cleanEnvironment();
@@ -18,18 +18,11 @@ cleanEnvironment();
 const STARTUP_TIMEOUT_MS = 2500;
 let db: TestPostgres;
 let proxy: ProxyProcess;
+let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(48).toString('base64url');
 
-before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
-  proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--startup-timeout', String(STARTUP_TIMEOUT_MS)]);
-});
-
-after(async () => {
-  await proxy?.stop('SIGINT');
-  await db?.stop();
-});
+before(async () => ({ db, proxy, close } = await startProxiedPostgresProcess(token, ['--no-http', '--startup-timeout', String(STARTUP_TIMEOUT_MS)])));
+after(() => close?.());
 
 function connect(port: number): Promise<Socket> {
   return new Promise((resolve, reject) => {

@@ -10,6 +10,7 @@ import { connect as tlsConnect, createSecureContext, TLSSocket } from 'node:tls'
 import pg from 'pg';
 import { serialize } from 'pg-protocol';
 import type { TestPostgres } from './harness/postgres.js';
+import { proxyClient } from './harness/proxy.js';
 
 /** Long variants (1 GiB, tens of thousands of connections) run only with this set to 1. */
 export const LONG = process.env['LAKEBASE_PROXY_LONG_TESTS'] === '1';
@@ -28,9 +29,7 @@ export const sleep = (ms: number): Promise<void> => new Promise((resolve) => set
 
 /** A pg client through a proxy on `port`; socket errors are left to the queries to report. */
 export function pgClient(port: number, db: TestPostgres, extra: Partial<pg.ClientConfig> = {}): pg.Client {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'anyone', database: db.database, connectionTimeoutMillis: 15_000, ...extra });
-  c.on('error', () => {});
-  return c;
+  return proxyClient(port, db, { connectionTimeoutMillis: 15_000, ...extra });
 }
 
 /** current_user through the proxy on `port`: proof that it still serves a normal client. */

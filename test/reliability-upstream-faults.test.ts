@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { Socket } from 'node:net';
 import pg from 'pg';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { startPostgres, startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
 import {
   backendsNamed,
@@ -47,8 +47,7 @@ const start = (connection: string, flags: string[] = []): Promise<ProxyProcess> 
   startProxyProcess(['--connection', connection, '--no-http', '--connect-timeout', '3000', ...flags]);
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
   standin = await startUpstreamStandin(db);
   [direct, relayed] = await Promise.all([start(connectionFor(db, token)), start(upstreamAt(standin.port))]);
 });

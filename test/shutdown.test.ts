@@ -2,22 +2,20 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxyProcess } from './harness/proxy.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
+import { connectionFor, proxyClient, startProxyProcess } from './harness/proxy.js';
 
 let db: TestPostgres;
 const token = 'shutdown-token';
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
 });
 after(async () => db?.stop());
 
 const start = (flags: string[]) => startProxyProcess(['--connection', connectionFor(db, token), '--no-http', ...flags]);
 
 async function connected(port: number): Promise<pg.Client> {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'x', database: db.database });
-  c.on('error', () => {});
+  const c = proxyClient(port, db, { user: 'x' });
   await c.connect();
   return c;
 }

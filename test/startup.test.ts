@@ -16,8 +16,8 @@ import { connect as tlsConnect, TLSSocket } from 'node:tls';
 import fc from 'fast-check';
 import pg from 'pg';
 import { serialize } from 'pg-protocol';
-import { BIN, connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
+import { BIN, connectionFor, proxyClient, startProxy, type InProcessProxy } from './harness/proxy.js';
+import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { parseFields } from '../src/wire/backend-messages.js';
 
 const SSL_REQUEST = 80877103;
@@ -41,8 +41,7 @@ const token = 'tok-' + randomBytes(24).toString('base64url');
 const alicePassword = 'alice-' + randomBytes(9).toString('base64url');
 
 before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
+  db = await startTokenPostgres(token);
   // One user by cleartext password, one by the SCRAM verifier Postgres itself stored.
   const [row] = await db.query<{ v: string }>('select rolpassword as v from pg_authid where rolname = $1', [db.scramRole]);
   usersDir = mkdtempSync(join(tmpdir(), 'lbp-startup-'));
@@ -239,8 +238,7 @@ async function authOk(wire: Wire): Promise<void> {
 }
 
 async function pgQuery(proxy: InProcessProxy, config: Partial<pg.ClientConfig> = {}): Promise<string> {
-  const c = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'anyone', database: db.database, ...config });
-  c.on('error', () => {});
+  const c = proxyClient(proxy.port, db, config);
   await c.connect();
   try {
     return (await c.query('select current_user as u')).rows[0].u as string;

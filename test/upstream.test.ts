@@ -16,31 +16,18 @@ import pg from 'pg';
 import { serialize } from 'pg-protocol';
 import { generate } from 'selfsigned';
 import { CA_FILES, untrustedCert } from './harness/certs.js';
-import { startPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import type { TestPostgres } from './harness/postgres.js';
+import { connectionFor, proxyClient, startProxiedPostgres, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { FrameReader } from '../src/wire/frame-reader.js';
 
 let db: TestPostgres;
 /** The token role with the right token. */
 let proxy: InProcessProxy;
+let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(600).toString('base64url');
 
-before(async () => {
-  db = await startPostgres();
-  await db.setTokenPassword(token);
-  proxy = await startProxy(['--connection', connectionFor(db, token)]);
-});
-
-after(async () => {
-  await proxy?.close();
-  await db?.stop();
-});
-
-function client(port: number, extra: Partial<pg.ClientConfig> = {}): pg.Client {
-  const c = new pg.Client({ host: '127.0.0.1', port, user: 'anyone', database: db.database, ...extra });
-  c.on('error', () => {});
-  return c;
-}
+before(async () => ({ db, proxy, close } = await startProxiedPostgres(token)));
+after(() => close?.());
 
 /** pg's end() never settles on a client whose connection already broke: bound it. */
 async function endQuietly(c: pg.Client): Promise<void> {
@@ -50,7 +37,7 @@ async function endQuietly(c: pg.Client): Promise<void> {
 }
 
 async function currentUser(port: number): Promise<string> {
-  const c = client(port);
+  const c = proxyClient(port, db);
   await c.connect();
   try {
     return (await c.query('select current_user as u')).rows[0].u as string;
@@ -61,7 +48,7 @@ async function currentUser(port: number): Promise<string> {
 
 /** The error the pg client gets when connecting through the proxy on `port`. */
 async function loginError(port: number): Promise<pg.DatabaseError> {
-  const c = client(port);
+  const c = proxyClient(port, db);
   try {
     await c.connect();
   } catch (error) {
@@ -499,8 +486,8 @@ test("the client's client_encoding reaches the upstream (pg-protocol's startup w
 // The upstream going away mid-session
 
 test('pg_terminate_backend on one session: that client gets the upstream FATAL, the others go on', async () => {
-  const victim = client(proxy.port, { application_name: 'victim' });
-  const bystander = client(proxy.port, { application_name: 'bystander' });
+  const victim = proxyClient(proxy.port, db, { application_name: 'victim' });
+  const bystander = proxyClient(proxy.port, db, { application_name: 'bystander' });
   await Promise.all([victim.connect(), bystander.connect()]);
   try {
     const failed = new Promise<Error>((resolve) => {
@@ -527,8 +514,8 @@ test('an upstream connection reset mid-session: that client is disconnected, the
   const middle = await startTlsRelay(createSecureContext({ cert: db.ca.serverCertPem, key: db.ca.serverKeyPem }));
   try {
     await withProxy(standIn(middle.port), async (p) => {
-      const victim = client(p.port);
-      const bystander = client(p.port);
+      const victim = proxyClient(p.port, db);
+      const bystander = proxyClient(p.port, db);
       await victim.connect();
       await bystander.connect();
       try {

@@ -113,6 +113,11 @@ export interface DatabricksStandin {
   /** Resets every counter to 0. */
   resetCounts(): void;
   /**
+   * A clean slate for the next test: listening again, no fault, both token lifetimes as started,
+   * every counter at 0. (Refresh and access tokens already expired or revoked stay so.)
+   */
+  reset(): Promise<void>;
+  /**
    * Does what the browser does: follows `authorizeUrl` (the stand-in answers 302 at once), then
    * GETs the callback it points to. Resolves with the callback's answer.
    */
@@ -504,6 +509,13 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
     },
     resetCounts() {
       Object.assign(counts, zeroCounts());
+    },
+    async reset() {
+      await result.up();
+      result.fault(undefined);
+      standin.tokenLifetimeSeconds = options.tokenLifetimeSeconds ?? 3600;
+      standin.databaseTokenLifetimeSeconds = options.databaseTokenLifetimeSeconds ?? 3600;
+      result.resetCounts();
     },
     async authorize(authorizeUrl) {
       const response = await fetch(authorizeUrl, { redirect: 'manual' });

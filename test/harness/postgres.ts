@@ -668,6 +668,21 @@ async function createCluster(bins: Binaries, user: OsUser | undefined, dataDir: 
 }
 
 /**
+ * startPostgres(options) with the token role's password set to `token`: the upstream most proxy
+ * tests sit in front of. Stops the server again if setting the password fails.
+ */
+export async function startTokenPostgres(token: string, options: StartPostgresOptions = {}): Promise<TestPostgres> {
+  const db = await startPostgres(options);
+  try {
+    await db.setTokenPassword(token);
+  } catch (error) {
+    await db.stop();
+    throw error;
+  }
+  return db;
+}
+
+/**
  * Starts a fresh PostgreSQL server (about 0.2 s from a template, about 1.2 s for the first one
  * of a run). Always call stop(); servers still running when the process exits are stopped and
  * removed anyway, even if the process is killed.

@@ -2,6 +2,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
+import pg from 'pg';
 import { parseArgs } from '../../src/cli/args.js';
 import { createTokenSource } from '../../src/cli/main.js';
 import { loadConfig } from '../../src/config/load.js';
@@ -10,13 +11,23 @@ import { createLogger } from '../../src/ops/log.js';
 import { ProxyServer } from '../../src/proxy/server.js';
 import type { ProxyObserver } from '../../src/proxy/observer.js';
 import type { TokenSource } from '../../src/token/token-source.js';
-import type { TestPostgres } from './postgres.js';
+import { startTokenPostgres, type StartPostgresOptions, type TestPostgres } from './postgres.js';
 
 export const BIN = fileURLToPath(new URL('../../../bin/lakebase-proxy.js', import.meta.url));
 
 /** The connection string that reaches the test server as the token role with `token`. */
-export function connectionFor(pg: TestPostgres, token: string, extra = ''): string {
-  return `Server=localhost;Port=${pg.port};User=${pg.tokenRole};SSLRootCert=${pg.ca.caFile};OAuthAccessToken=${token};Database=${pg.database}${extra ? ';' + extra : ''}`;
+export function connectionFor(db: TestPostgres, token: string, extra = ''): string {
+  return `Server=localhost;Port=${db.port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database}${extra ? ';' + extra : ''}`;
+}
+
+/**
+ * A pg client for the proxy on `port`: 127.0.0.1, user 'anyone', `db`'s database; `extra` wins.
+ * Socket errors are left to connect() and the queries to report (no 'error' crash).
+ */
+export function proxyClient(port: number, db: TestPostgres, extra: Partial<pg.ClientConfig> = {}): pg.Client {
+  const c = new pg.Client({ host: '127.0.0.1', port, user: 'anyone', database: db.database, ...extra });
+  c.on('error', () => {});
+  return c;
 }
 
 export interface InProcessProxy {
@@ -115,4 +126,49 @@ export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, t
       reject(new Error(`proxy exited with ${code} before listening:\n${output}`));
     });
   });
+}
+
+/** A test Postgres whose token role logs in with a token, and a proxy in front of it. */
+export interface ProxiedPostgres<P> {
+  readonly db: TestPostgres;
+  readonly proxy: P;
+  /** Stops the proxy, then Postgres. */
+  close(): Promise<void>;
+}
+
+async function proxied<P>(
+  token: string,
+  postgres: StartPostgresOptions,
+  start: (db: TestPostgres) => Promise<P>,
+  stop: (proxy: P) => Promise<unknown>,
+): Promise<ProxiedPostgres<P>> {
+  const db = await startTokenPostgres(token, postgres);
+  let proxy: P;
+  try {
+    proxy = await start(db);
+  } catch (error) {
+    await db.stop();
+    throw error;
+  }
+  return {
+    db,
+    proxy,
+    async close() {
+      await stop(proxy);
+      await db.stop();
+    },
+  };
+}
+
+/**
+ * A test Postgres whose token role logs in with `token`, and an in-process proxy to it started
+ * with `--connection connectionFor(db, token)` and then `args`.
+ */
+export function startProxiedPostgres(token: string, args: string[] = [], postgres: StartPostgresOptions = {}): Promise<ProxiedPostgres<InProcessProxy>> {
+  return proxied(token, postgres, (db) => startProxy(['--connection', connectionFor(db, token), ...args]), (proxy) => proxy.close());
+}
+
+/** The same with the real program (`bin/lakebase-proxy.js`), stopped by SIGINT. */
+export function startProxiedPostgresProcess(token: string, args: string[] = [], postgres: StartPostgresOptions = {}): Promise<ProxiedPostgres<ProxyProcess>> {
+  return proxied(token, postgres, (db) => startProxyProcess(['--connection', connectionFor(db, token), ...args]), (proxy) => proxy.stop('SIGINT'));
 }
