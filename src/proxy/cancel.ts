@@ -26,7 +26,8 @@ export class CancelKeys {
     do processId = randomInt(1, 0x7fffffff);
     while (this.#byProcessId.has(processId));
     const secretKey = randomInt(-0x80000000, 0x7fffffff);
-    const secret = Buffer.allocUnsafe(4);
+    // Not allocUnsafe: a pooled 4-byte slice would keep an 8 KiB block alive per session.
+    const secret = Buffer.alloc(4);
     secret.writeInt32BE(secretKey, 0);
     this.#byProcessId.set(processId, { secret, upstream });
     return { processId, secretKey, release: () => this.#byProcessId.delete(processId) };

@@ -255,20 +255,26 @@ export class ProxyServer {
       upstream.socket.setTimeout(this.options.idleTimeoutMs, () => relay.close('idle_timeout'));
     }
     this.#log.debug({ peer, user: clientUser, database }, 'session started');
-    const end: RelayEnd = await relay.done;
-    clientKey.release();
-    this.#log.info(
-      {
-        peer,
-        user: clientUser,
-        database,
-        durationMs: Date.now() - started,
-        bytesToUpstream: relay.stats.bytesToUpstream,
-        bytesToClient: relay.stats.bytesToClient,
-        end,
-      },
-      'session ended',
-    );
+    // #run returns now, so that nothing of the handshake and login stays alive for the session.
+    this.#whenEnded(relay, clientKey.release, { peer, user: clientUser, database, started });
+  }
+
+  #whenEnded(relay: Relay, release: () => void, session: { peer: string; user: string; database: string; started: number }): void {
+    void relay.done.then((end: RelayEnd) => {
+      release();
+      this.#log.info(
+        {
+          peer: session.peer,
+          user: session.user,
+          database: session.database,
+          durationMs: Date.now() - session.started,
+          bytesToUpstream: relay.stats.bytesToUpstream,
+          bytesToClient: relay.stats.bytesToClient,
+          end,
+        },
+        'session ended',
+      );
+    });
   }
 
   async #cancel(processId: number, secretKey: Buffer): Promise<void> {

@@ -4,7 +4,7 @@
  * password. The result is a TLS socket at ReadyForQuery and the messages the client must see.
  */
 import { isIP, connect as netConnect, type Socket } from 'node:net';
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { connect as tlsConnect, createSecureContext, type SecureContext, type TLSSocket } from 'node:tls';
 import { serialize } from 'pg-protocol';
 import { AuthRequest, BackendCode, message, parseFields, SSL_ACCEPT } from '../wire/backend-messages.js';
 import { FrameReader } from '../wire/frame-reader.js';
@@ -60,8 +60,39 @@ const MAX_HANDSHAKE_MESSAGE = 1 << 20;
  * SCRAM-SHA-256-PLUS needs it for its channel binding.
  */
 const tlsSessions = new Map<string, { readonly session: Buffer; readonly certificate: Buffer | undefined }>();
-/** The server certificate (DER) behind each upstream TLS socket, resumed or not. */
-const peerCertificates = new WeakMap<TLSSocket, Buffer>();
+/**
+ * The server certificate (DER) behind an upstream TLS socket that offered a session to resume;
+ * a full handshake's socket is asked for its own when SCRAM needs it. Emptied when the login ends.
+ */
+const resumedCertificates = new WeakMap<TLSSocket, Buffer>();
+
+/**
+ * One TLS context per target, made at the first connection: creating one per connection parses
+ * the CA file each time (CPU on every connect) and holds a context per session (memory).
+ */
+const secureContexts = new WeakMap<UpstreamTarget, SecureContext>();
+
+function secureContextFor(target: UpstreamTarget): SecureContext {
+  let context = secureContexts.get(target);
+  if (!context) {
+    context = createSecureContext(target.rootCert ? { ca: target.rootCert } : {});
+    secureContexts.set(target, context);
+  }
+  return context;
+}
+
+/**
+ * The server certificate (DER) of `socket`'s TLS session, resumed or not. Asked for only when
+ * needed (SCRAM, a new session to keep): getPeerCertificate() builds a large object.
+ */
+function serverCertificate(socket: TLSSocket): Buffer | undefined {
+  return socket.isSessionReused() ? resumedCertificates.get(socket) : socket.getPeerCertificate()?.raw;
+}
+
+/** For the errors that the awaits report; one function for every socket, not a closure each. */
+function ignore(): void {}
+/** What a login that found nothing after ReadyForQuery hands to the relay. */
+const NOTHING = Buffer.alloc(0);
 
 function where(target: UpstreamTarget): string {
   return `${target.host}:${target.port}`;
@@ -77,7 +108,7 @@ function reason(error: Error): string {
 /** TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. */
 export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Promise<TLSSocket> {
   const raw = netConnect({ host: target.host, port: target.port, noDelay: true });
-  raw.on('error', () => {}); // reported through the awaits below
+  raw.on('error', ignore); // reported through the awaits below
   if (target.keepAliveMs > 0) raw.setKeepAlive(true, target.keepAliveMs);
   const cleanup = bound(raw, target, signal);
   try {
@@ -91,15 +122,16 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Pro
     const offered = tlsSessions.get(sessionKey);
     const tls = tlsConnect({
       socket: raw,
+      secureContext: secureContextFor(target),
       ...(isIP(target.host) === 0 ? { servername: target.host } : {}),
-      ...(target.rootCert ? { ca: target.rootCert } : {}),
       rejectUnauthorized: target.sslMode !== 'require',
       ...(target.sslMode === 'verify-ca' ? { checkServerIdentity: () => undefined } : {}),
       session: offered?.session,
     });
-    const certificate = (): Buffer | undefined => (tls.isSessionReused() ? offered?.certificate : tls.getPeerCertificate()?.raw);
-    tls.on('error', () => {});
-    tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, { session, certificate: certificate() }));
+    // Before any event: a resumed session's new ticket may come in the read that ends the handshake.
+    if (offered?.certificate) resumedCertificates.set(tls, offered.certificate);
+    tls.on('error', ignore);
+    tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, { session, certificate: serverCertificate(tls) }));
     await once(tls, 'secureConnect', target).catch((error: unknown) => {
       tls.destroy();
       if (error instanceof UpstreamError && error.cause instanceof Error && 'code' in error.cause) {
@@ -108,8 +140,6 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Pro
       }
       throw error;
     });
-    const der = certificate();
-    if (der) peerCertificates.set(tls, der);
     return tls;
   } catch (error) {
     raw.destroy();
@@ -222,14 +252,24 @@ export async function connectUpstream(
         case BackendCode.BackendKeyData:
           if (body.length < 8) throw new UpstreamError('08P01', `upstream ${where(target)} sent a malformed BackendKeyData`);
           processId = body.readInt32BE(0);
-          secretKey = Buffer.from(body.subarray(4));
+          // Its own small copy: a slice of the shared buffer pool would keep 8 KiB alive per session.
+          secretKey = Buffer.alloc(body.length - 4);
+          body.copy(secretKey, 0, 4);
           break;
         case BackendCode.ParameterStatus:
         case BackendCode.NoticeResponse:
         case BackendCode.ReadyForQuery:
           greeting.push(message(type, body));
           if (type === BackendCode.ReadyForQuery) {
-            return { socket, greeting, processId, secretKey, leftover: frames.detach() };
+            const leftover = frames.detach();
+            return {
+              socket,
+              greeting: contiguous(greeting),
+              processId,
+              secretKey,
+              // A copy, or nothing: a view would keep the whole read buffer alive for the session.
+              leftover: leftover.length === 0 ? NOTHING : Buffer.from(leftover),
+            };
           }
           break;
         case BackendCode.NegotiateProtocolVersion:
@@ -252,7 +292,29 @@ export async function connectUpstream(
     throw new UpstreamError('08006', `login to upstream ${where(target)} failed: ${(error as Error).message}`, undefined, { cause: error });
   } finally {
     cleanup();
+    // A server sends its session tickets right after the handshake, before it answers the
+    // startup: past ReadyForQuery the listener (and the certificate) would only be held.
+    socket.removeAllListeners('session');
+    resumedCertificates.delete(socket);
   }
+}
+
+/**
+ * The same messages as views of one buffer of their exact size: a session holds its greeting,
+ * and small buffers from the shared pool would each keep an 8 KiB slab alive with it.
+ */
+function contiguous(messages: readonly Buffer[]): Buffer[] {
+  let size = 0;
+  for (const m of messages) size += m.length;
+  const all = Buffer.allocUnsafeSlow(size);
+  const views: Buffer[] = [];
+  let at = 0;
+  for (const m of messages) {
+    m.copy(all, at);
+    views.push(all.subarray(at, at + m.length));
+    at += m.length;
+  }
+  return views;
 }
 
 /** Answers one Authentication request; returns the SCRAM state for the next round. */
@@ -280,7 +342,7 @@ function authenticate(
       if (!plus && !mechanisms.includes(SCRAM)) {
         throw new UpstreamError('28000', `upstream ${where(target)} offers no supported SASL mechanism (${mechanisms.join(', ')})`);
       }
-      const certificate = peerCertificates.get(socket);
+      const certificate = serverCertificate(socket);
       const binding = certificate ? tlsServerEndPoint(certificate) : undefined;
       const client = new ScramClient(password, plus && binding ? SCRAM_PLUS : SCRAM, binding, plus);
       socket.write(serialize.sendSASLInitialResponseMessage(client.mechanism, client.clientFirstMessage()));
