@@ -83,7 +83,7 @@ export class Relay {
     } else {
       this.stats.bytesToClient += chunk.length;
       this.#toClient.observe(chunk);
-      this.#upstreamIdle = endsWithReadyForQuery(chunk);
+      this.#upstreamIdle = this.#toClient.atBoundary && this.#toClient.lastType === BackendCode.ReadyForQuery;
     }
     onBytes?.(toUpstream ? chunk.length : 0, toUpstream ? 0 : chunk.length);
     if (!to.write(chunk)) from.pause();
@@ -149,8 +149,3 @@ function endsWith(chunk: Buffer, tail: Buffer): boolean {
   return chunk.length >= tail.length && chunk.compare(tail, 0, tail.length, chunk.length - tail.length) === 0;
 }
 
-/** ReadyForQuery: 'Z', length 5, a status byte. */
-function endsWithReadyForQuery(chunk: Buffer): boolean {
-  const at = chunk.length - 6;
-  return at >= 0 && chunk[at] === 0x5a && chunk.readInt32BE(at + 1) === 5;
-}
