@@ -17,7 +17,8 @@ import { cleanEnvironment, pgClient, sleep, waitUntil, whoAmI } from './reliabil
 
 cleanEnvironment();
 
-const LIFETIME_S = 6;
+// Long enough that, on a loaded machine, the checks before expiry finish before it.
+const LIFETIME_S = 12;
 let db: TestPostgres;
 let standin: DatabricksStandin;
 let close: () => Promise<void>;
