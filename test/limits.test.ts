@@ -12,7 +12,7 @@ const token = 'limits-token';
 before(async () => (db = await startTokenPostgres(token)));
 after(async () => db?.stop());
 
-test('--idle-timeout closes a session idle that long, upstream included; a busy one stays', async () => {
+test('--idle-timeout closes a session idle that long, upstream included; a busy one and a long query stay', async () => {
   const proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--idle-timeout', '700']);
   try {
     const idle = proxyClient(proxy.port, db, { application_name: 'idle' });
@@ -26,9 +26,11 @@ test('--idle-timeout closes a session idle that long, upstream included; a busy 
     }
     await closed;
     assert.equal((await busy.query('select 2 as two')).rows[0].two, 2, 'a session in use is not idle');
+    assert.equal((await busy.query('select pg_sleep(1.5), 3 as three')).rows[0].three, 3, 'a query running longer than the timeout is not idle');
+    const busyClosed = new Promise<void>((resolve) => busy.once('end', () => resolve()));
+    await busyClosed; // and once it is idle after that query, it is closed too
     const left = await db.query<{ n: string }>("select count(*) as n from pg_stat_activity where application_name = 'idle'");
     assert.equal(Number(left[0]?.n), 0, 'the idle session upstream is gone too');
-    await busy.end();
     assert.match(proxy.output(), /"end":"idle_timeout"/);
   } finally {
     await proxy.stop();

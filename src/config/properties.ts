@@ -73,7 +73,7 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'ClientUsers', kind: string, flag: '--client-users', help: 'file of local users, one "name:password" or "name:SCRAM-SHA-256$..." per line' },
   { name: 'StartupTimeout', kind: milliseconds, flag: '--startup-timeout', default: '30000', help: 'milliseconds a client has to finish its startup and authentication' },
   { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client connections at once; 0 means no limit' },
-  { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session idle this many milliseconds; 0 means never' },
+  { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session after this many milliseconds with no query running and no byte either way; 0 means never' },
   { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow a non-loopback address without client TLS, or with trust authentication (only inside a private network)' },
   { name: 'Profile', kind: string, help: 'a profile of ~/.databrickscfg to take host, client_id and client_secret from (or DATABRICKS_CONFIG_PROFILE)' },
   // The process

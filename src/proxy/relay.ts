@@ -67,6 +67,11 @@ export class Relay {
     upstream.resume();
   }
 
+  /** Whether the client sent something the upstream has not answered with ReadyForQuery yet. */
+  get queryRunning(): boolean {
+    return !this.#upstreamIdle;
+  }
+
   /** Ends the session from outside (shutdown): both sockets are destroyed. */
   close(end: RelayEnd = 'shutdown'): void {
     if (this.#end === undefined && !this.#upstreamIdle) this.#onAbandoned?.();

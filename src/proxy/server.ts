@@ -182,7 +182,6 @@ export class ProxyServer {
     try {
       handshake = await clientHandshake(raw, this.options.clientAuth);
     } catch (error) {
-      clearTimeout(startupTimer);
       if (error instanceof HandshakeError) {
         this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : 'protocol');
         this.#log.info({ peer, sqlstate: error.sqlstate, reason: error.message }, 'client handshake refused');
@@ -251,8 +250,12 @@ export class ProxyServer {
     }, `${target.host}:${target.port}`);
     session.relay = relay;
     if (this.options.idleTimeoutMs > 0) {
-      raw.setTimeout(this.options.idleTimeoutMs, () => relay.close('idle_timeout'));
-      upstream.socket.setTimeout(this.options.idleTimeoutMs, () => relay.close('idle_timeout'));
+      // Idle means no byte either way and no query running: a long query is not idle.
+      const idle = (): void => {
+        if (relay.queryRunning) raw.setTimeout(this.options.idleTimeoutMs, idle); // the callback is a once-listener
+        else relay.close('idle_timeout');
+      };
+      raw.setTimeout(this.options.idleTimeoutMs, idle); // reads and writes on the client socket re-arm it
     }
     this.#log.debug({ peer, user: clientUser, database }, 'session started');
     // #run returns now, so that nothing of the handshake and login stays alive for the session.
