@@ -5,7 +5,7 @@ import { loadConfig, type LoadedConfig } from '../config/load.js';
 import { resolveOAuth, resolveProxy } from '../config/target.js';
 import { ProxyServer, type ProxyOptions } from '../proxy/server.js';
 import { StaticTokenSource } from '../token/static-token.js';
-import { TokenError, type TokenSource } from '../token/token-source.js';
+import type { TokenSource } from '../token/token-source.js';
 import { createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
 import { connectionTest } from '../ops/check.js';
 import { untilSignal } from '../ops/shutdown.js';
@@ -56,8 +56,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 }
 
 function fail(error: unknown): number {
-  const known = error instanceof ConfigError || error instanceof TokenError;
-  process.stderr.write(`lakebase-proxy: ${known || error instanceof Error ? (error as Error).message : String(error)}\n`);
+  process.stderr.write(`lakebase-proxy: ${error instanceof Error ? error.message : String(error)}\n`);
   return 1;
 }
 

@@ -36,7 +36,6 @@ export type HandshakeResult =
   | {
       readonly kind: 'session';
       readonly socket: Duplex;
-      readonly tls: boolean;
       readonly parameters: ReadonlyMap<string, string>;
       /** Bytes the client sent after its authentication, before the relay started. */
       readonly frames: SocketFrames;
@@ -62,17 +61,15 @@ const MAX_AUTH_MESSAGE = 65535;
 
 export async function clientHandshake(raw: Socket, options: ClientHandshakeOptions): Promise<HandshakeResult> {
   let socket: Duplex = raw;
-  // The limit counts the payload after the length word, as Postgres' does.
-  let frames = new SocketFrames(raw, new FrameReader(MAX_STARTUP_PACKET_LENGTH + 4, false));
+  let frames = startupFrames(raw);
   let encrypted = false;
-  let negotiatedEncryption = false;
   try {
     for (;;) {
       const packet = decodeStartupPacket((await frames.next()).body);
       switch (packet.kind) {
         case 'ssl':
         case 'gssenc':
-          if (negotiatedEncryption) throw new HandshakeError('08P01', 'encryption already negotiated', socket);
+          if (encrypted) throw new HandshakeError('08P01', 'encryption already negotiated', socket);
           if (frames.reader.buffered > 0) {
             throw new HandshakeError('08P01', 'received unencrypted data after SSL request', socket);
           }
@@ -80,9 +77,8 @@ export async function clientHandshake(raw: Socket, options: ClientHandshakeOptio
             frames.detach();
             raw.write(SSL_ACCEPT);
             socket = await upgrade(raw, options.tls);
-            frames = new SocketFrames(socket, new FrameReader(MAX_STARTUP_PACKET_LENGTH + 4, false));
+            frames = startupFrames(socket);
             encrypted = true;
-            negotiatedEncryption = true;
           } else {
             socket.write(SSL_REFUSE);
             // libpq may try GSS first, then SSL: only a successful upgrade ends the negotiation.
@@ -99,7 +95,7 @@ export async function clientHandshake(raw: Socket, options: ClientHandshakeOptio
           frames.reader.maxLength = MAX_AUTH_MESSAGE;
           await authenticate(socket, frames, parameters.get('user') as string, options);
           socket.write(AUTHENTICATION_OK);
-          return { kind: 'session', socket, tls: encrypted, parameters, frames };
+          return { kind: 'session', socket, parameters, frames };
         }
         default:
           throw new Error(`unhandled startup packet ${(packet as { kind: string }).kind}`);
@@ -112,6 +108,11 @@ export async function clientHandshake(raw: Socket, options: ClientHandshakeOptio
     if (error instanceof FramingError) throw new HandshakeError('08P01', error.message, socket);
     throw error;
   }
+}
+
+/** Startup-phase framing; the limit counts the payload after the length word, as Postgres' does. */
+function startupFrames(socket: Duplex): SocketFrames {
+  return new SocketFrames(socket, new FrameReader(MAX_STARTUP_PACKET_LENGTH + 4, false));
 }
 
 function upgrade(raw: Socket, context: SecureContext): Promise<TLSSocket> {

@@ -34,35 +34,35 @@ export class Relay {
   readonly #toClient = new MessageBoundaries();
   readonly #upstreamName: string;
 
+  readonly #onBytes: ((toUpstream: number, toClient: number) => void) | undefined;
+
   /**
    * @param clientFirst bytes the client sent before the relay started, for the upstream
    * @param upstreamFirst bytes the upstream sent after ReadyForQuery, for the client
-   */
-  /**
+   * @param upstreamName host:port, for the error a client gets when the upstream goes away
+   * @param onBytes called per relayed chunk (metrics): must not allocate
    * @param onAbandoned called when the client goes away while a query may be running upstream,
    *   so the caller can cancel it (Postgres notices a vanished peer only at its next write)
-   * @param upstreamName host:port for the error a client gets when the upstream goes away
-   *   (default: the socket's peer address)
    */
   constructor(
     client: Duplex,
     upstream: Duplex,
     clientFirst: Buffer,
     upstreamFirst: Buffer,
+    upstreamName: string,
     onBytes?: (toUpstream: number, toClient: number) => void,
     onAbandoned?: () => void,
-    upstreamName?: string,
   ) {
+    this.#upstreamName = upstreamName;
+    this.#onBytes = onBytes;
     this.#onAbandoned = onAbandoned;
-    const peer = upstream as Duplex & { remoteAddress?: string; remotePort?: number };
-    this.#upstreamName = upstreamName ?? `${peer.remoteAddress ?? 'unknown'}:${peer.remotePort ?? 0}`;
     this.#client = client;
     this.#upstream = upstream;
     this.done = new Promise((resolve) => (this.#resolve = resolve));
-    if (clientFirst.length > 0) this.#forward(clientFirst, upstream, client, true, onBytes);
-    if (upstreamFirst.length > 0) this.#forward(upstreamFirst, client, upstream, false, onBytes);
-    this.#wire(client, upstream, true, onBytes);
-    this.#wire(upstream, client, false, onBytes);
+    if (clientFirst.length > 0) this.#forward(clientFirst, upstream, client, true);
+    if (upstreamFirst.length > 0) this.#forward(upstreamFirst, client, upstream, false);
+    this.#wire(client, upstream, true);
+    this.#wire(upstream, client, false);
     client.resume();
     upstream.resume();
   }
@@ -80,7 +80,7 @@ export class Relay {
     this.#upstream.destroy();
   }
 
-  #forward(chunk: Buffer, to: Duplex, from: Duplex, toUpstream: boolean, onBytes?: (toUpstream: number, toClient: number) => void): void {
+  #forward(chunk: Buffer, to: Duplex, from: Duplex, toUpstream: boolean): void {
     if (toUpstream) {
       this.stats.bytesToUpstream += chunk.length;
       this.#clientTerminated = endsWith(chunk, TERMINATE);
@@ -90,12 +90,12 @@ export class Relay {
       this.#toClient.observe(chunk);
       this.#upstreamIdle = this.#toClient.atBoundary && this.#toClient.lastType === BackendCode.ReadyForQuery;
     }
-    onBytes?.(toUpstream ? chunk.length : 0, toUpstream ? 0 : chunk.length);
+    this.#onBytes?.(toUpstream ? chunk.length : 0, toUpstream ? 0 : chunk.length);
     if (!to.write(chunk)) from.pause();
   }
 
-  #wire(from: Duplex, to: Duplex, fromClient: boolean, onBytes?: (toUpstream: number, toClient: number) => void): void {
-    from.on('data', (chunk: Buffer) => this.#forward(chunk, to, from, fromClient, onBytes));
+  #wire(from: Duplex, to: Duplex, fromClient: boolean): void {
+    from.on('data', (chunk: Buffer) => this.#forward(chunk, to, from, fromClient));
     to.on('drain', () => from.resume());
     from.on('end', () => {
       const farewell = this.#farewell(fromClient);

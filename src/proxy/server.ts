@@ -35,7 +35,7 @@ export interface ProxyOptions {
   readonly startupTimeoutMs: number;
   /** 0 means no limit. */
   readonly maxConnections: number;
-  /** Close a session when neither side sent anything for this long; 0 means never. */
+  /** Close a session with no query running and no byte either way for this long; 0 means never. */
   readonly idleTimeoutMs: number;
 }
 
@@ -242,12 +242,12 @@ export class ProxyServer {
     const greeting = upstream.greeting;
     client.write(Buffer.concat([...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]));
 
-    const relay = new Relay(client, upstream.socket, frames.detach(), upstream.leftover, this.#observer.bytes, () => {
+    const relay = new Relay(client, upstream.socket, frames.detach(), upstream.leftover, `${target.host}:${target.port}`, this.#observer.bytes, () => {
       this.#log.info({ peer }, 'session ended during a query; cancelling it upstream');
       const sent = cancelUpstream().catch(() => {});
       this.#cancelsInFlight.add(sent);
       void sent.then(() => this.#cancelsInFlight.delete(sent));
-    }, `${target.host}:${target.port}`);
+    });
     session.relay = relay;
     if (this.options.idleTimeoutMs > 0) {
       // Idle means no byte either way and no query running: a long query is not idle.

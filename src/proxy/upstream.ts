@@ -264,7 +264,7 @@ export async function connectUpstream(
             const leftover = frames.detach();
             return {
               socket,
-              greeting: contiguous(greeting),
+              greeting,
               processId,
               secretKey,
               // A copy, or nothing: a view would keep the whole read buffer alive for the session.
@@ -297,24 +297,6 @@ export async function connectUpstream(
     socket.removeAllListeners('session');
     resumedCertificates.delete(socket);
   }
-}
-
-/**
- * The same messages as views of one buffer of their exact size: a session holds its greeting,
- * and small buffers from the shared pool would each keep an 8 KiB slab alive with it.
- */
-function contiguous(messages: readonly Buffer[]): Buffer[] {
-  let size = 0;
-  for (const m of messages) size += m.length;
-  const all = Buffer.allocUnsafeSlow(size);
-  const views: Buffer[] = [];
-  let at = 0;
-  for (const m of messages) {
-    m.copy(all, at);
-    views.push(all.subarray(at, at + m.length));
-    at += m.length;
-  }
-  return views;
 }
 
 /** Answers one Authentication request; returns the SCRAM state for the next round. */
