@@ -13,7 +13,7 @@
  * gets every notice it sends (a browser-login URL), also when it joins late.
  */
 import type { Logger } from '../ops/log.js';
-import { TokenError, type Token, type TokenRequestContext, type TokenSource } from '../token/token-source.js';
+import { createToken, TokenError, type Token, type TokenRequestContext, type TokenSource } from '../token/token-source.js';
 import type { IssuedTokens } from './workspace-client.js';
 
 export interface FetchContext {
@@ -154,7 +154,7 @@ export class CachedTokenSource implements TokenSource {
         { interactive: flight.interactive, notice: (m) => flight.notice(m), signal: this.#closed.signal },
         previous?.tokens ?? this.#refused,
       );
-      this.#held = { tokens, token: publicToken(tokens) };
+      this.#held = { tokens, token: createToken(tokens.accessToken, tokens.expiresAt) };
       this.#refused = undefined;
       this.#lastFailureAt = undefined;
       onRefresh?.('success');
@@ -259,11 +259,4 @@ function untilAborted(work: Promise<void>, signal: AbortSignal | undefined): Pro
       },
     );
   });
-}
-
-/** The Token handed to the relay; `value` is non-enumerable so a logged token object shows no secret. */
-function publicToken(tokens: IssuedTokens): Token {
-  const token = { expiresAt: tokens.expiresAt } as Token;
-  Object.defineProperty(token, 'value', { value: tokens.accessToken, enumerable: false });
-  return Object.freeze(token);
 }

@@ -1,4 +1,4 @@
-import { TokenError, type Token, type TokenSource } from './token-source.js';
+import { createToken, TokenError, type Token, type TokenSource } from './token-source.js';
 
 /**
  * The token given in OAuthAccessToken (the seed's InitiateOAuth=OFF). Its expiry is read from the
@@ -11,8 +11,7 @@ export class StaticTokenSource implements TokenSource {
 
   constructor(value: string, expiresAt: Date | undefined = jwtExpiry(value), description = 'static token (OAuthAccessToken, InitiateOAuth=OFF)') {
     this.#description = description;
-    // value is not enumerable: spreading or serializing the token never carries the secret.
-    this.#token = Object.defineProperty({ expiresAt } as Token, 'value', { value, enumerable: false });
+    this.#token = createToken(value, expiresAt);
   }
 
   getToken(): Promise<Token> {

@@ -5,6 +5,11 @@ export interface Token {
   readonly expiresAt: Date | undefined;
 }
 
+/** A Token whose `value` is not enumerable: spreading, serializing or logging it shows no secret. */
+export function createToken(value: string, expiresAt: Date | undefined): Token {
+  return Object.freeze(Object.defineProperty({ expiresAt } as Token, 'value', { value, enumerable: false }));
+}
+
 /** What a token source may do toward the client that is waiting for the token. */
 export interface TokenRequestContext {
   /** Sends the waiting client a NoticeResponse (psql prints it): used for a browser login URL. */
