@@ -44,12 +44,18 @@ test('--min-sigterm-delay keeps accepting new clients for a while', async () => 
   assert.equal(await proxy.exited, 0);
 });
 
-test('sessions still open after --max-sigterm-delay are closed, and the exit code says so', async () => {
-  const proxy = await start(['--max-sigterm-delay', '300']);
+/** A proxy with one session in the middle of a 30-second query, then SIGTERM; resolves with how the query ended. */
+async function termDuringLongQuery(flags: string[]): Promise<{ proxy: Awaited<ReturnType<typeof start>>; query: Promise<'finished' | 'failed'> }> {
+  const proxy = await start(flags);
   const c = await connected(proxy.port);
-  const query = c.query('select pg_sleep(30)').then(() => 'finished', () => 'failed');
+  const query = c.query('select pg_sleep(30)').then(() => 'finished' as const, () => 'failed' as const);
   await new Promise((r) => setTimeout(r, 200));
   proxy.child.kill('SIGTERM');
+  return { proxy, query };
+}
+
+test('sessions still open after --max-sigterm-delay are closed, and the exit code says so', async () => {
+  const { proxy, query } = await termDuringLongQuery(['--max-sigterm-delay', '300']);
   assert.equal(await query, 'failed');
   assert.equal(await proxy.exited, 143);
   for (let i = 0; i < 50 && (await db.backendsOf(db.tokenRole)) > 0; i++) await new Promise((r) => setTimeout(r, 100));
@@ -57,20 +63,12 @@ test('sessions still open after --max-sigterm-delay are closed, and the exit cod
 });
 
 test('--exit-zero-on-sigterm exits 0 even when sessions had to be closed', async () => {
-  const proxy = await start(['--max-sigterm-delay', '200', '--exit-zero-on-sigterm']);
-  const c = await connected(proxy.port);
-  void c.query('select pg_sleep(30)').catch(() => {});
-  await new Promise((r) => setTimeout(r, 200));
-  proxy.child.kill('SIGTERM');
+  const { proxy } = await termDuringLongQuery(['--max-sigterm-delay', '200', '--exit-zero-on-sigterm']);
   assert.equal(await proxy.exited, 0);
 });
 
 test('a second signal ends at once', async () => {
-  const proxy = await start(['--max-sigterm-delay', '60000']);
-  const c = await connected(proxy.port);
-  const query = c.query('select pg_sleep(30)').then(() => 'finished', () => 'failed');
-  await new Promise((r) => setTimeout(r, 200));
-  proxy.child.kill('SIGTERM');
+  const { proxy, query } = await termDuringLongQuery(['--max-sigterm-delay', '60000']);
   await new Promise((r) => setTimeout(r, 300));
   const started = Date.now();
   proxy.child.kill('SIGINT');
