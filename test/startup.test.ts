@@ -264,31 +264,25 @@ async function noOpenConnections(proxy: InProcessProxy): Promise<void> {
 // ---------------------------------------------------------------------------------------------
 // Encryption negotiation
 
-test('SSLRequest is answered N without client TLS, then a plaintext startup works', async () => {
+/** Sends each encryption request, expects N to each, then a plaintext startup and a working session. */
+async function refusedThenSession(requests: Buffer[], parameters: Record<string, string>): Promise<void> {
   const wire = await Wire.connect(plain.port);
-  wire.write(sslRequest);
-  assert.equal(await wire.answer(), 'N');
-  wire.write(startupPacket({ user: 'anyone', database: db.database }));
+  for (const request of requests) {
+    wire.write(request);
+    assert.equal(await wire.answer(), 'N');
+  }
+  wire.write(startupPacket(parameters));
   await authOk(wire);
   await expectWorkingSession(wire);
+}
+
+test('SSLRequest is answered N without client TLS, then a plaintext startup works', async () => {
+  await refusedThenSession([sslRequest], { user: 'anyone', database: db.database });
 });
 
 test('GSSENCRequest is answered N, then a normal startup works; so does GSS, then SSL, then startup (libpq order)', async () => {
-  const wire = await Wire.connect(plain.port);
-  wire.write(gssencRequest);
-  assert.equal(await wire.answer(), 'N');
-  wire.write(startupPacket({ user: 'anyone' }));
-  await authOk(wire);
-  await expectWorkingSession(wire);
-
-  const both = await Wire.connect(plain.port);
-  both.write(gssencRequest);
-  assert.equal(await both.answer(), 'N');
-  both.write(sslRequest);
-  assert.equal(await both.answer(), 'N');
-  both.write(startupPacket({ user: 'anyone' }));
-  await authOk(both);
-  await expectWorkingSession(both);
+  await refusedThenSession([gssencRequest], { user: 'anyone' });
+  await refusedThenSession([gssencRequest, sslRequest], { user: 'anyone' });
 });
 
 test('with --tls-cert/--tls-key, GSSENCRequest gets N and SSLRequest upgrades; the startup runs inside TLS', async () => {
