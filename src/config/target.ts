@@ -106,6 +106,7 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
     startupTimeoutMs: settings.int('StartupTimeout'),
     maxConnections: settings.int('MaxConnections'),
     idleTimeoutMs: settings.int('IdleTimeout'),
+    relay: canonicalEnum('Relay', settings.string('Relay') as string) as ProxyOptions['relay'],
   };
 }
 

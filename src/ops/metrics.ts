@@ -40,6 +40,8 @@ interface TargetCounts {
   rejected: number;
   bytesToUpstream: number;
   bytesToClient: number;
+  /** What the native relay adds to, [to upstream, to client]. */
+  readonly nativeBytes: Float64Array;
   failures: Record<FailureReason, number>;
   cancels: Record<CancelOutcome, number>;
 }
@@ -103,8 +105,8 @@ export class Metrics {
       registers,
       collect() {
         publish(this, (c, target) => {
-          this.inc({ target, direction: 'to_upstream' }, c.bytesToUpstream);
-          this.inc({ target, direction: 'to_client' }, c.bytesToClient);
+          this.inc({ target, direction: 'to_upstream' }, c.bytesToUpstream + (c.nativeBytes[0] as number));
+          this.inc({ target, direction: 'to_client' }, c.bytesToClient + (c.nativeBytes[1] as number));
         });
       },
     });
@@ -168,6 +170,7 @@ export class Metrics {
       rejected: 0,
       bytesToUpstream: 0,
       bytesToClient: 0,
+      nativeBytes: new Float64Array(2),
       failures: Object.fromEntries(FAILURE_REASONS.map((r) => [r, 0])) as Record<FailureReason, number>,
       cancels: Object.fromEntries(CANCEL_OUTCOMES.map((o) => [o, 0])) as Record<CancelOutcome, number>,
     };
@@ -184,6 +187,7 @@ export class Metrics {
         counts.bytesToUpstream += toUpstream;
         counts.bytesToClient += toClient;
       },
+      byteCounters: () => counts.nativeBytes,
       failure: (reason) => void counts.failures[reason]++,
       cancel: (outcome) => void counts.cancels[outcome]++,
     };

@@ -7,6 +7,8 @@ export interface ProxyObserver {
   upstreamConnected(seconds: number): void;
   /** Called per relayed chunk: no allocation. */
   bytes(toUpstream: number, toClient: number): void;
+  /** [to upstream, to client]: the native relay adds its bytes here as it goes; read at scrape. */
+  byteCounters(): Float64Array;
   /** `reason` is a fixed word (client_password, token, upstream_auth, upstream_connect, protocol). */
   failure(reason: FailureReason): void;
   cancel(outcome: 'forwarded' | 'unknown_key' | 'error'): void;
@@ -20,6 +22,7 @@ export const nullObserver: ProxyObserver = {
   clientRejected() {},
   upstreamConnected() {},
   bytes() {},
+  byteCounters: () => new Float64Array(2),
   failure() {},
   cancel() {},
 };

@@ -11,6 +11,7 @@ import { TokenError, type TokenSource } from '../token/token-source.js';
 import { clientHandshake, HandshakeError, type ClientHandshakeOptions } from './client-handshake.js';
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
+import { native, NativeRelay, type SessionRelay } from './native-relay.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
 
@@ -37,6 +38,8 @@ export interface ProxyOptions {
   readonly maxConnections: number;
   /** Close a session with no query running and no byte either way for this long; 0 means never. */
   readonly idleTimeoutMs: number;
+  /** native: the C relay when it is built and the session allows (plain client, TLS 1.3 upstream); js: Node streams always. */
+  readonly relay: 'native' | 'js';
 }
 
 export interface ProxyDeps {
@@ -52,7 +55,7 @@ interface ClientFacing {
 }
 
 interface Session {
-  relay: Relay | undefined;
+  relay: SessionRelay | undefined;
   socket: Socket;
 }
 
@@ -65,6 +68,8 @@ export class ProxyServer {
   readonly #sessions = new Set<Session>();
   readonly #cancelKeys = new CancelKeys();
   readonly #cancelsInFlight = new Set<Promise<void>>();
+  /** Bytes the native relay moved, added to by C as it goes, read by the metrics at scrape. */
+  readonly #nativeBytes: Float64Array;
   #socketPath: string | undefined;
   #accepting = false;
 
@@ -73,6 +78,8 @@ export class ProxyServer {
     this.#deps = deps;
     this.#observer = deps.observer ?? nullObserver;
     this.#log = deps.logger.child({ target: options.name });
+    this.#nativeBytes = this.#observer.byteCounters();
+    if (options.relay === 'native' && !native.addon) this.#log.debug({ reason: native.problem }, 'native relay not available; using the JavaScript relay');
   }
 
   /** Open client connections, authenticated or not. */
@@ -160,6 +167,8 @@ export class ProxyServer {
     this.#sessions.add(session);
     this.#observer.clientOpened();
     socket.once('close', () => {
+      // A session moved to the native relay closed Node's socket; it ends with the relay.
+      if (session.relay instanceof NativeRelay) return;
       this.#sessions.delete(session);
       this.#observer.clientClosed();
     });
@@ -217,7 +226,9 @@ export class ProxyServer {
       const forwarded = new Map(parameters);
       forwarded.delete('user');
       forwarded.set('database', database);
-      upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal);
+      // The native relay can take a plain client over; a client on TLS stays with Node's streams.
+      const tap = this.options.relay === 'native' && native.addon !== undefined && client === raw;
+      upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { tap });
       this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
     } catch (error) {
       raw.off('close', onClientGone);
@@ -240,29 +251,50 @@ export class ProxyServer {
     const clientKey = this.#cancelKeys.register({ ...upstreamKey, cancel: cancelUpstream });
     // The upstream's ReadyForQuery ends the greeting; our BackendKeyData goes just before it.
     const greeting = upstream.greeting;
-    client.write(Buffer.concat([...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]));
-
-    const relay = new Relay(client, upstream.socket, frames.detach(), upstream.leftover, `${target.host}:${target.port}`, this.#observer.bytes, () => {
+    const hello = Buffer.concat([...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]);
+    const onAbandoned = (): void => {
       this.#log.info({ peer }, 'session ended during a query; cancelling it upstream');
       const sent = cancelUpstream().catch(() => {});
       this.#cancelsInFlight.add(sent);
       void sent.then(() => this.#cancelsInFlight.delete(sent));
-    });
-    session.relay = relay;
-    if (this.options.idleTimeoutMs > 0) {
-      // Idle means no byte either way and no query running: a long query is not idle.
-      const idle = (): void => {
-        if (relay.queryRunning) raw.setTimeout(this.options.idleTimeoutMs, idle); // the callback is a once-listener
-        else relay.close('idle_timeout');
-      };
-      raw.setTimeout(this.options.idleTimeoutMs, idle); // reads and writes on the client socket re-arm it
+    };
+    const upstreamName = `${target.host}:${target.port}`;
+    const clientFirst = frames.detach();
+    let relay: NativeRelay | Relay | string = 'no tap';
+    if (upstream.tap) {
+      relay = await NativeRelay.handOver({
+        client: raw,
+        tls: upstream.socket,
+        tap: upstream.tap,
+        clientFirst,
+        toClientFirst: upstream.leftover.length > 0 ? Buffer.concat([hello, upstream.leftover]) : hello,
+        upstreamName,
+        counters: this.#nativeBytes,
+        onAbandoned,
+      });
+      if (typeof relay === 'string') this.#log.debug({ peer, reason: relay }, 'session stays on the JavaScript relay');
     }
-    this.#log.debug({ peer, user: clientUser, database }, 'session started');
+    if (typeof relay === 'string') {
+      upstream.tap?.forget();
+      client.write(hello);
+      relay = new Relay(client, upstream.socket, clientFirst, upstream.leftover, upstreamName, this.#observer.bytes, onAbandoned);
+      if (this.options.idleTimeoutMs > 0) idleTimeout(raw, relay, this.options.idleTimeoutMs);
+    } else {
+      const nativeRelay = relay;
+      void nativeRelay.done.then(() => {
+        this.#sessions.delete(session);
+        this.#observer.clientClosed();
+      });
+      if (this.options.idleTimeoutMs > 0) nativeRelay.idleTimeout(this.options.idleTimeoutMs);
+    }
+    session.relay = relay;
+    const relayKind = relay instanceof NativeRelay ? 'native' : 'js';
+    this.#log.debug({ peer, user: clientUser, database, relay: relayKind }, 'session started');
     // #run returns now, so that nothing of the handshake and login stays alive for the session.
-    this.#whenEnded(relay, clientKey.release, { peer, user: clientUser, database, started });
+    this.#whenEnded(relay, clientKey.release, { peer, user: clientUser, database, started, relay: relayKind });
   }
 
-  #whenEnded(relay: Relay, release: () => void, session: { peer: string; user: string; database: string; started: number }): void {
+  #whenEnded(relay: SessionRelay, release: () => void, session: { peer: string; user: string; database: string; started: number; relay: string }): void {
     void relay.done.then((end: RelayEnd) => {
       release();
       this.#log.info(
@@ -273,6 +305,7 @@ export class ProxyServer {
           durationMs: Date.now() - session.started,
           bytesToUpstream: relay.stats.bytesToUpstream,
           bytesToClient: relay.stats.bytesToClient,
+          relay: session.relay,
           end,
         },
         'session ended',
@@ -328,6 +361,15 @@ export class ProxyServer {
     this.#observer.failure(reason);
     return facing;
   }
+}
+
+/** Idle means no byte either way and no query running: a long query is not idle. */
+function idleTimeout(raw: Socket, relay: Relay, ms: number): void {
+  const idle = (): void => {
+    if (relay.queryRunning) raw.setTimeout(ms, idle); // the callback is a once-listener
+    else relay.close('idle_timeout');
+  };
+  raw.setTimeout(ms, idle); // reads and writes on the client socket re-arm it
 }
 
 /** Sends an ErrorResponse (the upstream's own fields, with the proxy's context, when given) and closes. */

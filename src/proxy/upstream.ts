@@ -11,6 +11,7 @@ import { FrameReader } from '../wire/frame-reader.js';
 import { PeerClosedError, SocketFrames } from '../wire/socket-frames.js';
 import { CANCEL_REQUEST_CODE, encodeStartupMessage } from '../wire/startup-packets.js';
 import { md5PasswordResponse, SCRAM, SCRAM_PLUS, ScramClient, tlsServerEndPoint } from '../auth/scram.js';
+import { TlsTap } from './tls-tap.js';
 
 export interface UpstreamTarget {
   readonly host: string;
@@ -32,6 +33,8 @@ export interface UpstreamSession {
   readonly secretKey: Buffer;
   /** Bytes that followed ReadyForQuery in the same read: the first bytes of the relay. */
   readonly leftover: Buffer;
+  /** The TCP side seen record by record, when asked for: the native relay can take the session over. */
+  readonly tap: TlsTap | undefined;
 }
 
 /** Fields of an ErrorResponse, in order: [letter, value]. */
@@ -105,8 +108,13 @@ function reason(error: Error): string {
   return (error as NodeJS.ErrnoException).code ?? error.name;
 }
 
-/** TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. */
-export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Promise<TLSSocket> {
+/**
+ * TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. With `tap`, TLS
+ * runs over a TlsTap (returned too), so that the native relay can take the connection over.
+ */
+export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Promise<TLSSocket>;
+export async function openTls(target: UpstreamTarget, signal: AbortSignal | undefined, tap: true): Promise<TLSSocket & { tap: TlsTap }>;
+export async function openTls(target: UpstreamTarget, signal?: AbortSignal, tap = false): Promise<TLSSocket> {
   const raw = netConnect({ host: target.host, port: target.port, noDelay: true });
   raw.on('error', ignore); // reported through the awaits below
   if (target.keepAliveMs > 0) raw.setKeepAlive(true, target.keepAliveMs);
@@ -120,8 +128,9 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Pro
     }
     const sessionKey = `${where(target)}/${target.sslMode}`;
     const offered = tlsSessions.get(sessionKey);
+    const tapped = tap ? new TlsTap(raw) : undefined;
     const tls = tlsConnect({
-      socket: raw,
+      socket: tapped ?? raw,
       secureContext: secureContextFor(target),
       ...(isIP(target.host) === 0 ? { servername: target.host } : {}),
       rejectUnauthorized: target.sslMode !== 'require',
@@ -131,6 +140,11 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Pro
     // Before any event: a resumed session's new ticket may come in the read that ends the handshake.
     if (offered?.certificate) resumedCertificates.set(tls, offered.certificate);
     tls.on('error', ignore);
+    if (tapped) {
+      tapped.on('error', ignore);
+      tls.on('keylog', (line: Buffer) => tapped.keylog(line));
+      Object.defineProperty(tls, 'tap', { value: tapped });
+    }
     tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, { session, certificate: serverCertificate(tls) }));
     await once(tls, 'secureConnect', target).catch((error: unknown) => {
       tls.destroy();
@@ -233,8 +247,10 @@ export async function connectUpstream(
   password: string,
   parameters: ReadonlyMap<string, string>,
   signal?: AbortSignal,
+  options: { readonly tap?: boolean } = {},
 ): Promise<UpstreamSession> {
-  const socket = await openTls(target, signal);
+  const socket = options.tap ? await openTls(target, signal, true) : await openTls(target, signal);
+  const tap = (socket as TLSSocket & { tap?: TlsTap }).tap;
   const cleanup = bound(socket, target, signal);
   const frames = new SocketFrames(socket, new FrameReader(MAX_HANDSHAKE_MESSAGE, true));
   try {
@@ -269,6 +285,7 @@ export async function connectUpstream(
               secretKey,
               // A copy, or nothing: a view would keep the whole read buffer alive for the session.
               leftover: leftover.length === 0 ? NOTHING : Buffer.from(leftover),
+              tap,
             };
           }
           break;
@@ -295,6 +312,7 @@ export async function connectUpstream(
     // A server sends its session tickets right after the handshake, before it answers the
     // startup: past ReadyForQuery the listener (and the certificate) would only be held.
     socket.removeAllListeners('session');
+    socket.removeAllListeners('keylog');
     resumedCertificates.delete(socket);
   }
 }

@@ -1,0 +1,1 @@
+cmd_Release/lakebase_relay.node := ln -f "Release/obj.target/lakebase_relay.node" "Release/lakebase_relay.node" 2>/dev/null || (rm -rf "Release/lakebase_relay.node" && cp -af "Release/obj.target/lakebase_relay.node" "Release/lakebase_relay.node")
