@@ -26,8 +26,7 @@ CFLAGS_Debug := \
 	-Wall \
 	-Wextra \
 	-Wno-unused-parameter \
-	-O1 \
-	-g \
+	-O2 \
 	-Wall \
 	-Wextra \
 	-Wno-unused-parameter \
@@ -76,8 +75,7 @@ CFLAGS_Release := \
 	-Wall \
 	-Wextra \
 	-Wno-unused-parameter \
-	-O1 \
-	-g \
+	-O2 \
 	-Wall \
 	-Wextra \
 	-Wno-unused-parameter \

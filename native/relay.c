@@ -23,6 +23,7 @@
 #include <openssl/hmac.h>
 #include <openssl/crypto.h>
 #include <stdint.h>
+#include <stdio.h> /* snprintf */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -295,6 +296,20 @@ static napi_value call_js(session_t *s, napi_ref ref, size_t argc, napi_value *a
 
 /* ---------- the relay ---------- */
 
+/* "read ECONNRESET", as Node.js words a socket error. */
+static const char *error_text(const char *op, int code) {
+  static char text[64];
+  snprintf(text, sizeof text, "%s %s", op, uv_err_name(-code));
+  return text;
+}
+
+static const char *socket_error(int fd, const char *op) {
+  int code = 0;
+  socklen_t length = sizeof code;
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &code, &length) != 0 || code == 0) code = ECONNRESET;
+  return error_text(op, code);
+}
+
 static void update_polls(session_t *s);
 static void finish(session_t *s, enum end_reason end);
 static void teardown(session_t *s);
@@ -558,22 +573,22 @@ static void client_bytes(session_t *s, const unsigned char *data, size_t n) {
   s->counters[0] += (double)n;
   s->client_terminated = n >= 5 && memcmp(data + n - 5, terminate, 5) == 0;
   s->upstream_idle = 0; /* until its next ReadyForQuery */
-  if (to_upstream(s, data, n) != 0) upstream_ended(s, strerror(errno));
+  if (to_upstream(s, data, n) != 0) upstream_ended(s, error_text("write", errno));
 }
 
 static void poll_cb(session_t *s, side_t *side, int status, int events) {
   if (s->closing) return;
   int from_client = side == &s->client;
-  if (status < 0) {
+  if (status < 0) { /* libuv says EBADF for any POLLERR: the socket knows the real error */
     if (from_client) client_ended(s, 1);
-    else upstream_ended(s, uv_strerror(status));
+    else upstream_ended(s, socket_error(side->fd, "read"));
     return;
   }
   touch(s);
   if (events & UV_WRITABLE) {
     if (flush(side) != 0) {
       if (from_client) client_ended(s, 1);
-      else upstream_ended(s, strerror(errno));
+      else upstream_ended(s, error_text("write", errno));
       return;
     }
   }
@@ -591,7 +606,7 @@ static void poll_cb(session_t *s, side_t *side, int status, int events) {
         else upstream_ended(s, NULL);
       } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
         if (from_client) client_ended(s, 1);
-        else upstream_ended(s, strerror(errno));
+        else upstream_ended(s, error_text("read", errno));
       }
     }
   }

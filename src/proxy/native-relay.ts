@@ -125,9 +125,12 @@ export class NativeRelay implements SessionRelay {
     const clientSecret = tap.secrets.get('CLIENT_TRAFFIC_SECRET_0');
     const serverSecret = tap.secrets.get('SERVER_TRAFFIC_SECRET_0');
     if (!clientSecret || !serverSecret) return 'no TLS traffic secrets';
-    // What Node.js still has queued must reach the sockets before the native side writes.
-    await Promise.all([drained(client), drained(tls)]);
-    while (tap.queuedToServer > 0) await new Promise((resolve) => setImmediate(resolve));
+    // What Node.js still has queued must reach the sockets before the native side writes. The
+    // TLS socket itself is not waited for: the upstream answered our last message, so every record
+    // of ours went through the tap; Node's TLS over a JavaScript stream sometimes reports such a
+    // write done only at the next write, which never comes.
+    await drained(client);
+    while (tap.queuedToServer > 0 && !tls.destroyed) await new Promise((resolve) => setImmediate(resolve));
     if (client.destroyed || tls.destroyed) return 'a socket closed during the hand-over';
     client.pause();
     const clientFd = (client as unknown as { _handle?: { fd?: number } })._handle?.fd;
@@ -192,7 +195,7 @@ export class HandOverRefused extends Error {
   override readonly name = 'HandOverRefused';
 }
 
-function drained(stream: Socket | TLSSocket): Promise<void> {
+function drained(stream: Socket): Promise<void> {
   if (stream.writableLength === 0 || stream.destroyed) return Promise.resolve();
   return new Promise((resolve) => {
     const done = (): void => {
