@@ -20,6 +20,15 @@ COPY src ./src
 COPY test ./test
 RUN npx tsc -p tsconfig.json
 
+# --- the native relay (native/relay.c): a C compiler only in this stage ---------------------
+# The official images carry Node's headers (OpenSSL's included) under /usr/local/include/node.
+FROM ${NODE_IMAGE} AS native
+RUN apt-get update && apt-get install -y --no-install-recommends python3 make g++ && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY binding.gyp ./
+COPY native ./native
+RUN npm_config_nodedir=/usr/local npx --yes node-gyp@12 rebuild
+
 # --- production dependencies only ----------------------------------------------------------
 FROM ${NODE_IMAGE} AS prod-deps
 WORKDIR /app
@@ -49,6 +58,7 @@ WORKDIR /app
 COPY package.json ./
 COPY --from=prod-deps /app/node_modules ./node_modules
 COPY --from=build /app/dist/src ./dist/src
+COPY --from=native /app/build/Release/lakebase_relay.node ./build/Release/lakebase_relay.node
 COPY bin ./bin
 # Numeric, so that Kubernetes' runAsNonRoot can verify it (the image's "node" user).
 USER 1000:1000

@@ -251,6 +251,9 @@ test('the Dockerfile: a non-root runtime with production dependencies only, its 
   const runtimeCopies = inStage('runtime', 'COPY').map((i) => i.args);
   assert.ok(runtimeCopies.some((a) => a.startsWith('--from=prod-deps /app/node_modules')));
   assert.ok(runtimeCopies.some((a) => a.startsWith('--from=build /app/dist/src ')));
+  // The native relay, built where the compiler is, lands where src/proxy/native-relay.ts loads it from.
+  assert.ok(runtimeCopies.includes('--from=native /app/build/Release/lakebase_relay.node ./build/Release/lakebase_relay.node'));
+  assert.ok(inStage('native', 'RUN').some((i) => i.args.includes('node-gyp') && i.args.includes('rebuild')));
   assert.ok(!runtimeCopies.some((a) => /dist\/test|dist \.\/|\/app\/dist \./.test(a)), 'no test code in the runtime image');
   assert.ok(inStage('prod-deps', 'RUN').some((i) => i.args.includes('npm ci --omit=dev')));
   assert.ok(inStage('build', 'RUN').some((i) => i.args.includes('npm ci')));

@@ -1,4 +1,7 @@
-/** The relay end to end: the real pg client through the proxy to a real Postgres over TLS. */
+/**
+ * The relay end to end: the real pg client through the proxy to a real Postgres over TLS. The
+ * native relay by default; relay-js.test.ts runs the same file with `--relay js`.
+ */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -9,13 +12,16 @@ import pg from 'pg';
 import copyStreams from 'pg-copy-streams';
 import type { TestPostgres } from './harness/postgres.js';
 import { startProxiedPostgres, type InProcessProxy } from './harness/proxy.js';
+import { native } from '../src/proxy/native-relay.js';
+
+const relay = process.env['LAKEBASE_PROXY_TEST_RELAY'] === 'js' ? 'js' : 'native';
 
 let db: TestPostgres;
 let proxy: InProcessProxy;
 let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(600).toString('base64url'); // as long as a Databricks token
 
-before(async () => ({ db, proxy, close } = await startProxiedPostgres(token)));
+before(async () => ({ db, proxy, close } = await startProxiedPostgres(token, ['--relay', relay])));
 after(() => close?.());
 
 function client(extra: Partial<pg.ClientConfig> = {}): pg.Client {
@@ -168,5 +174,6 @@ test('each session ends with one log line that holds no token', async () => {
   const last = ended.at(-1) as Record<string, unknown>;
   assert.ok((last.bytesToClient as number) > 0 && (last.bytesToUpstream as number) > 0);
   assert.equal(last.end, 'client_closed');
+  assert.equal(last.relay, relay === 'native' && native.addon ? 'native' : 'js');
   assert.ok(!proxy.logText().includes(token));
 });

@@ -1,0 +1,117 @@
+/**
+ * The native relay (native/relay.c): which sessions it takes, each TLS 1.3 cipher suite it
+ * implements against a real Postgres, and the sessions it leaves to the JavaScript relay (a
+ * TLS 1.2 upstream, a client on TLS, --relay js), which must work the same.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import pg from 'pg';
+import type { TestPostgres } from './harness/postgres.js';
+import { startProxiedPostgres, startProxy, connectionFor, type InProcessProxy } from './harness/proxy.js';
+import { native } from '../src/proxy/native-relay.js';
+
+let db: TestPostgres;
+let proxy: InProcessProxy;
+let close: () => Promise<void>;
+const token = 'tok-' + randomBytes(600).toString('base64url');
+
+before(async () => ({ db, proxy, close } = await startProxiedPostgres(token)));
+after(() => close?.());
+
+const hasCompiler = ['cc', 'gcc', 'clang'].some((cc) => spawnSync(cc, ['--version'], { stdio: 'ignore' }).status === 0);
+
+/** Sets server settings that a reload applies (the TLS ones do) and waits until new sessions see them. */
+async function serverSettings(settings: Record<string, string | null>): Promise<void> {
+  for (const [name, value] of Object.entries(settings)) {
+    await db.query(value === null ? `alter system reset ${name}` : `alter system set ${name} = '${value}'`);
+  }
+  await db.query('select pg_reload_conf()');
+  await new Promise((resolve) => setTimeout(resolve, 300));
+}
+
+/** One session through `port`: its TLS version and cipher upstream, a 1 MB answer's digest, the proxy's log line for it. */
+async function session(
+  through: InProcessProxy,
+  name: string,
+  extra: Partial<pg.ClientConfig> = {},
+): Promise<{ version: string; cipher: string; digest: string; expected: string; relay: unknown }> {
+  const c = new pg.Client({ host: '127.0.0.1', port: through.port, user: 'anyone', database: db.database, application_name: name, ...extra });
+  await c.connect();
+  let result;
+  try {
+    const ssl = (await c.query('select version, cipher from pg_stat_ssl where pid = pg_backend_pid()')).rows[0];
+    const seed = randomBytes(8).toString('hex');
+    // An answer of many TLS records, and an extended query with parameters both ways.
+    const big = (await c.query("select string_agg(md5($1 || g::text), '') as s from generate_series(1, 32000) g", [seed])).rows[0].s as string;
+    const echo = (await c.query('select $1::text as t', ['é☃'.repeat(5000)])).rows[0].t as string;
+    assert.equal(echo, 'é☃'.repeat(5000));
+    const expected = (await db.query<{ s: string }>("select string_agg(md5($1 || g::text), '') as s from generate_series(1, 32000) g", [seed]))[0]?.s as string;
+    result = { version: ssl.version as string, cipher: ssl.cipher as string, digest: sha(big), expected: sha(expected) };
+  } finally {
+    await c.end();
+  }
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const line = through.logs.filter((l) => l.msg === 'session ended').at(-1);
+  return { ...result, relay: line?.relay };
+}
+
+function sha(text: string): string {
+  return createHash('sha256').update(text).digest('hex');
+}
+
+test('npm install built the native relay (on a machine with a C compiler)', (t) => {
+  if (!hasCompiler) {
+    t.skip('no C compiler here: the proxy uses the JavaScript relay');
+    return;
+  }
+  assert.ok(native.addon, `the addon did not load: ${native.problem}`);
+});
+
+test('each TLS 1.3 cipher suite: the session goes native, and a large answer and parameters pass intact', async (t) => {
+  if (!native.addon) {
+    t.skip(`no native relay: ${native.problem}`);
+    return;
+  }
+  try {
+    for (const suite of ['TLS_AES_256_GCM_SHA384', 'TLS_AES_128_GCM_SHA256', 'TLS_CHACHA20_POLY1305_SHA256']) {
+      await serverSettings({ ssl_tls13_ciphers: suite });
+      const s = await session(proxy, `cipher-${suite}`);
+      assert.equal(s.version, 'TLSv1.3');
+      assert.equal(s.cipher, suite);
+      assert.equal(s.relay, 'native', suite);
+      assert.equal(s.digest, s.expected, `${suite}: the answer arrived intact`);
+    }
+  } finally {
+    await serverSettings({ ssl_tls13_ciphers: null });
+  }
+});
+
+test('a TLS 1.2 upstream: the session stays on the JavaScript relay and works', async () => {
+  try {
+    await serverSettings({ ssl_max_protocol_version: 'TLSv1.2' });
+    const s = await session(proxy, 'tls12');
+    assert.equal(s.version, 'TLSv1.2');
+    assert.equal(s.relay, 'js');
+    assert.equal(s.digest, s.expected);
+  } finally {
+    await serverSettings({ ssl_max_protocol_version: null });
+  }
+  assert.equal((await session(proxy, 'tls13-again')).relay, native.addon ? 'native' : 'js');
+});
+
+test('a client on TLS, and --relay js: the JavaScript relay, with the same results', async () => {
+  const tlsProxy = await startProxy(['--connection', connectionFor(db, token), '--tls-cert', db.ca.serverCertFile, '--tls-key', db.ca.serverKeyFile]);
+  const jsProxy = await startProxy(['--connection', connectionFor(db, token), '--relay', 'js']);
+  try {
+    const overTls = await session(tlsProxy, 'client-tls', { ssl: { ca: db.ca.caPem, servername: 'localhost' } });
+    assert.equal(overTls.relay, 'js');
+    assert.equal(overTls.digest, overTls.expected);
+    const js = await session(jsProxy, 'relay-js');
+    assert.equal(js.relay, 'js');
+    assert.equal(js.digest, js.expected);
+  } finally {
+    await Promise.all([tlsProxy.close(), jsProxy.close()]);
+  }
+});
