@@ -20,7 +20,6 @@
 #include <fcntl.h>
 #include <node_api.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
 #include <openssl/crypto.h>
 #include <stdint.h>
 #include <stdio.h> /* snprintf */
@@ -136,6 +135,28 @@ static void pending_free(pending_t *p) {
 
 /* ---------- keys ---------- */
 
+/* HMAC(key, data) with a fetched digest (RFC 2104): OpenSSL 3's one-shot HMAC() looks the algorithm up on every call. */
+static int hmac(const EVP_MD *md, const unsigned char *key, int key_len, const unsigned char *data, size_t n, unsigned char *out) {
+  unsigned char pad[128], inner[EVP_MAX_MD_SIZE];
+  int block = EVP_MD_get_block_size(md);
+  unsigned int inner_len = 0, out_len = 0;
+  if (key_len > block || block > (int)sizeof pad) return -1;
+  EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+  int ok = ctx != NULL;
+  memset(pad, 0x36, (size_t)block);
+  for (int i = 0; i < key_len; i++) pad[i] ^= key[i];
+  ok = ok && EVP_DigestInit_ex(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, pad, (size_t)block) == 1 && EVP_DigestUpdate(ctx, data, n) == 1 &&
+       EVP_DigestFinal_ex(ctx, inner, &inner_len) == 1;
+  memset(pad, 0x5c, (size_t)block);
+  for (int i = 0; i < key_len; i++) pad[i] ^= key[i];
+  ok = ok && EVP_DigestInit_ex(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, pad, (size_t)block) == 1 && EVP_DigestUpdate(ctx, inner, inner_len) == 1 &&
+       EVP_DigestFinal_ex(ctx, out, &out_len) == 1;
+  EVP_MD_CTX_free(ctx);
+  OPENSSL_cleanse(pad, sizeof pad);
+  OPENSSL_cleanse(inner, sizeof inner);
+  return ok ? (int)out_len : -1;
+}
+
 /* HKDF-Expand-Label with an empty context, for lengths up to one hash block (all TLS 1.3 needs here). */
 static int expand_label(const EVP_MD *md, const unsigned char *secret, int secret_len, const char *label, unsigned char *out, int out_len) {
   unsigned char info[2 + 1 + 255 + 1 + 1];
@@ -151,9 +172,9 @@ static int expand_label(const EVP_MD *md, const unsigned char *secret, int secre
   info[i++] = 0;    /* context length */
   info[i++] = 0x01; /* HKDF-Expand's block counter T(1) */
   unsigned char block[EVP_MAX_MD_SIZE];
-  unsigned int block_len = 0;
-  if (!HMAC(md, secret, secret_len, info, i, block, &block_len) || (int)block_len < out_len) return -1;
-  memcpy(out, block, out_len);
+  int block_len = hmac(md, secret, secret_len, info, i, block);
+  if (block_len < out_len) return -1;
+  memcpy(out, block, (size_t)out_len);
   OPENSSL_cleanse(block, sizeof block);
   return 0;
 }
@@ -704,11 +725,23 @@ static void finish(session_t *s, enum end_reason end) {
 
 #define CHECK(call) do { if ((call) != napi_ok) { napi_throw_error(env, NULL, "lakebase-proxy native relay: " #call " failed"); return NULL; } } while (0)
 
+/* The algorithms, fetched once: an implicit fetch (EVP_aes_128_gcm() and the like) costs a lookup on every init. */
+static EVP_CIPHER *aes128gcm, *aes256gcm, *chacha;
+static EVP_MD *sha256, *sha384;
+
 static int cipher_for(const char *name, keys_t *k) {
-  if (strcmp(name, "TLS_AES_128_GCM_SHA256") == 0) { k->cipher = EVP_aes_128_gcm(); k->md = EVP_sha256(); k->key_len = 16; }
-  else if (strcmp(name, "TLS_AES_256_GCM_SHA384") == 0) { k->cipher = EVP_aes_256_gcm(); k->md = EVP_sha384(); k->key_len = 32; }
-  else if (strcmp(name, "TLS_CHACHA20_POLY1305_SHA256") == 0) { k->cipher = EVP_chacha20_poly1305(); k->md = EVP_sha256(); k->key_len = 32; }
+  if (!aes128gcm) {
+    aes128gcm = EVP_CIPHER_fetch(NULL, "AES-128-GCM", NULL);
+    aes256gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+    chacha = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+    sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+    sha384 = EVP_MD_fetch(NULL, "SHA384", NULL);
+  }
+  if (strcmp(name, "TLS_AES_128_GCM_SHA256") == 0) { k->cipher = aes128gcm; k->md = sha256; k->key_len = 16; }
+  else if (strcmp(name, "TLS_AES_256_GCM_SHA384") == 0) { k->cipher = aes256gcm; k->md = sha384; k->key_len = 32; }
+  else if (strcmp(name, "TLS_CHACHA20_POLY1305_SHA256") == 0) { k->cipher = chacha; k->md = sha256; k->key_len = 32; }
   else return -1;
+  if (!k->cipher || !k->md) return -1;
   k->secret_len = EVP_MD_get_size(k->md);
   return 0;
 }

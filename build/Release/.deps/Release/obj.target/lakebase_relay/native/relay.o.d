@@ -32,10 +32,10 @@ Release/obj.target/lakebase_relay/native/relay.o: ../native/relay.c \
  /usr/include/node/openssl/./asn1_asm.h \
  /usr/include/node/openssl/././archs/linux-x86_64/asm/include/openssl/asn1.h \
  /usr/include/node/openssl/asn1err.h \
- /usr/include/node/openssl/objectserr.h /usr/include/node/openssl/hmac.h \
- /usr/include/node/uv.h /usr/include/node/uv/errno.h \
- /usr/include/node/uv/version.h /usr/include/node/uv/unix.h \
- /usr/include/node/uv/threadpool.h /usr/include/node/uv/linux.h
+ /usr/include/node/openssl/objectserr.h /usr/include/node/uv.h \
+ /usr/include/node/uv/errno.h /usr/include/node/uv/version.h \
+ /usr/include/node/uv/unix.h /usr/include/node/uv/threadpool.h \
+ /usr/include/node/uv/linux.h
 ../native/relay.c:
 /usr/include/node/node_api.h:
 /usr/include/node/js_native_api.h:
@@ -79,7 +79,6 @@ Release/obj.target/lakebase_relay/native/relay.o: ../native/relay.c \
 /usr/include/node/openssl/././archs/linux-x86_64/asm/include/openssl/asn1.h:
 /usr/include/node/openssl/asn1err.h:
 /usr/include/node/openssl/objectserr.h:
-/usr/include/node/openssl/hmac.h:
 /usr/include/node/uv.h:
 /usr/include/node/uv/errno.h:
 /usr/include/node/uv/version.h:
