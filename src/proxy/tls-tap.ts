@@ -31,6 +31,11 @@ export interface TapHandover {
   readonly lastRead: Buffer;
 }
 
+/** The value of one hex digit (ASCII). */
+function nibble(c: number): number {
+  return c <= 0x39 ? c - 0x30 : (c | 0x20) - 0x57;
+}
+
 /** Splits whole records off the front of `pending`; returns them and what is left. */
 function wholeRecords(pending: Buffer): { records: Buffer[]; rest: Buffer } {
   const records: Buffer[] = [];
@@ -85,10 +90,23 @@ export class TlsTap extends Duplex {
     });
   }
 
-  /** Adds a line of Node's 'keylog' event (NSS key log format). */
+  /**
+   * Takes a traffic secret from a line of Node's 'keylog' event (NSS key log format: label,
+   * client random, secret in hex). The secret is decoded byte by byte, never made a string, and
+   * the line is wiped: nothing of it stays for the garbage collector to find later.
+   */
   keylog(line: Buffer): void {
-    const [label, , secret] = line.toString('latin1').trim().split(' ');
-    if (label && secret && label.endsWith('_TRAFFIC_SECRET_0')) this.secrets.set(label, Buffer.from(secret, 'hex'));
+    const first = line.indexOf(0x20);
+    const second = first < 0 ? -1 : line.indexOf(0x20, first + 1);
+    const label = first < 0 ? '' : line.toString('latin1', 0, first);
+    if (second > 0 && label.endsWith('_TRAFFIC_SECRET_0')) {
+      let end = line.length;
+      while (end > second + 1 && (line[end - 1] as number) <= 0x20) end--;
+      const secret = Buffer.alloc((end - second - 1) >> 1);
+      for (let i = 0; i < secret.length; i++) secret[i] = (nibble(line[second + 1 + 2 * i] as number) << 4) | nibble(line[second + 2 + 2 * i] as number);
+      this.secrets.set(label, secret);
+    }
+    line.fill(0);
   }
 
   override _read(): void {
