@@ -173,11 +173,11 @@ export class NativeRelay implements SessionRelay {
         ),
       );
     } catch (error) {
-      if (!(error instanceof HandOverRefused)) throw error;
+      // Refused (a string from C), or a fault in the call: either way the session goes on in Node.js.
       tap.takeBack(handover);
       if (fromClient.length > 0) client.unshift(fromClient);
       if (fromUpstream.length > 0) tls.unshift(fromUpstream);
-      return error.message;
+      return (error as Error).message;
     } finally {
       clientSecret.fill(0);
       serverSecret.fill(0);

@@ -274,6 +274,13 @@ export class ProxyServer {
       });
       if (typeof relay === 'string') this.#log.debug({ peer, reason: relay }, 'session stays on the JavaScript relay');
     }
+    if (typeof relay === 'string' && (raw.destroyed || upstream.socket.destroyed)) {
+      // A side went away while the hand-over waited for Node's queued bytes: nothing to relay.
+      clientKey.release();
+      upstream.socket.destroy();
+      if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
+      return;
+    }
     if (typeof relay === 'string') {
       upstream.tap?.forget();
       client.write(hello);
