@@ -35,6 +35,7 @@
 #define HEADER 5
 #define READ_SIZE 65536
 #define LINGER_MS 5000
+#define OWN_QUEUE_LIMIT 65536
 
 enum end_reason { END_NONE = 0, END_CLIENT_CLOSED, END_UPSTREAM_CLOSED, END_CLIENT_ERROR, END_UPSTREAM_ERROR, END_SHUTDOWN, END_IDLE };
 static const char *END_NAMES[] = { "", "client_closed", "upstream_closed", "client_error", "upstream_error", "shutdown", "idle_timeout" };
@@ -418,6 +419,7 @@ static int to_upstream(session_t *s, const unsigned char *data, size_t n) {
 static void client_ended(session_t *s, int error) {
   s->client.read_done = 1;
   decide(s, error ? END_CLIENT_ERROR : END_CLIENT_CLOSED);
+  if (s->closing) return; /* JavaScript closed the session meanwhile */
   if (error) {
     teardown(s);
     return;
@@ -462,8 +464,10 @@ static void upstream_ended(session_t *s, const char *error) {
     }
     napi_close_handle_scope(s->env, scope);
   }
+  if (s->closing) return; /* JavaScript closed the session meanwhile */
   decide(s, error ? END_UPSTREAM_ERROR : END_UPSTREAM_CLOSED);
-  if (error && !told) {
+  if (s->closing) return;
+  if (error && !told && pending_size(&s->client.out) == 0) {
     teardown(s);
     return;
   }
@@ -597,12 +601,41 @@ static void client_bytes(session_t *s, const unsigned char *data, size_t n) {
   if (to_upstream(s, data, n) != 0) upstream_ended(s, error_text("write", errno));
 }
 
+/*
+ * A socket in error may still hold what the peer sent before it: the server's last ErrorResponse,
+ * the client's Terminate. Those are read and passed on (backpressure set aside: the kernel's
+ * buffer bounds them) before the side ends with the socket's own error.
+ */
+static void drain_failed(session_t *s, side_t *side, int from_client) {
+  for (;;) {
+    ssize_t n;
+    do n = recv(side->fd, scratch_in, READ_SIZE, 0);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) {
+      if (from_client) client_bytes(s, scratch_in, (size_t)n);
+      else upstream_bytes(s, scratch_in, (size_t)n);
+      if (s->closing || side->read_done) return; /* the bytes ended it (close_notify, a bad record) */
+      continue;
+    }
+    if (n == 0) {
+      if (from_client) client_ended(s, 0);
+      else upstream_ended(s, NULL);
+    } else if (from_client) {
+      client_ended(s, 1);
+    } else {
+      upstream_ended(s, errno == EAGAIN || errno == EWOULDBLOCK ? socket_error(side->fd, "read") : error_text("read", errno));
+    }
+    return;
+  }
+}
+
 static void poll_cb(session_t *s, side_t *side, int status, int events) {
   if (s->closing) return;
   int from_client = side == &s->client;
-  if (status < 0) { /* libuv says EBADF for any POLLERR: the socket knows the real error */
-    if (from_client) client_ended(s, 1);
-    else upstream_ended(s, socket_error(side->fd, "read"));
+  if (status < 0) { /* libuv says EBADF for any POLLERR, and has stopped the handle */
+    side->polling = 0;
+    if (!side->read_done) drain_failed(s, side, from_client);
+    if (!s->closing && !maybe_done(s)) update_polls(s);
     return;
   }
   touch(s);
@@ -650,7 +683,8 @@ static void update_polls(session_t *s) {
   for (int i = 0; i < 2; i++) {
     side_t *side = sides[i], *other = sides[1 - i];
     int events = 0;
-    if (!side->read_done && pending_size(&other->out) == 0 && !other->write_shut) events |= UV_READABLE;
+    /* The upstream's own queue counts too: KeyUpdate answers go there without a read of the client. */
+    if (!side->read_done && pending_size(&other->out) == 0 && !other->write_shut && pending_size(&side->out) < OWN_QUEUE_LIMIT) events |= UV_READABLE;
     if (pending_size(&side->out) > 0) events |= UV_WRITABLE;
     if (events == side->polling) continue;
     side->polling = events;
@@ -714,7 +748,7 @@ static int maybe_done(session_t *s) {
 /* One side has ended: the other gets LINGER_MS to finish (its FIN, what is queued for it). */
 static void finish(session_t *s, enum end_reason end) {
   (void)end;
-  if (maybe_done(s) || s->linger_started) return;
+  if (s->closing || maybe_done(s) || s->linger_started) return;
   s->linger_started = 1;
   uv_timer_init(uv_handle_get_loop((uv_handle_t *)&s->client.poll), &s->linger);
   uv_handle_set_data((uv_handle_t *)&s->linger, s);
@@ -768,6 +802,16 @@ static int64_t find_next_seq(keys_t *k, const unsigned char *record, size_t leng
   OPENSSL_cleanse(plain, length);
   free(plain);
   return found;
+}
+
+/* A session that failed to start after its first handle was made: closes the copies and frees it. */
+static void free_unstarted(uv_handle_t *handle) {
+  session_t *s = uv_handle_get_data(handle);
+  close(s->client.fd);
+  close(s->upstream.fd);
+  keys_free(&s->tx);
+  keys_free(&s->rx);
+  free(s);
 }
 
 static void session_finalize(napi_env env, void *data, void *hint) {
@@ -849,22 +893,35 @@ static napi_value start(napi_env env, napi_callback_info info) {
     CHECK(napi_create_string_utf8(env, refusal, NAPI_AUTO_LENGTH, &why));
     return why;
   }
+  uv_loop_t *loop;
+  CHECK(napi_get_uv_event_loop(env, &loop));
   /* Copies of both descriptors: Node.js closes its own sockets once this returns. */
   int client_copy = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
   int upstream_copy = client_copy < 0 ? -1 : fcntl(upstream_fd, F_DUPFD_CLOEXEC, 0);
-  if (client_copy < 0 || upstream_copy < 0) {
+  int failed = client_copy < 0 || upstream_copy < 0 ? -errno : 0;
+  if (!failed) failed = uv_poll_init_socket(loop, &s->client.poll, client_copy);
+  if (failed) {
     if (client_copy >= 0) close(client_copy);
+    if (upstream_copy >= 0) close(upstream_copy);
     keys_free(&s->tx);
     keys_free(&s->rx);
     free(s);
-    CHECK(napi_create_string_utf8(env, strerror(errno), NAPI_AUTO_LENGTH, &why));
+    CHECK(napi_create_string_utf8(env, uv_strerror(failed), NAPI_AUTO_LENGTH, &why));
     return why;
   }
+  s->client.fd = client_copy;
+  s->upstream.fd = upstream_copy;
+  uv_handle_set_data((uv_handle_t *)&s->client.poll, s);
+  failed = uv_poll_init_socket(loop, &s->upstream.poll, upstream_copy);
+  if (failed) {
+    uv_close((uv_handle_t *)&s->client.poll, free_unstarted);
+    CHECK(napi_create_string_utf8(env, uv_strerror(failed), NAPI_AUTO_LENGTH, &why));
+    return why;
+  }
+  uv_handle_set_data((uv_handle_t *)&s->upstream.poll, s);
   s->tx.seq = (uint64_t)tx_seq;
   s->rx.seq = (uint64_t)rx_seq;
   s->env = env;
-  s->client.fd = client_copy;
-  s->upstream.fd = upstream_copy;
   s->upstream_idle = 1;
   s->messages.current_type = s->messages.last_type = -1;
   s->counters = counters;
@@ -872,25 +929,25 @@ static napi_value start(napi_env env, napi_callback_info info) {
   CHECK(napi_create_reference(env, argv[13], 1, &s->on_end));
   CHECK(napi_create_reference(env, argv[14], 1, &s->on_abandoned));
   CHECK(napi_create_reference(env, argv[15], 1, &s->farewell));
-  uv_loop_t *loop;
-  CHECK(napi_get_uv_event_loop(env, &loop));
-  uv_poll_init_socket(loop, &s->client.poll, s->client.fd);
-  uv_poll_init_socket(loop, &s->upstream.poll, s->upstream.fd);
-  uv_handle_set_data((uv_handle_t *)&s->client.poll, s);
-  uv_handle_set_data((uv_handle_t *)&s->upstream.poll, s);
   touch(s);
 
   napi_value handle;
   CHECK(napi_create_external(env, s, session_finalize, NULL, &handle));
-  /* What arrived during the login, in order, as if just read. */
-  if (first_up_len > 0) client_bytes(s, first_up, first_up_len);
-  if (!s->closing && first_client_len > 0) {
+  /*
+   * What arrived during the login, in the order it happened: the greeting (it ends with
+   * ReadyForQuery) and anything the upstream sent after it, then what the client sent after
+   * its startup, which makes a query run.
+   */
+  if (first_client_len > 0) {
+    s->bytes_to_client += (double)first_client_len;
+    s->counters[1] += (double)first_client_len;
     boundaries_observe(&s->messages, first_client, first_client_len);
     s->upstream_idle = at_boundary(&s->messages) && s->messages.last_type == 'Z';
     if (send_or_keep(&s->client, first_client, first_client_len) != 0) client_ended(s, 1);
   }
   if (!s->closing && first_cipher_len > 0) upstream_bytes(s, first_cipher, first_cipher_len);
-  if (!s->closing) update_polls(s);
+  if (!s->closing && !s->upstream.read_done && first_up_len > 0) client_bytes(s, first_up, first_up_len);
+  if (!s->closing && !maybe_done(s)) update_polls(s);
   return handle;
 }
 

@@ -7,10 +7,13 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
+import { connect as netConnect } from 'node:net';
+import { serialize } from 'pg-protocol';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { startProxiedPostgres, startProxy, connectionFor, type InProcessProxy } from './harness/proxy.js';
 import { native } from '../src/proxy/native-relay.js';
+import { encodeStartupMessage } from '../src/wire/startup-packets.js';
 
 let db: TestPostgres;
 let proxy: InProcessProxy;
@@ -113,5 +116,35 @@ test('a client on TLS, and --relay js: the JavaScript relay, with the same resul
     assert.equal(js.digest, js.expected);
   } finally {
     await Promise.all([tlsProxy.close(), jsProxy.close()]);
+  }
+});
+
+test('a query sent right behind the startup counts as running: --idle-timeout does not close the session under it', async () => {
+  for (const relay of ['native', 'js']) {
+    const idle = await startProxy(['--connection', connectionFor(db, token), '--idle-timeout', '400', '--relay', relay]);
+    try {
+      // Startup and query in one write, before any answer: the query reaches the relay with the login's leftovers.
+      const socket = netConnect({ host: '127.0.0.1', port: idle.port });
+      socket.write(Buffer.concat([encodeStartupMessage(new Map([['user', 'anyone'], ['database', db.database]])), serialize.query("select pg_sleep(1.2), 'done' as v")]));
+      const received: Buffer[] = [];
+      socket.on('data', (chunk: Buffer) => {
+        received.push(chunk);
+        // The answer is in: the client says goodbye (before the idle timeout could after it).
+        if (Buffer.concat(received).includes('SELECT 1\0')) socket.end(serialize.end());
+      });
+      await new Promise<void>((resolve) => {
+        socket.on('close', () => resolve());
+        socket.on('error', () => resolve());
+        setTimeout(() => socket.end(serialize.end()), 5000);
+      });
+      const all = Buffer.concat(received).toString('latin1');
+      assert.match(all, /SELECT 1/, `${relay}: the query completed (CommandComplete) before any idle close`);
+      assert.match(all, /done/);
+      const line = idle.logs.filter((l) => l.msg === 'session ended').at(-1);
+      assert.equal(line?.relay, relay === 'native' && native.addon ? 'native' : 'js');
+      assert.equal(line?.end, 'client_closed', `${relay}: ended by the client, not by the idle timeout: ${JSON.stringify(line)}`);
+    } finally {
+      await idle.close();
+    }
   }
 });
