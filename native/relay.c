@@ -602,31 +602,30 @@ static void client_bytes(session_t *s, const unsigned char *data, size_t n) {
 }
 
 /*
- * A socket in error may still hold what the peer sent before it: the server's last ErrorResponse,
- * the client's Terminate. Those are read and passed on (backpressure set aside: the kernel's
- * buffer bounds them) before the side ends with the socket's own error.
+ * One read of a side: bytes are passed on; EOF or an error ends the side. With `failed` (the
+ * socket is in error), "nothing to read" ends it too, with the socket's own error. Returns
+ * whether bytes were read and the side is still open.
  */
-static void drain_failed(session_t *s, side_t *side, int from_client) {
-  for (;;) {
-    ssize_t n;
-    do n = recv(side->fd, scratch_in, READ_SIZE, 0);
-    while (n < 0 && errno == EINTR);
-    if (n > 0) {
-      if (from_client) client_bytes(s, scratch_in, (size_t)n);
-      else upstream_bytes(s, scratch_in, (size_t)n);
-      if (s->closing || side->read_done) return; /* the bytes ended it (close_notify, a bad record) */
-      continue;
-    }
-    if (n == 0) {
-      if (from_client) client_ended(s, 0);
-      else upstream_ended(s, NULL);
-    } else if (from_client) {
-      client_ended(s, 1);
-    } else {
-      upstream_ended(s, errno == EAGAIN || errno == EWOULDBLOCK ? socket_error(side->fd, "read") : error_text("read", errno));
-    }
-    return;
+static int read_side(session_t *s, side_t *side, int from_client, int failed) {
+  ssize_t n;
+  do n = recv(side->fd, scratch_in, READ_SIZE, 0);
+  while (n < 0 && errno == EINTR);
+  if (n > 0) {
+    if (from_client) client_bytes(s, scratch_in, (size_t)n);
+    else upstream_bytes(s, scratch_in, (size_t)n);
+    return !s->closing && !side->read_done;
   }
+  int again = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  if (again && !failed) return 0;
+  if (n == 0) {
+    if (from_client) client_ended(s, 0);
+    else upstream_ended(s, NULL);
+  } else if (from_client) {
+    client_ended(s, 1);
+  } else {
+    upstream_ended(s, again ? socket_error(side->fd, "read") : error_text("read", errno));
+  }
+  return 0;
 }
 
 static void poll_cb(session_t *s, side_t *side, int status, int events) {
@@ -634,7 +633,12 @@ static void poll_cb(session_t *s, side_t *side, int status, int events) {
   int from_client = side == &s->client;
   if (status < 0) { /* libuv says EBADF for any POLLERR, and has stopped the handle */
     side->polling = 0;
-    if (!side->read_done) drain_failed(s, side, from_client);
+    /*
+     * It may still hold what the peer sent before the error (the server's last ErrorResponse,
+     * the client's Terminate): read it all, backpressure set aside (the kernel's buffer bounds
+     * it), then end the side with the socket's own error.
+     */
+    if (!side->read_done) while (read_side(s, side, from_client, 1)) {}
     if (!s->closing && !maybe_done(s)) update_polls(s);
     return;
   }
@@ -648,21 +652,7 @@ static void poll_cb(session_t *s, side_t *side, int status, int events) {
   }
   if ((events & (UV_READABLE | UV_DISCONNECT)) && !side->read_done && !s->closing) {
     side_t *other = from_client ? &s->upstream : &s->client;
-    if (pending_size(&other->out) == 0) {
-      ssize_t n;
-      do n = recv(side->fd, scratch_in, READ_SIZE, 0);
-      while (n < 0 && errno == EINTR);
-      if (n > 0) {
-        if (from_client) client_bytes(s, scratch_in, (size_t)n);
-        else upstream_bytes(s, scratch_in, (size_t)n);
-      } else if (n == 0) {
-        if (from_client) client_ended(s, 0);
-        else upstream_ended(s, NULL);
-      } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        if (from_client) client_ended(s, 1);
-        else upstream_ended(s, error_text("read", errno));
-      }
-    }
+    if (pending_size(&other->out) == 0) read_side(s, side, from_client, 0);
   }
   if (!s->closing && !maybe_done(s)) update_polls(s);
 }

@@ -140,6 +140,8 @@ test('a query sent right behind the startup counts as running: --idle-timeout do
       const all = Buffer.concat(received).toString('latin1');
       assert.match(all, /SELECT 1/, `${relay}: the query completed (CommandComplete) before any idle close`);
       assert.match(all, /done/);
+      // The line comes once both sides have closed: the upstream answers the Terminate by closing.
+      for (let i = 0; i < 60 && !idle.logs.some((l) => l.msg === 'session ended'); i++) await new Promise((r) => setTimeout(r, 50));
       const line = idle.logs.filter((l) => l.msg === 'session ended').at(-1);
       assert.equal(line?.relay, relay === 'native' && native.addon ? 'native' : 'js');
       assert.equal(line?.end, 'client_closed', `${relay}: ended by the client, not by the idle timeout: ${JSON.stringify(line)}`);
