@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { generate } from 'selfsigned';
 import {
+  keyDerivations,
   makeVerifier,
   md5PasswordResponse,
   parseVerifier,
@@ -27,6 +28,7 @@ import {
 } from '../src/auth/scram.js';
 import { quoteIdent, quoteLiteral, startPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy } from './harness/proxy.js';
+import { connectUpstream } from '../src/proxy/upstream.js';
 
 let db: TestPostgres;
 
@@ -209,4 +211,35 @@ test("the MD5 response matches Postgres' stored md5 hash", async () => {
   const expected = 'md5' + createHash('md5').update(Buffer.concat([Buffer.from(stored.slice(3)), salt])).digest('hex');
   assert.equal(md5PasswordResponse(db.md5Role, db.md5Password, salt), expected);
   assert.notEqual(md5PasswordResponse(db.md5Role, db.md5Password + 'x', salt), expected);
+});
+
+test('PBKDF2 runs once per password and server salt: later SCRAM logins and password checks reuse the keys, and a wrong password still fails', async () => {
+  const target = { host: 'localhost', port: db.port, sslMode: 'verify-full' as const, rootCert: Buffer.from(db.ca.caPem), connectTimeoutMs: 10000, keepAliveMs: 0 };
+  const login = async (password: string): Promise<void> => {
+    const session = await connectUpstream(target, db.scramRole, password, new Map([['database', db.database]]));
+    session.socket.destroy();
+  };
+  // A password (and so a salt) no earlier test used: the first login must derive.
+  const password = `fresh-${randomBytes(8).toString('hex')}`;
+  await db.query(`alter role ${quoteIdent(db.scramRole)} password ${quoteLiteral(password)}`);
+  try {
+    const before = keyDerivations();
+    await login(password);
+    assert.equal(keyDerivations(), before + 1, 'the first SCRAM login derives the keys');
+    await login(password);
+    await login(password);
+    assert.equal(keyDerivations(), before + 1, 'the next logins with the same password and salt do not');
+    await assert.rejects(login(password + 'x'), /password authentication failed/);
+    assert.equal(keyDerivations(), before + 2, 'another password is derived on its own');
+  } finally {
+    await db.query(`alter role ${quoteIdent(db.scramRole)} password ${quoteLiteral(db.scramPassword)}`);
+  }
+
+  const verifier = makeVerifier('right');
+  const afterVerifier = keyDerivations();
+  assert.equal(verifyPassword(verifier, 'right'), true);
+  assert.equal(verifyPassword(verifier, 'right'), true);
+  assert.equal(verifyPassword(verifier, 'wrong'), false);
+  assert.equal(verifyPassword(verifier, 'wrong'), false, 'a cached wrong password stays wrong');
+  assert.equal(keyDerivations(), afterVerifier + 1, "makeVerifier's keys served both checks of the right password; the wrong one was derived once");
 });

@@ -60,10 +60,42 @@ function saslprep(password: string): string {
   return password.replace(NON_ASCII_SPACE, ' ').replace(MAPPED_TO_NOTHING, '').normalize('NFKC');
 }
 
-function keys(password: string, salt: Buffer, iterations: number): { clientKey: Buffer; storedKey: Buffer; serverKey: Buffer } {
+interface Keys {
+  readonly clientKey: Buffer;
+  readonly storedKey: Buffer;
+  readonly serverKey: Buffer;
+}
+
+/**
+ * Keys derived lately, by SHA-256 of (password, salt, iterations). PBKDF2 with Postgres' 4,096
+ * iterations takes milliseconds on the event loop, which every session relayed there (the native
+ * relay's too) waits for; the same token logs in again and again with the same salt, so each
+ * (password, salt) pays it once. A few entries, the oldest dropped first; in memory only.
+ */
+const derived = new Map<string, Keys>();
+const DERIVED_MAX = 32;
+let derivations = 0;
+
+/** How many times PBKDF2 ran in this process (tests check the cache with it). */
+export function keyDerivations(): number {
+  return derivations;
+}
+
+function keys(password: string, salt: Buffer, iterations: number): Keys {
+  const id = createHash('sha256').update(password).update('\0').update(salt).update(`\0${iterations}`).digest('base64');
+  const known = derived.get(id);
+  if (known) {
+    derived.delete(id); // most recently used goes last
+    derived.set(id, known);
+    return known;
+  }
+  derivations++;
   const salted = pbkdf2Sync(saslprep(password), salt, iterations, 32, 'sha256');
   const clientKey = hmac(salted, 'Client Key');
-  return { clientKey, storedKey: sha256(clientKey), serverKey: hmac(salted, 'Server Key') };
+  const result = { clientKey, storedKey: sha256(clientKey), serverKey: hmac(salted, 'Server Key') };
+  derived.set(id, result);
+  if (derived.size > DERIVED_MAX) derived.delete(derived.keys().next().value as string);
+  return result;
 }
 
 export function makeVerifier(password: string, iterations = DEFAULT_ITERATIONS): ScramVerifier {
