@@ -79,9 +79,7 @@ export class NativeRelay implements SessionRelay {
       resolve(end);
     });
     if (typeof handle === 'string') throw new HandOverRefused(handle);
-    // The session may have ended inside start() (a client gone already): onEnd then came first.
-    this.#handle ??= handle;
-    void this.done.then(() => (this.#handle = undefined));
+    this.#handle = handle; // onEnd comes later: from a libuv close callback, never inside start()
   }
 
   get queryRunning(): boolean {
