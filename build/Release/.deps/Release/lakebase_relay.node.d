@@ -1,1 +1,0 @@
-cmd_Release/lakebase_relay.node := ln -f "Release/obj.target/lakebase_relay.node" "Release/lakebase_relay.node" 2>/dev/null || (rm -rf "Release/lakebase_relay.node" && cp -af "Release/obj.target/lakebase_relay.node" "Release/lakebase_relay.node")

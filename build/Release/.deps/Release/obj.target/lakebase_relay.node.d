@@ -1,1 +1,0 @@
-cmd_Release/obj.target/lakebase_relay.node := g++ -o Release/obj.target/lakebase_relay.node -shared -pthread -rdynamic -m64  -Wl,-soname=lakebase_relay.node -Wl,--start-group Release/obj.target/lakebase_relay/native/relay.o -Wl,--end-group 
