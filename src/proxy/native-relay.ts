@@ -52,6 +52,15 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
 /** The TLS 1.3 cipher suites native/relay.c implements (Node.js names them as OpenSSL does). */
 const CIPHERS = new Set(['TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256']);
 
+/**
+ * Why a session stays on the JavaScript relay. `lasting`: the upstream itself is the reason (its
+ * TLS version or cipher), so its next sessions would be refused too and need no tap.
+ */
+export interface Refusal {
+  readonly reason: string;
+  readonly lasting: boolean;
+}
+
 /** The relay's surface that the server uses; both relays have it. */
 export interface SessionRelay {
   readonly stats: RelayStats;
@@ -114,25 +123,27 @@ export class NativeRelay implements SessionRelay {
     upstreamName: string;
     counters: Float64Array;
     onAbandoned: () => void;
-  }): Promise<NativeRelay | string> {
+  }): Promise<NativeRelay | Refusal> {
     const addon = native.addon;
-    if (!addon) return `native relay not built (${native.problem})`;
+    if (!addon) return { reason: `native relay not built (${native.problem})`, lasting: true };
     const { client, tls, tap } = args;
     const cipher = tls.getCipher();
-    if (tls.getProtocol() !== 'TLSv1.3' || !CIPHERS.has(cipher.standardName)) return `upstream TLS is ${tls.getProtocol()} ${cipher.standardName}`;
+    if (tls.getProtocol() !== 'TLSv1.3' || !CIPHERS.has(cipher.standardName)) {
+      return { reason: `upstream TLS is ${tls.getProtocol()} ${cipher.standardName}`, lasting: true };
+    }
     const clientSecret = tap.secrets.get('CLIENT_TRAFFIC_SECRET_0');
     const serverSecret = tap.secrets.get('SERVER_TRAFFIC_SECRET_0');
-    if (!clientSecret || !serverSecret) return 'no TLS traffic secrets';
+    if (!clientSecret || !serverSecret) return { reason: 'no TLS traffic secrets', lasting: false };
     // What Node.js still has queued must reach the sockets before the native side writes. The
     // TLS socket itself is not waited for: the upstream answered our last message, so every record
     // of ours went through the tap; Node's TLS over a JavaScript stream sometimes reports such a
     // write done only at the next write, which never comes.
     await drained(client);
     while (tap.queuedToServer > 0 && !tls.destroyed) await new Promise((resolve) => setImmediate(resolve));
-    if (client.destroyed || tls.destroyed) return 'a socket closed during the hand-over';
+    if (client.destroyed || tls.destroyed) return { reason: 'a socket closed during the hand-over', lasting: false };
     client.pause();
     const clientFd = (client as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (clientFd === undefined || clientFd < 0) return 'the client socket has no file descriptor';
+    if (clientFd === undefined || clientFd < 0) return { reason: 'the client socket has no file descriptor', lasting: false };
     // Bytes each side sent that Node.js read but nobody consumed yet.
     const fromClient = readAll(client);
     const fromUpstream = readAll(tls);
@@ -140,7 +151,7 @@ export class NativeRelay implements SessionRelay {
     if (!handover) {
       if (fromClient.length > 0) client.unshift(fromClient);
       if (fromUpstream.length > 0) tls.unshift(fromUpstream);
-      return 'nothing to hand over';
+      return { reason: 'nothing to hand over', lasting: false };
     }
     const toClientFirst = fromUpstream.length > 0 ? Buffer.concat([args.toClientFirst, fromUpstream]) : args.toClientFirst;
     const clientFirst = fromClient.length > 0 ? Buffer.concat([args.clientFirst, fromClient]) : args.clientFirst;
@@ -175,7 +186,7 @@ export class NativeRelay implements SessionRelay {
       tap.takeBack(handover);
       if (fromClient.length > 0) client.unshift(fromClient);
       if (fromUpstream.length > 0) tls.unshift(fromUpstream);
-      return (error as Error).message;
+      return { reason: (error as Error).message, lasting: false };
     } finally {
       clientSecret.fill(0);
       serverSecret.fill(0);

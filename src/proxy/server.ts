@@ -11,7 +11,7 @@ import { TokenError, type TokenSource } from '../token/token-source.js';
 import { clientHandshake, HandshakeError, type ClientHandshakeOptions } from './client-handshake.js';
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
-import { native, NativeRelay, type SessionRelay } from './native-relay.js';
+import { native, NativeRelay, type Refusal, type SessionRelay } from './native-relay.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
 
@@ -72,6 +72,14 @@ export class ProxyServer {
   readonly #nativeBytes: Float64Array;
   #socketPath: string | undefined;
   #accepting = false;
+  /** Whether sessions go through the tap (native relay possible). */
+  readonly #tapUpstream: boolean;
+  /**
+   * Until when sessions skip the tap because the upstream could not be relayed natively (TLS 1.2,
+   * another cipher): they would be refused too, and the tap would slow them for nothing. Tried
+   * again after LASTING_REFUSAL_MS, in case the upstream changed.
+   */
+  #untappedUntil = 0;
 
   constructor(options: ProxyOptions, deps: ProxyDeps) {
     this.options = options;
@@ -79,6 +87,7 @@ export class ProxyServer {
     this.#observer = deps.observer ?? nullObserver;
     this.#log = deps.logger.child({ target: options.name });
     this.#nativeBytes = this.#observer.byteCounters();
+    this.#tapUpstream = options.relay === 'native' && native.addon !== undefined;
     if (options.relay === 'native' && !native.addon) this.#log.debug({ reason: native.problem }, 'native relay not available; using the JavaScript relay');
   }
 
@@ -227,7 +236,7 @@ export class ProxyServer {
       forwarded.delete('user');
       forwarded.set('database', database);
       // The native relay can take a plain client over; a client on TLS stays with Node's streams.
-      const tap = this.options.relay === 'native' && native.addon !== undefined && client === raw;
+      const tap = this.#tapUpstream && client === raw && Date.now() >= this.#untappedUntil;
       upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { tap });
       this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
     } catch (error) {
@@ -260,7 +269,7 @@ export class ProxyServer {
     };
     const upstreamName = `${target.host}:${target.port}`;
     const clientFirst = frames.detach();
-    let relay: NativeRelay | Relay | string = 'no tap';
+    let relay: NativeRelay | Relay | Refusal = { reason: 'not tapped', lasting: false };
     if (upstream.tap) {
       relay = await NativeRelay.handOver({
         client: raw,
@@ -272,16 +281,22 @@ export class ProxyServer {
         counters: this.#nativeBytes,
         onAbandoned,
       });
-      if (typeof relay === 'string') this.#log.debug({ peer, reason: relay }, 'session stays on the JavaScript relay');
+      if (!(relay instanceof NativeRelay)) {
+        this.#log.debug({ peer, reason: relay.reason }, 'session stays on the JavaScript relay');
+        if (relay.lasting) {
+          this.#untappedUntil = Date.now() + LASTING_REFUSAL_MS;
+          this.#log.info({ reason: relay.reason }, "the native relay cannot take this upstream's sessions; they use the JavaScript relay");
+        }
+      }
     }
-    if (typeof relay === 'string' && (raw.destroyed || upstream.socket.destroyed)) {
+    if (!(relay instanceof NativeRelay) && (raw.destroyed || upstream.socket.destroyed)) {
       // A side went away while the hand-over waited for Node's queued bytes: nothing to relay.
       clientKey.release();
       upstream.socket.destroy();
       if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
       return;
     }
-    if (typeof relay === 'string') {
+    if (!(relay instanceof NativeRelay)) {
       upstream.tap?.forget();
       client.write(hello);
       relay = new Relay(client, upstream.socket, clientFirst, upstream.leftover, upstreamName, this.#observer.bytes, onAbandoned);
@@ -369,6 +384,9 @@ export class ProxyServer {
     return facing;
   }
 }
+
+/** How long the upstream's sessions skip the tap after a refusal that is the upstream's own (its TLS). */
+const LASTING_REFUSAL_MS = 10 * 60_000;
 
 /** Idle means no byte either way and no query running: a long query is not idle. */
 function idleTimeout(raw: Socket, relay: Relay, ms: number): void {
