@@ -333,7 +333,7 @@ static const char *socket_error(int fd, const char *op) {
 }
 
 static void update_polls(session_t *s);
-static void finish(session_t *s, enum end_reason end);
+static void finish(session_t *s);
 static void teardown(session_t *s);
 static void linger_cb(uv_timer_t *timer);
 static int maybe_done(session_t *s);
@@ -434,7 +434,7 @@ static void client_ended(session_t *s, int error) {
       return;
     }
   }
-  finish(s, END_CLIENT_CLOSED);
+  finish(s);
 }
 
 /*
@@ -476,7 +476,7 @@ static void upstream_ended(session_t *s, const char *error) {
     teardown(s);
     return;
   }
-  finish(s, END_UPSTREAM_CLOSED);
+  finish(s);
 }
 
 /* Handshake messages after the handshake: session tickets (ignored) and KeyUpdate. */
@@ -736,8 +736,7 @@ static int maybe_done(session_t *s) {
 }
 
 /* One side has ended: the other gets LINGER_MS to finish (its FIN, what is queued for it). */
-static void finish(session_t *s, enum end_reason end) {
-  (void)end;
+static void finish(session_t *s) {
   if (s->closing || maybe_done(s) || s->linger_started) return;
   s->linger_started = 1;
   uv_timer_init(uv_handle_get_loop((uv_handle_t *)&s->client.poll), &s->linger);

@@ -87,7 +87,7 @@ export class NativeRelay implements SessionRelay {
       clearTimeout(this.#idleTimer);
       resolve(end);
     });
-    if (typeof handle === 'string') throw new HandOverRefused(handle);
+    if (typeof handle === 'string') throw new Error(handle); // refused: handOver() falls back
     this.#handle = handle; // onEnd comes later: from a libuv close callback, never inside start()
   }
 
@@ -197,11 +197,6 @@ export class NativeRelay implements SessionRelay {
     client.destroy();
     return relay;
   }
-}
-
-/** The native side refused a session after the checks above: the caller falls back. */
-export class HandOverRefused extends Error {
-  override readonly name = 'HandOverRefused';
 }
 
 function drained(stream: Socket): Promise<void> {

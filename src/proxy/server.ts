@@ -11,7 +11,7 @@ import { TokenError, type TokenSource } from '../token/token-source.js';
 import { clientHandshake, HandshakeError, type ClientHandshakeOptions } from './client-handshake.js';
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
-import { native, NativeRelay, type Refusal, type SessionRelay } from './native-relay.js';
+import { native, NativeRelay, type SessionRelay } from './native-relay.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
 
@@ -176,8 +176,8 @@ export class ProxyServer {
     this.#sessions.add(session);
     this.#observer.clientOpened();
     socket.once('close', () => {
-      // A session moved to the native relay closed Node's socket; it ends with the relay.
-      if (session.relay instanceof NativeRelay) return;
+      // A session with a relay ends with it (the native relay closes Node's socket at its start).
+      if (session.relay) return;
       this.#sessions.delete(session);
       this.#observer.clientClosed();
     });
@@ -269,9 +269,9 @@ export class ProxyServer {
     };
     const upstreamName = `${target.host}:${target.port}`;
     const clientFirst = frames.detach();
-    let relay: NativeRelay | Relay | Refusal = { reason: 'not tapped', lasting: false };
+    let relay: SessionRelay | undefined;
     if (upstream.tap) {
-      relay = await NativeRelay.handOver({
+      relay = await this.#handOver({
         client: raw,
         tls: upstream.socket,
         tap: upstream.tap,
@@ -280,54 +280,62 @@ export class ProxyServer {
         upstreamName,
         counters: this.#nativeBytes,
         onAbandoned,
-      });
-      if (!(relay instanceof NativeRelay)) {
-        this.#log.debug({ peer, reason: relay.reason }, 'session stays on the JavaScript relay');
-        if (relay.lasting) {
-          this.#untappedUntil = Date.now() + LASTING_REFUSAL_MS;
-          this.#log.info({ reason: relay.reason }, "the native relay cannot take this upstream's sessions; they use the JavaScript relay");
-        }
+      }, peer);
+    }
+    if (!relay) {
+      if (raw.destroyed || upstream.socket.destroyed) {
+        // A side went away while the hand-over waited for Node's queued bytes: nothing to relay.
+        clientKey.release();
+        upstream.socket.destroy();
+        if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
+        return;
       }
-    }
-    if (!(relay instanceof NativeRelay) && (raw.destroyed || upstream.socket.destroyed)) {
-      // A side went away while the hand-over waited for Node's queued bytes: nothing to relay.
-      clientKey.release();
-      upstream.socket.destroy();
-      if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
-      return;
-    }
-    if (!(relay instanceof NativeRelay)) {
       upstream.tap?.forget();
       client.write(hello);
       relay = new Relay(client, upstream.socket, clientFirst, upstream.leftover, upstreamName, this.#observer.bytes, onAbandoned);
-      if (this.options.idleTimeoutMs > 0) idleTimeout(raw, relay, this.options.idleTimeoutMs);
-    } else {
-      const nativeRelay = relay;
-      void nativeRelay.done.then(() => {
-        this.#sessions.delete(session);
-        this.#observer.clientClosed();
-      });
-      if (this.options.idleTimeoutMs > 0) nativeRelay.idleTimeout(this.options.idleTimeoutMs);
+    }
+    if (this.options.idleTimeoutMs > 0) {
+      if (relay instanceof NativeRelay) relay.idleTimeout(this.options.idleTimeoutMs);
+      else idleTimeout(raw, relay, this.options.idleTimeoutMs);
     }
     session.relay = relay;
     const relayKind = relay instanceof NativeRelay ? 'native' : 'js';
     this.#log.debug({ peer, user: clientUser, database, relay: relayKind }, 'session started');
     // #run returns now, so that nothing of the handshake and login stays alive for the session.
-    this.#whenEnded(relay, clientKey.release, { peer, user: clientUser, database, started, relay: relayKind });
+    this.#whenEnded(session, relay, clientKey.release, { peer, user: clientUser, database, started, relay: relayKind });
   }
 
-  #whenEnded(relay: SessionRelay, release: () => void, session: { peer: string; user: string; database: string; started: number; relay: string }): void {
+  /** The native relay for the session, or undefined (the reason logged) when it stays on the JavaScript relay. */
+  async #handOver(args: Parameters<typeof NativeRelay.handOver>[0], peer: string): Promise<NativeRelay | undefined> {
+    const relay = await NativeRelay.handOver(args);
+    if (relay instanceof NativeRelay) return relay;
+    this.#log.debug({ peer, reason: relay.reason }, 'session stays on the JavaScript relay');
+    if (relay.lasting) {
+      this.#untappedUntil = Date.now() + LASTING_REFUSAL_MS;
+      this.#log.info({ reason: relay.reason }, "the native relay cannot take this upstream's sessions; they use the JavaScript relay");
+    }
+    return undefined;
+  }
+
+  #whenEnded(
+    session: Session,
+    relay: SessionRelay,
+    release: () => void,
+    about: { peer: string; user: string; database: string; started: number; relay: string },
+  ): void {
     void relay.done.then((end: RelayEnd) => {
       release();
+      this.#sessions.delete(session);
+      this.#observer.clientClosed();
       this.#log.info(
         {
-          peer: session.peer,
-          user: session.user,
-          database: session.database,
-          durationMs: Date.now() - session.started,
+          peer: about.peer,
+          user: about.user,
+          database: about.database,
+          durationMs: Date.now() - about.started,
           bytesToUpstream: relay.stats.bytesToUpstream,
           bytesToClient: relay.stats.bytesToClient,
-          relay: session.relay,
+          relay: about.relay,
           end,
         },
         'session ended',
@@ -389,7 +397,7 @@ export class ProxyServer {
 const LASTING_REFUSAL_MS = 10 * 60_000;
 
 /** Idle means no byte either way and no query running: a long query is not idle. */
-function idleTimeout(raw: Socket, relay: Relay, ms: number): void {
+function idleTimeout(raw: Socket, relay: SessionRelay, ms: number): void {
   const idle = (): void => {
     if (relay.queryRunning) raw.setTimeout(ms, idle); // the callback is a once-listener
     else relay.close('idle_timeout');

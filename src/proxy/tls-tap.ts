@@ -59,6 +59,8 @@ export class TlsTap extends Duplex {
   #readRecords = 0;
   #readLog: Buffer[] = [];
   #handedOver = false;
+  /** Until the hand-over or forget(): records are framed and counted. After forget(), bytes just pass. */
+  #counting = true;
   /** TLS 1.3 traffic secrets from the 'keylog' event, by label. */
   readonly secrets = new Map<string, Buffer>();
 
@@ -67,6 +69,10 @@ export class TlsTap extends Duplex {
     this.#raw = raw;
     raw.on('data', (chunk: Buffer) => {
       if (this.#handedOver) return;
+      if (!this.#counting) {
+        if (!this.push(chunk)) raw.pause();
+        return;
+      }
       const { records, rest } = wholeRecords(this.#inbound.length > 0 ? Buffer.concat([this.#inbound, chunk]) : chunk);
       // A copy of a partial record, so that it does not pin the read buffer.
       this.#inbound = rest.length > 0 ? Buffer.from(rest) : EMPTY;
@@ -116,6 +122,10 @@ export class TlsTap extends Duplex {
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
     if (this.#handedOver) {
       callback(); // Node's TLS saying goodbye after the hand-over: the relay speaks for it now
+      return;
+    }
+    if (!this.#counting) {
+      this.#raw.write(chunk, callback);
       return;
     }
     const { records, rest } = wholeRecords(this.#outbound.length > 0 ? Buffer.concat([this.#outbound, chunk]) : chunk);
@@ -188,8 +198,15 @@ export class TlsTap extends Duplex {
     this.#raw.destroy();
   }
 
-  /** Forgets what only a hand-over needs: the session goes on in Node.js (the JavaScript relay). */
+  /**
+   * Forgets what only a hand-over needs: the session goes on in Node.js (the JavaScript relay),
+   * and from now on bytes pass without being framed or counted.
+   */
   forget(): void {
+    this.#counting = false;
+    if (this.#inbound.length > 0) this.push(this.#inbound);
+    this.#inbound = EMPTY;
+    this.#outbound = EMPTY;
     this.#readLog = [];
     this.#lastSent = EMPTY;
     for (const secret of this.secrets.values()) secret.fill(0);

@@ -108,13 +108,13 @@ function reason(error: Error): string {
   return (error as NodeJS.ErrnoException).code ?? error.name;
 }
 
-/**
- * TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. With `tap`, TLS
- * runs over a TlsTap (returned too), so that the native relay can take the connection over.
- */
-export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Promise<TLSSocket>;
-export async function openTls(target: UpstreamTarget, signal: AbortSignal | undefined, tap: true): Promise<TLSSocket & { tap: TlsTap }>;
-export async function openTls(target: UpstreamTarget, signal?: AbortSignal, tap = false): Promise<TLSSocket> {
+/** TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. */
+export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Promise<TLSSocket> {
+  return (await openTlsOver(target, signal, false)).tls;
+}
+
+/** openTls(), with TLS over a TlsTap when `tap` is asked for, so that the native relay can take the connection over. */
+async function openTlsOver(target: UpstreamTarget, signal: AbortSignal | undefined, tap: boolean): Promise<{ tls: TLSSocket; tap: TlsTap | undefined }> {
   const raw = netConnect({ host: target.host, port: target.port, noDelay: true });
   raw.on('error', ignore); // reported through the awaits below
   if (target.keepAliveMs > 0) raw.setKeepAlive(true, target.keepAliveMs);
@@ -143,7 +143,6 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal, tap 
     if (tapped) {
       tapped.on('error', ignore);
       tls.on('keylog', (line: Buffer) => tapped.keylog(line));
-      Object.defineProperty(tls, 'tap', { value: tapped });
     }
     tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, { session, certificate: serverCertificate(tls) }));
     await once(tls, 'secureConnect', target).catch((error: unknown) => {
@@ -154,7 +153,7 @@ export async function openTls(target: UpstreamTarget, signal?: AbortSignal, tap 
       }
       throw error;
     });
-    return tls;
+    return { tls, tap: tapped };
   } catch (error) {
     raw.destroy();
     throw error;
@@ -249,8 +248,7 @@ export async function connectUpstream(
   signal?: AbortSignal,
   options: { readonly tap?: boolean } = {},
 ): Promise<UpstreamSession> {
-  const socket = options.tap ? await openTls(target, signal, true) : await openTls(target, signal);
-  const tap = (socket as TLSSocket & { tap?: TlsTap }).tap;
+  const { tls: socket, tap } = await openTlsOver(target, signal, options.tap === true);
   const cleanup = bound(socket, target, signal);
   const frames = new SocketFrames(socket, new FrameReader(MAX_HANDSHAKE_MESSAGE, true));
   try {
