@@ -112,6 +112,8 @@ for (const [command, what] of [
     const proxy: InProcessProxy = await startProxy([
       '--connection',
       `Server=localhost;Port=${shimPort};User=keyupdate;SSLRootCert=${ca.caFile};OAuthAccessToken=tok-keyupdate;Database=db`,
+      '--relay',
+      'native',
     ]);
     const c = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'anyone', database: 'db' });
     c.on('error', () => {});

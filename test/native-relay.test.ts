@@ -20,7 +20,7 @@ let proxy: InProcessProxy;
 let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(600).toString('base64url');
 
-before(async () => ({ db, proxy, close } = await startProxiedPostgres(token)));
+before(async () => ({ db, proxy, close } = await startProxiedPostgres(token, ['--relay', 'native'])));
 after(() => close?.());
 
 const hasCompiler = ['cc', 'gcc', 'clang'].some((cc) => spawnSync(cc, ['--version'], { stdio: 'ignore' }).status === 0);
@@ -92,7 +92,7 @@ test('each TLS 1.3 cipher suite: the session goes native, and a large answer and
 });
 
 test('a TLS 1.2 upstream: sessions stay on the JavaScript relay and work; after the first, they skip the tap', async () => {
-  const own = await startProxy(['--connection', connectionFor(db, token)]);
+  const own = await startProxy(['--connection', connectionFor(db, token), '--relay', 'native']);
   try {
     await serverSettings({ ssl_max_protocol_version: 'TLSv1.2' });
     for (const name of ['tls12-first', 'tls12-second']) {
@@ -114,7 +114,7 @@ test('a TLS 1.2 upstream: sessions stay on the JavaScript relay and work; after 
 });
 
 test('a client on TLS, and --relay js: the JavaScript relay, with the same results', async () => {
-  const tlsProxy = await startProxy(['--connection', connectionFor(db, token), '--tls-cert', db.ca.serverCertFile, '--tls-key', db.ca.serverKeyFile]);
+  const tlsProxy = await startProxy(['--connection', connectionFor(db, token), '--tls-cert', db.ca.serverCertFile, '--tls-key', db.ca.serverKeyFile, '--relay', 'native']);
   const jsProxy = await startProxy(['--connection', connectionFor(db, token), '--relay', 'js']);
   try {
     const overTls = await session(tlsProxy, 'client-tls', { ssl: { ca: db.ca.caPem, servername: 'localhost' } });
