@@ -2,9 +2,10 @@
   "targets": [
     {
       "target_name": "lakebase_relay",
-      "sources": ["native/relay.c"],
-      "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-deprecated-declarations"],
-      "defines": ["NAPI_VERSION=8", "OPENSSL_API_COMPAT=0x10100000L"]
+      "sources": ["native/relay.c", "native/addon.c"],
+      "cflags": ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-Werror=incompatible-pointer-types"],
+      "ldflags": ["-Wl,-z,now"],
+      "defines": ["NAPI_VERSION=8", "OPENSSL_API_COMPAT=30000", "OPENSSL_NO_DEPRECATED"]
     }
   ]
 }

@@ -74,7 +74,7 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'StartupTimeout', kind: milliseconds, flag: '--startup-timeout', default: '30000', help: 'milliseconds a client has to finish its startup and authentication' },
   { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client connections at once; 0 means no limit' },
   { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session after this many milliseconds with no query running and no byte either way; 0 means never' },
-  { name: 'Relay', kind: { type: 'enum', values: ['native', 'js'] }, flag: '--relay', default: 'js', help: 'js: Node.js streams (the default); native: the relay in C (built by npm install) for sessions it can take (a plain client, TLS 1.3 upstream), Node.js streams for others' },
+  { name: 'Relay', kind: { type: 'enum', values: ['native', 'js'] }, flag: '--relay', default: 'native', help: 'native: the upstream TLS connection and the relay in C on OpenSSL (built by npm install) for plain clients, Node.js streams for clients on TLS; js: Node.js TLS and streams always' },
   { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow a non-loopback address without client TLS, or with trust authentication (only inside a private network)' },
   { name: 'Profile', kind: string, help: 'a profile of ~/.databrickscfg to take host, client_id and client_secret from (or DATABRICKS_CONFIG_PROFILE)' },
   // The process

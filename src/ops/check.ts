@@ -2,6 +2,7 @@
 import { serialize } from 'pg-protocol';
 import type { ProxyOptions } from '../proxy/server.js';
 import { connectUpstream } from '../proxy/upstream.js';
+import { native } from '../proxy/native-relay.js';
 import type { TokenSource } from '../token/token-source.js';
 import { BackendCode, parseFields } from '../wire/backend-messages.js';
 import { FrameReader } from '../wire/frame-reader.js';
@@ -23,9 +24,11 @@ export async function connectionTest(options: ProxyOptions, tokenSource: TokenSo
   }
   let session;
   try {
-    session = await connectUpstream(options.upstream, options.identity, token.value, new Map([['database', options.defaultDatabase], ['application_name', 'lakebase-proxy check']]));
-    const cipher = session.socket.getCipher();
-    say(`${where}: TLS ok (${session.socket.getProtocol() ?? 'TLS'}, ${cipher.name}, certificate ${options.upstream.sslMode === 'require' ? 'not verified (SSLMode=require)' : 'verified'})`);
+    // The same TLS as the sessions: OpenSSL in C for the native relay, Node's otherwise.
+    const inC = options.relay === 'native' && native.addon !== undefined;
+    session = await connectUpstream(options.upstream, options.identity, token.value, new Map([['database', options.defaultDatabase], ['application_name', 'lakebase-proxy check']]), undefined, { native: inC });
+    say(`${where}: TLS ok (${session.tls.version}, ${session.tls.cipher}, certificate ${options.upstream.sslMode === 'require' ? 'not verified (SSLMode=require)' : 'verified'})`);
+    say(`${where}: relay ${inC ? 'native (OpenSSL in C)' : options.relay === 'native' ? `js (the native relay did not load: ${native.problem})` : 'js (--relay js)'}`);
     say(`${where}: login ok as "${options.identity}" to database "${options.defaultDatabase}"`);
   } catch (error) {
     say(`${where}: login FAILED: ${(error as Error).message}`);

@@ -1,65 +1,69 @@
 /**
- * The relay in C (native/relay.c, built by `npm install` when a C compiler is there): the same
- * byte pipe as relay.ts, run by libuv on Node's event loop with no JavaScript per read or write.
+ * The upstream connection in C (native/relay.c, built by `npm install` when a C compiler is
+ * there): an OpenSSL `SSL` object of its own on the upstream socket, from the TLS handshake on,
+ * and the relay between it and a plain client socket, run by libuv on Node's event loop with no
+ * JavaScript per read or write.
  *
- * Node.js keeps the TLS handshake, the certificate checks and the login (upstream.ts); once the
- * upstream is at ReadyForQuery, `handOver()` gives the two sockets and the TLS 1.3 traffic
- * secrets to the native side and closes Node's own objects for them (which also frees their
- * memory: an idle session is then a few hundred bytes of C). When the native side cannot take a
- * session (not built, TLS 1.2, a cipher it does not know, a client on TLS), the caller uses the
- * JavaScript relay with the same behaviour.
+ * OpenSSL does all of TLS; no key or secret ever leaves it. Node.js does the TCP connect and the
+ * SSLRequest (plaintext), then hands the socket to C before any TLS byte. The Postgres login
+ * stays in TypeScript (upstream.ts): `NativeUpstream` is a Duplex of the connection's plaintext
+ * during the login. At ReadyForQuery, `NativeRelay.start()` attaches the client socket; when C
+ * refuses it, the same logged-in connection is relayed by relay.ts over that Duplex instead.
  */
 import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
-import type { TLSSocket } from 'node:tls';
+import { Duplex } from 'node:stream';
+import * as tls from 'node:tls';
+import { readFileSync } from 'node:fs';
 import { errorResponse } from '../wire/backend-messages.js';
 import type { RelayEnd, RelayStats } from './relay.js';
-import type { TlsTap } from './tls-tap.js';
+
+type Handle = object;
 
 interface Addon {
-  start(
-    clientFd: number,
-    upstreamFd: number,
-    cipher: string,
-    clientSecret: Buffer,
-    serverSecret: Buffer,
-    lastClientRecord: Buffer,
-    clientRecords: number,
-    lastServerRecord: Buffer,
-    serverRecords: number,
-    toUpstreamFirst: Buffer,
-    upstreamCipherFirst: Buffer,
-    toClientFirst: Buffer,
-    counters: Float64Array,
+  context(verify: boolean, caPem: Buffer | null): Handle | string;
+  connect(
+    context: Handle,
+    fd: number,
+    serverName: string | null,
+    host: string | null,
+    onHandshake: (error: string | null, verifyCode: number) => void,
+    onData: (data: Buffer | null, error: string | null) => void,
     onEnd: (end: RelayEnd, toUpstream: number, toClient: number) => void,
+  ): Handle | string;
+  write(conn: Handle, data: Buffer): boolean;
+  pause(conn: Handle, paused: boolean): void;
+  certificate(conn: Handle): Buffer | undefined;
+  info(conn: Handle): [string, string, boolean];
+  relay(
+    conn: Handle,
+    clientFd: number,
+    toClientFirst: Buffer,
+    toUpstreamFirst: Buffer,
+    counters: Float64Array,
     onAbandoned: () => void,
     farewell: (reason: string | null) => Buffer | undefined,
-  ): object | string;
-  close(handle: object, end: RelayEnd): void;
-  state(handle: object): [number, number];
+  ): string | undefined;
+  close(conn: Handle, end: RelayEnd): void;
+  state(conn: Handle): [number, number];
 }
 
-/** The compiled addon, or why there is none. */
+/** Where the addon is: LAKEBASE_PROXY_NATIVE_ADDON names another build (the sanitizer run, tests of a broken one). */
+const ADDON_PATH = process.env['LAKEBASE_PROXY_NATIVE_ADDON'] || '../../../build/Release/lakebase_relay.node';
+
+/** The compiled addon, or why there is none (then every session uses the JavaScript relay). */
 export const native: { readonly addon: Addon | undefined; readonly problem: string | undefined } = (() => {
+  const major = Number((process.versions.openssl ?? '0').split('.')[0]);
+  if (!(major >= 3)) return { addon: undefined, problem: `Node.js runs OpenSSL ${process.versions.openssl ?? 'none'}; the native relay needs OpenSSL 3` };
   try {
-    const addon = createRequire(import.meta.url)('../../../build/Release/lakebase_relay.node') as Addon;
+    // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
+    const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
+    if (typeof addon.connect !== 'function' || typeof addon.relay !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };
   }
 })();
-
-/** The TLS 1.3 cipher suites native/relay.c implements (Node.js names them as OpenSSL does). */
-const CIPHERS = new Set(['TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256']);
-
-/**
- * Why a session stays on the JavaScript relay. `lasting`: the upstream itself is the reason (its
- * TLS version or cipher), so its next sessions would be refused too and need no tap.
- */
-export interface Refusal {
-  readonly reason: string;
-  readonly lasting: boolean;
-}
 
 /** The relay's surface that the server uses; both relays have it. */
 export interface SessionRelay {
@@ -69,55 +73,243 @@ export interface SessionRelay {
   close(end?: RelayEnd): void;
 }
 
+/** What native TLS needs of a target. */
+export interface NativeTlsTarget {
+  readonly host: string;
+  readonly port: number;
+  readonly sslMode: 'verify-full' | 'verify-ca' | 'require';
+  readonly rootCert: Buffer | undefined;
+}
+
+/** A TLS handshake that failed: the words, and OpenSSL's verification result (0 when the certificate was not the problem). */
+export class NativeHandshakeError extends Error {
+  override readonly name = 'NativeHandshakeError';
+  constructor(
+    message: string,
+    readonly verifyCode: number,
+  ) {
+    super(message);
+  }
+}
+
+/** X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH. */
+const NAME_MISMATCH = new Set([62, 64]);
+
+/**
+ * One OpenSSL context per target (its trust settings and the session to resume), made at its
+ * first connection: the CA text is parsed once.
+ */
+const contexts = new WeakMap<NativeTlsTarget, Handle>();
+
+function contextFor(addon: Addon, target: NativeTlsTarget): Handle {
+  let context = contexts.get(target);
+  if (!context) {
+    const verify = target.sslMode !== 'require';
+    const made = addon.context(verify, verify ? (target.rootCert ?? defaultCertificates()) : null);
+    if (typeof made === 'string') throw new NativeHandshakeError(`could not set up TLS: ${made}`, 0);
+    context = made;
+    contexts.set(target, context);
+  }
+  return context;
+}
+
+/**
+ * The CAs Node's TLS trusts by default: its bundled root store and NODE_EXTRA_CA_CERTS (which
+ * tls.rootCertificates leaves out; tls.getCACertificates('default') has both, from Node 22.15).
+ */
+function defaultCertificates(): Buffer {
+  const getCACertificates = (tls as { getCACertificates?: (type: string) => string[] }).getCACertificates;
+  if (getCACertificates) return Buffer.from(getCACertificates('default').join('\n'));
+  const extraFile = process.env['NODE_EXTRA_CA_CERTS'];
+  let extra = '';
+  try {
+    if (extraFile) extra = readFileSync(extraFile, 'utf8'); // Node warns about an unreadable one itself
+  } catch {
+    extra = '';
+  }
+  return Buffer.from([...tls.rootCertificates, extra].join('\n'));
+}
+
+function fdOf(socket: Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return fd === undefined || fd < 0 ? undefined : fd;
+}
+
+/**
+ * The plaintext of a native upstream connection during the login, as a Duplex. Destroying it
+ * closes the connection, unless the relay has taken it.
+ */
+export class NativeUpstream extends Duplex {
+  readonly #addon: Addon;
+  #conn: Handle | undefined;
+  #paused = false;
+  #ended = false;
+  /** Set when the relay took the connection: its end goes there. */
+  #onRelayEnd: ((end: RelayEnd, toUpstream: number, toClient: number) => void) | undefined;
+  readonly handshake: Promise<void>;
+
+  private constructor(addon: Addon) {
+    super({ allowHalfOpen: false });
+    this.#addon = addon;
+    let settle!: (error?: Error) => void;
+    this.handshake = new Promise<void>((resolve, reject) => (settle = (error) => (error ? reject(error) : resolve())));
+    this.#settle = settle;
+    this.handshake.catch(() => {}); // the caller awaits it; a late failure is theirs
+  }
+
+  #settle: (error?: Error) => void;
+
+  /**
+   * Starts TLS in C on `raw` (connected, its SSLRequest answered 'S', nothing else read) and
+   * closes Node's own handle of the socket: C keeps a copy of the descriptor. Throws when the
+   * native side cannot take it (then `raw` is untouched).
+   */
+  static connect(raw: Socket, target: NativeTlsTarget): NativeUpstream {
+    const addon = native.addon;
+    if (!addon) throw new Error(native.problem);
+    const fd = fdOf(raw);
+    if (fd === undefined) throw new Error('the upstream socket has no file descriptor');
+    const context = contextFor(addon, target);
+    const upstream = new NativeUpstream(addon);
+    const isName = !/^[\d.]+$/.test(target.host) && !target.host.includes(':');
+    const conn = addon.connect(
+      context,
+      fd,
+      isName ? target.host : null, // SNI: a host name only (RFC 6066)
+      target.sslMode === 'verify-full' ? target.host : null,
+      (error, verifyCode) => upstream.#handshaken(error, verifyCode),
+      (data, error) => upstream.#data(data, error),
+      (end, toUpstream, toClient) => upstream.#end(end, toUpstream, toClient),
+    );
+    if (typeof conn === 'string') throw new Error(conn);
+    upstream.#conn = conn;
+    raw.destroy(); // Node's descriptor only: C's copy keeps the connection open, no FIN is sent
+    return upstream;
+  }
+
+  /** The server certificate (DER), also on a resumed session. */
+  certificate(): Buffer | undefined {
+    return this.#conn ? this.#addon.certificate(this.#conn) : undefined;
+  }
+
+  /** [TLS version, cipher suite, resumed]. */
+  get tlsInfo(): { version: string; cipher: string; resumed: boolean } {
+    const [version = '', cipher = '', resumed = false] = this.#conn ? this.#addon.info(this.#conn) : [];
+    return { version, cipher, resumed };
+  }
+
+  /**
+   * Gives the connection to the relay: from now on its data goes to the client socket in C, and
+   * its end to `onEnd`. Returns what Node.js had read of it and not consumed.
+   */
+  takeOver(onEnd: (end: RelayEnd, toUpstream: number, toClient: number) => void): { conn: Handle; unread: Buffer } | undefined {
+    if (!this.#conn || this.#ended) return undefined;
+    this.#onRelayEnd = onEnd;
+    // Nothing more from C into this Duplex while it is emptied: the relay reads what OpenSSL holds.
+    this.#paused = true;
+    this.#addon.pause(this.#conn, true);
+    return { conn: this.#conn, unread: readAll(this) };
+  }
+
+  /** The relay refused: the connection stays with this Duplex (what was read is put back). */
+  giveBack(unread: Buffer): void {
+    this.#onRelayEnd = undefined;
+    if (unread.length > 0) this.unshift(unread);
+    this._read();
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    if (this.#conn && this.#addon.write(this.#conn, chunk)) callback();
+    else callback(new Error('the upstream connection is closed'));
+  }
+
+  override _read(): void {
+    if (this.#paused && this.#conn && !this.#ended && !this.#onRelayEnd) {
+      this.#paused = false;
+      this.#addon.pause(this.#conn, false);
+    }
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    if (this.#conn && !this.#ended && !this.#onRelayEnd) this.#addon.close(this.#conn, 'upstream_error');
+    this.#settle(error ?? new Error('closed before the TLS handshake ended'));
+    callback(error);
+  }
+
+  #handshaken(error: string | null, verifyCode: number): void {
+    this.#settle(error === null ? undefined : new NativeHandshakeError(NAME_MISMATCH.has(verifyCode) ? "Hostname/IP does not match certificate's altnames" : error, verifyCode));
+  }
+
+  #data(data: Buffer | null, error: string | null): void {
+    if (data) {
+      if (!this.push(data) && this.#conn && !this.#paused) {
+        this.#paused = true;
+        this.#addon.pause(this.#conn, true);
+      }
+    } else if (error !== null) {
+      this.destroy(new Error(error));
+    } else {
+      this.push(null);
+    }
+  }
+
+  #end(end: RelayEnd, toUpstream: number, toClient: number): void {
+    this.#ended = true;
+    const relayEnd = this.#onRelayEnd;
+    this.#conn = undefined;
+    if (relayEnd) {
+      relayEnd(end, toUpstream, toClient);
+      return;
+    }
+    this.#settle(new Error('the upstream closed the connection during the TLS handshake'));
+    this.destroy();
+  }
+}
+
+/** Why a session stays on the JavaScript relay. */
+export interface Refusal {
+  readonly reason: string;
+}
+
 export class NativeRelay implements SessionRelay {
   readonly stats: RelayStats = { bytesToUpstream: 0, bytesToClient: 0 };
   readonly done: Promise<RelayEnd>;
-  #handle: object | undefined;
   readonly #addon: Addon;
+  #conn: Handle | undefined;
   #idleTimer: NodeJS.Timeout | undefined;
+  #resolve!: (end: RelayEnd) => void;
 
-  private constructor(addon: Addon, start: (onEnd: (end: RelayEnd, toUpstream: number, toClient: number) => void) => object | string) {
+  private constructor(addon: Addon) {
     this.#addon = addon;
-    let resolve!: (end: RelayEnd) => void;
-    this.done = new Promise((r) => (resolve = r));
-    const handle = start((end, toUpstream, toClient) => {
-      this.stats.bytesToUpstream = toUpstream;
-      this.stats.bytesToClient = toClient;
-      this.#handle = undefined;
-      clearTimeout(this.#idleTimer);
-      resolve(end);
-    });
-    if (typeof handle === 'string') throw new Error(handle); // refused: handOver() falls back
-    this.#handle = handle; // onEnd comes later: from a libuv close callback, never inside start()
+    this.done = new Promise((resolve) => (this.#resolve = resolve));
   }
 
   get queryRunning(): boolean {
-    return this.#handle !== undefined && this.#addon.state(this.#handle)[0] === 1;
+    return this.#conn !== undefined && this.#addon.state(this.#conn)[0] === 1;
   }
 
   close(end: RelayEnd = 'shutdown'): void {
-    if (this.#handle) this.#addon.close(this.#handle, end);
+    if (this.#conn) this.#addon.close(this.#conn, end);
   }
 
   /** Closes the session after `ms` with no byte either way and no query running. */
   idleTimeout(ms: number): void {
     const check = (): void => {
-      if (!this.#handle) return;
-      const [running, idleFor] = this.#addon.state(this.#handle);
+      if (!this.#conn) return;
+      const [running, idleFor] = this.#addon.state(this.#conn);
       if (running === 0 && idleFor >= ms) this.close('idle_timeout');
-      else this.#idleTimer = setTimeout(check, running === 1 ? ms : ms - idleFor);
+      else this.#idleTimer = setTimeout(check, running === 1 ? ms : Math.max(1, ms - idleFor));
     };
     this.#idleTimer = setTimeout(check, ms);
   }
 
   /**
-   * Moves a logged-in session to the native relay, or returns why it stays in JavaScript (then
-   * nothing was changed). `client` must be a plain socket and `tls` run over `tap`.
+   * Attaches the plain client socket to the logged-in native upstream, or returns why not (then
+   * nothing was changed: `upstream` and `client` go on in Node.js).
    */
-  static async handOver(args: {
+  static async start(args: {
     client: Socket;
-    tls: TLSSocket;
-    tap: TlsTap;
+    upstream: NativeUpstream;
     clientFirst: Buffer;
     toClientFirst: Buffer;
     upstreamName: string;
@@ -125,77 +317,48 @@ export class NativeRelay implements SessionRelay {
     onAbandoned: () => void;
   }): Promise<NativeRelay | Refusal> {
     const addon = native.addon;
-    if (!addon) return { reason: `native relay not built (${native.problem})`, lasting: true };
-    const { client, tls, tap } = args;
-    const cipher = tls.getCipher();
-    if (tls.getProtocol() !== 'TLSv1.3' || !CIPHERS.has(cipher.standardName)) {
-      return { reason: `upstream TLS is ${tls.getProtocol()} ${cipher.standardName}`, lasting: true };
-    }
-    const clientSecret = tap.secrets.get('CLIENT_TRAFFIC_SECRET_0');
-    const serverSecret = tap.secrets.get('SERVER_TRAFFIC_SECRET_0');
-    if (!clientSecret || !serverSecret) return { reason: 'no TLS traffic secrets', lasting: false };
-    // What Node.js still has queued must reach the sockets before the native side writes. The
-    // TLS socket itself is not waited for: the upstream answered our last message, so every record
-    // of ours went through the tap; Node's TLS over a JavaScript stream sometimes reports such a
-    // write done only at the next write, which never comes.
+    if (!addon) return { reason: `native relay not built (${native.problem})` };
+    const { client, upstream } = args;
+    // What Node.js still has queued for the client (a login notice) goes before the relay writes.
     await drained(client);
-    while (tap.queuedToServer > 0 && !tls.destroyed) await new Promise((resolve) => setImmediate(resolve));
-    if (client.destroyed || tls.destroyed) return { reason: 'a socket closed during the hand-over', lasting: false };
+    if (client.destroyed || upstream.destroyed) return { reason: 'a socket closed before the relay started' };
+    const clientFd = fdOf(client);
+    if (clientFd === undefined) return { reason: 'the client socket has no file descriptor' };
     client.pause();
-    const clientFd = (client as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (clientFd === undefined || clientFd < 0) return { reason: 'the client socket has no file descriptor', lasting: false };
-    // Bytes each side sent that Node.js read but nobody consumed yet.
+    const relay = new NativeRelay(addon);
+    const taken = upstream.takeOver((end, toUpstream, toClient) => relay.#ended(end, toUpstream, toClient));
+    if (!taken) return { reason: 'the upstream connection has ended' };
+    // Bytes each side sent that Node.js read and nobody consumed: they go first, in order.
     const fromClient = readAll(client);
-    const fromUpstream = readAll(tls);
-    const handover = tap.handOver();
-    if (!handover) {
-      if (fromClient.length > 0) client.unshift(fromClient);
-      if (fromUpstream.length > 0) tls.unshift(fromUpstream);
-      return { reason: 'nothing to hand over', lasting: false };
-    }
-    const toClientFirst = fromUpstream.length > 0 ? Buffer.concat([args.toClientFirst, fromUpstream]) : args.toClientFirst;
+    const toClientFirst = taken.unread.length > 0 ? Buffer.concat([args.toClientFirst, taken.unread]) : args.toClientFirst;
     const clientFirst = fromClient.length > 0 ? Buffer.concat([args.clientFirst, fromClient]) : args.clientFirst;
-    let relay: NativeRelay;
+    let refused: string | undefined;
     try {
-      relay = new NativeRelay(addon, (onEnd) =>
-        addon.start(
-          clientFd,
-          handover.fd,
-          cipher.standardName,
-          clientSecret,
-          serverSecret,
-          handover.lastSent,
-          handover.sentRecords,
-          handover.lastRead,
-          handover.readRecords,
-          clientFirst,
-          handover.unread,
-          toClientFirst,
-          args.counters,
-          onEnd,
-          args.onAbandoned,
-          (reason) =>
-            errorResponse({
-              code: '08006',
-              message: reason === null ? `upstream ${args.upstreamName} closed the connection unexpectedly` : `lost the connection to upstream ${args.upstreamName}: ${reason}`,
-            }),
-        ),
+      refused = addon.relay(taken.conn, clientFd, toClientFirst, clientFirst, args.counters, args.onAbandoned, (reason) =>
+        errorResponse({
+          code: '08006',
+          message: reason === null ? `upstream ${args.upstreamName} closed the connection unexpectedly` : `lost the connection to upstream ${args.upstreamName}: ${reason}`,
+        }),
       );
     } catch (error) {
-      // Refused (a string from C), or a fault in the call: either way the session goes on in Node.js.
-      tap.takeBack(handover);
-      if (fromClient.length > 0) client.unshift(fromClient);
-      if (fromUpstream.length > 0) tls.unshift(fromUpstream);
-      return { reason: (error as Error).message, lasting: false };
-    } finally {
-      clientSecret.fill(0);
-      serverSecret.fill(0);
+      refused = (error as Error).message;
     }
-    // The native side has its own copies of both descriptors: Node's sockets close without a word.
-    tls.destroy();
-    tap.closeTcp();
-    client.destroy();
+    if (refused !== undefined) {
+      upstream.giveBack(taken.unread);
+      if (fromClient.length > 0) client.unshift(fromClient);
+      return { reason: refused };
+    }
+    relay.#conn = taken.conn;
+    client.destroy(); // Node's descriptor only: C has its own copy
     return relay;
+  }
+
+  #ended(end: RelayEnd, toUpstream: number, toClient: number): void {
+    this.stats.bytesToUpstream = toUpstream;
+    this.stats.bytesToClient = toClient;
+    this.#conn = undefined;
+    clearTimeout(this.#idleTimer);
+    this.#resolve(end);
   }
 }
 
@@ -212,7 +375,7 @@ function drained(stream: Socket): Promise<void> {
   });
 }
 
-function readAll(stream: Socket | TLSSocket): Buffer {
+function readAll(stream: Duplex): Buffer {
   const chunks: Buffer[] = [];
   for (let chunk = stream.read() as Buffer | null; chunk !== null; chunk = stream.read() as Buffer | null) chunks.push(chunk);
   return chunks.length === 0 ? Buffer.alloc(0) : Buffer.concat(chunks);

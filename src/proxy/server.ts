@@ -72,14 +72,8 @@ export class ProxyServer {
   readonly #nativeBytes: Float64Array;
   #socketPath: string | undefined;
   #accepting = false;
-  /** Whether sessions go through the tap (native relay possible). */
-  readonly #tapUpstream: boolean;
-  /**
-   * Until when sessions skip the tap because the upstream could not be relayed natively (TLS 1.2,
-   * another cipher): they would be refused too, and the tap would slow them for nothing. Tried
-   * again after LASTING_REFUSAL_MS, in case the upstream changed.
-   */
-  #untappedUntil = 0;
+  /** Whether upstream connections are OpenSSL's in C, for the native relay. */
+  readonly #nativeUpstream: boolean;
 
   constructor(options: ProxyOptions, deps: ProxyDeps) {
     this.options = options;
@@ -87,8 +81,11 @@ export class ProxyServer {
     this.#observer = deps.observer ?? nullObserver;
     this.#log = deps.logger.child({ target: options.name });
     this.#nativeBytes = this.#observer.byteCounters();
-    this.#tapUpstream = options.relay === 'native' && native.addon !== undefined;
-    if (options.relay === 'native' && !native.addon) this.#log.debug({ reason: native.problem }, 'native relay not available; using the JavaScript relay');
+    this.#nativeUpstream = options.relay === 'native' && native.addon !== undefined;
+    if (options.relay === 'native' && !native.addon && !nativeProblemLogged) {
+      nativeProblemLogged = true;
+      this.#log.warn({ reason: native.problem }, 'the native relay did not load; every session uses the JavaScript relay');
+    }
   }
 
   /** Open client connections, authenticated or not. */
@@ -235,9 +232,9 @@ export class ProxyServer {
       const forwarded = new Map(parameters);
       forwarded.delete('user');
       forwarded.set('database', database);
-      // The native relay can take a plain client over; a client on TLS stays with Node's streams.
-      const tap = this.#tapUpstream && client === raw && Date.now() >= this.#untappedUntil;
-      upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { tap });
+      // The native relay takes a plain client; a client on TLS stays with Node's streams.
+      const inC = this.#nativeUpstream && client === raw;
+      upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { native: inC });
       this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
     } catch (error) {
       raw.off('close', onClientGone);
@@ -270,27 +267,27 @@ export class ProxyServer {
     const upstreamName = `${target.host}:${target.port}`;
     const clientFirst = frames.detach();
     let relay: SessionRelay | undefined;
-    if (upstream.tap) {
-      relay = await this.#handOver({
+    if (upstream.native) {
+      const started = await NativeRelay.start({
         client: raw,
-        tls: upstream.socket,
-        tap: upstream.tap,
+        upstream: upstream.native,
         clientFirst,
         toClientFirst: upstream.leftover.length > 0 ? Buffer.concat([hello, upstream.leftover]) : hello,
         upstreamName,
         counters: this.#nativeBytes,
         onAbandoned,
-      }, peer);
+      });
+      if (started instanceof NativeRelay) relay = started;
+      else this.#log.info({ peer, reason: started.reason }, 'session stays on the JavaScript relay');
     }
     if (!relay) {
       if (raw.destroyed || upstream.socket.destroyed) {
-        // A side went away while the hand-over waited for Node's queued bytes: nothing to relay.
+        // A side went away before the relay started: nothing to relay.
         clientKey.release();
         upstream.socket.destroy();
         if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
         return;
       }
-      upstream.tap?.forget();
       client.write(hello);
       relay = new Relay(client, upstream.socket, clientFirst, upstream.leftover, upstreamName, this.#observer.bytes, onAbandoned);
     }
@@ -303,18 +300,6 @@ export class ProxyServer {
     this.#log.debug({ peer, user: clientUser, database, relay: relayKind }, 'session started');
     // #run returns now, so that nothing of the handshake and login stays alive for the session.
     this.#whenEnded(session, relay, clientKey.release, { peer, user: clientUser, database, started, relay: relayKind });
-  }
-
-  /** The native relay for the session, or undefined (the reason logged) when it stays on the JavaScript relay. */
-  async #handOver(args: Parameters<typeof NativeRelay.handOver>[0], peer: string): Promise<NativeRelay | undefined> {
-    const relay = await NativeRelay.handOver(args);
-    if (relay instanceof NativeRelay) return relay;
-    this.#log.debug({ peer, reason: relay.reason }, 'session stays on the JavaScript relay');
-    if (relay.lasting) {
-      this.#untappedUntil = Date.now() + LASTING_REFUSAL_MS;
-      this.#log.info({ reason: relay.reason }, "the native relay cannot take this upstream's sessions; they use the JavaScript relay");
-    }
-    return undefined;
   }
 
   #whenEnded(
@@ -393,8 +378,8 @@ export class ProxyServer {
   }
 }
 
-/** How long the upstream's sessions skip the tap after a refusal that is the upstream's own (its TLS). */
-const LASTING_REFUSAL_MS = 10 * 60_000;
+/** The native relay's load failure is said once per process, not per target. */
+let nativeProblemLogged = false;
 
 /** Idle means no byte either way and no query running: a long query is not idle. */
 function idleTimeout(raw: Socket, relay: SessionRelay, ms: number): void {

@@ -4,6 +4,7 @@
  * password. The result is a TLS socket at ReadyForQuery and the messages the client must see.
  */
 import { isIP, connect as netConnect, type Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { connect as tlsConnect, createSecureContext, type SecureContext, type TLSSocket } from 'node:tls';
 import { serialize } from 'pg-protocol';
 import { AuthRequest, BackendCode, message, parseFields, SSL_ACCEPT } from '../wire/backend-messages.js';
@@ -11,7 +12,7 @@ import { FrameReader } from '../wire/frame-reader.js';
 import { PeerClosedError, SocketFrames } from '../wire/socket-frames.js';
 import { CANCEL_REQUEST_CODE, encodeStartupMessage } from '../wire/startup-packets.js';
 import { md5PasswordResponse, SCRAM, SCRAM_PLUS, ScramClient, tlsServerEndPoint } from '../auth/scram.js';
-import { TlsTap } from './tls-tap.js';
+import { NativeHandshakeError, NativeUpstream } from './native-relay.js';
 
 export interface UpstreamTarget {
   readonly host: string;
@@ -26,15 +27,18 @@ export interface UpstreamTarget {
 }
 
 export interface UpstreamSession {
-  readonly socket: TLSSocket;
+  /** The plaintext of the connection: Node's TLS socket, or the native connection's Duplex. */
+  readonly socket: TLSSocket | NativeUpstream;
   /** ParameterStatus, NoticeResponse and the final ReadyForQuery, raw, in the order received. */
   readonly greeting: Buffer[];
   readonly processId: number;
   readonly secretKey: Buffer;
   /** Bytes that followed ReadyForQuery in the same read: the first bytes of the relay. */
   readonly leftover: Buffer;
-  /** The TCP side seen record by record, when asked for: the native relay can take the session over. */
-  readonly tap: TlsTap | undefined;
+  /** The TLS version and cipher suite (OpenSSL's standard name). */
+  readonly tls: { readonly version: string; readonly cipher: string };
+  /** Set when the connection is OpenSSL's in C (asked for with `native`): the native relay can take it. */
+  readonly native: NativeUpstream | undefined;
 }
 
 /** Fields of an ErrorResponse, in order: [letter, value]. */
@@ -110,15 +114,28 @@ function reason(error: Error): string {
 
 /** TCP + SSLRequest + TLS, bounded by the target's connect timeout and `signal`. */
 export async function openTls(target: UpstreamTarget, signal?: AbortSignal): Promise<TLSSocket> {
-  return (await openTlsOver(target, signal, false)).tls;
+  const opened = await openUpstreamTls(target, signal, false);
+  return opened.stream as TLSSocket;
 }
 
-/** openTls(), with TLS over a TlsTap when `tap` is asked for, so that the native relay can take the connection over. */
-async function openTlsOver(target: UpstreamTarget, signal: AbortSignal | undefined, tap: boolean): Promise<{ tls: TLSSocket; tap: TlsTap | undefined }> {
+/** A TLS connection to the upstream: Node's TLSSocket, or the native one (OpenSSL in C). */
+interface OpenedTls {
+  readonly stream: TLSSocket | NativeUpstream;
+  /** The server certificate (DER), for SCRAM channel binding; also on a resumed session. */
+  certificate(): Buffer | undefined;
+  readonly native: NativeUpstream | undefined;
+}
+
+/**
+ * TCP and the SSLRequest in Node.js, then TLS: in C when `native` (the socket goes to C before
+ * any TLS byte), else Node's TLS.
+ */
+async function openUpstreamTls(target: UpstreamTarget, signal: AbortSignal | undefined, native: boolean): Promise<OpenedTls> {
   const raw = netConnect({ host: target.host, port: target.port, noDelay: true });
   raw.on('error', ignore); // reported through the awaits below
   if (target.keepAliveMs > 0) raw.setKeepAlive(true, target.keepAliveMs);
-  const cleanup = bound(raw, target, signal);
+  let current: Duplex = raw; // what the timeout or the client's going away destroys
+  const cleanup = bound(() => current, target, signal);
   try {
     await once(raw, 'connect', target);
     raw.write(SSL_REQUEST);
@@ -126,11 +143,26 @@ async function openTlsOver(target: UpstreamTarget, signal: AbortSignal | undefin
     if (answer !== SSL_ACCEPT[0]) {
       throw new UpstreamError('08001', `upstream ${where(target)} refused TLS (it answered the SSLRequest with "${String.fromCharCode(answer)}"); Lakebase requires TLS`);
     }
+    if (native) {
+      const upstream = NativeUpstream.connect(raw, target);
+      current = upstream;
+      upstream.on('error', ignore);
+      await upstream.handshake.catch((error: unknown) => {
+        upstream.destroy();
+        if (error instanceof UpstreamError) throw error;
+        const message = (error as Error).message;
+        if (error instanceof NativeHandshakeError) {
+          const hint = target.sslMode === 'require' || error.verifyCode === 0 ? '' : error.verifyCode === 62 || error.verifyCode === 64 ? NAME_HINT : CA_HINT;
+          throw new UpstreamError('08001', `TLS handshake with upstream ${where(target)} failed: ${message}${hint}`, undefined, { cause: error });
+        }
+        throw new UpstreamError('08006', `upstream ${where(target)} closed the connection during the TLS handshake`, undefined, { cause: error });
+      });
+      return { stream: upstream, certificate: () => upstream.certificate(), native: upstream };
+    }
     const sessionKey = `${where(target)}/${target.sslMode}`;
     const offered = tlsSessions.get(sessionKey);
-    const tapped = tap ? new TlsTap(raw) : undefined;
     const tls = tlsConnect({
-      socket: tapped ?? raw,
+      socket: raw,
       secureContext: secureContextFor(target),
       ...(isIP(target.host) === 0 ? { servername: target.host } : {}),
       rejectUnauthorized: target.sslMode !== 'require',
@@ -140,10 +172,6 @@ async function openTlsOver(target: UpstreamTarget, signal: AbortSignal | undefin
     // Before any event: a resumed session's new ticket may come in the read that ends the handshake.
     if (offered?.certificate) resumedCertificates.set(tls, offered.certificate);
     tls.on('error', ignore);
-    if (tapped) {
-      tapped.on('error', ignore);
-      tls.on('keylog', (line: Buffer) => tapped.keylog(line));
-    }
     tls.on('session', (session: Buffer) => tlsSessions.set(sessionKey, { session, certificate: serverCertificate(tls) }));
     await once(tls, 'secureConnect', target).catch((error: unknown) => {
       tls.destroy();
@@ -153,7 +181,7 @@ async function openTlsOver(target: UpstreamTarget, signal: AbortSignal | undefin
       }
       throw error;
     });
-    return { tls, tap: tapped };
+    return { stream: tls, certificate: () => serverCertificate(tls), native: undefined };
   } catch (error) {
     raw.destroy();
     throw error;
@@ -162,27 +190,26 @@ async function openTlsOver(target: UpstreamTarget, signal: AbortSignal | undefin
   }
 }
 
+const NAME_HINT = ' (the certificate does not name this host: connect by a name it lists, or set SSLMode=verify-ca to check the CA only)';
+const CA_HINT = ' (set SSLRootCert to the CA file that signed it, or SSLMode=require to skip verification)';
+
 /**
  * Advice for a certificate that did not verify; none for other failures (a reset, a closed
  * connection, a peer that does not speak TLS), where changing the trust settings would not help.
  */
 function verificationHint(code: string): string {
-  if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') {
-    return ' (the certificate does not name this host: connect by a name it lists, or set SSLMode=verify-ca to check the CA only)';
-  }
-  if (!code.startsWith('ERR_') && /CERT|UNABLE_TO_|SELF_SIGNED|INVALID_CA/.test(code)) {
-    return ' (set SSLRootCert to the CA file that signed it, or SSLMode=require to skip verification)';
-  }
+  if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') return NAME_HINT;
+  if (!code.startsWith('ERR_') && /CERT|UNABLE_TO_|SELF_SIGNED|INVALID_CA/.test(code)) return CA_HINT;
   return '';
 }
 
 /** Destroys the socket when the timeout passes or the signal aborts; returns the cancel function. */
-function bound(socket: Socket, target: UpstreamTarget, signal: AbortSignal | undefined): () => void {
+function bound(socket: () => Duplex, target: UpstreamTarget, signal: AbortSignal | undefined): () => void {
   const timer = setTimeout(() => {
-    socket.destroy(new UpstreamError('08001', `timed out after ${target.connectTimeoutMs} ms connecting to upstream ${where(target)}`));
+    socket().destroy(new UpstreamError('08001', `timed out after ${target.connectTimeoutMs} ms connecting to upstream ${where(target)}`));
   }, target.connectTimeoutMs);
   const onAbort = (): void => {
-    socket.destroy(new UpstreamError('08006', `client went away while connecting to upstream ${where(target)}`));
+    socket().destroy(new UpstreamError('08006', `client went away while connecting to upstream ${where(target)}`));
   };
   signal?.addEventListener('abort', onAbort, { once: true });
   if (signal?.aborted) onAbort();
@@ -246,10 +273,11 @@ export async function connectUpstream(
   password: string,
   parameters: ReadonlyMap<string, string>,
   signal?: AbortSignal,
-  options: { readonly tap?: boolean } = {},
+  options: { readonly native?: boolean } = {},
 ): Promise<UpstreamSession> {
-  const { tls: socket, tap } = await openTlsOver(target, signal, options.tap === true);
-  const cleanup = bound(socket, target, signal);
+  const opened = await openUpstreamTls(target, signal, options.native === true);
+  const socket = opened.stream;
+  const cleanup = bound(() => socket, target, signal);
   const frames = new SocketFrames(socket, new FrameReader(MAX_HANDSHAKE_MESSAGE, true));
   try {
     socket.write(encodeStartupMessage(new Map([...parameters, ['user', user]])));
@@ -261,7 +289,7 @@ export async function connectUpstream(
       const { type, body } = await frames.next();
       switch (type) {
         case BackendCode.Authentication:
-          scram = authenticate(socket, body, user, password, scram, target);
+          scram = authenticate(socket, opened.certificate, body, user, password, scram, target);
           break;
         case BackendCode.BackendKeyData:
           if (body.length < 8) throw new UpstreamError('08P01', `upstream ${where(target)} sent a malformed BackendKeyData`);
@@ -283,7 +311,8 @@ export async function connectUpstream(
               secretKey,
               // A copy, or nothing: a view would keep the whole read buffer alive for the session.
               leftover: leftover.length === 0 ? NOTHING : Buffer.from(leftover),
-              tap,
+              native: opened.native,
+              tls: opened.native ? opened.native.tlsInfo : { version: (socket as TLSSocket).getProtocol() ?? 'TLS', cipher: (socket as TLSSocket).getCipher().standardName },
             };
           }
           break;
@@ -310,14 +339,14 @@ export async function connectUpstream(
     // A server sends its session tickets right after the handshake, before it answers the
     // startup: past ReadyForQuery the listener (and the certificate) would only be held.
     socket.removeAllListeners('session');
-    socket.removeAllListeners('keylog');
-    resumedCertificates.delete(socket);
+    if (!opened.native) resumedCertificates.delete(socket as TLSSocket);
   }
 }
 
 /** Answers one Authentication request; returns the SCRAM state for the next round. */
 function authenticate(
-  socket: TLSSocket,
+  socket: Duplex,
+  serverCertificate: () => Buffer | undefined,
   body: Buffer,
   user: string,
   password: string,
@@ -340,7 +369,7 @@ function authenticate(
       if (!plus && !mechanisms.includes(SCRAM)) {
         throw new UpstreamError('28000', `upstream ${where(target)} offers no supported SASL mechanism (${mechanisms.join(', ')})`);
       }
-      const certificate = serverCertificate(socket);
+      const certificate = serverCertificate();
       const binding = certificate ? tlsServerEndPoint(certificate) : undefined;
       const client = new ScramClient(password, plus && binding ? SCRAM_PLUS : SCRAM, binding, plus);
       socket.write(serialize.sendSASLInitialResponseMessage(client.mechanism, client.clientFirstMessage()));

@@ -40,11 +40,20 @@ export interface InProcessProxy {
   close(): Promise<void>;
 }
 
+/**
+ * `--relay` from LAKEBASE_PROXY_TEST_RELAY (native or js) unless the test chose one: CI runs the
+ * relay suites once per relay this way.
+ */
+function withTestRelay(args: string[]): string[] {
+  const relay = process.env['LAKEBASE_PROXY_TEST_RELAY'];
+  return relay && !args.includes('--relay') ? [...args, '--relay', relay] : args;
+}
+
 export async function startProxy(
   args: string[],
   deps: { tokenSource?: TokenSource; observer?: ProxyObserver } = {},
 ): Promise<InProcessProxy> {
-  const config = await loadConfig(parseArgs(['--port', '0', ...args]), {});
+  const config = await loadConfig(parseArgs(['--port', '0', ...withTestRelay(args)]), {});
   const settings = (config.targets[0] as { settings: import('../../src/config/properties.js').Settings }).settings;
   const options = await resolveProxy(settings, 'test');
   const lines: string[] = [];
@@ -85,7 +94,7 @@ export interface ProxyProcess {
 
 /** Runs `bin/lakebase-proxy.js` with `args` (plus `--port 0` unless a port is given) until it logs "listening". */
 export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000): Promise<ProxyProcess> {
-  const withPort = args.includes('--port') ? args : ['--port', '0', ...args];
+  const withPort = withTestRelay(args.includes('--port') ? args : ['--port', '0', ...args]);
   const child = spawn(process.execPath, [BIN, ...withPort, '--log-format', 'json'], {
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],

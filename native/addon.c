@@ -1,0 +1,433 @@
+/*
+ * The N-API face of relay.c, for src/proxy/native-relay.ts. Main thread only: the callbacks run
+ * JavaScript directly (the addon must not be loaded in worker threads).
+ *
+ *   context(verify, caPem)                                  -> ctx | string (why not)
+ *   connect(ctx, fd, sni|null, host|null, onHandshake(error|null, verifyCode), onData(buffer|null, error|null),
+ *           onEnd(end, bytesToUpstream, bytesToClient))     -> conn | string (nothing started; fd not taken)
+ *   write(conn, buffer) -> boolean;  pause(conn, paused);  certificate(conn) -> Buffer | undefined
+ *   info(conn) -> [version, cipher, resumed]
+ *   relay(conn, clientFd, toClientFirst, toUpstreamFirst, counters: Float64Array(2), onAbandoned(), farewell(reason|null) -> Buffer)
+ *        -> undefined | string (refused; the connection is unchanged)
+ *   close(conn, end);  state(conn) -> [queryRunning 0|1, idleMs]
+ *
+ * Descriptors are taken as copies (dup): the caller closes its own.
+ */
+#include <fcntl.h>
+#include <node_api.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "relay.h"
+
+typedef struct {
+  napi_env env;
+  lp_conn *conn; /* NULL once ended */
+  int js_released;
+  napi_ref on_handshake, on_data, on_end, on_abandoned, farewell, counters;
+} binding_t;
+
+static napi_async_context async_context;
+
+#define CHECK(call)                                                                   \
+  do {                                                                                \
+    if ((call) != napi_ok) {                                                          \
+      napi_throw_error(env, NULL, "lakebase-proxy native relay: " #call " failed");   \
+      return NULL;                                                                    \
+    }                                                                                 \
+  } while (0)
+
+static napi_value string(napi_env env, const char *text) {
+  napi_value value = NULL;
+  napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &value);
+  return value;
+}
+
+static napi_value undefined(napi_env env) {
+  napi_value value = NULL;
+  napi_get_undefined(env, &value);
+  return value;
+}
+
+/* A callback into JavaScript; an exception there is Node's uncaught exception, as for any callback. */
+static napi_value call_js(napi_env env, napi_ref ref, size_t argc, napi_value *argv) {
+  napi_value fn, recv, result = NULL;
+  if (!ref || napi_get_reference_value(env, ref, &fn) != napi_ok || !fn) return NULL;
+  napi_get_global(env, &recv);
+  if (napi_make_callback(env, async_context, recv, fn, argc, argv, &result) != napi_ok) {
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (pending) {
+      napi_value error;
+      napi_get_and_clear_last_exception(env, &error);
+      napi_fatal_exception(env, error);
+    }
+    return NULL;
+  }
+  return result;
+}
+
+static void release(binding_t *b) {
+  if (b->conn || !b->js_released) return;
+  free(b);
+}
+
+static void delete_ref(napi_env env, napi_ref *ref) {
+  if (*ref) napi_delete_reference(env, *ref);
+  *ref = NULL;
+}
+
+/* ---------- callbacks from relay.c ---------- */
+
+static void on_handshake(lp_conn *c, void *user, const char *error, long verify) {
+  (void)c;
+  binding_t *b = user;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  napi_value argv[2];
+  if (error) argv[0] = string(b->env, error);
+  else napi_get_null(b->env, &argv[0]);
+  napi_create_int64(b->env, verify, &argv[1]);
+  napi_ref ref = b->on_handshake;
+  b->on_handshake = NULL; /* once */
+  call_js(b->env, ref, 2, argv);
+  if (ref) napi_delete_reference(b->env, ref);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static void on_data(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error) {
+  (void)c;
+  binding_t *b = user;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  napi_value argv[2];
+  if (data) napi_create_buffer_copy(b->env, n, data, NULL, &argv[0]);
+  else napi_get_null(b->env, &argv[0]);
+  if (error) argv[1] = string(b->env, error);
+  else napi_get_null(b->env, &argv[1]);
+  call_js(b->env, b->on_data, 2, argv);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static void on_abandoned(lp_conn *c, void *user) {
+  (void)c;
+  binding_t *b = user;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  call_js(b->env, b->on_abandoned, 0, NULL);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static size_t on_farewell(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap) {
+  (void)c;
+  binding_t *b = user;
+  size_t written = 0;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  napi_value argv[1];
+  if (reason) argv[0] = string(b->env, reason);
+  else napi_get_null(b->env, &argv[0]);
+  napi_value result = call_js(b->env, b->farewell, 1, argv);
+  bool is_buffer = false;
+  void *data;
+  size_t length;
+  if (result && napi_is_buffer(b->env, result, &is_buffer) == napi_ok && is_buffer &&
+      napi_get_buffer_info(b->env, result, &data, &length) == napi_ok && length <= cap) {
+    memcpy(out, data, length);
+    written = length;
+  }
+  napi_close_handle_scope(b->env, scope);
+  return written;
+}
+
+static void on_end(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client) {
+  (void)c;
+  binding_t *b = user;
+  napi_env env = b->env;
+  b->conn = NULL;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value argv[3];
+  argv[0] = string(env, LP_END_NAMES[end]);
+  napi_create_double(env, to_upstream, &argv[1]);
+  napi_create_double(env, to_client, &argv[2]);
+  call_js(env, b->on_end, 3, argv);
+  napi_close_handle_scope(env, scope);
+  delete_ref(env, &b->on_handshake);
+  delete_ref(env, &b->on_data);
+  delete_ref(env, &b->on_end);
+  delete_ref(env, &b->on_abandoned);
+  delete_ref(env, &b->farewell);
+  delete_ref(env, &b->counters);
+  release(b);
+}
+
+static const lp_callbacks callbacks = { on_handshake, on_data, on_abandoned, on_farewell, on_end };
+
+/* ---------- the JavaScript interface ---------- */
+
+static void ctx_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  lp_ctx_release(data);
+}
+
+static void conn_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  binding_t *b = data;
+  b->js_released = 1;
+  release(b);
+}
+
+static int get_buffer(napi_env env, napi_value value, void **data, size_t *length) {
+  bool is_buffer = false;
+  if (napi_is_buffer(env, value, &is_buffer) != napi_ok || !is_buffer) return -1;
+  return napi_get_buffer_info(env, value, data, length) == napi_ok ? 0 : -1;
+}
+
+static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
+  size_t argc = want;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
+    napi_throw_type_error(env, NULL, "lakebase-proxy native relay: too few arguments");
+    return -1;
+  }
+  return 0;
+}
+
+/* The connection behind a handle; NULL once it ended. */
+static binding_t *binding_of(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (napi_get_value_external(env, value, &data) != napi_ok) return NULL;
+  return data;
+}
+
+/* A copy of a string argument (NULL for null or undefined), or NULL with an exception thrown. */
+static char *optional_string(napi_env env, napi_value value, int *failed) {
+  napi_valuetype type;
+  *failed = 0;
+  if (napi_typeof(env, value, &type) != napi_ok) return (*failed = 1), NULL;
+  if (type == napi_null || type == napi_undefined) return NULL;
+  size_t length;
+  if (napi_get_value_string_utf8(env, value, NULL, 0, &length) != napi_ok) return (*failed = 1), NULL;
+  char *text = malloc(length + 1);
+  if (!text || napi_get_value_string_utf8(env, value, text, length + 1, &length) != napi_ok) {
+    free(text);
+    *failed = 1;
+    return NULL;
+  }
+  return text;
+}
+
+static napi_value context(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  bool verify;
+  void *pem = NULL;
+  size_t pem_len = 0;
+  CHECK(napi_get_value_bool(env, argv[0], &verify));
+  if (verify && get_buffer(env, argv[1], &pem, &pem_len)) {
+    napi_throw_type_error(env, NULL, "context: a Buffer of PEM certificates expected");
+    return NULL;
+  }
+  const char *error = NULL;
+  lp_ctx *ctx = lp_ctx_new(verify, pem, pem_len, &error);
+  if (!ctx) return string(env, error);
+  napi_value handle;
+  if (napi_create_external(env, ctx, ctx_finalize, NULL, &handle) != napi_ok) {
+    lp_ctx_release(ctx);
+    napi_throw_error(env, NULL, "context: napi_create_external failed");
+    return NULL;
+  }
+  return handle;
+}
+
+static napi_value connect_conn(napi_env env, napi_callback_info info) {
+  napi_value argv[7];
+  if (get_args(env, info, 7, argv)) return NULL;
+  void *ctx = NULL;
+  int32_t fd;
+  CHECK(napi_get_value_external(env, argv[0], &ctx));
+  CHECK(napi_get_value_int32(env, argv[1], &fd));
+  int failed_sni, failed_host;
+  char *sni = optional_string(env, argv[2], &failed_sni);
+  char *host = optional_string(env, argv[3], &failed_host);
+  binding_t *b = calloc(1, sizeof *b);
+  int copy = -1;
+  const char *error = NULL;
+  if (failed_sni || failed_host) error = "connect: server name and host must be strings or null";
+  else if (!b) error = "out of memory";
+  else if ((copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) error = "could not take the socket over (dup failed)";
+  napi_value handle = NULL;
+  if (!error) {
+    b->env = env;
+    if (napi_create_reference(env, argv[4], 1, &b->on_handshake) != napi_ok || napi_create_reference(env, argv[5], 1, &b->on_data) != napi_ok ||
+        napi_create_reference(env, argv[6], 1, &b->on_end) != napi_ok || napi_create_external(env, b, conn_finalize, NULL, &handle) != napi_ok) {
+      error = "connect: could not keep the callbacks";
+    }
+  }
+  if (!error) {
+    uv_loop_t *loop;
+    if (napi_get_uv_event_loop(env, &loop) != napi_ok) error = "connect: no event loop";
+    else b->conn = lp_conn_connect(loop, ctx, copy, sni, host, &callbacks, b, &error);
+  }
+  free(sni);
+  free(host);
+  if (error || !b->conn) {
+    if (copy >= 0) close(copy);
+    if (b) {
+      delete_ref(env, &b->on_handshake);
+      delete_ref(env, &b->on_data);
+      delete_ref(env, &b->on_end);
+      if (handle) b->conn = NULL; /* the finalizer frees it */
+      else free(b);
+    }
+    return string(env, error ? error : "connect failed");
+  }
+  return handle;
+}
+
+static napi_value write_conn(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  void *data;
+  size_t length;
+  napi_value result;
+  if (get_buffer(env, argv[1], &data, &length)) {
+    napi_throw_type_error(env, NULL, "write: a Buffer expected");
+    return NULL;
+  }
+  int ok = b && b->conn && lp_conn_write(b->conn, data, length) == 0;
+  napi_get_boolean(env, ok, &result);
+  return result;
+}
+
+static napi_value pause_conn(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  bool paused;
+  CHECK(napi_get_value_bool(env, argv[1], &paused));
+  if (b && b->conn) lp_conn_pause(b->conn, paused);
+  return undefined(env);
+}
+
+static napi_value certificate(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  int n = b && b->conn ? lp_conn_certificate(b->conn, NULL, 0) : -1;
+  if (n <= 0) return undefined(env);
+  void *data;
+  napi_value buffer;
+  CHECK(napi_create_buffer(env, (size_t)n, &data, &buffer));
+  if (lp_conn_certificate(b->conn, data, n) != n) return undefined(env);
+  return buffer;
+}
+
+static napi_value info_conn(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  napi_value result, resumed;
+  CHECK(napi_create_array_with_length(env, 3, &result));
+  if (!b || !b->conn) return result;
+  CHECK(napi_set_element(env, result, 0, string(env, lp_conn_version(b->conn))));
+  CHECK(napi_set_element(env, result, 1, string(env, lp_conn_cipher(b->conn))));
+  CHECK(napi_get_boolean(env, lp_conn_resumed(b->conn), &resumed));
+  CHECK(napi_set_element(env, result, 2, resumed));
+  return result;
+}
+
+static napi_value relay(napi_env env, napi_callback_info info) {
+  napi_value argv[7];
+  if (get_args(env, info, 7, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  int32_t client_fd;
+  void *to_client, *to_upstream;
+  size_t to_client_len, to_upstream_len;
+  napi_typedarray_type counters_type;
+  size_t counters_len;
+  void *counters;
+  CHECK(napi_get_value_int32(env, argv[1], &client_fd));
+  if (get_buffer(env, argv[2], &to_client, &to_client_len) || get_buffer(env, argv[3], &to_upstream, &to_upstream_len)) {
+    napi_throw_type_error(env, NULL, "relay: buffers expected");
+    return NULL;
+  }
+  CHECK(napi_get_typedarray_info(env, argv[4], &counters_type, &counters_len, &counters, NULL, NULL));
+  if (counters_type != napi_float64_array || counters_len < 2) {
+    napi_throw_type_error(env, NULL, "relay: counters must be a Float64Array(2)");
+    return NULL;
+  }
+  if (!b || !b->conn) return string(env, "the upstream connection has ended");
+  int copy = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) return string(env, "could not take the client socket over (dup failed)");
+  if (napi_create_reference(env, argv[4], 1, &b->counters) != napi_ok || napi_create_reference(env, argv[5], 1, &b->on_abandoned) != napi_ok ||
+      napi_create_reference(env, argv[6], 1, &b->farewell) != napi_ok) {
+    close(copy);
+    delete_ref(env, &b->counters);
+    delete_ref(env, &b->on_abandoned);
+    delete_ref(env, &b->farewell);
+    return string(env, "relay: could not keep the callbacks");
+  }
+  const char *error = NULL;
+  if (lp_conn_relay(b->conn, copy, to_client, to_client_len, to_upstream, to_upstream_len, counters, &error) != 0) {
+    close(copy);
+    delete_ref(env, &b->counters);
+    delete_ref(env, &b->on_abandoned);
+    delete_ref(env, &b->farewell);
+    return string(env, error);
+  }
+  return undefined(env);
+}
+
+static napi_value close_conn(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  char name[32];
+  size_t len;
+  CHECK(napi_get_value_string_utf8(env, argv[1], name, sizeof name, &len));
+  enum lp_end end = LP_END_SHUTDOWN;
+  if (strcmp(name, "idle_timeout") == 0) end = LP_END_IDLE;
+  else if (strcmp(name, "upstream_error") == 0) end = LP_END_UPSTREAM_ERROR;
+  if (b && b->conn) lp_conn_close(b->conn, end);
+  return undefined(env);
+}
+
+static napi_value state(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  int running = 0;
+  double idle = 0;
+  if (b && b->conn) lp_conn_state(b->conn, &running, &idle);
+  napi_value result, a, d;
+  CHECK(napi_create_array_with_length(env, 2, &result));
+  CHECK(napi_create_int32(env, running, &a));
+  CHECK(napi_create_double(env, idle, &d));
+  CHECK(napi_set_element(env, result, 0, a));
+  CHECK(napi_set_element(env, result, 1, d));
+  return result;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  CHECK(napi_async_init(env, NULL, string(env, "lakebase-proxy relay"), &async_context));
+  napi_property_descriptor methods[] = {
+    { "context", NULL, context, NULL, NULL, NULL, napi_default, NULL },
+    { "connect", NULL, connect_conn, NULL, NULL, NULL, napi_default, NULL },
+    { "write", NULL, write_conn, NULL, NULL, NULL, napi_default, NULL },
+    { "pause", NULL, pause_conn, NULL, NULL, NULL, napi_default, NULL },
+    { "certificate", NULL, certificate, NULL, NULL, NULL, napi_default, NULL },
+    { "info", NULL, info_conn, NULL, NULL, NULL, napi_default, NULL },
+    { "relay", NULL, relay, NULL, NULL, NULL, napi_default, NULL },
+    { "close", NULL, close_conn, NULL, NULL, NULL, napi_default, NULL },
+    { "state", NULL, state, NULL, NULL, NULL, napi_default, NULL },
+  };
+  CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,73 @@
+/*
+ * The upstream connection in C: an OpenSSL `SSL` object on a non-blocking socket, driven by
+ * libuv, and the relay between it and a plain client socket.
+ *
+ * OpenSSL does all of TLS (handshake, certificate checks, records, KeyUpdate, alerts,
+ * close_notify, session tickets); this code only moves plaintext. The Postgres login is done by
+ * the caller through lp_conn_write() and the `data` callback; lp_conn_relay() then attaches a
+ * client socket and moves bytes both ways with backpressure until either side ends.
+ *
+ * No N-API here: addon.c binds it to JavaScript, fuzz/harness.c drives it directly.
+ */
+#ifndef LAKEBASE_PROXY_RELAY_H
+#define LAKEBASE_PROXY_RELAY_H
+
+#include <openssl/ssl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+enum lp_end { LP_END_NONE = 0, LP_END_CLIENT_CLOSED, LP_END_UPSTREAM_CLOSED, LP_END_CLIENT_ERROR, LP_END_UPSTREAM_ERROR, LP_END_SHUTDOWN, LP_END_IDLE };
+extern const char *const LP_END_NAMES[];
+
+/* A target's TLS settings and the last session it offered for resumption. */
+typedef struct lp_ctx lp_ctx;
+typedef struct lp_conn lp_conn;
+
+typedef struct {
+  /* The handshake ended: `error` is NULL on success; `verify` is X509_V_OK or why the certificate failed. */
+  void (*handshake)(lp_conn *c, void *user, const char *error, long verify);
+  /* Before the relay: plaintext from the upstream (n > 0), or its end (data NULL; error NULL for a clean end). */
+  void (*data)(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
+  /* The relay: the client went away while a query may run upstream (the caller cancels it). */
+  void (*abandoned)(lp_conn *c, void *user);
+  /* The relay: the ErrorResponse a client gets when the upstream goes away between two messages
+     (reason NULL: it closed). Writes at most `cap` bytes to `out`; returns the length, 0 for none. */
+  size_t (*farewell)(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap);
+  /* Last call for this connection: every handle and descriptor is closed, `c` is about to be freed. */
+  void (*end)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client);
+} lp_callbacks;
+
+/* verify: 0 (SSLMode=require) or 1; ca_pem: the PEM certificates to trust (may hold many). NULL on error. */
+lp_ctx *lp_ctx_new(int verify, const char *ca_pem, size_t ca_len, const char **error);
+void lp_ctx_release(lp_ctx *ctx);
+
+/*
+ * Starts the TLS handshake on `fd` (a connected TCP socket after the SSLRequest's 'S'; the
+ * connection takes it over and closes it). `sni`: the server name to send, or NULL; `host`: the
+ * name or address to check the certificate against (verify-full), or NULL. Returns NULL with
+ * `error` set when nothing was started (then `fd` is not closed).
+ */
+lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, const char *host, const lp_callbacks *cb, void *user, const char **error);
+/* Before the relay: sends plaintext (queued while the socket is full). */
+int lp_conn_write(lp_conn *c, const unsigned char *data, size_t n);
+/* Before the relay: stops or resumes delivering data (backpressure of the login's reader). */
+void lp_conn_pause(lp_conn *c, int paused);
+/* The server certificate, DER, into out (NULL to ask the length); -1 when there is none. */
+int lp_conn_certificate(lp_conn *c, unsigned char *out, int cap);
+const char *lp_conn_version(lp_conn *c);
+const char *lp_conn_cipher(lp_conn *c);
+int lp_conn_resumed(lp_conn *c);
+/*
+ * Attaches a plain client socket (taken over: closed at the end) and relays. `to_client_first`:
+ * bytes for the client first (the greeting); `to_upstream_first`: the client's bytes read
+ * before. `counters`: [to upstream, to client], added to as bytes move (may be NULL).
+ */
+int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_first, size_t to_client_len,
+                  const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, const char **error);
+/* Ends the connection now (shutdown, idle timeout, a failed login): the `end` callback follows. */
+void lp_conn_close(lp_conn *c, enum lp_end end);
+/* Whether a query runs (the client sent something not yet answered by ReadyForQuery), and ms since the last byte. */
+void lp_conn_state(lp_conn *c, int *query_running, double *idle_ms);
+
+#endif
