@@ -12,6 +12,7 @@ import { startOpsServer } from '../src/ops/http.js';
 import { Metrics, METRIC_PREFIX } from '../src/ops/metrics.js';
 import { silentLogger } from '../src/ops/log.js';
 import { StaticTokenSource } from '../src/token/static-token.js';
+import { native } from '../src/proxy/native-relay.js';
 
 let db: TestPostgres;
 let proxy: InProcessProxy;
@@ -85,8 +86,8 @@ function client(port = proxy.port): pg.Client {
   return proxyClient(port, db, { user: CLIENT_USER });
 }
 
-function sessionEnds(): Array<{ bytesToUpstream: number; bytesToClient: number }> {
-  return proxy.logs.filter((l) => l['msg'] === 'session ended') as unknown as Array<{ bytesToUpstream: number; bytesToClient: number }>;
+function sessionEnds(): Array<{ bytesToUpstream: number; bytesToClient: number; relay: string }> {
+  return proxy.logs.filter((l) => l['msg'] === 'session ended') as unknown as Array<{ bytesToUpstream: number; bytesToClient: number; relay: string }>;
 }
 
 test('a session counts one connection, one upstream connect, and the bytes its session-end log reports', async () => {
@@ -197,6 +198,12 @@ test('over every session so far, the relayed bytes equal the sums of the session
   assert.equal(value(samples, 'relayed_bytes_total', { target: 'default', direction: 'to_upstream' }), sum('bytesToUpstream'));
   assert.equal(value(samples, 'relayed_bytes_total', { target: 'default', direction: 'to_client' }), sum('bytesToClient'));
   assert.equal(value(samples, 'relayed_bytes_total', { target: 'second', direction: 'to_client' }), 0);
+  // Sessions by relay: as many as the log lines that name each relay, and each session in one of them.
+  for (const relay of ['native', 'js']) {
+    assert.equal(value(samples, 'sessions_total', { target: 'default', relay }), ends.filter((end) => end.relay === relay).length, relay);
+  }
+  assert.equal(value(samples, 'sessions_total', { target: 'default', relay: 'native' }) + value(samples, 'sessions_total', { target: 'default', relay: 'js' }), 4);
+  assert.equal(value(samples, 'sessions_total', { target: 'default', relay: native.addon && process.env['LAKEBASE_PROXY_TEST_RELAY'] !== 'js' ? 'native' : 'js' }), 4);
 });
 
 test('token refreshes by result, and the expiry gauge read from the token source at scrape time', async () => {
@@ -242,7 +249,7 @@ test('no label value or line holds a user name, a token or a query', async () =>
     if (line.startsWith('#')) continue;
     for (const pair of line.matchAll(/([a-zA-Z_]+)="([^"]*)"/g)) labelValues.add(`${pair[1]}=${pair[2]}`);
   }
-  const allowed = /^(target=(default|second)|direction=(to_upstream|to_client)|reason=[a-z_]+|outcome=[a-z_]+|result=(success|failure)|le=[0-9.e+Inf-]+|quantile=[0-9.]+|(space|type|kind|version|major|minor|patch)=.*)$/;
+  const allowed = /^(target=(default|second)|direction=(to_upstream|to_client)|relay=(native|js)|reason=[a-z_]+|outcome=[a-z_]+|result=(success|failure)|le=[0-9.e+Inf-]+|quantile=[0-9.]+|(space|type|kind|version|major|minor|patch)=.*)$/;
   for (const label of labelValues) assert.match(label, allowed);
 });
 

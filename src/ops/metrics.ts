@@ -10,7 +10,7 @@
  * `result`, `outcome`). No label ever holds a user name, a token or a query.
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { FailureReason, ProxyObserver } from '../proxy/observer.js';
+import type { FailureReason, ProxyObserver, RelayKind } from '../proxy/observer.js';
 
 export const METRIC_PREFIX = 'lakebase_proxy_';
 
@@ -28,6 +28,7 @@ const FAILURE_REASONS = Object.keys({
   too_many_connections: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
+const RELAY_KINDS: readonly RelayKind[] = ['native', 'js'];
 const REFRESH_RESULTS: readonly TokenRefreshResult[] = ['success', 'failure'];
 
 /** Upstream connect (TCP, TLS, login) takes tens of milliseconds nearby and seconds when far or failing. */
@@ -44,6 +45,8 @@ interface TargetCounts {
   readonly nativeBytes: Float64Array;
   failures: Record<FailureReason, number>;
   cancels: Record<CancelOutcome, number>;
+  /** Sessions relayed, by relay. */
+  relayed: Record<RelayKind, number>;
 }
 
 export class Metrics {
@@ -111,6 +114,17 @@ export class Metrics {
       },
     });
     new Counter({
+      name: `${METRIC_PREFIX}sessions_total`,
+      help: 'Logged-in sessions, by the relay that carried them (native: OpenSSL and the relay in C; js: Node.js).',
+      labelNames: ['target', 'relay'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          for (const relay of RELAY_KINDS) this.inc({ target, relay }, c.relayed[relay]);
+        });
+      },
+    });
+    new Counter({
       name: `${METRIC_PREFIX}login_failures_total`,
       help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections).',
       labelNames: ['target', 'reason'],
@@ -173,6 +187,7 @@ export class Metrics {
       nativeBytes: new Float64Array(2),
       failures: Object.fromEntries(FAILURE_REASONS.map((r) => [r, 0])) as Record<FailureReason, number>,
       cancels: Object.fromEntries(CANCEL_OUTCOMES.map((o) => [o, 0])) as Record<CancelOutcome, number>,
+      relayed: { native: 0, js: 0 },
     };
     const histogram = this.#connectSeconds;
     const labels = { target };
@@ -190,6 +205,7 @@ export class Metrics {
       byteCounters: () => counts.nativeBytes,
       failure: (reason) => void counts.failures[reason]++,
       cancel: (outcome) => void counts.cancels[outcome]++,
+      sessionStarted: (relay) => void counts.relayed[relay]++,
     };
     this.#targets.set(target, { counts, observer });
     this.#refreshCounts(target);

@@ -12,7 +12,11 @@ export interface ProxyObserver {
   /** `reason` is a fixed word (client_password, token, upstream_auth, upstream_connect, protocol). */
   failure(reason: FailureReason): void;
   cancel(outcome: 'forwarded' | 'unknown_key' | 'error'): void;
+  /** A logged-in session began to be relayed. */
+  sessionStarted(relay: RelayKind): void;
 }
+
+export type RelayKind = 'native' | 'js';
 
 export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections';
 
@@ -25,4 +29,5 @@ export const nullObserver: ProxyObserver = {
   byteCounters: () => new Float64Array(2),
   failure() {},
   cancel() {},
+  sessionStarted() {},
 };

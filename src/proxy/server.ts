@@ -297,6 +297,7 @@ export class ProxyServer {
     }
     session.relay = relay;
     const relayKind = relay instanceof NativeRelay ? 'native' : 'js';
+    this.#observer.sessionStarted(relayKind);
     this.#log.debug({ peer, user: clientUser, database, relay: relayKind }, 'session started');
     // #run returns now, so that nothing of the handshake and login stays alive for the session.
     this.#whenEnded(session, relay, clientKey.release, { peer, user: clientUser, database, started, relay: relayKind });
