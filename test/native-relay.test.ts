@@ -1,17 +1,20 @@
 /**
- * The native relay (native/relay.c): which sessions it takes, each TLS 1.3 cipher suite it
- * implements against a real Postgres, and the sessions it leaves to the JavaScript relay (a
- * TLS 1.2 upstream, a client on TLS, --relay js), which must work the same.
+ * The native relay (native/relay.c, OpenSSL's TLS in C): which sessions it takes (TLS 1.3 with
+ * each cipher suite, TLS 1.2), and the sessions it leaves to the JavaScript relay (a client on
+ * TLS, --relay js, an addon that cannot load), which must work the same.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { connect as netConnect } from 'node:net';
 import { serialize } from 'pg-protocol';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
-import { startProxiedPostgres, startProxy, connectionFor, type InProcessProxy } from './harness/proxy.js';
+import { startProxiedPostgres, startProxy, startProxyProcess, connectionFor, type InProcessProxy, type ProxyProcess } from './harness/proxy.js';
 import { native } from '../src/proxy/native-relay.js';
 import { encodeStartupMessage } from '../src/wire/startup-packets.js';
 
@@ -152,3 +155,48 @@ test('a query sent right behind the startup counts as running: --idle-timeout do
     }
   }
 });
+
+test('an addon that cannot load (a symbol this Node.js lacks): the proxy says so once and relays in JavaScript, no crash', async (t) => {
+  const cc = ['cc', 'gcc', 'clang'].find((c) => spawnSync(c, ['--version'], { stdio: 'ignore' }).status === 0);
+  if (!cc) {
+    t.skip('no C compiler here to build the broken addon');
+    return;
+  }
+  // Built the way binding.gyp builds ours (immediate binding), calling a function no Node.js exports.
+  const dir = mkdtempSync(join(tmpdir(), 'lbp-broken-addon-'));
+  try {
+    writeFileSync(join(dir, 'broken.c'), 'extern void SSL_function_this_node_lacks(void);\nvoid napi_register_module_v1(void) { SSL_function_this_node_lacks(); }\n');
+    const built = spawnSync(cc, ['-shared', '-fPIC', '-Wl,-z,now', '-o', join(dir, 'broken.node'), join(dir, 'broken.c')], { encoding: 'utf8' });
+    assert.equal(built.status, 0, built.stderr);
+    const { proxy: child, close: stop } = await startProgram(db, token, { LAKEBASE_PROXY_NATIVE_ADDON: join(dir, 'broken.node') });
+    try {
+      for (let i = 0; i < 2; i++) {
+        const c = new pg.Client({ host: '127.0.0.1', port: child.port, user: 'anyone', database: db.database });
+        await c.connect();
+        assert.equal((await c.query('select 40 + 2 as v')).rows[0].v, 42);
+        await c.end();
+      }
+      await waitForText(child.output, /"msg":"session ended"[^\n]*"relay":"js"[^\n]*\n[^\n]*"msg":"session ended"/);
+      const output = child.output();
+      const said = output.split('\n').filter((l) => l.includes('the native relay did not load'));
+      assert.equal(said.length, 1, output);
+      assert.match(said[0] as string, /SSL_function_this_node_lacks/);
+      assert.doesNotMatch(output, /"relay":"native"/);
+      assert.equal(child.child.exitCode, null, 'still running');
+    } finally {
+      await stop();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/** The real program in front of `db` with `env`; stopped with SIGINT. */
+async function startProgram(on: TestPostgres, tok: string, env: NodeJS.ProcessEnv): Promise<{ proxy: ProxyProcess; close: () => Promise<unknown> }> {
+  const started = await startProxyProcess(['--connection', connectionFor(on, tok), '--no-http', '--relay', 'native'], env);
+  return { proxy: started, close: () => started.stop('SIGINT') };
+}
+
+async function waitForText(read: () => string, pattern: RegExp): Promise<void> {
+  for (let i = 0; i < 100 && !pattern.test(read()); i++) await new Promise((resolve) => setTimeout(resolve, 50));
+}
