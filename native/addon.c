@@ -7,9 +7,10 @@
  *           onEnd(end, bytesToUpstream, bytesToClient))     -> conn | string (nothing started; fd not taken)
  *   write(conn, buffer) -> boolean;  pause(conn, paused);  certificate(conn) -> Buffer | undefined
  *   info(conn) -> [version, cipher, resumed]
- *   relay(conn, clientFd, toClientFirst, toUpstreamFirst, counters: Float64Array(2), onAbandoned(), farewell(reason|null) -> Buffer)
+ *   relay(conn, clientFd, toClientFirst, toUpstreamFirst, counters: Float64Array(2), onAbandoned(), farewell(reason|null) -> Buffer,
+ *         onDetached(end, bytesToUpstream, bytesToClient, reusable, status) | null (a pooled relay))
  *        -> undefined | string (refused; the connection is unchanged)
- *   close(conn, end);  state(conn) -> [queryRunning 0|1, idleMs]
+ *   detach(conn, end);  close(conn, end);  state(conn) -> [queryRunning 0|1, idleMs]
  *
  * Descriptors are taken as copies (dup): the caller closes its own.
  */
@@ -25,7 +26,7 @@ typedef struct {
   napi_env env;
   lp_conn *conn; /* NULL once ended */
   int js_released;
-  napi_ref on_handshake, on_data, on_end, on_abandoned, farewell, counters;
+  napi_ref on_handshake, on_data, on_end, on_abandoned, farewell, counters, on_detached;
 } binding_t;
 
 static napi_async_context async_context;
@@ -141,6 +142,35 @@ static size_t on_farewell(lp_conn *c, void *user, const char *reason, unsigned c
   return written;
 }
 
+/* The references that live as long as one relay of the connection. */
+static void delete_relay_refs(napi_env env, binding_t *b) {
+  delete_ref(env, &b->counters);
+  delete_ref(env, &b->on_abandoned);
+  delete_ref(env, &b->farewell);
+  delete_ref(env, &b->on_detached);
+}
+
+static void on_detached(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status) {
+  (void)c;
+  binding_t *b = user;
+  napi_env env = b->env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value argv[5];
+  argv[0] = string(env, LP_END_NAMES[end]);
+  napi_create_double(env, to_upstream, &argv[1]);
+  napi_create_double(env, to_client, &argv[2]);
+  napi_get_boolean(env, reusable, &argv[3]);
+  char letter[2] = { status > 0 && status < 128 ? (char)status : '?', 0 };
+  argv[4] = string(env, letter);
+  napi_ref ref = b->on_detached;
+  b->on_detached = NULL;
+  delete_relay_refs(env, b);
+  call_js(env, ref, 5, argv);
+  if (ref) napi_delete_reference(env, ref);
+  napi_close_handle_scope(env, scope);
+}
+
 static void on_end(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client) {
   (void)c;
   binding_t *b = user;
@@ -157,13 +187,11 @@ static void on_end(lp_conn *c, void *user, enum lp_end end, double to_upstream, 
   delete_ref(env, &b->on_handshake);
   delete_ref(env, &b->on_data);
   delete_ref(env, &b->on_end);
-  delete_ref(env, &b->on_abandoned);
-  delete_ref(env, &b->farewell);
-  delete_ref(env, &b->counters);
+  delete_relay_refs(env, b);
   release(b);
 }
 
-static const lp_callbacks callbacks = { on_handshake, on_data, on_abandoned, on_farewell, on_end };
+static const lp_callbacks callbacks = { on_handshake, on_data, on_abandoned, on_farewell, on_detached, on_end };
 
 /* ---------- the JavaScript interface ---------- */
 
@@ -342,8 +370,8 @@ static napi_value info_conn(napi_env env, napi_callback_info info) {
 }
 
 static napi_value relay(napi_env env, napi_callback_info info) {
-  napi_value argv[7];
-  if (get_args(env, info, 7, argv)) return NULL;
+  napi_value argv[8];
+  if (get_args(env, info, 8, argv)) return NULL;
   binding_t *b = binding_of(env, argv[0]);
   int32_t client_fd;
   void *to_client, *to_upstream;
@@ -364,22 +392,39 @@ static napi_value relay(napi_env env, napi_callback_info info) {
   if (!b || !b->conn) return string(env, "the upstream connection has ended");
   int copy = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
   if (copy < 0) return string(env, "could not take the client socket over (dup failed)");
+  napi_valuetype detached_type;
+  CHECK(napi_typeof(env, argv[7], &detached_type));
+  int pooled = detached_type == napi_function;
   if (napi_create_reference(env, argv[4], 1, &b->counters) != napi_ok || napi_create_reference(env, argv[5], 1, &b->on_abandoned) != napi_ok ||
-      napi_create_reference(env, argv[6], 1, &b->farewell) != napi_ok) {
+      napi_create_reference(env, argv[6], 1, &b->farewell) != napi_ok || (pooled && napi_create_reference(env, argv[7], 1, &b->on_detached) != napi_ok)) {
     close(copy);
-    delete_ref(env, &b->counters);
-    delete_ref(env, &b->on_abandoned);
-    delete_ref(env, &b->farewell);
+    delete_relay_refs(env, b);
     return string(env, "relay: could not keep the callbacks");
   }
   const char *error = NULL;
-  if (lp_conn_relay(b->conn, copy, to_client, to_client_len, to_upstream, to_upstream_len, counters, &error) != 0) {
+  if (lp_conn_relay(b->conn, copy, to_client, to_client_len, to_upstream, to_upstream_len, counters, pooled, &error) != 0) {
     close(copy);
-    delete_ref(env, &b->counters);
-    delete_ref(env, &b->on_abandoned);
-    delete_ref(env, &b->farewell);
+    delete_relay_refs(env, b);
     return string(env, error);
   }
+  return undefined(env);
+}
+
+static enum lp_end end_named(const char *name) {
+  for (int end = LP_END_CLIENT_CLOSED; end <= LP_END_IDLE; end++) {
+    if (strcmp(name, LP_END_NAMES[end]) == 0) return (enum lp_end)end;
+  }
+  return LP_END_SHUTDOWN;
+}
+
+static napi_value detach_conn(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  char name[32];
+  size_t len;
+  CHECK(napi_get_value_string_utf8(env, argv[1], name, sizeof name, &len));
+  if (b && b->conn) lp_conn_detach(b->conn, end_named(name));
   return undefined(env);
 }
 
@@ -390,10 +435,7 @@ static napi_value close_conn(napi_env env, napi_callback_info info) {
   char name[32];
   size_t len;
   CHECK(napi_get_value_string_utf8(env, argv[1], name, sizeof name, &len));
-  enum lp_end end = LP_END_SHUTDOWN;
-  if (strcmp(name, "idle_timeout") == 0) end = LP_END_IDLE;
-  else if (strcmp(name, "upstream_error") == 0) end = LP_END_UPSTREAM_ERROR;
-  if (b && b->conn) lp_conn_close(b->conn, end);
+  if (b && b->conn) lp_conn_close(b->conn, end_named(name));
   return undefined(env);
 }
 
@@ -423,6 +465,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "certificate", NULL, certificate, NULL, NULL, NULL, napi_default, NULL },
     { "info", NULL, info_conn, NULL, NULL, NULL, napi_default, NULL },
     { "relay", NULL, relay, NULL, NULL, NULL, napi_default, NULL },
+    { "detach", NULL, detach_conn, NULL, NULL, NULL, napi_default, NULL },
     { "close", NULL, close_conn, NULL, NULL, NULL, napi_default, NULL },
     { "state", NULL, state, NULL, NULL, NULL, napi_default, NULL },
   };

@@ -47,13 +47,23 @@ typedef struct {
   unsigned char header[5];
   int header_have;
   int current_type, last_type;
+  int last_status; /* the status byte of the last ReadyForQuery */
   int broken;
 } boundaries_t;
 
+/*
+ * A socket's poll handle and descriptor, allocated apart from the connection: a pooled
+ * connection lets its client's go and attaches another's while the first is still closing.
+ */
+typedef struct {
+  uv_poll_t handle; /* first: the handle's address is the box's */
+  int fd;
+  lp_conn *counted; /* the connection that waits for this close, or NULL */
+} box_t;
+
 typedef struct {
   int fd;
-  uv_poll_t poll;
-  int poll_init;   /* the handle exists */
+  box_t *box;      /* NULL: no socket on this side (yet, or any more) */
   int polling;     /* events asked of libuv now */
   int read_done;   /* EOF or error seen on read */
   int write_shut;  /* our FIN (and close_notify) sent, or the side is beyond writing */
@@ -82,6 +92,8 @@ struct lp_conn {
   int tls_broken;        /* a fatal TLS or socket error: no close_notify at the end */
   int paused;            /* before the relay: the reader asked for no more data */
   boundaries_t messages; /* the upstream's, as the client gets them */
+  boundaries_t client_messages; /* the client's, for a pooled relay: where its Terminate is */
+  int pooled;            /* the upstream outlives the client */
   int client_terminated; /* the client's last bytes were a Terminate */
   int upstream_idle;     /* the upstream's last message was ReadyForQuery */
   enum lp_end end;
@@ -141,16 +153,22 @@ static void buf_free(buf_t *b) {
 
 /* ---------- message boundaries ---------- */
 
-static void boundaries_observe(boundaries_t *b, const unsigned char *chunk, size_t n) {
+/*
+ * Follows the messages in `chunk`. With `stop` >= 0, stops before a message of that type and
+ * returns its offset; otherwise returns n.
+ */
+static size_t boundaries_scan(boundaries_t *b, const unsigned char *chunk, size_t n, int stop) {
   size_t i = 0;
   while (i < n && !b->broken) {
     if (b->remaining > 0) {
       size_t take = n - i < b->remaining ? n - i : b->remaining;
+      if (b->current_type == 'Z' && b->remaining == 1) b->last_status = chunk[i];
       b->remaining -= (uint32_t)take;
       i += take;
       if (b->remaining == 0) b->last_type = b->current_type;
       continue;
     }
+    if (b->header_have == 0 && stop >= 0 && chunk[i] == stop) return i;
     const unsigned char *h;
     if (b->header_have == 0 && n - i >= 5) {
       h = chunk + i;
@@ -161,19 +179,27 @@ static void boundaries_observe(boundaries_t *b, const unsigned char *chunk, size
       memcpy(b->header + b->header_have, chunk + i, take);
       b->header_have += (int)take;
       i += take;
-      if (b->header_have < 5) return;
+      if (b->header_have < 5) return n;
       b->header_have = 0;
       h = b->header;
     }
     uint32_t length = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
     if (length < 4 || length > INT32_MAX) {
       b->broken = 1;
-      return;
+      return n;
     }
     b->current_type = h[0];
     b->remaining = length - 4;
     if (b->remaining == 0) b->last_type = h[0];
   }
+  return n;
+}
+
+static void boundaries_observe(boundaries_t *b, const unsigned char *chunk, size_t n) { boundaries_scan(b, chunk, n, -1); }
+
+static void boundaries_reset(boundaries_t *b) {
+  memset(b, 0, sizeof *b);
+  b->current_type = b->last_type = b->last_status = -1;
 }
 
 static int at_boundary(const boundaries_t *b) { return !b->broken && b->remaining == 0 && b->header_have == 0; }
@@ -235,20 +261,9 @@ static void decide(lp_conn *c, enum lp_end end) {
   if ((end == LP_END_CLIENT_CLOSED || end == LP_END_CLIENT_ERROR) && !c->client_terminated && !c->upstream_idle) c->cb->abandoned(c, c->user);
 }
 
-static void on_closed(uv_handle_t *handle) {
-  lp_conn *c = uv_handle_get_data(handle);
+static void conn_handle_closed(lp_conn *c) {
   if (--c->open_handles > 0) return;
-  if (c->ssl) {
-    if (c->state != S_HANDSHAKE && !c->tls_broken && !(SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN)) {
-      /* Best effort: a close_notify, so the server knows the end was ours. */
-      ERR_clear_error();
-      SSL_shutdown(c->ssl);
-      ERR_clear_error();
-    }
-    SSL_free(c->ssl);
-  }
-  if (c->up.fd >= 0) close(c->up.fd);
-  if (c->cl.fd >= 0) close(c->cl.fd);
+  if (c->ssl) SSL_free(c->ssl);
   buf_free(&c->up.out);
   buf_free(&c->cl.out);
   c->cb->end(c, c->user, c->end == LP_END_NONE ? LP_END_SHUTDOWN : c->end, c->to_upstream, c->to_client);
@@ -256,14 +271,56 @@ static void on_closed(uv_handle_t *handle) {
   free(c);
 }
 
+static void on_timer_closed(uv_handle_t *handle) { conn_handle_closed(uv_handle_get_data(handle)); }
+
+static void box_closed(uv_handle_t *handle) {
+  box_t *box = (box_t *)handle;
+  lp_conn *c = box->counted;
+  close(box->fd);
+  free(box);
+  if (c) conn_handle_closed(c);
+}
+
+/* Stops polling the side and closes its socket (once libuv has let go of it). */
+static void box_close(side_t *side, lp_conn *counted) {
+  box_t *box = side->box;
+  if (!box) return;
+  box->counted = counted;
+  side->box = NULL;
+  side->fd = -1;
+  side->polling = 0;
+  uv_close((uv_handle_t *)&box->handle, box_closed);
+}
+
+static int box_open(lp_conn *c, side_t *side, int fd) {
+  box_t *box = calloc(1, sizeof *box);
+  if (!box) return -1;
+  if (uv_poll_init_socket(c->loop, &box->handle, fd) != 0) {
+    free(box);
+    return -1;
+  }
+  box->fd = fd;
+  uv_handle_set_data((uv_handle_t *)&box->handle, c);
+  side->box = box;
+  side->fd = fd;
+  side->polling = 0;
+  return 0;
+}
+
 static void teardown(lp_conn *c, enum lp_end end) {
   if (c->closing) return;
   decide(c, end);
   c->closing = 1;
-  c->open_handles = 1 + c->cl.poll_init + c->linger_init;
-  uv_close((uv_handle_t *)&c->up.poll, on_closed);
-  if (c->cl.poll_init) uv_close((uv_handle_t *)&c->cl.poll, on_closed);
-  if (c->linger_init) uv_close((uv_handle_t *)&c->linger, on_closed);
+  if (c->ssl && c->state != S_HANDSHAKE && !c->tls_broken && !(SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN)) {
+    /* Best effort, before the socket closes: a close_notify, so the server knows the end was ours. */
+    ERR_clear_error();
+    SSL_shutdown(c->ssl);
+    ERR_clear_error();
+  }
+  c->open_handles = 1 + (c->cl.box != NULL) + c->linger_init;
+  box_close(&c->up, c);
+  box_close(&c->cl, c);
+  if (c->linger_init) uv_close((uv_handle_t *)&c->linger, on_timer_closed);
 }
 
 static void linger_cb(uv_timer_t *timer) {
@@ -526,8 +583,40 @@ static void cl_flush(lp_conn *c) {
   if (c->cl.want_shut && pending(&c->cl.out) == 0) cl_shutdown_write(c);
 }
 
+/*
+ * A pooled relay lets the client go and keeps the upstream: the client's socket is closed, the
+ * connection is back before the relay (reads go to the caller again), and the caller hears
+ * whether it can serve another client as it is.
+ */
+static void detach(lp_conn *c, enum lp_end end) {
+  int reusable = at_boundary(&c->client_messages) && c->upstream_idle && at_boundary(&c->messages) && c->messages.last_type == 'Z' &&
+                 !c->up.read_done && !c->up.write_shut && !c->up.want_shut && !c->tls_broken && pending(&c->up.out) == 0;
+  decide(c, end);
+  enum lp_end ended = c->end;
+  double to_upstream = c->to_upstream, to_client = c->to_client;
+  box_close(&c->cl, NULL);
+  buf_free(&c->cl.out);
+  c->cl.read_done = c->cl.write_shut = c->cl.want_shut = 0;
+  c->state = S_LOGIN;
+  c->pooled = 0;
+  c->paused = 0;
+  c->counters = NULL;
+  c->end = LP_END_NONE;
+  c->to_upstream = c->to_client = 0;
+  c->client_terminated = 0;
+  boundaries_reset(&c->client_messages);
+  c->cb->detached(c, c->user, ended, to_upstream, to_client, reusable, c->messages.last_status);
+  if (!c->closing) up_read(c, 0); /* what the upstream sent since goes to the caller */
+  if (!c->closing) update_polls(c);
+}
+
 /* The client ended: what it sent goes on, then our close_notify and FIN to the upstream. */
 static void client_ended(lp_conn *c, int error) {
+  if (c->state != S_RELAY) return;
+  if (c->pooled && !c->up.read_done) {
+    detach(c, error ? LP_END_CLIENT_ERROR : LP_END_CLIENT_CLOSED);
+    return;
+  }
   if (c->cl.read_done && (!error || c->cl.write_shut)) return;
   c->cl.read_done = 1;
   decide(c, error ? LP_END_CLIENT_ERROR : LP_END_CLIENT_CLOSED);
@@ -544,22 +633,34 @@ static void client_ended(lp_conn *c, int error) {
 static void from_client(lp_conn *c, const unsigned char *data, size_t n) {
   static const unsigned char terminate[5] = { 'X', 0, 0, 0, 4 };
   if (c->up.write_shut) return;
-  c->to_upstream += (double)n;
-  if (c->counters) c->counters[0] += (double)n;
-  c->client_terminated = n >= 5 && memcmp(data + n - 5, terminate, 5) == 0;
-  c->upstream_idle = 0; /* until its next ReadyForQuery */
-  if (up_send(c, data, n) != 0) up_failed(c, "out of memory");
+  /* A pooled relay keeps the upstream: the client's Terminate (and anything after it) stays here. */
+  size_t forward = c->pooled ? boundaries_scan(&c->client_messages, data, n, 'X') : n;
+  c->to_upstream += (double)forward;
+  if (c->counters) c->counters[0] += (double)forward;
+  if (forward > 0) {
+    c->client_terminated = forward >= 5 && memcmp(data + forward - 5, terminate, 5) == 0;
+    c->upstream_idle = 0; /* until its next ReadyForQuery */
+    if (up_send(c, data, forward) != 0) {
+      up_failed(c, "out of memory");
+      return;
+    }
+  }
+  if (forward < n && c->state == S_RELAY && !c->closing) {
+    c->client_terminated = 1;
+    detach(c, LP_END_CLIENT_CLOSED);
+  }
 }
 
 /* One read of the client; with `force` (the socket is in error), "nothing to read" ends it. */
 static int cl_read(lp_conn *c, int force) {
+  if (c->state != S_RELAY || !c->cl.box) return 0;
   ssize_t n;
   do n = recv(c->cl.fd, scratch, READ_SIZE, 0);
   while (n < 0 && errno == EINTR);
   if (n > 0) {
     touch(c);
     from_client(c, scratch, (size_t)n);
-    return !c->closing && !c->cl.read_done;
+    return !c->closing && c->state == S_RELAY && !c->cl.read_done;
   }
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !force) return 0;
   client_ended(c, n != 0);
@@ -572,10 +673,10 @@ static void up_poll_cb(uv_poll_t *handle, int status, int events);
 static void cl_poll_cb(uv_poll_t *handle, int status, int events);
 
 static void set_poll(side_t *side, int events, uv_poll_cb cb) {
-  if (!side->poll_init || events == side->polling) return;
+  if (!side->box || events == side->polling) return;
   side->polling = events;
-  if (events) uv_poll_start(&side->poll, events, cb);
-  else uv_poll_stop(&side->poll);
+  if (events) uv_poll_start(&side->box->handle, events, cb);
+  else uv_poll_stop(&side->box->handle);
 }
 
 /* Reads a side only while the other has nothing queued: backpressure both ways. */
@@ -720,7 +821,8 @@ lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, 
   c->up.fd = fd;
   c->cl.fd = -1;
   c->upstream_idle = 1;
-  c->messages.current_type = c->messages.last_type = -1;
+  boundaries_reset(&c->messages);
+  boundaries_reset(&c->client_messages);
   c->ssl = SSL_new(ctx->ssl);
   int ok = c->ssl != NULL;
   if (ok && sni) ok = SSL_set_tlsext_host_name(c->ssl, sni) == 1;
@@ -736,7 +838,7 @@ lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, 
   if (ok) SSL_set_connect_state(c->ssl);
   int flags = ok ? fcntl(fd, F_GETFL) : -1;
   if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) ok = 0;
-  if (ok && uv_poll_init_socket(loop, &c->up.poll, fd) != 0) ok = 0;
+  if (ok && box_open(c, &c->up, fd) != 0) ok = 0;
   if (!ok) {
     *error = "could not set up the TLS connection";
     if (c->ssl) SSL_free(c->ssl);
@@ -744,8 +846,6 @@ lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, 
     ERR_clear_error();
     return NULL;
   }
-  c->up.poll_init = 1;
-  uv_handle_set_data((uv_handle_t *)&c->up.poll, c);
   c->ctx = ctx;
   ctx->refs++;
   touch(c);
@@ -793,20 +893,18 @@ const char *lp_conn_cipher(lp_conn *c) {
 int lp_conn_resumed(lp_conn *c) { return c->ssl ? SSL_session_reused(c->ssl) : 0; }
 
 int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_first, size_t to_client_len,
-                  const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, const char **error) {
+                  const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, int pooled, const char **error) {
   if (c->closing || c->state != S_LOGIN) {
     *error = "the upstream connection is not logged in";
     return -1;
   }
   int flags = fcntl(client_fd, F_GETFL);
-  if (flags < 0 || fcntl(client_fd, F_SETFL, flags | O_NONBLOCK) < 0 || uv_poll_init_socket(c->loop, &c->cl.poll, client_fd) != 0) {
+  if (flags < 0 || fcntl(client_fd, F_SETFL, flags | O_NONBLOCK) < 0 || box_open(c, &c->cl, client_fd) != 0) {
     *error = "could not poll the client socket";
     return -1;
   }
-  c->cl.fd = client_fd;
-  c->cl.poll_init = 1;
-  uv_handle_set_data((uv_handle_t *)&c->cl.poll, c);
   c->state = S_RELAY;
+  c->pooled = pooled;
   c->paused = 0;
   c->counters = counters;
   c->upstream_idle = 1;
@@ -817,6 +915,11 @@ int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_firs
   if (!c->closing) up_read(c, 0); /* plaintext OpenSSL read while the login's reader was paused */
   if (!c->closing && !maybe_done(c)) update_polls(c);
   return 0;
+}
+
+void lp_conn_detach(lp_conn *c, enum lp_end end) {
+  if (c->closing || c->state != S_RELAY || !c->pooled) return;
+  detach(c, end);
 }
 
 void lp_conn_close(lp_conn *c, enum lp_end end) {

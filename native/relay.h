@@ -5,7 +5,9 @@
  * OpenSSL does all of TLS (handshake, certificate checks, records, KeyUpdate, alerts,
  * close_notify, session tickets); this code only moves plaintext. The Postgres login is done by
  * the caller through lp_conn_write() and the `data` callback; lp_conn_relay() then attaches a
- * client socket and moves bytes both ways with backpressure until either side ends.
+ * client socket and moves bytes both ways with backpressure until either side ends. A pooled
+ * relay keeps the upstream when the client leaves: the client's Terminate is not passed on, the
+ * client socket is closed, and the connection goes back to the caller (`detached`).
  *
  * No N-API here: addon.c binds it to JavaScript, fuzz/harness.c drives it directly.
  */
@@ -34,6 +36,11 @@ typedef struct {
   /* The relay: the ErrorResponse a client gets when the upstream goes away between two messages
      (reason NULL: it closed). Writes at most `cap` bytes to `out`; returns the length, 0 for none. */
   size_t (*farewell)(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap);
+  /* A pooled relay: the client left (Terminate, EOF, an error, or lp_conn_detach) and the
+     connection is back before the relay, reading for the caller again. `reusable`: the client
+     left between two messages of its own, with the upstream at ReadyForQuery, whose status
+     ('I', 'T' or 'E') is `status`. The byte counts are this client's. */
+  void (*detached)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status);
   /* Last call for this connection: every handle and descriptor is closed, `c` is about to be freed. */
   void (*end)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client);
 } lp_callbacks;
@@ -64,7 +71,9 @@ int lp_conn_resumed(lp_conn *c);
  * before. `counters`: [to upstream, to client], added to as bytes move (may be NULL).
  */
 int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_first, size_t to_client_len,
-                  const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, const char **error);
+                  const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, int pooled, const char **error);
+/* A pooled relay: lets the client go now (idle timeout) and keeps the upstream; `detached` follows. */
+void lp_conn_detach(lp_conn *c, enum lp_end end);
 /* Ends the connection now (shutdown, idle timeout, a failed login): the `end` callback follows. */
 void lp_conn_close(lp_conn *c, enum lp_end end);
 /* Whether a query runs (the client sent something not yet answered by ReadyForQuery), and ms since the last byte. */

@@ -249,7 +249,7 @@ test('no label value or line holds a user name, a token or a query', async () =>
     if (line.startsWith('#')) continue;
     for (const pair of line.matchAll(/([a-zA-Z_]+)="([^"]*)"/g)) labelValues.add(`${pair[1]}=${pair[2]}`);
   }
-  const allowed = /^(target=(default|second)|direction=(to_upstream|to_client)|relay=(native|js)|reason=[a-z_]+|outcome=[a-z_]+|result=(success|failure)|le=[0-9.e+Inf-]+|quantile=[0-9.]+|(space|type|kind|version|major|minor|patch)=.*)$/;
+  const allowed = /^(target=(default|second)|direction=(to_upstream|to_client)|relay=(native|js)|state=(idle|active|logging_in|checking|resetting)|reason=[a-z_]+|outcome=[a-z_]+|result=(success|failure)|le=[0-9.e+Inf-]+|quantile=[0-9.]+|(space|type|kind|version|major|minor|patch)=.*)$/;
   for (const label of labelValues) assert.match(label, allowed);
 });
 

@@ -75,6 +75,15 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client connections at once; 0 means no limit' },
   { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session after this many milliseconds with no query running and no byte either way; 0 means never' },
   { name: 'Relay', kind: { type: 'enum', values: ['native', 'js'] }, flag: '--relay', default: 'native', help: 'native: the upstream TLS connection and the relay in C on OpenSSL (built by npm install) for plain clients, Node.js streams for clients on TLS; js: Node.js TLS and streams always' },
+  // Pooled upstream logins
+  { name: 'PoolMode', kind: { type: 'enum', values: ['session', 'none'] }, flag: '--pool-mode', default: 'session', help: 'session: a client gets a logged-in upstream connection from a pool for its session, and gives it back clean (needs the native relay and a plain client; others log in per client); none: one upstream login per client' },
+  { name: 'PoolSize', kind: { type: 'int', min: 1, max: 100_000 }, flag: '--pool-size', default: '20', help: 'most upstream connections of a pool (one pool per target and database)' },
+  { name: 'MinPoolSize', kind: { type: 'int', min: 0, max: 100_000 }, default: '0', help: 'upstream connections of a pool kept open past ServerIdleTimeout once made' },
+  { name: 'QueryWaitTimeout', kind: milliseconds, default: '120000', help: 'milliseconds a client waits for a connection of a full pool before it gets an error' },
+  { name: 'ServerResetQuery', kind: string, default: 'DISCARD ALL', help: 'the query that cleans a pooled connection before its next client (after ROLLBACK of an open transaction); empty: none' },
+  { name: 'ServerLifetime', kind: milliseconds, default: '0', help: 'milliseconds after its login that a pooled connection stops serving new clients (less up to 10 % at random); 0: until the token it logged in with expires' },
+  { name: 'ServerIdleTimeout', kind: milliseconds, default: '60000', help: 'close a pooled connection idle this many milliseconds (so a compute can scale to zero); 0: never' },
+  { name: 'ServerCheckDelay', kind: milliseconds, default: '30000', help: 'a pooled connection idle longer than this many milliseconds answers an empty query before it is used' },
   { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow a non-loopback address without client TLS, or with trust authentication (only inside a private network)' },
   { name: 'Profile', kind: string, help: 'a profile of ~/.databrickscfg to take host, client_id and client_secret from (or DATABRICKS_CONFIG_PROFILE)' },
   // The process

@@ -107,6 +107,16 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
     maxConnections: settings.int('MaxConnections'),
     idleTimeoutMs: settings.int('IdleTimeout'),
     relay: canonicalEnum('Relay', settings.string('Relay') as string) as ProxyOptions['relay'],
+    pool: {
+      mode: canonicalEnum('PoolMode', settings.string('PoolMode') as string) as ProxyOptions['pool']['mode'],
+      size: settings.int('PoolSize'),
+      minSize: settings.int('MinPoolSize'),
+      queryWaitTimeoutMs: settings.int('QueryWaitTimeout'),
+      resetQuery: settings.string('ServerResetQuery') ?? '',
+      lifetimeMs: settings.int('ServerLifetime'),
+      idleTimeoutMs: settings.int('ServerIdleTimeout'),
+      checkDelayMs: settings.int('ServerCheckDelay'),
+    },
   };
 }
 

@@ -10,7 +10,8 @@
  * `result`, `outcome`). No label ever holds a user name, a token or a query.
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { FailureReason, ProxyObserver, RelayKind } from '../proxy/observer.js';
+import type { FailureReason, PoolStats, ProxyObserver, RelayKind } from '../proxy/observer.js';
+import { SERVER_CLOSE_REASONS, type ServerCloseReason } from '../pool/server-connection.js';
 
 export const METRIC_PREFIX = 'lakebase_proxy_';
 
@@ -26,6 +27,7 @@ const FAILURE_REASONS = Object.keys({
   protocol: true,
   startup_timeout: true,
   too_many_connections: true,
+  pool_timeout: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
 const RELAY_KINDS: readonly RelayKind[] = ['native', 'js'];
@@ -47,7 +49,17 @@ interface TargetCounts {
   cancels: Record<CancelOutcome, number>;
   /** Sessions relayed, by relay. */
   relayed: Record<RelayKind, number>;
+  logins: number;
+  reuses: number;
+  resets: number;
+  serverCloses: Record<ServerCloseReason, number>;
+  /** The target's pools, read at scrape. */
+  pools: () => PoolStats;
 }
+
+const NO_POOLS: PoolStats = { idle: 0, active: 0, loggingIn: 0, checking: 0, resetting: 0, waiting: 0 };
+/** A pool's wait is nothing when a connection is idle, up to QueryWaitTimeout when it is full. */
+const WAIT_BUCKETS = [0.001, 0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120];
 
 export class Metrics {
   readonly #registry = new Registry();
@@ -55,6 +67,7 @@ export class Metrics {
   readonly #refreshes = new Map<string, Record<TokenRefreshResult, number>>();
   readonly #expiry = new Map<string, () => Date | undefined>();
   readonly #connectSeconds: Histogram<'target'>;
+  readonly #waitSeconds: Histogram<'target'>;
 
   constructor() {
     const registers = [this.#registry];
@@ -110,6 +123,76 @@ export class Metrics {
         publish(this, (c, target) => {
           this.inc({ target, direction: 'to_upstream' }, c.bytesToUpstream + (c.nativeBytes[0] as number));
           this.inc({ target, direction: 'to_client' }, c.bytesToClient + (c.nativeBytes[1] as number));
+        });
+      },
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}server_connections`,
+      help: 'Pooled upstream connections by state (idle, active, logging_in, checking, resetting).',
+      labelNames: ['target', 'state'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          const stats = c.pools();
+          this.set({ target, state: 'idle' }, stats.idle);
+          this.set({ target, state: 'active' }, stats.active);
+          this.set({ target, state: 'logging_in' }, stats.loggingIn);
+          this.set({ target, state: 'checking' }, stats.checking);
+          this.set({ target, state: 'resetting' }, stats.resetting);
+        });
+      },
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}clients_waiting`,
+      help: 'Clients waiting for a connection of a full pool.',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.set({ target }, c.pools().waiting));
+      },
+    });
+    this.#waitSeconds = new Histogram({
+      name: `${METRIC_PREFIX}pool_wait_duration_seconds`,
+      help: 'Time a pooled client waited for its upstream connection (a reuse, a new login, or a free slot).',
+      labelNames: ['target'],
+      buckets: WAIT_BUCKETS,
+      registers,
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}server_logins_total`,
+      help: 'Upstream logins made for a pool.',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.logins));
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}server_reuses_total`,
+      help: 'Clients served by a pooled upstream connection without a login.',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.reuses));
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}server_resets_total`,
+      help: 'Pooled upstream connections cleaned (ROLLBACK, ServerResetQuery) after a client.',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.resets));
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}server_closes_total`,
+      help: 'Pooled upstream connections closed, by reason (idle, lifetime, token_expired, server_closed, reset_failed, check_failed, evicted, not_reusable, shutdown).',
+      labelNames: ['target', 'reason'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          for (const reason of SERVER_CLOSE_REASONS) this.inc({ target, reason }, c.serverCloses[reason]);
         });
       },
     });
@@ -188,9 +271,16 @@ export class Metrics {
       failures: Object.fromEntries(FAILURE_REASONS.map((r) => [r, 0])) as Record<FailureReason, number>,
       cancels: Object.fromEntries(CANCEL_OUTCOMES.map((o) => [o, 0])) as Record<CancelOutcome, number>,
       relayed: { native: 0, js: 0 },
+      logins: 0,
+      reuses: 0,
+      resets: 0,
+      serverCloses: Object.fromEntries(SERVER_CLOSE_REASONS.map((r) => [r, 0])) as Record<ServerCloseReason, number>,
+      pools: () => NO_POOLS,
     };
     const histogram = this.#connectSeconds;
     const labels = { target };
+    const waits = this.#waitSeconds;
+    waits.zero(labels);
     histogram.zero(labels);
     // Plain functions over `counts`: the relay calls `bytes` detached from this object.
     const observer: ProxyObserver = {
@@ -206,6 +296,14 @@ export class Metrics {
       failure: (reason) => void counts.failures[reason]++,
       cancel: (outcome) => void counts.cancels[outcome]++,
       sessionStarted: (relay) => void counts.relayed[relay]++,
+      pool: {
+        login: () => void counts.logins++,
+        reuse: () => void counts.reuses++,
+        reset: () => void counts.resets++,
+        closed: (reason) => void counts.serverCloses[reason]++,
+        waited: (seconds) => waits.observe(labels, seconds),
+      },
+      watchPools: (read) => void (counts.pools = read),
     };
     this.#targets.set(target, { counts, observer });
     this.#refreshCounts(target);

@@ -43,7 +43,9 @@ interface Addon {
     counters: Float64Array,
     onAbandoned: () => void,
     farewell: (reason: string | null) => Buffer | undefined,
+    onDetached: ((end: RelayEnd, toUpstream: number, toClient: number, reusable: boolean, status: string) => void) | null,
   ): string | undefined;
+  detach(conn: Handle, end: RelayEnd): void;
   close(conn: Handle, end: RelayEnd): void;
   state(conn: Handle): [number, number];
 }
@@ -58,7 +60,7 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
   try {
     // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
     const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-    if (typeof addon.connect !== 'function' || typeof addon.relay !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
+    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };
@@ -211,6 +213,12 @@ export class NativeUpstream extends Duplex {
     return { conn: this.#conn, unread: readAll(this) };
   }
 
+  /** The relay let its client go (a pooled relay): the connection's plaintext comes here again. */
+  reclaim(): void {
+    this.#onRelayEnd = undefined;
+    this._read();
+  }
+
   /** The relay refused: the connection stays with this Duplex (what was read is put back). */
   giveBack(unread: Buffer): void {
     this.#onRelayEnd = undefined;
@@ -271,16 +279,28 @@ export interface Refusal {
   readonly reason: string;
 }
 
+/** How a pooled relay let its client go. */
+export interface Detached {
+  /** The client left between two of its messages, the upstream at ReadyForQuery. */
+  readonly reusable: boolean;
+  /** That ReadyForQuery's transaction status: I, T or E. */
+  readonly status: string;
+}
+
 export class NativeRelay implements SessionRelay {
   readonly stats: RelayStats = { bytesToUpstream: 0, bytesToClient: 0 };
   readonly done: Promise<RelayEnd>;
+  /** Set when a pooled relay let its client go and kept the upstream connection. */
+  detached: Detached | undefined;
+  readonly #pooled: boolean;
   readonly #addon: Addon;
   #conn: Handle | undefined;
   #idleTimer: NodeJS.Timeout | undefined;
   #resolve!: (end: RelayEnd) => void;
 
-  private constructor(addon: Addon) {
+  private constructor(addon: Addon, pooled: boolean) {
     this.#addon = addon;
+    this.#pooled = pooled;
     this.done = new Promise((resolve) => (this.#resolve = resolve));
   }
 
@@ -289,7 +309,10 @@ export class NativeRelay implements SessionRelay {
   }
 
   close(end: RelayEnd = 'shutdown'): void {
-    if (this.#conn) this.#addon.close(this.#conn, end);
+    if (!this.#conn) return;
+    // A pooled session that times out idle lets its client go and keeps the upstream.
+    if (this.#pooled && end === 'idle_timeout') this.#addon.detach(this.#conn, end);
+    else this.#addon.close(this.#conn, end);
   }
 
   /** Closes the session after `ms` with no byte either way and no query running. */
@@ -315,6 +338,8 @@ export class NativeRelay implements SessionRelay {
     upstreamName: string;
     counters: Float64Array;
     onAbandoned: () => void;
+    /** The upstream outlives the client: its Terminate stays here, and `detached` says how it left. */
+    pooled?: boolean;
   }): Promise<NativeRelay | Refusal> {
     const addon = native.addon;
     if (!addon) return { reason: `native relay not built (${native.problem})` };
@@ -325,7 +350,8 @@ export class NativeRelay implements SessionRelay {
     const clientFd = fdOf(client);
     if (clientFd === undefined) return { reason: 'the client socket has no file descriptor' };
     client.pause();
-    const relay = new NativeRelay(addon);
+    const pooled = args.pooled === true;
+    const relay = new NativeRelay(addon, pooled);
     const taken = upstream.takeOver((end, toUpstream, toClient) => relay.#ended(end, toUpstream, toClient));
     if (!taken) return { reason: 'the upstream connection has ended' };
     // Bytes each side sent that Node.js read and nobody consumed: they go first, in order.
@@ -334,11 +360,25 @@ export class NativeRelay implements SessionRelay {
     const clientFirst = fromClient.length > 0 ? Buffer.concat([args.clientFirst, fromClient]) : args.clientFirst;
     let refused: string | undefined;
     try {
-      refused = addon.relay(taken.conn, clientFd, toClientFirst, clientFirst, args.counters, args.onAbandoned, (reason) =>
-        errorResponse({
-          code: '08006',
-          message: reason === null ? `upstream ${args.upstreamName} closed the connection unexpectedly` : `lost the connection to upstream ${args.upstreamName}: ${reason}`,
-        }),
+      refused = addon.relay(
+        taken.conn,
+        clientFd,
+        toClientFirst,
+        clientFirst,
+        args.counters,
+        args.onAbandoned,
+        (reason) =>
+          errorResponse({
+            code: '08006',
+            message: reason === null ? `upstream ${args.upstreamName} closed the connection unexpectedly` : `lost the connection to upstream ${args.upstreamName}: ${reason}`,
+          }),
+        pooled
+          ? (end, toUpstream, toClient, reusable, status) => {
+              relay.detached = { reusable, status };
+              upstream.reclaim();
+              relay.#ended(end, toUpstream, toClient);
+            }
+          : null,
       );
     } catch (error) {
       refused = (error as Error).message;

@@ -1,3 +1,4 @@
+import type { PoolObserver } from '../pool/pool.js';
 /** What the proxy reports as it works; the metrics module implements it. Calls must be cheap. */
 export interface ProxyObserver {
   clientOpened(): void;
@@ -12,13 +13,26 @@ export interface ProxyObserver {
   /** `reason` is a fixed word (client_password, token, upstream_auth, upstream_connect, protocol). */
   failure(reason: FailureReason): void;
   cancel(outcome: 'forwarded' | 'unknown_key' | 'error'): void;
+  /** Pooled upstream connections, counted as they happen. */
+  readonly pool: PoolObserver;
+  /** The pools' connections by state and the clients waiting, read at scrape. */
+  watchPools(read: () => PoolStats): void;
   /** A logged-in session began to be relayed. */
   sessionStarted(relay: RelayKind): void;
 }
 
 export type RelayKind = 'native' | 'js';
 
-export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections';
+export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections' | 'pool_timeout';
+
+export interface PoolStats {
+  idle: number;
+  active: number;
+  loggingIn: number;
+  checking: number;
+  resetting: number;
+  waiting: number;
+}
 
 export const nullObserver: ProxyObserver = {
   clientOpened() {},
@@ -30,4 +44,6 @@ export const nullObserver: ProxyObserver = {
   failure() {},
   cancel() {},
   sessionStarted() {},
+  pool: { login() {}, reuse() {}, reset() {}, closed() {}, waited() {} },
+  watchPools() {},
 };

@@ -12,8 +12,10 @@ import { clientHandshake, HandshakeError, type ClientHandshakeOptions } from './
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
 import { native, NativeRelay, type SessionRelay } from './native-relay.js';
-import { connectUpstream, sendCancel, UpstreamError, type UpstreamTarget } from './upstream.js';
+import { connectUpstream, sendCancel, UpstreamError, type UpstreamSession, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
+import { Pool, PoolTimeoutError, type PoolSettings } from '../pool/pool.js';
+import { loginKeyOf, ServerConnection } from '../pool/server-connection.js';
 
 export interface ListenOptions {
   readonly address: string;
@@ -38,8 +40,10 @@ export interface ProxyOptions {
   readonly maxConnections: number;
   /** Close a session with no query running and no byte either way for this long; 0 means never. */
   readonly idleTimeoutMs: number;
-  /** native: the C relay when it is built and the session allows (plain client, TLS 1.3 upstream); js: Node streams always. */
+  /** native: OpenSSL's TLS and the relay in C when built, for plain clients; js: Node's TLS and streams always. */
   readonly relay: 'native' | 'js';
+  /** session: pooled upstream logins (native relay sessions); none: one login per client. */
+  readonly pool: PoolSettings & { readonly mode: 'session' | 'none' };
 }
 
 export interface ProxyDeps {
@@ -71,6 +75,8 @@ export class ProxyServer {
   /** Bytes the native relay moved, added to by C as it goes, read by the metrics at scrape. */
   readonly #nativeBytes: Float64Array;
   #socketPath: string | undefined;
+  /** Pooled upstream logins, by database. */
+  readonly #pools = new Map<string, Pool>();
   #accepting = false;
   /** Whether upstream connections are OpenSSL's in C, for the native relay. */
   readonly #nativeUpstream: boolean;
@@ -82,6 +88,14 @@ export class ProxyServer {
     this.#log = deps.logger.child({ target: options.name });
     this.#nativeBytes = this.#observer.byteCounters();
     this.#nativeUpstream = options.relay === 'native' && native.addon !== undefined;
+    this.#observer.watchPools(() => {
+      const total = { idle: 0, active: 0, loggingIn: 0, checking: 0, resetting: 0, waiting: 0 };
+      for (const pool of this.#pools.values()) {
+        const stats = pool.stats;
+        for (const key of Object.keys(total) as Array<keyof typeof total>) total[key] += stats[key];
+      }
+      return total;
+    });
     if (options.relay === 'native' && !native.addon && !nativeProblemLogged) {
       nativeProblemLogged = true;
       this.#log.warn({ reason: native.problem }, 'the native relay did not load; every session uses the JavaScript relay');
@@ -150,6 +164,27 @@ export class ProxyServer {
     this.stopAccepting();
     this.closeAll();
     await this.drained();
+    for (const pool of this.#pools.values()) pool.close();
+    this.#pools.clear();
+  }
+
+  /** The pool of `database`'s upstream connections (made at its first client). */
+  #poolFor(database: string): Pool {
+    let pool = this.#pools.get(database);
+    if (!pool) {
+      pool = new Pool(`${this.options.name}/${database}`, this.options.pool, this.#observer.pool);
+      this.#pools.set(database, pool);
+    }
+    return pool;
+  }
+
+  /** A pool with no connection and no client waiting goes (a client may name any database). */
+  #dropIfEmpty(database: string): void {
+    const pool = this.#pools.get(database);
+    if (pool && pool.size === 0 && pool.stats.waiting === 0) {
+      pool.close();
+      this.#pools.delete(database);
+    }
   }
 
   #newServer(): Server {
@@ -222,23 +257,58 @@ export class ProxyServer {
     const onClientGone = (): void => abort.abort();
     raw.once('close', onClientGone);
 
-    let upstream;
-    try {
+    const forwarded = new Map(parameters);
+    forwarded.delete('user');
+    forwarded.set('database', database);
+    // The native relay takes a plain client; a client on TLS stays with Node's streams. Only
+    // native connections outlive their client, so only they are pooled.
+    const inC = this.#nativeUpstream && client === raw;
+    const pooled = inC && this.options.pool.mode === 'session';
+    const login = async (): Promise<UpstreamSession & { tokenExpiresAt: Date | undefined }> => {
       const token = await this.#deps.tokenSource.getToken({
         notice: (message) => client.write(noticeResponse(message)),
         signal: abort.signal,
       });
       const connectStarted = process.hrtime.bigint();
-      const forwarded = new Map(parameters);
-      forwarded.delete('user');
-      forwarded.set('database', database);
-      // The native relay takes a plain client; a client on TLS stays with Node's streams.
-      const inC = this.#nativeUpstream && client === raw;
-      upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { native: inC });
+      const session = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { native: inC });
       this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
+      return { ...session, tokenExpiresAt: token.expiresAt };
+    };
+
+    let upstream: UpstreamSession;
+    let server: ServerConnection | undefined;
+    let reused = false;
+    try {
+      if (pooled) {
+        let fresh: UpstreamSession | undefined;
+        const loginKey = loginKeyOf(forwarded);
+        const lease = await this.#poolFor(database).acquire(
+          loginKey,
+          async () => {
+            const session = await login();
+            fresh = session;
+            return ServerConnection.fromLogin(session, loginKey, session.tokenExpiresAt, this.options.pool.lifetimeMs);
+          },
+          abort.signal,
+        );
+        server = lease.server;
+        reused = lease.reused;
+        upstream = fresh ?? {
+          socket: server.upstream,
+          native: server.upstream,
+          greeting: server.greeting(),
+          processId: server.processId,
+          secretKey: server.secretKey,
+          leftover: Buffer.alloc(0),
+          tls: server.upstream.tlsInfo,
+        };
+      } else {
+        upstream = await login();
+      }
     } catch (error) {
       raw.off('close', onClientGone);
       frames.detach();
+      if (pooled) this.#dropIfEmpty(database);
       const facing = this.#clientFacing(error);
       this.#log.warn({ peer, user: clientUser, database, sqlstate: facing.sqlstate, reason: facing.message }, 'upstream login failed');
       if (!abort.signal.aborted) refuse(client, facing, error instanceof UpstreamError ? error.fields : undefined, this.#context(database));
@@ -246,7 +316,8 @@ export class ProxyServer {
     }
     raw.off('close', onClientGone);
     if (abort.signal.aborted) {
-      upstream.socket.destroy();
+      if (server) this.#pools.get(database)?.release(server, undefined, false);
+      else upstream.socket.destroy();
       frames.detach();
       return;
     }
@@ -276,6 +347,7 @@ export class ProxyServer {
         upstreamName,
         counters: this.#nativeBytes,
         onAbandoned,
+        pooled: server !== undefined,
       });
       if (started instanceof NativeRelay) relay = started;
       else this.#log.info({ peer, reason: started.reason }, 'session stays on the JavaScript relay');
@@ -284,6 +356,7 @@ export class ProxyServer {
       if (raw.destroyed || upstream.socket.destroyed) {
         // A side went away before the relay started: nothing to relay.
         clientKey.release();
+        if (server) this.#pools.get(database)?.release(server, undefined, false);
         upstream.socket.destroy();
         if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
         return;
@@ -300,17 +373,24 @@ export class ProxyServer {
     this.#observer.sessionStarted(relayKind);
     this.#log.debug({ peer, user: clientUser, database, relay: relayKind }, 'session started');
     // #run returns now, so that nothing of the handshake and login stays alive for the session.
-    this.#whenEnded(session, relay, clientKey.release, { peer, user: clientUser, database, started, relay: relayKind });
+    const pool = server ? this.#pools.get(database) : undefined;
+    const giveBack = (end: RelayEnd): void => {
+      clientKey.release();
+      if (!server || !pool) return;
+      pool.release(server, relay instanceof NativeRelay ? relay.detached : undefined, end === 'upstream_closed' || end === 'upstream_error');
+      this.#dropIfEmpty(database);
+    };
+    this.#whenEnded(session, relay, giveBack, { peer, user: clientUser, database, started, relay: relayKind, pooled: server !== undefined, reused });
   }
 
   #whenEnded(
     session: Session,
     relay: SessionRelay,
-    release: () => void,
-    about: { peer: string; user: string; database: string; started: number; relay: string },
+    release: (end: RelayEnd) => void,
+    about: { peer: string; user: string; database: string; started: number; relay: string; pooled: boolean; reused: boolean },
   ): void {
     void relay.done.then((end: RelayEnd) => {
-      release();
+      release(end);
       this.#sessions.delete(session);
       this.#observer.clientClosed();
       this.#log.info(
@@ -322,6 +402,7 @@ export class ProxyServer {
           bytesToUpstream: relay.stats.bytesToUpstream,
           bytesToClient: relay.stats.bytesToClient,
           relay: about.relay,
+          ...(about.pooled ? { pooled: true, reused: about.reused } : {}),
           end,
         },
         'session ended',
@@ -369,6 +450,9 @@ export class ProxyServer {
       facing = { sqlstate: error.sqlstate, message: `could not obtain a token for ${this.options.identity}: ${error.message}` };
     } else if (error instanceof UpstreamError) {
       reason = error.fields ? 'upstream_auth' : 'upstream_connect';
+      facing = error;
+    } else if (error instanceof PoolTimeoutError) {
+      reason = 'pool_timeout';
       facing = error;
     } else {
       reason = 'upstream_connect';

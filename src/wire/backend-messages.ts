@@ -52,6 +52,11 @@ export const AUTHENTICATION_CLEARTEXT = message(BackendCode.Authentication, int3
 /** @see https://www.postgresql.org/docs/current/protocol-message-formats.html#PROTOCOL-MESSAGE-FORMATS-READYFORQUERY */
 export const READY_FOR_QUERY_IDLE = message(BackendCode.ReadyForQuery, Buffer.from('I'));
 
+/** @see https://www.postgresql.org/docs/current/protocol-message-formats.html#PROTOCOL-MESSAGE-FORMATS-PARAMETERSTATUS */
+export function parameterStatus(name: string, value: string): Buffer {
+  return message(BackendCode.ParameterStatus, Buffer.concat([cstring(name), cstring(value)]));
+}
+
 /** @see https://www.postgresql.org/docs/current/protocol-message-formats.html#PROTOCOL-MESSAGE-FORMATS-AUTHENTICATIONSASL */
 export function authenticationSASL(mechanisms: readonly string[]): Buffer {
   return message(BackendCode.Authentication, Buffer.concat([int32(AuthRequest.SASL), ...mechanisms.map(cstring), Buffer.from([0])]));

@@ -1,0 +1,339 @@
+/**
+ * Pooled upstream logins (session mode): a pool per target and database keeps logged-in server
+ * connections (native ones: OpenSSL's in C, which outlive the client that opened them) and gives
+ * one to each client for the length of its session.
+ *
+ * A client reuses a connection that logged in with the same startup parameters as its own: after
+ * `ServerResetQuery` (DISCARD ALL) a connection is back to exactly what that login gave (its
+ * startup values are what RESET restores), so the next client sees what a fresh login with those
+ * parameters shows, greeting included. A full pool closes an idle connection of other parameters
+ * to log in for the new client.
+ *
+ * A connection goes back to the pool only when its client left between two of its messages with
+ * the server at ReadyForQuery; an open transaction is rolled back first. Anything else (a query
+ * running, a message half sent, a failed reset) closes it. A connection is never handed out after
+ * the token it logged in with expired, nor after `ServerLifetime`; one idle for `ServerIdleTimeout`
+ * closes (so a compute can scale to zero); one that the server closed while idle is dropped at
+ * once; one idle longer than `ServerCheckDelay` answers an empty query before it is used.
+ */
+import { serialize } from 'pg-protocol';
+import { BackendCode } from '../wire/backend-messages.js';
+import { FrameReader } from '../wire/frame-reader.js';
+import { SocketFrames } from '../wire/socket-frames.js';
+import type { NativeUpstream, Detached } from '../proxy/native-relay.js';
+import { ServerConnection, type ServerCloseReason } from './server-connection.js';
+
+export interface PoolSettings {
+  /** Most server connections of the pool, logging in included. */
+  readonly size: number;
+  /** Idle connections kept open past ServerIdleTimeout. */
+  readonly minSize: number;
+  readonly queryWaitTimeoutMs: number;
+  /** Run before a connection serves another client; empty: none. */
+  readonly resetQuery: string;
+  /** 0: as long as the token it logged in with. */
+  readonly lifetimeMs: number;
+  readonly idleTimeoutMs: number;
+  readonly checkDelayMs: number;
+}
+
+/** What a pool reports; the metrics module implements it. */
+export interface PoolObserver {
+  login(): void;
+  reuse(): void;
+  reset(): void;
+  closed(reason: ServerCloseReason): void;
+  waited(seconds: number): void;
+}
+
+/** A client that waited longer than QueryWaitTimeout for a server connection. */
+export class PoolTimeoutError extends Error {
+  override readonly name = 'PoolTimeoutError';
+  readonly sqlstate = '53300';
+}
+
+interface Waiter {
+  readonly wake: () => void;
+}
+
+export interface Lease {
+  readonly server: ServerConnection;
+  readonly reused: boolean;
+}
+
+/** One login for `loginKey`'s parameters: what the pool calls when it needs a new connection. */
+export type Login = () => Promise<ServerConnection>;
+
+const JANITOR_MS = 1000;
+
+export class Pool {
+  readonly name: string;
+  #settings: PoolSettings;
+  readonly #observer: PoolObserver;
+  readonly #all = new Set<ServerConnection>();
+  /** Idle connections, most recently used last. */
+  readonly #idle: ServerConnection[] = [];
+  /** Logins under way: they count against the size. */
+  #loggingIn = 0;
+  readonly #waiters: Waiter[] = [];
+  #closed = false;
+  readonly #janitor: NodeJS.Timeout;
+
+  constructor(name: string, settings: PoolSettings, observer: PoolObserver) {
+    this.name = name;
+    this.#settings = settings;
+    this.#observer = observer;
+    this.#janitor = setInterval(() => this.#sweep(), JANITOR_MS).unref();
+  }
+
+  /** Connections by state, and clients waiting: for /metrics. */
+  get stats(): { idle: number; active: number; loggingIn: number; checking: number; resetting: number; waiting: number } {
+    let active = 0;
+    let checking = 0;
+    let resetting = 0;
+    for (const server of this.#all) {
+      if (server.state === 'active') active++;
+      else if (server.state === 'checking') checking++;
+      else if (server.state === 'resetting') resetting++;
+    }
+    return { idle: this.#idle.length, active, loggingIn: this.#loggingIn, checking, resetting, waiting: this.#waiters.length };
+  }
+
+  /** Server connections open or logging in. */
+  get size(): number {
+    return this.#all.size + this.#loggingIn;
+  }
+
+  /**
+   * A logged-in connection for a client whose startup parameters make `loginKey`: an idle one
+   * that logged in with the same, else a new login, else the first to come free within
+   * QueryWaitTimeout. Rejects with PoolTimeoutError, or with the login's error.
+   */
+  async acquire(loginKey: string, login: Login, signal: AbortSignal): Promise<Lease> {
+    const started = Date.now();
+    for (;;) {
+      if (this.#closed) throw new PoolTimeoutError(`pool ${this.name} is closed: the proxy is shutting down`);
+      if (signal.aborted) throw new Error('the client went away');
+      const idle = this.#takeIdle(loginKey);
+      if (idle) {
+        if (Date.now() - idle.lastUsedAt >= this.#settings.checkDelayMs && !(await this.#check(idle))) continue;
+        idle.state = 'active';
+        this.#observer.reuse();
+        this.#observer.waited((Date.now() - started) / 1000);
+        return { server: idle, reused: true };
+      }
+      if (this.size >= this.#settings.size) {
+        // Room for this client's login: an idle connection of other parameters goes.
+        const other = this.#idle.shift();
+        if (other) this.#close(other, 'evicted');
+      }
+      if (this.size < this.#settings.size) {
+        this.#loggingIn++;
+        let server: ServerConnection;
+        try {
+          server = await login();
+        } finally {
+          this.#loggingIn--;
+        }
+        this.#observer.waited((Date.now() - started) / 1000);
+        if (this.#closed) {
+          server.close();
+          throw new PoolTimeoutError(`pool ${this.name} is closed: the proxy is shutting down`);
+        }
+        this.#all.add(server);
+        server.state = 'active';
+        server.watchClose(() => this.#forget(server, 'server_closed'));
+        this.#observer.login();
+        this.#wakeOne(); // the size did not change, but a failed login elsewhere may have freed room
+        return { server, reused: false };
+      }
+      await this.#wait(started, signal);
+    }
+  }
+
+  /**
+   * The client of `server` is gone. With `detached` (a pooled relay let it go) and reusable,
+   * the connection is cleaned and goes back to the pool; otherwise it is closed.
+   */
+  release(server: ServerConnection, detached: Detached | undefined, upstreamEnded: boolean): void {
+    if (!detached?.reusable || this.#closed || server.closed) {
+      this.#close(server, upstreamEnded ? 'server_closed' : this.#closed ? 'shutdown' : 'not_reusable');
+      return;
+    }
+    void this.#reset(server, detached.status);
+  }
+
+  /** New settings from a reload: a smaller size closes idle connections above it. */
+  update(settings: PoolSettings): void {
+    this.#settings = settings;
+    while (this.size > settings.size && this.#idle.length > 0) this.#close(this.#idle.shift() as ServerConnection, 'evicted');
+    this.#wakeAll();
+  }
+
+  /** Closes every idle connection and those released from now on; waiting clients are refused. */
+  close(): void {
+    this.#closed = true;
+    clearInterval(this.#janitor);
+    for (const server of this.#idle.splice(0)) this.#close(server, 'shutdown');
+    this.#wakeAll();
+  }
+
+  #takeIdle(loginKey: string): ServerConnection | undefined {
+    const now = Date.now();
+    for (let i = this.#idle.length - 1; i >= 0; i--) {
+      const server = this.#idle[i] as ServerConnection;
+      if (server.loginKey !== loginKey) continue;
+      this.#idle.splice(i, 1);
+      if (now >= server.expiresAt) {
+        this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
+        i = this.#idle.length; // the array changed: look again from the end
+        continue;
+      }
+      return server;
+    }
+    return undefined;
+  }
+
+  /** An empty query: the connection answers, or it is closed. */
+  async #check(server: ServerConnection): Promise<boolean> {
+    server.state = 'checking';
+    const ok = await converse(server.upstream, [''], this.#settings.checkDelayMs > 0 ? Math.max(5000, this.#settings.checkDelayMs) : 5000).then(
+      (result) => result.ok,
+      () => false,
+    );
+    if (!ok) this.#close(server, 'check_failed');
+    return ok;
+  }
+
+  async #reset(server: ServerConnection, status: string): Promise<void> {
+    server.state = 'resetting';
+    server.stopWatchingIdle();
+    const queries = status === 'I' ? [] : ['ROLLBACK'];
+    if (this.#settings.resetQuery.trim() !== '') queries.push(this.#settings.resetQuery);
+    const result = queries.length === 0 ? { ok: true, parameters: [] } : await converse(server.upstream, queries, 30_000).catch(() => ({ ok: false, parameters: [] }));
+    for (const [name, value] of result.parameters) server.parameters.set(name, value);
+    this.#observer.reset();
+    if (!result.ok || server.closed || this.#closed) {
+      this.#close(server, this.#closed ? 'shutdown' : 'reset_failed');
+      return;
+    }
+    const now = Date.now();
+    if (now >= server.expiresAt) {
+      this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
+      return;
+    }
+    server.state = 'idle';
+    server.lastUsedAt = now;
+    server.watchIdle(() => this.#close(server, 'server_closed'));
+    this.#idle.push(server);
+    this.#wakeOne();
+  }
+
+  #close(server: ServerConnection, reason: ServerCloseReason): void {
+    if (!this.#all.has(server)) {
+      server.close();
+      return;
+    }
+    this.#forget(server, reason);
+    server.close();
+  }
+
+  #forget(server: ServerConnection, reason: ServerCloseReason): void {
+    if (!this.#all.delete(server)) return;
+    const at = this.#idle.indexOf(server);
+    if (at >= 0) this.#idle.splice(at, 1);
+    this.#observer.closed(reason);
+    this.#wakeOne();
+  }
+
+  /** Idle connections past ServerIdleTimeout (above MinPoolSize), their lifetime or their token close. */
+  #sweep(): void {
+    const now = Date.now();
+    for (const server of [...this.#idle]) {
+      if (now >= server.expiresAt) this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
+      else if (this.#settings.idleTimeoutMs > 0 && now - server.lastUsedAt >= this.#settings.idleTimeoutMs && this.#all.size > this.#settings.minSize) this.#close(server, 'idle');
+    }
+  }
+
+  #wait(started: number, signal: AbortSignal): Promise<void> {
+    const left = this.#settings.queryWaitTimeoutMs - (Date.now() - started);
+    if (left <= 0) return Promise.reject(this.#timeout());
+    return new Promise<void>((resolve, reject) => {
+      const waiter: Waiter = {
+        wake: () => {
+          clearTimeout(timer);
+          signal.removeEventListener('abort', onAbort);
+          resolve();
+        },
+      };
+      const leave = (): void => {
+        const at = this.#waiters.indexOf(waiter);
+        if (at >= 0) this.#waiters.splice(at, 1);
+        signal.removeEventListener('abort', onAbort);
+      };
+      const timer = setTimeout(() => {
+        leave();
+        reject(this.#timeout());
+      }, left);
+      const onAbort = (): void => {
+        clearTimeout(timer);
+        leave();
+        reject(new Error('the client went away'));
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      this.#waiters.push(waiter);
+    });
+  }
+
+  #timeout(): PoolTimeoutError {
+    const seconds = this.#settings.queryWaitTimeoutMs / 1000;
+    return new PoolTimeoutError(
+      `no server connection of pool ${this.name} came free within QueryWaitTimeout (${seconds} s): all ${this.#settings.size} (PoolSize) are in use`,
+    );
+  }
+
+  #wakeOne(): void {
+    this.#waiters.shift()?.wake();
+  }
+
+  #wakeAll(): void {
+    for (const waiter of this.#waiters.splice(0)) waiter.wake();
+  }
+}
+
+/**
+ * Sends each query (simple protocol) and reads until as many ReadyForQuery as queries came back,
+ * status I at the end. Returns the ParameterStatus values the server sent meanwhile.
+ */
+export async function converse(
+  upstream: NativeUpstream,
+  queries: readonly string[],
+  timeoutMs: number,
+): Promise<{ ok: boolean; parameters: Array<[string, string]> }> {
+  const frames = new SocketFrames(upstream, new FrameReader(1 << 20, true));
+  const parameters: Array<[string, string]> = [];
+  const timer = setTimeout(() => upstream.destroy(new Error('no answer in time')), timeoutMs);
+  try {
+    for (const query of queries) upstream.write(serialize.query(query));
+    let ready = 0;
+    let ok = true;
+    let status = 'I';
+    while (ready < queries.length) {
+      const { type, body } = await frames.next();
+      if (type === BackendCode.ReadyForQuery) {
+        ready++;
+        status = String.fromCharCode(body[0] ?? 0);
+      } else if (type === BackendCode.ErrorResponse) {
+        ok = false;
+      } else if (type === BackendCode.ParameterStatus) {
+        const [name = '', value = ''] = body.toString('utf8').split('\0');
+        parameters.push([name, value]);
+      }
+    }
+    const rest = frames.detach();
+    return { ok: ok && status === 'I' && rest.length === 0, parameters };
+  } finally {
+    clearTimeout(timer);
+    frames.detach();
+  }
+}

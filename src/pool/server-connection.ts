@@ -1,0 +1,115 @@
+/** A logged-in upstream connection of a pool, and what the pool knows of it. */
+import { parameterStatus, READY_FOR_QUERY_IDLE } from '../wire/backend-messages.js';
+import type { NativeUpstream } from '../proxy/native-relay.js';
+import type { UpstreamSession } from '../proxy/upstream.js';
+
+export type ServerState = 'idle' | 'active' | 'checking' | 'resetting';
+
+/** Why a server connection closed (a metric label). */
+export type ServerCloseReason =
+  | 'idle'
+  | 'lifetime'
+  | 'token_expired'
+  | 'server_closed'
+  | 'reset_failed'
+  | 'check_failed'
+  | 'evicted'
+  | 'not_reusable'
+  | 'shutdown';
+
+export const SERVER_CLOSE_REASONS: readonly ServerCloseReason[] = [
+  'idle',
+  'lifetime',
+  'token_expired',
+  'server_closed',
+  'reset_failed',
+  'check_failed',
+  'evicted',
+  'not_reusable',
+  'shutdown',
+];
+
+/** The startup parameters a login was made with, as one comparable key. */
+export function loginKeyOf(parameters: ReadonlyMap<string, string>): string {
+  return JSON.stringify([...parameters].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+}
+
+/** A lifetime shortened by up to a tenth at random, so that a pool's connections do not all end at once. */
+function jittered(ms: number): number {
+  return ms - Math.floor(Math.random() * ms * 0.1);
+}
+
+export class ServerConnection {
+  state: ServerState = 'active';
+  lastUsedAt = Date.now();
+  /** The server's reported parameters now, in the order it first sent them. */
+  readonly parameters: Map<string, string>;
+  readonly #tokenExpiresAt: number;
+  #idleListener: ((chunk: Buffer) => void) | undefined;
+
+  private constructor(
+    readonly upstream: NativeUpstream,
+    readonly processId: number,
+    readonly secretKey: Buffer,
+    parameters: Map<string, string>,
+    readonly loginKey: string,
+    /** Not handed to a client from then on: the token's expiry, or ServerLifetime if sooner. */
+    readonly expiresAt: number,
+    tokenExpiresAt: number,
+  ) {
+    this.parameters = parameters;
+    this.#tokenExpiresAt = tokenExpiresAt;
+  }
+
+  static fromLogin(session: UpstreamSession, loginKey: string, tokenExpiresAt: Date | undefined, lifetimeMs: number): ServerConnection {
+    if (!session.native) throw new Error('a pooled connection must be a native one');
+    const parameters = new Map<string, string>();
+    for (const message of session.greeting) {
+      if (message[0] !== 0x53) continue; // 'S': ParameterStatus
+      const [name = '', value = ''] = message.toString('utf8', 5).split('\0');
+      parameters.set(name, value);
+    }
+    const token = tokenExpiresAt?.getTime() ?? Number.POSITIVE_INFINITY;
+    const lifetime = lifetimeMs > 0 ? Date.now() + jittered(lifetimeMs) : Number.POSITIVE_INFINITY;
+    return new ServerConnection(session.native, session.processId, session.secretKey, parameters, loginKey, Math.min(token, lifetime), token);
+  }
+
+  get closed(): boolean {
+    return this.upstream.destroyed;
+  }
+
+  tokenExpired(now: number): boolean {
+    return now >= this.#tokenExpiresAt;
+  }
+
+  /** What a fresh login with these parameters would have greeted with (BackendKeyData is the caller's). */
+  greeting(): Buffer[] {
+    return [...[...this.parameters].map(([name, value]) => parameterStatus(name, value)), READY_FOR_QUERY_IDLE];
+  }
+
+  /** `onClose` when the connection ends, whatever ended it. */
+  watchClose(onClose: () => void): void {
+    this.upstream.once('close', onClose);
+  }
+
+  /** While idle: anything from the server (a FATAL before it goes, its close) is trouble. */
+  watchIdle(onTrouble: () => void): void {
+    this.#idleListener = () => onTrouble();
+    this.upstream.on('data', this.#idleListener);
+    this.upstream.on('end', this.#idleListener);
+    this.upstream.resume();
+  }
+
+  stopWatchingIdle(): void {
+    if (!this.#idleListener) return;
+    this.upstream.off('data', this.#idleListener);
+    this.upstream.off('end', this.#idleListener);
+    this.#idleListener = undefined;
+    this.upstream.pause();
+  }
+
+  close(): void {
+    this.stopWatchingIdle();
+    this.upstream.destroy();
+  }
+}
