@@ -10,14 +10,14 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type pg from 'pg';
 import { untrustedCert } from './harness/certs.js';
 import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { BIN, connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
-import { cleanEnvironment, listen, pgClient } from './reliability-support.js';
+import { cancelRequest, cleanEnvironment, listen, pgClient } from './reliability-support.js';
 
 cleanEnvironment();
 let db: TestPostgres;
@@ -206,17 +206,3 @@ test(
     assertNoSecret([ran.output], 'a start-up error');
   },
 );
-
-/** A CancelRequest on a new connection to the proxy. */
-async function cancelRequest(port: number, processId: number, secretKey: number): Promise<void> {
-  const packet = Buffer.alloc(16);
-  packet.writeInt32BE(16, 0);
-  packet.writeInt32BE(80877102, 4);
-  packet.writeInt32BE(processId, 8);
-  packet.writeInt32BE(secretKey, 12);
-  await new Promise<void>((resolve) => {
-    const socket = connect({ host: '127.0.0.1', port }, () => socket.end(packet));
-    socket.on('error', () => resolve());
-    socket.on('close', () => resolve());
-  });
-}

@@ -214,3 +214,17 @@ export async function startUpstreamStandin(db: TestPostgres): Promise<UpstreamSt
     },
   };
 }
+
+/** A CancelRequest on a new connection to the proxy. */
+export async function cancelRequest(port: number, processId: number, secretKey: number): Promise<void> {
+  const packet = Buffer.alloc(16);
+  packet.writeInt32BE(16, 0);
+  packet.writeInt32BE(80877102, 4);
+  packet.writeInt32BE(processId, 8);
+  packet.writeInt32BE(secretKey, 12);
+  await new Promise<void>((resolve) => {
+    const socket = netConnect({ host: '127.0.0.1', port }, () => socket.end(packet));
+    socket.on('error', () => resolve());
+    socket.on('close', () => resolve());
+  });
+}

@@ -125,6 +125,7 @@ export class Pool {
       if (this.size >= this.#settings.size) {
         // Room for this client's login: an idle connection of other parameters goes.
         const other = this.#idle.shift();
+        other?.stopWatchingIdle();
         if (other) this.#close(other, 'evicted');
       }
       if (this.size < this.#settings.size) {
@@ -184,6 +185,7 @@ export class Pool {
       const server = this.#idle[i] as ServerConnection;
       if (server.loginKey !== loginKey) continue;
       this.#idle.splice(i, 1);
+      server.stopWatchingIdle();
       if (now >= server.expiresAt) {
         this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
         i = this.#idle.length; // the array changed: look again from the end
@@ -201,8 +203,11 @@ export class Pool {
       (result) => result.ok,
       () => false,
     );
-    if (!ok) this.#close(server, 'check_failed');
-    return ok;
+    if (!ok || server.closed) {
+      this.#close(server, 'check_failed');
+      return false;
+    }
+    return true;
   }
 
   async #reset(server: ServerConnection, status: string): Promise<void> {
