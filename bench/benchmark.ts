@@ -170,11 +170,16 @@ export async function runBenchmark(options: BenchOptions = {}): Promise<BenchRes
     const serverVersion = (await db.query<{ v: string }>("SELECT current_setting('server_version') AS v"))[0]?.v ?? '?';
 
     const upstream = `Server=127.0.0.1;Port=${db.port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database}`;
-    const proxyLaunch: ProxyLaunch = { args: ['--connection', upstream, '--http-port', '0'], ...(options.proxyNodeArgs ? { nodeArgs: [...options.proxyNodeArgs] } : {}) };
+    // A pool as large as PgBouncer's below (sessions + 100), so that no path makes clients wait for a slot.
+    const proxyLaunch: ProxyLaunch = {
+      args: ['--connection', upstream, '--http-port', '0'],
+      env: { LAKEBASE_PROXY_POOL_SIZE: String(sessions + 100) },
+      ...(options.proxyNodeArgs ? { nodeArgs: [...options.proxyNodeArgs] } : {}),
+    };
     const variantLaunch = (variant: ProxyVariant): ProxyLaunch => ({
       args: ['--connection', upstream, '--http-port', '0'],
       script: variant.script,
-      env: { ...variant.env },
+      env: { LAKEBASE_PROXY_POOL_SIZE: String(sessions + 100), ...variant.env },
       listeningLines: variant.listeningLines ?? 1,
       ...(variant.node ? { node: variant.node } : {}),
     });

@@ -12,8 +12,8 @@ const token = 'limits-token';
 before(async () => (db = await startTokenPostgres(token)));
 after(async () => db?.stop());
 
-test('--idle-timeout closes a session idle that long, upstream included; a busy one and a long query stay', async () => {
-  const proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--idle-timeout', '700']);
+test('--idle-timeout closes a session idle that long, upstream included (PoolMode=none); a busy one and a long query stay', async () => {
+  const proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--idle-timeout', '700', '--pool-mode', 'none']);
   try {
     const idle = proxyClient(proxy.port, db, { application_name: 'idle' });
     const busy = proxyClient(proxy.port, db, { application_name: 'busy' });
@@ -32,6 +32,24 @@ test('--idle-timeout closes a session idle that long, upstream included; a busy 
     const left = await db.query<{ n: string }>("select count(*) as n from pg_stat_activity where application_name = 'idle'");
     assert.equal(Number(left[0]?.n), 0, 'the idle session upstream is gone too');
     assert.match(proxy.output(), /"end":"idle_timeout"/);
+  } finally {
+    await proxy.stop();
+  }
+});
+
+test('--idle-timeout on a pooled session lets the client go and keeps its upstream connection for the next client', async () => {
+  const proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--idle-timeout', '500', '--relay', 'native']);
+  try {
+    const idle = proxyClient(proxy.port, db, { application_name: 'pooled-idle' });
+    await idle.connect();
+    const pid = (await idle.query('select pg_backend_pid() as pid')).rows[0].pid as number;
+    await new Promise<void>((resolve) => idle.once('end', () => resolve()));
+    assert.match(proxy.output(), /"end":"idle_timeout"/);
+    const next = proxyClient(proxy.port, db, { application_name: 'pooled-idle' });
+    await next.connect();
+    const again = (await next.query('select pg_backend_pid() as pid')).rows[0].pid as number;
+    await next.end();
+    if (/"relay":"native"/.test(proxy.output())) assert.equal(again, pid, 'the same upstream connection served the next client');
   } finally {
     await proxy.stop();
   }

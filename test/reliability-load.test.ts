@@ -22,7 +22,7 @@ const token = 'tok-' + randomBytes(600).toString('base64url');
 
 before(async () => {
   // Each client holds two descriptors in the proxy (its socket and the upstream's): 2,000 here.
-  ({ db, proxy, close } = await startProxiedPostgresProcess(token, ['--no-http', '--connect-timeout', '30000'], { extraConf: { max_connections: '1100' } }));
+  ({ db, proxy, close } = await startProxiedPostgresProcess(token, ['--no-http', '--connect-timeout', '30000', '--pool-mode', 'none'], { extraConf: { max_connections: '1100' } }));
 });
 
 after(() => close?.());

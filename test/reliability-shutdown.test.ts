@@ -66,7 +66,7 @@ function attempt(port: number): Promise<Attempt> {
 }
 
 test('SIGTERM under load: queries in flight finish, new connections are whole sessions or refused, exit 0, nothing left upstream', async (t) => {
-  const proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--max-sigterm-delay', '15000']);
+  const proxy = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--max-sigterm-delay', '15000', '--pool-size', '200']);
   const clients = Array.from({ length: 40 }, () => pgClient(proxy.port, db, { application_name: 'in-flight' }));
   await Promise.all(clients.map((c) => c.connect()));
 

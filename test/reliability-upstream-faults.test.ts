@@ -44,7 +44,7 @@ function upstreamAt(port: number, extra = ''): string {
 }
 
 const start = (connection: string, flags: string[] = []): Promise<ProxyProcess> =>
-  startProxyProcess(['--connection', connection, '--no-http', '--connect-timeout', '3000', ...flags]);
+  startProxyProcess(['--connection', connection, '--no-http', '--connect-timeout', '3000', '--pool-mode', 'none', ...flags]);
 
 before(async () => {
   db = await startTokenPostgres(token);

@@ -2,7 +2,8 @@
  * The upstream login, against a real Postgres over TLS and against small stand-ins for broken
  * upstreams: what the client sees when the token is wrong or expired, when the upstream is down,
  * silent or lying about TLS, when its certificate does not verify, and when it goes away mid-session;
- * SCRAM-SHA-256-PLUS, MD5, SNI and the startup parameters that reach the server.
+ * SCRAM-SHA-256-PLUS, MD5, SNI and the startup parameters that reach the server. With PoolMode=none:
+ * every client logs in (pooled logins are in pool.test.ts).
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -26,7 +27,7 @@ let proxy: InProcessProxy;
 let close: () => Promise<void>;
 const token = 'tok-' + randomBytes(600).toString('base64url');
 
-before(async () => ({ db, proxy, close } = await startProxiedPostgres(token)));
+before(async () => ({ db, proxy, close } = await startProxiedPostgres(token, ['--pool-mode', 'none'])));
 after(() => close?.());
 
 /** pg's end() never settles on a client whose connection already broke: bound it. */
@@ -60,7 +61,7 @@ async function loginError(port: number): Promise<pg.DatabaseError> {
 }
 
 async function withProxy<T>(connection: string, fn: (p: InProcessProxy) => Promise<T>, flags: string[] = []): Promise<T> {
-  const p = await startProxy(['--connection', connection, ...flags]);
+  const p = await startProxy(['--connection', connection, '--pool-mode', 'none', ...flags]);
   try {
     return await fn(p);
   } finally {

@@ -141,10 +141,14 @@ export class ProxyServer {
     this.#accepting = true;
   }
 
-  /** Stops listening at once; open sessions go on. */
+  /**
+   * Stops listening at once; open sessions go on. The pools close their idle connections now and
+   * the others as their clients leave (an open upstream connection would keep the process alive).
+   */
   stopAccepting(): void {
     this.#accepting = false;
     for (const server of this.#servers) server.close();
+    for (const pool of this.#pools.values()) pool.close();
   }
 
   /** Resolves when every open session has ended and every cancel it caused was sent. */
@@ -164,7 +168,6 @@ export class ProxyServer {
     this.stopAccepting();
     this.closeAll();
     await this.drained();
-    for (const pool of this.#pools.values()) pool.close();
     this.#pools.clear();
   }
 
