@@ -35,6 +35,7 @@ export function resolveOAuth(settings: Settings): OAuthOptions {
     user: settings.string('User') ?? (authScheme === 'OAuthClient' ? clientId : undefined),
     requestTimeoutMs: settings.int('OAuthTimeout'),
     loginTimeoutMs: settings.int('LoginTimeout'),
+    sourceOf: (name) => settings.source(name),
   };
 }
 

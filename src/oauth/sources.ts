@@ -101,6 +101,7 @@ export function workspaceClient(options: OAuthOptions, logger: Logger, flow: 'sc
     requestTimeoutMs: options.requestTimeoutMs,
     retry: DEFAULT_RETRY,
     logger,
+    sourceOf: options.sourceOf,
   });
 }
 
