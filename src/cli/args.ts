@@ -1,5 +1,5 @@
 /** Command-line parsing: what was asked for, before any configuration source is read. */
-import { BY_FLAG, ConfigError, envName, PROPERTIES } from '../config/properties.js';
+import { BY_FLAG, ConfigError, DURATION_FORMS, envName, PROPERTIES } from '../config/properties.js';
 
 export interface ParsedArgs {
   readonly command: string | undefined;
@@ -60,6 +60,8 @@ export function helpText(): string {
     '',
     'Sources, later wins: defaults, --config FILE (YAML), ~/.databrickscfg profile, DATABRICKS_HOST /',
     'DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET, LAKEBASE_PROXY_* variables, --connection, flags.',
+    '',
+    `Durations (timeouts, delays) take a unit: ${DURATION_FORMS}.`,
     '',
     'Connection properties (in --connection "Key=Value;Key=Value", keys case-insensitive):',
   ];

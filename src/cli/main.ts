@@ -124,8 +124,8 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
   const stopped = untilSignal(
     servers,
     {
-      minDelayMs: config.process.int('MinSigtermDelay'),
-      maxDelayMs: config.process.int('MaxSigtermDelay'),
+      minDelayMs: config.process.duration('MinSigtermDelay'),
+      maxDelayMs: config.process.duration('MaxSigtermDelay'),
       exitZero: config.process.bool('ExitZeroOnSigterm'),
     },
     state,

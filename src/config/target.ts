@@ -33,8 +33,8 @@ export function resolveOAuth(settings: Settings): OAuthOptions {
     lakebaseInstance: settings.string('LakebaseInstance'),
     lakebaseEndpoint: settings.string('LakebaseEndpoint'),
     user: settings.string('User') ?? (authScheme === 'OAuthClient' ? clientId : undefined),
-    requestTimeoutMs: settings.int('OAuthTimeout'),
-    loginTimeoutMs: settings.int('LoginTimeout'),
+    requestTimeoutMs: settings.duration('OAuthTimeout'),
+    loginTimeoutMs: settings.duration('LoginTimeout'),
     sourceOf: (name) => settings.source(name),
   };
 }
@@ -91,8 +91,8 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
       port: settings.int('Port'),
       sslMode: canonicalEnum('SSLMode', settings.string('SSLMode') as string) as ProxyOptions['upstream']['sslMode'],
       rootCert: rootCertPath === undefined ? undefined : await readSetting(settings, 'SSLRootCert', rootCertPath),
-      connectTimeoutMs: settings.int('ConnectTimeout'),
-      keepAliveMs: settings.int('KeepAlive'),
+      connectTimeoutMs: settings.duration('ConnectTimeout'),
+      keepAliveMs: settings.duration('KeepAlive'),
     },
     identity,
     defaultDatabase: settings.string('Database') as string,
@@ -104,9 +104,9 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
           ? undefined
           : createSecureContext({ cert: await readSetting(settings, 'TLSCert', tlsCert), key: await readSetting(settings, 'TLSKey', tlsKey) }),
     },
-    startupTimeoutMs: settings.int('StartupTimeout'),
+    startupTimeoutMs: settings.duration('StartupTimeout'),
     maxConnections: settings.int('MaxConnections'),
-    idleTimeoutMs: settings.int('IdleTimeout'),
+    idleTimeoutMs: settings.duration('IdleTimeout'),
     relay: canonicalEnum('Relay', settings.string('Relay') as string) as ProxyOptions['relay'],
   };
 }
