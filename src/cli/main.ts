@@ -6,7 +6,7 @@ import { resolveOAuth, resolveProxy } from '../config/target.js';
 import { ProxyServer, type ProxyOptions } from '../proxy/server.js';
 import { StaticTokenSource } from '../token/static-token.js';
 import type { TokenSource } from '../token/token-source.js';
-import { createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
+import { checkOAuthSettings, createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
 import { connectionTest } from '../ops/check.js';
 import { untilSignal } from '../ops/shutdown.js';
 import { Metrics } from '../ops/metrics.js';
@@ -95,6 +95,7 @@ async function prepare(config: LoadedConfig, logger: Logger, metrics?: Metrics):
   const running: Running[] = [];
   for (const target of config.targets) {
     const options = await resolveProxy(target.settings, target.name);
+    if (target.settings.string('Password') === undefined) await checkOAuthSettings(resolveOAuth(target.settings));
     const onRefresh = metrics ? (result: 'success' | 'failure') => metrics.tokenRefreshed(target.name, result) : undefined;
     const tokenSource = createTokenSource(target.settings, logger.child({ target: target.name }), onRefresh);
     metrics?.watchTokenExpiry(target.name, () => tokenSource.currentExpiry());
