@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { parseArgs } from '../src/cli/args.js';
 import { loadConfig } from '../src/config/load.js';
-import { resolveProxy } from '../src/config/target.js';
+import { refuseSharedPorts, resolveProxy } from '../src/config/target.js';
 import { envName, findProperty, parseDuration, PROPERTIES } from '../src/config/properties.js';
 import { startPostgres, type TestPostgres } from './harness/postgres.js';
 import { testCA } from './harness/certs.js';
@@ -103,6 +103,21 @@ test('the real program takes --max-sigterm-delay 30s and refuses --connect-timeo
   assert.match(refused.stderr, /^lakebase-proxy: ConnectTimeout \(from the command line\): "10x" is not valid; expected a duration such as 500ms, 30s/);
   const proxy = await startProxyProcess(['--connection', 'Server=h;User=u;OAuthAccessToken=t', '--no-http', '--max-sigterm-delay', '30s', '--min-sigterm-delay', '0s']);
   assert.equal(await proxy.stop(), 0, proxy.output());
+});
+
+test('one ListenPort for several targets is refused at start, naming ListenPort and its source', async () => {
+  const two = ['--connection', 'Server=a;User=u;OAuthAccessToken=t', '--connection', 'Server=b;User=u;OAuthAccessToken=t'];
+  const fromFlag = spawnSync(process.execPath, [BIN, ...two, '--port', '5499', '--no-http'], { encoding: 'utf8', timeout: 15_000 });
+  assert.equal(fromFlag.status, 1, fromFlag.stderr);
+  assert.match(fromFlag.stderr, /^lakebase-proxy: ListenPort \(from the command line\): the targets target1, target2 would all listen on port 5499; each target needs its own port: set ListenPort in each --connection string/);
+  assert.doesNotMatch(fromFlag.stderr, /already in use/);
+  const fromEnv = spawnSync(process.execPath, [BIN, ...two, '--no-http'], { encoding: 'utf8', timeout: 15_000, env: { ...process.env, LAKEBASE_PROXY_PORT: '5499' } });
+  assert.match(fromEnv.stderr, /ListenPort \(from environment \(LAKEBASE_PROXY_\*\)\): the targets target1, target2 would all listen on port 5499/);
+  // The check itself: each target on its own port, or a free port each, passes; the default for all does not.
+  refuseSharedPorts((await load(['--connection', 'Server=a;ListenPort=6101', '--connection', 'Server=b;ListenPort=6102'])).targets);
+  refuseSharedPorts((await load([...two, '--port', '0'])).targets);
+  const sameDefault = (await load(['--config', file('same-port.yaml', 'Server: h\ntargets:\n  - name: one\n  - name: two\n')])).targets;
+  assert.throws(() => refuseSharedPorts(sameDefault), /^ConfigError: ListenPort: the targets one, two would all listen on port 5432 \(the default\)/);
 });
 
 test('a secret never appears in an error about it', async () => {

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { createLogger, type Logger } from '../ops/log.js';
 import { ConfigError, envName, PROPERTIES, type Settings } from '../config/properties.js';
 import { loadConfig, type LoadedConfig } from '../config/load.js';
-import { resolveOAuth, resolveProxy } from '../config/target.js';
+import { refuseSharedPorts, resolveOAuth, resolveProxy } from '../config/target.js';
 import { ProxyServer, type ProxyOptions } from '../proxy/server.js';
 import { StaticTokenSource } from '../token/static-token.js';
 import type { TokenSource } from '../token/token-source.js';
@@ -115,6 +115,7 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
 }
 
 async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
+  refuseSharedPorts(config.targets);
   const metrics = new Metrics();
   const targets = await prepare(config, logger, metrics);
   const servers: ProxyServer[] = [];

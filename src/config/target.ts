@@ -111,6 +111,31 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
   };
 }
 
+/**
+ * Refuses targets that would listen on the same address and port: the second would fail with
+ * "already in use", blaming the machine, when the cause is one ListenPort (a --port flag, a
+ * variable, the config file's top level, or the default) applying to every target. Port 0 (a
+ * free port each) is never shared.
+ */
+export function refuseSharedPorts(targets: ReadonlyArray<{ readonly name: string; readonly settings: Settings }>): void {
+  const byAddress = new Map<string, string[]>();
+  for (const { name, settings } of targets) {
+    const port = settings.int('ListenPort');
+    if (port === 0) continue;
+    const key = `${settings.string('ListenAddress') ?? ''} ${port}`;
+    byAddress.set(key, [...(byAddress.get(key) ?? []), name]);
+  }
+  for (const [key, names] of byAddress) {
+    if (names.length < 2) continue;
+    const settings = (targets.find((t) => t.name === names[0]) as { settings: Settings }).settings;
+    const port = key.split(' ')[1];
+    throw settings.error(
+      'ListenPort',
+      `the targets ${names.join(', ')} would all listen on port ${port}${settings.has('ListenPort') ? '' : ' (the default)'}; each target needs its own port: set ListenPort in each --connection string ("...;ListenPort=5433") or in each targets: entry of the config file, and no --port`,
+    );
+  }
+}
+
 async function readSetting(settings: Settings, name: string, path: string): Promise<Buffer> {
   try {
     return await readFile(path);
