@@ -2,8 +2,9 @@
  * The listeners and the life of one client session: handshake, token, upstream login, relay.
  */
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
-import { chmod, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { statSync, unlinkSync } from 'node:fs';
+import { chmod, mkdtemp, rename, rm, stat } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from '../ops/log.js';
 import { backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse } from '../wire/backend-messages.js';
@@ -71,6 +72,8 @@ export class ProxyServer {
   /** Bytes the native relay moved, added to by C as it goes, read by the metrics at scrape. */
   readonly #nativeBytes: Float64Array;
   #socketPath: string | undefined;
+  /** The unix socket file while it is ours to remove (see listenOnUnixSocket). */
+  #socketFile: SocketFile | undefined;
   #accepting = false;
   /** Whether sessions go through the tap (native relay possible). */
   readonly #tapUpstream: boolean;
@@ -117,14 +120,17 @@ export class ProxyServer {
     this.#servers.push(tcp);
     if (unixSocketDir !== undefined) {
       const path = join(unixSocketDir, `.s.PGSQL.${this.options.listen.port === 0 ? this.port : port}`);
-      if (Buffer.byteLength(path) > 107) {
-        throw new Error(`unix socket path ${path} is longer than the 107 bytes the system allows; choose a shorter --unix-socket folder`);
+      try {
+        if (Buffer.byteLength(path) > 107) {
+          throw new Error(`unix socket path ${path} is longer than the 107 bytes the system allows; choose a shorter --unix-socket folder`);
+        }
+        const unix = this.#newServer();
+        this.#socketFile = await listenOnUnixSocket(unix, path, this.options.listen.unixSocketMode, this.#log);
+        this.#servers.push(unix);
+      } catch (error) {
+        this.stopAccepting(); // the TCP listener too: a failed listen() leaves nothing open
+        throw error;
       }
-      await removeStaleSocket(path);
-      const unix = this.#newServer();
-      await listenOn(unix, { path }, `unix socket ${path} is in use by another server; choose another --unix-socket folder or --port`, this.#log);
-      await chmod(path, this.options.listen.unixSocketMode);
-      this.#servers.push(unix);
       this.#socketPath = path;
     }
     this.#accepting = true;
@@ -134,6 +140,8 @@ export class ProxyServer {
   stopAccepting(): void {
     this.#accepting = false;
     for (const server of this.#servers) server.close();
+    if (this.#socketFile) removeSocketFile(this.#socketFile);
+    this.#socketFile = undefined;
   }
 
   /** Resolves when every open session has ended and every cancel it caused was sent. */
@@ -434,9 +442,60 @@ function listenOn(server: Server, where: { host: string; port: number } | { path
   });
 }
 
-/** A socket file left by a process that died is removed; one in use is left alone. */
-async function removeStaleSocket(path: string): Promise<void> {
-  const inUse = await new Promise<boolean>((resolve) => {
+interface SocketFile {
+  readonly path: string;
+  /** Its inode: the file is removed only while it is still this one. */
+  readonly ino: number;
+}
+
+/**
+ * Listens on the unix socket `path` with `mode` from the moment the path exists. bind() creates
+ * the file with the umask's mode, and a chmod after listen leaves a window in which anyone the
+ * umask lets in may connect. Narrowing the process umask around listen() would narrow every file
+ * the thread pool creates meanwhile too (a settings folder made without its x bit). So the socket
+ * is bound inside a private folder (mkdtemp: mode 0700, beside `path`, so on the same file
+ * system), given its mode there where no one else can reach it, and renamed into place: the bound
+ * socket moves with its name, and a stale file left by a process that died is replaced at once.
+ * libuv removes only the name it bound on close, so the file is removed by removeSocketFile.
+ */
+async function listenOnUnixSocket(server: Server, path: string, mode: number, logger: Logger): Promise<SocketFile> {
+  if (await socketInUse(path)) throw new Error(`unix socket ${path} is in use by another server; choose another --unix-socket folder or --port`);
+  let folder: string;
+  try {
+    folder = await mkdtemp(join(dirname(path), '.lbp-'));
+  } catch (error) {
+    throw new Error(`cannot listen on ${path}: ${(error as Error).message}`);
+  }
+  try {
+    const bound = join(folder, basename(path));
+    if (Buffer.byteLength(bound) > 107) {
+      throw new Error(`unix socket path ${path} is too long: it is bound first at ${bound}, longer than the 107 bytes the system allows; choose a shorter --unix-socket folder`);
+    }
+    await listenOn(server, { path: bound }, `unix socket ${bound} is in use`, logger);
+    try {
+      await chmod(bound, mode);
+      await rename(bound, path);
+      return { path, ino: (await stat(path)).ino };
+    } catch (error) {
+      server.close();
+      throw new Error(`cannot listen on ${path}: ${(error as Error).message}`);
+    }
+  } finally {
+    await rm(folder, { recursive: true, force: true });
+  }
+}
+
+function removeSocketFile(file: SocketFile): void {
+  try {
+    if (statSync(file.path).ino === file.ino) unlinkSync(file.path);
+  } catch {
+    // already gone
+  }
+}
+
+/** Whether a server answers on the socket file `path` (a file left by a process that died does not). */
+function socketInUse(path: string): Promise<boolean> {
+  return new Promise<boolean>((resolve) => {
     const probe: Socket = netConnect({ path });
     probe.once('connect', () => {
       probe.destroy();
@@ -444,5 +503,4 @@ async function removeStaleSocket(path: string): Promise<void> {
     });
     probe.once('error', () => resolve(false));
   });
-  if (!inUse) await unlink(path).catch(() => {});
 }
