@@ -117,7 +117,7 @@ test('a session counts one connection, one upstream connect, and the bytes its s
   assert.ok(ended.bytesToUpstream > 0 && ended.bytesToClient > 100000, JSON.stringify(ended));
   assert.equal(toUpstream, ended.bytesToUpstream);
   assert.equal(toClient, ended.bytesToClient);
-  for (const reason of ['client_password', 'token', 'upstream_auth', 'upstream_connect', 'protocol', 'startup_timeout', 'too_many_connections']) {
+  for (const reason of ['client_password', 'token', 'upstream_auth', 'upstream_connect', 'protocol', 'startup_timeout', 'too_many_connections', 'shutting_down']) {
     assert.equal(delta('login_failures_total', { ...target, reason }), 0, reason);
   }
 });

@@ -26,6 +26,7 @@ const FAILURE_REASONS = Object.keys({
   protocol: true,
   startup_timeout: true,
   too_many_connections: true,
+  shutting_down: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
 const REFRESH_RESULTS: readonly TokenRefreshResult[] = ['success', 'failure'];
@@ -112,7 +113,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}login_failures_total`,
-      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections).',
+      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections, shutting_down).',
       labelNames: ['target', 'reason'],
       registers,
       collect() {

@@ -14,7 +14,15 @@ export interface ProxyObserver {
   cancel(outcome: 'forwarded' | 'unknown_key' | 'error'): void;
 }
 
-export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections';
+export type FailureReason =
+  | 'client_password'
+  | 'token'
+  | 'upstream_auth'
+  | 'upstream_connect'
+  | 'protocol'
+  | 'startup_timeout'
+  | 'too_many_connections'
+  | 'shutting_down';
 
 export const nullObserver: ProxyObserver = {
   clientOpened() {},

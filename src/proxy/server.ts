@@ -58,7 +58,12 @@ interface ClientFacing {
 interface Session {
   relay: SessionRelay | undefined;
   socket: Socket;
+  /** Accepted while refusing new clients: turned away with 57P03, never waited for by drained(). */
+  readonly late: boolean;
 }
+
+/** What a client that starts up during the shutdown's drain gets, as Postgres answers then. */
+const SHUTTING_DOWN: ClientFacing = { sqlstate: '57P03', message: 'the proxy is shutting down' };
 
 export class ProxyServer {
   readonly options: ProxyOptions;
@@ -74,6 +79,7 @@ export class ProxyServer {
   #socketPath: string | undefined;
   /** The unix socket file while it is ours to remove (see listenOnUnixSocket). */
   #socketFile: SocketFile | undefined;
+  /** false from refuseNewClients() on: new clients are answered 57P03 while the listeners stay open. */
   #accepting = false;
   /** Whether sessions go through the tap (native relay possible). */
   readonly #tapUpstream: boolean;
@@ -115,6 +121,7 @@ export class ProxyServer {
 
   async listen(): Promise<void> {
     const { address, port, unixSocketDir } = this.options.listen;
+    this.#accepting = true; // from the first listener's first client
     const tcp = this.#newServer();
     await listenOn(tcp, { host: address, port }, `port ${port} on ${address} is already in use; choose another with --port`, this.#log);
     this.#servers.push(tcp);
@@ -133,7 +140,15 @@ export class ProxyServer {
       }
       this.#socketPath = path;
     }
-    this.#accepting = true;
+  }
+
+  /**
+   * The listeners stay open, and a client that starts up from now on is answered SQLSTATE 57P03
+   * "the proxy is shutting down" (as Postgres does while it shuts down) instead of finding the
+   * port closed; cancel requests are still forwarded. Open sessions go on.
+   */
+  refuseNewClients(): void {
+    this.#accepting = false;
   }
 
   /** Stops listening at once; open sessions go on. */
@@ -144,9 +159,13 @@ export class ProxyServer {
     this.#socketFile = undefined;
   }
 
-  /** Resolves when every open session has ended and every cancel it caused was sent. */
+  /**
+   * Resolves when every session accepted before refuseNewClients() has ended and every cancel it
+   * caused was sent (clients turned away meanwhile are not waited for).
+   */
   async drained(): Promise<void> {
-    while (this.#sessions.size > 0 || this.#cancelsInFlight.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
+    const waiting = (): boolean => this.#cancelsInFlight.size > 0 || [...this.#sessions].some((session) => !session.late);
+    while (waiting()) await new Promise((resolve) => setTimeout(resolve, 50));
   }
 
   /** Closes every session at once. */
@@ -169,10 +188,6 @@ export class ProxyServer {
 
   #accept(socket: Socket): void {
     socket.on('error', () => {}); // every failure is handled where the socket is used; none may crash the process
-    if (!this.#accepting) {
-      socket.destroy();
-      return;
-    }
     if (this.atCapacity) {
       this.#observer.clientRejected();
       this.#observer.failure('too_many_connections');
@@ -180,7 +195,7 @@ export class ProxyServer {
       setTimeout(() => socket.destroy(), 1000).unref();
       return;
     }
-    const session: Session = { relay: undefined, socket };
+    const session: Session = { relay: undefined, socket, late: !this.#accepting };
     this.#sessions.add(session);
     this.#observer.clientOpened();
     socket.once('close', () => {
@@ -206,10 +221,10 @@ export class ProxyServer {
     }, this.options.startupTimeoutMs);
     let handshake;
     try {
-      handshake = await clientHandshake(raw, this.options.clientAuth);
+      handshake = await clientHandshake(raw, this.options.clientAuth, () => (this.#accepting ? undefined : SHUTTING_DOWN));
     } catch (error) {
       if (error instanceof HandshakeError) {
-        this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : 'protocol');
+        this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : error.sqlstate === SHUTTING_DOWN.sqlstate ? 'shutting_down' : 'protocol');
         this.#log.info({ peer, sqlstate: error.sqlstate, reason: error.message }, 'client handshake refused');
         refuse(error.socket ?? raw, error);
       } else {
