@@ -106,6 +106,7 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
     },
     startupTimeoutMs: settings.duration('StartupTimeout'),
     maxConnections: settings.int('MaxConnections'),
+    maxStartups: settings.int('MaxStartups'),
     idleTimeoutMs: settings.duration('IdleTimeout'),
     relay: canonicalEnum('Relay', settings.string('Relay') as string) as ProxyOptions['relay'],
   };

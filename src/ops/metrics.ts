@@ -26,6 +26,7 @@ const FAILURE_REASONS = Object.keys({
   protocol: true,
   startup_timeout: true,
   too_many_connections: true,
+  too_many_startups: true,
   shutting_down: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
@@ -76,7 +77,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}client_connections_total`,
-      help: 'Client connections accepted.',
+      help: 'Client connections accepted (those turned away at --max-connections after their startup included).',
       labelNames: ['target'],
       registers,
       collect() {
@@ -85,7 +86,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}client_connections_rejected_total`,
-      help: 'Client connections turned away at --max-connections (SQLSTATE 53300).',
+      help: 'Client connections turned away at --max-connections (after their startup) or --max-startups (at once), with SQLSTATE 53300.',
       labelNames: ['target'],
       registers,
       collect() {
@@ -113,7 +114,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}login_failures_total`,
-      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections, shutting_down).',
+      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections, too_many_startups, shutting_down).',
       labelNames: ['target', 'reason'],
       registers,
       collect() {

@@ -2,7 +2,7 @@
 export interface ProxyObserver {
   clientOpened(): void;
   clientClosed(): void;
-  /** A client turned away at the connection limit. */
+  /** A client turned away at the session or startup limit. */
   clientRejected(): void;
   upstreamConnected(seconds: number): void;
   /** Called per relayed chunk: no allocation. */
@@ -22,6 +22,7 @@ export type FailureReason =
   | 'protocol'
   | 'startup_timeout'
   | 'too_many_connections'
+  | 'too_many_startups'
   | 'shutting_down';
 
 export const nullObserver: ProxyObserver = {

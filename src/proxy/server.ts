@@ -35,8 +35,14 @@ export interface ProxyOptions {
   readonly clientAuth: ClientHandshakeOptions;
   /** A client must finish its startup and authentication within this time. */
   readonly startupTimeoutMs: number;
-  /** 0 means no limit. */
+  /** Most sessions at once (clients past their startup and authentication); 0 means no limit. */
   readonly maxConnections: number;
+  /**
+   * Most clients in their startup at once (TLS, StartupMessage, authentication); 0 means no limit.
+   * Apart from maxConnections, so that clients that never finish their startup cannot keep
+   * logged-in users out until the startup timeout.
+   */
+  readonly maxStartups: number;
   /** Close a session with no query running and no byte either way for this long; 0 means never. */
   readonly idleTimeoutMs: number;
   /** native: the C relay when it is built and the session allows (plain client, TLS 1.3 upstream); js: Node streams always. */
@@ -58,6 +64,8 @@ interface ClientFacing {
 interface Session {
   relay: SessionRelay | undefined;
   socket: Socket;
+  /** Past its startup and authentication: counted against maxConnections. */
+  established: boolean;
   /** Accepted while refusing new clients: turned away with 57P03, never waited for by drained(). */
   readonly late: boolean;
 }
@@ -105,8 +113,16 @@ export class ProxyServer {
     return this.#sessions.size;
   }
 
+  /** Whether a client that finishes its startup now is turned away (maxConnections sessions are open). */
   get atCapacity(): boolean {
-    return this.options.maxConnections > 0 && this.#sessions.size >= this.options.maxConnections;
+    return this.options.maxConnections > 0 && this.#count(true) >= this.options.maxConnections;
+  }
+
+  /** Sessions past their startup (established) or still in it; counted only where a limit is set. */
+  #count(established: boolean): number {
+    let n = 0;
+    for (const session of this.#sessions) if (session.established === established) n++;
+    return n;
   }
 
   /** The TCP port actually bound (differs from options when 0 was asked for). */
@@ -188,14 +204,13 @@ export class ProxyServer {
 
   #accept(socket: Socket): void {
     socket.on('error', () => {}); // every failure is handled where the socket is used; none may crash the process
-    if (this.atCapacity) {
+    if (this.options.maxStartups > 0 && this.#count(false) >= this.options.maxStartups) {
       this.#observer.clientRejected();
-      this.#observer.failure('too_many_connections');
-      socket.end(errorResponse({ code: '53300', message: `sorry, too many clients already (lakebase-proxy --max-connections ${this.options.maxConnections})` }));
-      setTimeout(() => socket.destroy(), 1000).unref();
+      this.#observer.failure('too_many_startups');
+      refuse(socket, { sqlstate: '53300', message: `sorry, too many clients starting up already (lakebase-proxy --max-startups ${this.options.maxStartups})` });
       return;
     }
-    const session: Session = { relay: undefined, socket, late: !this.#accepting };
+    const session: Session = { relay: undefined, socket, established: false, late: !this.#accepting };
     this.#sessions.add(session);
     this.#observer.clientOpened();
     socket.once('close', () => {
@@ -240,6 +255,16 @@ export class ProxyServer {
       await this.#cancel(handshake.processId, handshake.secretKey);
       return;
     }
+    // Counted from here, after the startup: a client that never finishes it holds no session slot.
+    if (this.atCapacity) {
+      this.#observer.clientRejected();
+      this.#observer.failure('too_many_connections');
+      this.#log.info({ peer, maxConnections: this.options.maxConnections }, 'client turned away at --max-connections');
+      handshake.frames.detach();
+      refuse(handshake.socket, { sqlstate: '53300', message: `sorry, too many clients already (lakebase-proxy --max-connections ${this.options.maxConnections})` });
+      return;
+    }
+    session.established = true;
 
     const { socket: client, parameters, frames } = handshake;
     const clientUser = parameters.get('user') as string;
