@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdtempSync, readdirSync, rmSync, statSync, watch, writeFileSync } from 'node:fs';
-import { createServer, connect as netConnect, type AddressInfo } from 'node:net';
+import { createServer, connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import pg from 'pg';
@@ -18,6 +18,7 @@ import { serialize } from 'pg-protocol';
 import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, startProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, loginError, whoAmI } from './reliability-support.js';
+import { freePort } from './harness/tools.js';
 
 cleanEnvironment();
 let db: TestPostgres;
@@ -134,10 +135,7 @@ test('the unix socket has its mode from the moment it appears: never changed in 
 
 test('a socket file left by a dead process is replaced; one a server answers on is refused', async () => {
   const socketDir = mkdtempSync(join(dir, 'sock-left-'));
-  const probe = createServer().listen(0, '127.0.0.1');
-  await once(probe, 'listening');
-  const port = (probe.address() as AddressInfo).port; // free a moment ago: the proxy's TCP port
-  await new Promise((resolve) => probe.close(resolve));
+  const port = await freePort();
   const path = join(socketDir, `.s.PGSQL.${port}`);
   const args = ['--connection', connectionFor(db, token), '--port', String(port), '--unix-socket', socketDir];
   const live = createServer().listen(path);

@@ -56,6 +56,7 @@ export function helpText(): string {
     '  lakebase-proxy --connection "Server=...;DatabricksInstance=...;OAuthClientId=...;..." [options]',
     '  lakebase-proxy --config FILE [options]',
     '  lakebase-proxy check [--connection ...]        log in, run SELECT 1, exit 0 or 1',
+    '  lakebase-proxy url [TARGET ...] [--connection ...]  print the psql command, libpq URI and JDBC URL of each target',
     '  lakebase-proxy auth login|url|exchange|refresh|token [--connection ...]',
     '',
     'Sources, later wins: defaults, --config FILE (YAML), ~/.databrickscfg profile, DATABRICKS_HOST /',

@@ -12,6 +12,7 @@ import { untilSignal } from '../ops/shutdown.js';
 import { Metrics } from '../ops/metrics.js';
 import { startOpsServer, type OpsServer } from '../ops/http.js';
 import { helpText, parseArgs } from './args.js';
+import { formatUrls, targetUrls } from './url.js';
 
 /** Runs the program; resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
@@ -38,6 +39,13 @@ export async function main(argv: readonly string[]): Promise<number> {
       case 'check':
         if (args.rest.length > 0) throw new ConfigError(`unknown option ${args.rest[0]}; see --help`);
         return await check(config, logger);
+      case 'url': {
+        const option = args.rest.find((a) => a.startsWith('-'));
+        if (option !== undefined) throw new ConfigError(`unknown option ${option}; see --help`);
+        refuseSharedPorts(config.targets);
+        process.stdout.write(formatUrls(targetUrls(config.targets, args.rest)));
+        return 0;
+      }
       case 'auth': {
         const target = config.targets[0];
         if (config.targets.length !== 1 || !target) throw new ConfigError('auth commands work on one target; give one --connection');

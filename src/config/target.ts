@@ -43,6 +43,12 @@ export function isLoopback(address: string): boolean {
   return address === 'localhost' || address === '::1' || (isIPv4(address) && address.startsWith('127.')) || (isIPv6(address) && address === '0:0:0:0:0:0:0:1');
 }
 
+/** ClientAuth, or its default: trust on loopback (and the unix socket), scram-sha-256 otherwise. */
+export function clientAuthMethod(settings: Settings): ClientAuthMethod {
+  const given = settings.string('ClientAuth');
+  return (given !== undefined ? canonicalEnum('ClientAuth', given) : isLoopback(settings.string('ListenAddress') as string) ? 'trust' : 'scram-sha-256') as ClientAuthMethod;
+}
+
 export async function resolveProxy(settings: Settings, name: string): Promise<ProxyOptions> {
   const server = settings.string('Server');
   if (server === undefined || server === '') {
@@ -55,7 +61,7 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
   }
   const address = settings.string('ListenAddress') as string;
   const loopback = isLoopback(address);
-  const clientAuth = (settings.string('ClientAuth') ?? (loopback ? 'trust' : 'scram-sha-256')) as ClientAuthMethod;
+  const clientAuth = clientAuthMethod(settings);
   if (clientAuth === 'trust' && !loopback && !settings.bool('AllowInsecureListen')) {
     throw settings.error(
       'ClientAuth',

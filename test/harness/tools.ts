@@ -1,6 +1,8 @@
-/** Client programs of a PostgreSQL installation (psql, pgbench) and running a command to its end. */
+/** Client programs of a PostgreSQL installation (psql, pgbench), running a command to its end, a free port. */
 import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { existsSync, readdirSync } from 'node:fs';
+import { createServer, type AddressInfo } from 'node:net';
 import { delimiter, join } from 'node:path';
 
 /** A Postgres client program from the PATH or from Debian's /usr/lib/postgresql/<version>/bin. */
@@ -45,4 +47,13 @@ export function run(command: string, args: readonly string[], options: { env?: N
       resolve({ code, stdout, stderr });
     });
   });
+}
+
+/** A TCP port on 127.0.0.1 that was free a moment ago, for a test that must know it in advance. */
+export async function freePort(): Promise<number> {
+  const probe = createServer().listen(0, '127.0.0.1');
+  await once(probe, 'listening');
+  const { port } = probe.address() as AddressInfo;
+  await new Promise((resolve) => probe.close(resolve));
+  return port;
 }
