@@ -4,64 +4,26 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { join } from 'node:path';
 import pg from 'pg';
 import { PROPERTIES } from '../src/config/properties.js';
 import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { BIN, connectionFor, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
+import { findTool, missingTool, run, type Ran } from './harness/tools.js';
 
 // The program reads its settings from the environment too: keep the developer's out of these runs.
 for (const key of Object.keys(process.env)) {
   if (/^(LAKEBASE_PROXY_|DATABRICKS_|PG)/.test(key)) delete process.env[key];
 }
 
-/** A Postgres client program from the PATH or from Debian's /usr/lib/postgresql/<version>/bin. */
-function findTool(name: string): string | undefined {
-  for (const dir of (process.env['PATH'] ?? '').split(delimiter)) {
-    if (dir && existsSync(join(dir, name))) return join(dir, name);
-  }
-  try {
-    for (const version of readdirSync('/usr/lib/postgresql').sort().reverse()) {
-      const path = join('/usr/lib/postgresql', version, 'bin', name);
-      if (existsSync(path)) return path;
-    }
-  } catch {
-    // no Debian PostgreSQL packages
-  }
-  return undefined;
-}
-
 const psql = findTool('psql');
 const pgbench = findTool('pgbench');
-const noPsql = psql ? false : 'psql is not installed (looked in PATH and /usr/lib/postgresql/*/bin)';
-const noPgbench = pgbench ? false : 'pgbench is not installed (looked in PATH and /usr/lib/postgresql/*/bin)';
-
-interface Ran {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-function run(command: string, args: readonly string[], options: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<Ran> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { env: { ...process.env, ...options.env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 15000);
-    child.once('error', reject);
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
+const noPsql = missingTool('psql');
+const noPgbench = missingTool('pgbench');
 
 const program = (args: readonly string[]): Promise<Ran> => run(process.execPath, [BIN, ...args]);
 

@@ -8,8 +8,8 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { parseArgs } from '../src/cli/args.js';
 import { loadConfig } from '../src/config/load.js';
-import { resolveProxy } from '../src/config/target.js';
-import { envName, findProperty, PROPERTIES } from '../src/config/properties.js';
+import { refuseSharedPorts, resolveProxy } from '../src/config/target.js';
+import { envName, findProperty, parseDuration, PROPERTIES } from '../src/config/properties.js';
 import { startPostgres, type TestPostgres } from './harness/postgres.js';
 import { testCA } from './harness/certs.js';
 import { BIN, startProxyProcess } from './harness/proxy.js';
@@ -34,7 +34,7 @@ test('later sources win: defaults < file < environment < --connection < flags', 
   const only = (await load(['--config', config])).targets[0]!.settings;
   assert.equal(only.string('Database'), 'file_db');
   assert.equal(only.int('ListenPort'), 6001);
-  assert.equal(only.string('KeepAlive'), '60000', 'a default');
+  assert.equal(only.string('KeepAlive'), '60s', 'a default');
   const withEnv = (await load(['--config', config], env)).targets[0]!.settings;
   assert.equal(withEnv.string('Database'), 'env_db');
   assert.equal(withEnv.int('ListenPort'), 6002);
@@ -61,6 +61,63 @@ test('each source names itself in an error, with the key and what is allowed', a
   await assert.rejects(load(['--config', file('broken.yaml', 'a: [\n')]), /broken\.yaml: not valid YAML/);
   const settings = (await load(['--connection', 'User=x'])).targets[0]!.settings;
   await assert.rejects(resolveProxy(settings, 't'), /Server: missing/);
+});
+
+test('parseDuration: units ms, s, m, h, parts together, a bare number in milliseconds', () => {
+  const cases: Array<[string, number | undefined]> = [
+    ['0', 0], ['250', 250], ['500ms', 500], ['30s', 30_000], ['5m', 300_000], ['1h', 3_600_000], ['1m30s', 90_000],
+    ['1h2m3s4ms', 3_723_004], ['1.5s', 1_500], [' 30S ', 30_000], ['2m0s', 120_000],
+    ['', undefined], ['s', undefined], ['10x', undefined], ['-5s', undefined], ['5 s', undefined], ['1.5', undefined], ['30sec', undefined], ['1d', undefined],
+  ];
+  for (const [text, ms] of cases) assert.equal(parseDuration(text), ms, JSON.stringify(text));
+});
+
+test('every duration setting takes units from every source, and a bad one is refused naming the key and the source', async () => {
+  const durations = PROPERTIES.filter((p) => p.kind.type === 'duration');
+  assert.deepEqual(
+    durations.map((p) => p.name).sort(),
+    ['ConnectTimeout', 'IdleTimeout', 'KeepAlive', 'LoginTimeout', 'MaxSigtermDelay', 'MinSigtermDelay', 'OAuthTimeout', 'QueryWaitTimeout', 'ServerCheckDelay', 'ServerIdleTimeout', 'ServerLifetime', 'StartupTimeout'],
+  );
+  for (const p of durations) {
+    const where = p.process ? (c: Awaited<ReturnType<typeof load>>) => c.process : (c: Awaited<ReturnType<typeof load>>) => c.targets[0]!.settings;
+    assert.equal(where(await load([p.flag as string, '1m30s'])).duration(p.name), 90_000, `${p.name} from its flag`);
+    assert.equal(where(await load([], { [envName(p)]: '500ms' })).duration(p.name), 500, `${p.name} from ${envName(p)}`);
+    assert.equal(where(await load(['--config', file(`${p.name}.yaml`, `${p.name}: 2h\n`)])).duration(p.name), 7_200_000, `${p.name} from a file`);
+    assert.equal(where(await load([p.flag as string, '4000'])).duration(p.name), 4_000, `${p.name}: a bare number is milliseconds`);
+    assert.equal(where(await load([p.flag as string, '4000'])).int(p.name), 4_000, `${p.name}: int() reads a duration too`);
+    await assert.rejects(load([p.flag as string, '10x']), new RegExp(`^ConfigError: ${p.name} \\(from the command line\\): "10x" is not valid; expected a duration such as 500ms, 30s, 5m, 1h or 1m30s \\(a bare number is milliseconds\\), at most 24h$`));
+    await assert.rejects(load([], { [envName(p)]: '25h' }), new RegExp(`${p.name} \\(from environment \\(LAKEBASE_PROXY_\\*\\)\\): "25h" is not valid`));
+  }
+  const options = await resolveProxy((await load(['--connection', 'Server=h;User=u;ConnectTimeout=2s;KeepAlive=1m', '--startup-timeout', '45s', '--idle-timeout', '1h'])).targets[0]!.settings, 't');
+  assert.deepEqual(
+    [options.upstream.connectTimeoutMs, options.upstream.keepAliveMs, options.startupTimeoutMs, options.idleTimeoutMs],
+    [2_000, 60_000, 45_000, 3_600_000],
+  );
+  const defaults = await resolveProxy((await load(['--connection', 'Server=h;User=u'])).targets[0]!.settings, 't');
+  assert.deepEqual([defaults.upstream.connectTimeoutMs, defaults.upstream.keepAliveMs, defaults.startupTimeoutMs], [10_000, 60_000, 30_000]);
+});
+
+test('the real program takes --max-sigterm-delay 30s and refuses --connect-timeout 10x naming the key', async () => {
+  const refused = spawnSync(process.execPath, [BIN, '--connection', 'Server=h;User=u', '--connect-timeout', '10x'], { encoding: 'utf8' });
+  assert.equal(refused.status, 1);
+  assert.match(refused.stderr, /^lakebase-proxy: ConnectTimeout \(from the command line\): "10x" is not valid; expected a duration such as 500ms, 30s/);
+  const proxy = await startProxyProcess(['--connection', 'Server=h;User=u;OAuthAccessToken=t', '--no-http', '--max-sigterm-delay', '30s', '--min-sigterm-delay', '0s']);
+  assert.equal(await proxy.stop(), 0, proxy.output());
+});
+
+test('one ListenPort for several targets is refused at start, naming ListenPort and its source', async () => {
+  const two = ['--connection', 'Server=a;User=u;OAuthAccessToken=t', '--connection', 'Server=b;User=u;OAuthAccessToken=t'];
+  const fromFlag = spawnSync(process.execPath, [BIN, ...two, '--port', '5499', '--no-http'], { encoding: 'utf8', timeout: 15_000 });
+  assert.equal(fromFlag.status, 1, fromFlag.stderr);
+  assert.match(fromFlag.stderr, /^lakebase-proxy: ListenPort \(from the command line\): the targets target1, target2 would all listen on port 5499; each target needs its own port: set ListenPort in each --connection string/);
+  assert.doesNotMatch(fromFlag.stderr, /already in use/);
+  const fromEnv = spawnSync(process.execPath, [BIN, ...two, '--no-http'], { encoding: 'utf8', timeout: 15_000, env: { ...process.env, LAKEBASE_PROXY_PORT: '5499' } });
+  assert.match(fromEnv.stderr, /ListenPort \(from environment \(LAKEBASE_PROXY_\*\)\): the targets target1, target2 would all listen on port 5499/);
+  // The check itself: each target on its own port, or a free port each, passes; the default for all does not.
+  refuseSharedPorts((await load(['--connection', 'Server=a;ListenPort=6101', '--connection', 'Server=b;ListenPort=6102'])).targets);
+  refuseSharedPorts((await load([...two, '--port', '0'])).targets);
+  const sameDefault = (await load(['--config', file('same-port.yaml', 'Server: h\ntargets:\n  - name: one\n  - name: two\n')])).targets;
+  assert.throws(() => refuseSharedPorts(sameDefault), /^ConfigError: ListenPort: the targets one, two would all listen on port 5432 \(the default\)/);
 });
 
 test('a secret never appears in an error about it', async () => {

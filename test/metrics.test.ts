@@ -118,7 +118,7 @@ test('a session counts one connection, one upstream connect, and the bytes its s
   assert.ok(ended.bytesToUpstream > 0 && ended.bytesToClient > 100000, JSON.stringify(ended));
   assert.equal(toUpstream, ended.bytesToUpstream);
   assert.equal(toClient, ended.bytesToClient);
-  for (const reason of ['client_password', 'token', 'upstream_auth', 'upstream_connect', 'protocol', 'startup_timeout', 'too_many_connections']) {
+  for (const reason of ['client_password', 'token', 'upstream_auth', 'upstream_connect', 'protocol', 'startup_timeout', 'too_many_connections', 'too_many_startups', 'shutting_down']) {
     assert.equal(delta('login_failures_total', { ...target, reason }), 0, reason);
   }
 });
@@ -154,7 +154,7 @@ test('a client over --max-connections is counted as rejected, and the open gauge
   const delta = (name: string, labels: Record<string, string>): number => value(after, name, labels) - value(before, name, labels);
   assert.equal(delta('client_connections_rejected_total', { target: 'default' }), 1);
   assert.equal(delta('login_failures_total', { target: 'default', reason: 'too_many_connections' }), 1);
-  assert.equal(delta('client_connections_total', { target: 'default' }), 2, 'a rejected client is not an accepted connection');
+  assert.equal(delta('client_connections_total', { target: 'default' }), 3, 'a client turned away after its startup was accepted first');
   assert.equal(value(after, 'client_connections_open', { target: 'default' }), 0);
 });
 

@@ -14,6 +14,9 @@ import { standinOptions, waitFor, type DatabricksStandin } from './harness/datab
 import { startStandinWithPostgres } from './harness/oauth-fixture.js';
 import type { TestPostgres } from './harness/postgres.js';
 import { proxyClient, startProxy, startProxyProcess, type InProcessProxy, type ProxyProcess } from './harness/proxy.js';
+import { findTool, run } from './harness/tools.js';
+
+const psql = findTool('psql');
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
@@ -95,7 +98,7 @@ test('OAuth failures reach the client as ErrorResponses (28000, 08006) and the p
   const wrong = await proxyWith(standinOptions(standin, { clientSecret: 'not-the-secret' }));
   await assert.rejects(whoAmI(wrong.port), (err: { code?: string; message?: string }) => {
     assert.equal(err.code, '28000');
-    assert.match(err.message ?? '', /invalid_client from https:\/\/localhost:\d+\/oidc\/v1\/token.*check OAuthClientId and OAuthClientSecret/);
+    assert.match(err.message ?? '', /invalid_client from https:\/\/localhost:\d+\/oidc\/v1\/token \(Client authentication failed\): check OAuthClientSecret and OAuthClientId/);
     assert.doesNotMatch(err.message ?? '', /not-the-secret/);
     return true;
   });
@@ -122,6 +125,33 @@ test('the real program: AuthScheme=OAuthClient from --connection, no secret in i
   assert.equal(standin.counts.client_credentials, 1);
   assert.ok(!proxy.output().includes(standin.clientSecret));
   assert.doesNotMatch(proxy.output(), /eyJ[\w-]{20,}\.[\w-]{20,}/, 'no token in the log');
+});
+
+test('the real program, wrong client secret: psql and pg see the OAuth error, its description and where the secret came from; no secret', async () => {
+  const wrong = `dose-wrong-${'y'.repeat(24)}`;
+  const proxy = await startProxyProcess(
+    ['--connection', connection('AuthScheme=OAuthClient;OAuthSettingsLocation=memory://'), '--no-http'],
+    { LAKEBASE_PROXY_OAUTH_CLIENT_SECRET: wrong },
+  );
+  running.push(proxy);
+  const expected = /invalid_client from https:\/\/localhost:\d+\/oidc\/v1\/token \(Client authentication failed\): check OAuthClientSecret \(from environment \(LAKEBASE_PROXY_\*\)\) and OAuthClientId \(from --connection\)/;
+  await assert.rejects(whoAmI(proxy.port), (err: { code?: string; message?: string }) => {
+    assert.equal(err.code, '28000');
+    assert.match(err.message ?? '', expected);
+    assert.doesNotMatch(err.message ?? '', /WWW-Authenticate|challenge/);
+    assert.ok(!(err.message ?? '').includes(wrong));
+    return true;
+  });
+  if (psql) {
+    const ran = await run(psql, ['-X', '-c', 'select 1', `host=127.0.0.1 port=${proxy.port} user=anyone dbname=${db.database} connect_timeout=10`], {
+      env: { PGPASSWORD: '', PGSSLMODE: 'disable' },
+    });
+    assert.equal(ran.code, 2, ran.stderr);
+    assert.match(ran.stderr, expected);
+    assert.ok(!ran.stderr.includes(wrong));
+  }
+  assert.ok(standin.counts.invalid_client >= 1);
+  assert.ok(!proxy.output().includes(wrong), 'no secret in the log');
 });
 
 test('two proxy processes sharing one settings file never spend a refresh token twice', async () => {

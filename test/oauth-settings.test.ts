@@ -17,6 +17,7 @@ import { TokenError, type TokenSource } from '../src/token/token-source.js';
 import { captureLogger, postgresLogin, standinOptions, waitFor, type DatabricksStandin } from './harness/databricks-standin.js';
 import { closedAfterEachTest, startStandinWithPostgres } from './harness/oauth-fixture.js';
 import type { TestPostgres } from './harness/postgres.js';
+import { BIN, startProxyProcess } from './harness/proxy.js';
 
 let db: TestPostgres;
 let standin: DatabricksStandin;
@@ -99,6 +100,27 @@ test('a file other users can read is refused, naming the path and the fix', asyn
   assert.equal(await postgresLogin(db, token.value), 'ok');
   assert.match(capture.text(), /chmod 600/);
   assert.equal(statSync(file).mode & 0o777, 0o644, 'the file was left alone');
+});
+
+test('the real program refuses at start a settings file the group or others may read or write, with the path and chmod 600', async () => {
+  const file = freshPath();
+  mkdirSync(join(file, '..'), { recursive: true });
+  writeFileSync(file, '{"version":1,"targets":{}}');
+  const connection = `Server=localhost;Port=${db.port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};DatabricksInstance=${standin.url};OAuthClientId=${standin.clientId};OAuthSettingsLocation=${file}`;
+  const env = { ...process.env, LAKEBASE_PROXY_OAUTH_CLIENT_SECRET: standin.clientSecret };
+  for (const mode of [0o644, 0o640, 0o604, 0o620]) {
+    chmodSync(file, mode);
+    const ran = spawnSync(process.execPath, [BIN, '--connection', connection, '--no-http', '--port', '0'], { encoding: 'utf8', env, timeout: 15_000 });
+    assert.equal(ran.status, 1, ran.stderr);
+    assert.equal(
+      ran.stderr,
+      `lakebase-proxy: OAuthSettingsLocation ${file} can be read or written by other users (mode 0${mode.toString(8)}): it holds tokens; run \`chmod 600 ${file}\`\n`,
+    );
+    assert.ok(!ran.stderr.includes(standin.clientSecret));
+  }
+  chmodSync(file, 0o600);
+  const proxy = await startProxyProcess(['--connection', connection, '--no-http'], { LAKEBASE_PROXY_OAUTH_CLIENT_SECRET: standin.clientSecret });
+  assert.equal(await proxy.stop(), 0, proxy.output());
 });
 
 test('a lock left by a dead process is broken; a live one is waited for', async () => {

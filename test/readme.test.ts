@@ -34,4 +34,9 @@ test('--help lists every property and flag and shows no secret given to it', () 
     if (p.flag) assert.ok(result.stdout.includes(p.flag), p.flag);
   }
   assert.ok(!result.stdout.includes(secret) && !result.stderr.includes(secret));
+  assert.match(result.stdout, /Durations \(timeouts, delays\) take a unit: 500ms, 30s, 5m, 1h or 1m30s \(a bare number is milliseconds\)/);
+});
+
+test('the README says how durations are written', () => {
+  assert.match(readme, /Durations \(every timeout and delay\) take a unit: `500ms`, `30s`, `5m`, `1h`, or parts together\nsuch as `1m30s`; a bare number is milliseconds/);
 });

@@ -9,15 +9,16 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { connect as netConnect } from 'node:net';
+import { mkdtempSync, readdirSync, rmSync, statSync, watch, writeFileSync } from 'node:fs';
+import { createServer, connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import pg from 'pg';
 import { serialize } from 'pg-protocol';
 import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, startProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, loginError, whoAmI } from './reliability-support.js';
+import { freePort } from './harness/tools.js';
 
 cleanEnvironment();
 let db: TestPostgres;
@@ -93,6 +94,61 @@ test('--unix-socket-mode 0660 and 0666 set the socket file mode; the default sta
     } finally {
       await proxy.stop('SIGINT');
     }
+  }
+});
+
+test('the unix socket has its mode from the moment it appears: never changed in place, even under umask 000', async () => {
+  for (const mode of ['0600', '0660'] as const) {
+    const socketDir = mkdtempSync(join(dir, 'sock-born-'));
+    // What the folder sees: a socket file bound there and chmod-ed after shows an attribute change
+    // ('change') for its name; one that arrives with its mode shows only its arrival ('rename').
+    const events: string[] = [];
+    const watcher = watch(socketDir, (event, name) => {
+      if (typeof name === 'string' && name.startsWith('.s.PGSQL.')) events.push(event);
+    });
+    const previous = process.umask(0o000);
+    let proxy;
+    try {
+      proxy = await startProxy(['--connection', connectionFor(db, token), '--unix-socket', socketDir, '--unix-socket-mode', mode]);
+    } finally {
+      process.umask(previous);
+    }
+    try {
+      const path = proxy.server.socketPath as string;
+      assert.equal((statSync(path).mode & 0o777).toString(8), mode.slice(1));
+      await new Promise((resolve) => setTimeout(resolve, 200)); // inotify events are delivered asynchronously
+      assert.ok(events.includes('rename'), `the socket's arrival was seen: ${events.join(', ')}`);
+      assert.deepEqual(events.filter((e) => e === 'change'), [], 'no mode change after the socket appeared');
+      assert.deepEqual(readdirSync(socketDir), [basename(path)], 'nothing else left in the folder');
+      assert.equal(await whoAmI(proxy.port, db), db.tokenRole);
+      const c = new pg.Client({ host: socketDir, port: proxy.port, user: 'someone', database: db.database });
+      await c.connect();
+      assert.equal((await c.query('select current_user as u')).rows[0].u, db.tokenRole);
+      await c.end();
+    } finally {
+      watcher.close();
+      await proxy.close();
+    }
+    assert.deepEqual(readdirSync(socketDir), [], 'the socket file is removed on close');
+  }
+});
+
+test('a socket file left by a dead process is replaced; one a server answers on is refused', async () => {
+  const socketDir = mkdtempSync(join(dir, 'sock-left-'));
+  const port = await freePort();
+  const path = join(socketDir, `.s.PGSQL.${port}`);
+  const args = ['--connection', connectionFor(db, token), '--port', String(port), '--unix-socket', socketDir];
+  const live = createServer().listen(path);
+  await once(live, 'listening');
+  await assert.rejects(startProxy(args), new RegExp(`unix socket ${path} is in use by another server`));
+  await new Promise((resolve) => live.close(resolve));
+  writeFileSync(path, 'left by a process that died');
+  const proxy = await startProxy(args);
+  try {
+    assert.ok(statSync(path).isSocket());
+    assert.equal(statSync(path).mode & 0o777, 0o600);
+  } finally {
+    await proxy.close();
   }
 });
 

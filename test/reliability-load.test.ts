@@ -1,7 +1,9 @@
 /**
- * 1,000 clients at once through the real program, each running queries for a bounded time:
- * zero errors, every answer right, and afterwards every session closed cleanly on both sides
- * (no backend left, no descriptor left in the proxy). LAKEBASE_PROXY_LONG_TESTS=1 runs a minute.
+ * 1,000 clients at once through the real program, each running the same number of queries:
+ * every one completes, zero errors, every answer right, and afterwards every session closed
+ * cleanly on both sides (no backend left, no descriptor left in the proxy). Counted, not timed:
+ * the deadline only stops a hung run, and a slow machine passes. LAKEBASE_PROXY_LONG_TESTS=1
+ * runs 100 queries per client.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,7 +16,13 @@ import { cleanEnvironment, LONG, openFds, pgClient, waitUntil, whoAmI } from './
 cleanEnvironment();
 
 const CLIENTS = 1000;
-const RUN_MS = LONG ? 60_000 : 3_000;
+const QUERIES = LONG ? 100 : 4;
+/**
+ * Only for a run that hangs: 4,000 queries took 16 s on a busy 2-core machine (load 13). The
+ * test's own timeout leaves room for the connects before and the checks after.
+ */
+const DEADLINE_MS = LONG ? 600_000 : 180_000;
+const TEST_TIMEOUT_MS = DEADLINE_MS + 120_000;
 let db: TestPostgres;
 let proxy: ProxyProcess;
 let close: () => Promise<void>;
@@ -22,12 +30,12 @@ const token = 'tok-' + randomBytes(600).toString('base64url');
 
 before(async () => {
   // Each client holds two descriptors in the proxy (its socket and the upstream's): 2,000 here.
-  ({ db, proxy, close } = await startProxiedPostgresProcess(token, ['--no-http', '--connect-timeout', '30000', '--pool-mode', 'none'], { extraConf: { max_connections: '1100' } }));
+  ({ db, proxy, close } = await startProxiedPostgresProcess(token, ['--no-http', '--connect-timeout', '30s', '--pool-mode', 'none'], { extraConf: { max_connections: '1100' } }));
 });
 
 after(() => close?.());
 
-test(`${CLIENTS} concurrent clients run queries for ${RUN_MS / 1000} s with zero errors; every session closes cleanly`, async (t) => {
+test(`${CLIENTS} concurrent clients each complete ${QUERIES} queries with zero errors; every session closes cleanly`, { timeout: TEST_TIMEOUT_MS }, async (t) => {
   const pid = proxy.child.pid as number;
   const fdsBefore = openFds(pid);
   const errors: string[] = [];
@@ -39,11 +47,16 @@ test(`${CLIENTS} concurrent clients run queries for ${RUN_MS / 1000} s with zero
     await Promise.all(wave.map((c) => c.connect()));
   }
   assert.equal(await db.backendsOf(db.tokenRole), CLIENTS, 'every client has its own upstream session');
-  const deadline = Date.now() + RUN_MS;
+  const started = Date.now();
+  const deadline = started + DEADLINE_MS;
   let queries = 0;
   await Promise.all(
     clients.map(async (c, n) => {
-      for (let i = 0; Date.now() < deadline; i++) {
+      for (let i = 0; i < QUERIES; i++) {
+        if (Date.now() > deadline) {
+          errors.push(`client ${n}: ${i} of ${QUERIES} queries done within ${DEADLINE_MS / 1000} s`);
+          return;
+        }
         try {
           if (i % 2 === 0) {
             const r = await c.query('select $1::int * 2 as v, $2::text as who', [n * 1000 + i, `c${n}`]);
@@ -62,8 +75,8 @@ test(`${CLIENTS} concurrent clients run queries for ${RUN_MS / 1000} s with zero
   );
   await Promise.all(clients.map((c) => c.end().catch((error: Error) => errors.push(`end: ${error.message}`))));
   assert.deepEqual(errors.slice(0, 10), [], `${errors.length} errors`);
-  assert.ok(queries >= CLIENTS * 2, `${queries} queries ran`);
-  t.diagnostic(`${queries} queries in ${RUN_MS} ms across ${CLIENTS} sessions`);
+  assert.equal(queries, CLIENTS * QUERIES, 'every client completed its queries');
+  t.diagnostic(`${queries} queries in ${Date.now() - started} ms across ${CLIENTS} sessions`);
 
   await waitUntil(async () => (await db.backendsOf(db.tokenRole)) === 0, 15_000, 'every upstream backend gone');
   await waitUntil(() => openFds(pid) <= fdsBefore + 2, 15_000, 'the proxy back to its descriptors before');

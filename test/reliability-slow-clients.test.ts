@@ -1,7 +1,8 @@
 /**
  * Clients that hold connections without finishing their startup, against the real program: one
  * that trickles a byte a second (the startup timeout is a deadline, not an idle timer), and
- * thousands of half-open connections that must not keep a real client out nor leak a socket.
+ * thousands of half-open connections that must not keep a real client out nor leak a socket, nor
+ * take the session slots of --max-connections (startups have their own limit, --max-startups).
  * (A client that sends nothing or half a packet is in startup.test.ts.)
  */
 import { after, before, test } from 'node:test';
@@ -11,7 +12,7 @@ import { connect as netConnect, type Socket } from 'node:net';
 import { serialize } from 'pg-protocol';
 import type { TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxiedPostgresProcess, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
-import { cleanEnvironment, LONG, openFds, sleep, waitUntil, whoAmI } from './reliability-support.js';
+import { cleanEnvironment, LONG, openFds, pgClient, sleep, waitUntil, whoAmI } from './reliability-support.js';
 
 cleanEnvironment();
 
@@ -114,6 +115,53 @@ test(`${LONG ? '10,000' : '2,000'} half-open connections do not keep a real clie
     assert.equal(await whoAmI(held.port, db), db.tokenRole);
   } finally {
     for (const s of sockets) s.destroy();
+    await held.stop('SIGINT');
+  }
+});
+
+/** `count` connections that stay in their startup (nothing, or an SSLRequest and no more). */
+async function halfOpen(port: number, count: number): Promise<Socket[]> {
+  const sockets = await Promise.all(Array.from({ length: count }, () => connect(port)));
+  sockets.forEach((s, i) => i % 2 === 1 && s.write(serialize.requestSsl()));
+  return sockets;
+}
+
+test('half-open connections take no --max-connections slot: real clients get in up to the limit, and the next gets 53300', async () => {
+  const held = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--max-connections', '2', '--startup-timeout', '60s']);
+  const stalled = await halfOpen(held.port, 200);
+  const sessions = [pgClient(held.port, db), pgClient(held.port, db)];
+  try {
+    await Promise.all(sessions.map((c) => c.connect()));
+    for (const c of sessions) assert.equal((await c.query('select current_user as u')).rows[0].u, db.tokenRole);
+    await assert.rejects(whoAmI(held.port, db), (e: { code?: string; message?: string }) => {
+      assert.equal(e.code, '53300');
+      assert.equal(e.message, 'sorry, too many clients already (lakebase-proxy --max-connections 2)');
+      return true;
+    });
+    await sessions.shift()?.end();
+    await waitUntil(async () => (await whoAmI(held.port, db).catch(() => '')) === db.tokenRole, 5000, 'a slot free again');
+  } finally {
+    await Promise.all(sessions.map((c) => c.end().catch(() => {})));
+    for (const s of stalled) s.destroy();
+    await held.stop('SIGINT');
+  }
+  assert.match(held.output(), /client turned away at --max-connections/);
+});
+
+test('--max-startups turns away connections beyond that many in their startup at once, with 53300; a real client gets in once they go', async () => {
+  const held = await startProxyProcess(['--connection', connectionFor(db, token), '--no-http', '--max-startups', '5', '--startup-timeout', '60s']);
+  // The kernel hands the proxy connections in order: it has the five before the next one.
+  const stalled = await halfOpen(held.port, 5);
+  try {
+    await assert.rejects(whoAmI(held.port, db), (e: { code?: string; message?: string }) => {
+      assert.equal(e.code, '53300');
+      assert.equal(e.message, 'sorry, too many clients starting up already (lakebase-proxy --max-startups 5)');
+      return true;
+    });
+    stalled.pop()?.destroy();
+    await waitUntil(async () => (await whoAmI(held.port, db).catch(() => '')) === db.tokenRole, 5000, 'a startup slot free again');
+  } finally {
+    for (const s of stalled) s.destroy();
     await held.stop('SIGINT');
   }
 });

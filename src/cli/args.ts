@@ -1,5 +1,5 @@
 /** Command-line parsing: what was asked for, before any configuration source is read. */
-import { BY_FLAG, ConfigError, envName, PROPERTIES } from '../config/properties.js';
+import { BY_FLAG, ConfigError, DURATION_FORMS, envName, PROPERTIES } from '../config/properties.js';
 
 export interface ParsedArgs {
   readonly command: string | undefined;
@@ -56,10 +56,13 @@ export function helpText(): string {
     '  lakebase-proxy --connection "Server=...;DatabricksInstance=...;OAuthClientId=...;..." [options]',
     '  lakebase-proxy --config FILE [options]',
     '  lakebase-proxy check [--connection ...]        log in, run SELECT 1, exit 0 or 1',
+    '  lakebase-proxy url [TARGET ...] [--connection ...]  print the psql command, libpq URI and JDBC URL of each target',
     '  lakebase-proxy auth login|url|exchange|refresh|token [--connection ...]',
     '',
     'Sources, later wins: defaults, --config FILE (YAML), ~/.databrickscfg profile, DATABRICKS_HOST /',
     'DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET, LAKEBASE_PROXY_* variables, --connection, flags.',
+    '',
+    `Durations (timeouts, delays) take a unit: ${DURATION_FORMS}.`,
     '',
     'Connection properties (in --connection "Key=Value;Key=Value", keys case-insensitive):',
   ];

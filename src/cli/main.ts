@@ -2,16 +2,17 @@ import { readFileSync } from 'node:fs';
 import { createLogger, type Logger } from '../ops/log.js';
 import { ConfigError, envName, PROPERTIES, type Settings } from '../config/properties.js';
 import { loadConfig, type LoadedConfig } from '../config/load.js';
-import { resolveOAuth, resolveProxy } from '../config/target.js';
+import { refuseSharedPorts, resolveOAuth, resolveProxy } from '../config/target.js';
 import { ProxyServer, type ProxyOptions } from '../proxy/server.js';
 import { StaticTokenSource } from '../token/static-token.js';
 import type { TokenSource } from '../token/token-source.js';
-import { createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
+import { checkOAuthSettings, createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
 import { connectionTest } from '../ops/check.js';
 import { untilSignal } from '../ops/shutdown.js';
 import { Metrics } from '../ops/metrics.js';
 import { startOpsServer, type OpsServer } from '../ops/http.js';
 import { helpText, parseArgs } from './args.js';
+import { formatUrls, targetUrls } from './url.js';
 
 /** Runs the program; resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
@@ -38,6 +39,13 @@ export async function main(argv: readonly string[]): Promise<number> {
       case 'check':
         if (args.rest.length > 0) throw new ConfigError(`unknown option ${args.rest[0]}; see --help`);
         return await check(config, logger);
+      case 'url': {
+        const option = args.rest.find((a) => a.startsWith('-'));
+        if (option !== undefined) throw new ConfigError(`unknown option ${option}; see --help`);
+        refuseSharedPorts(config.targets);
+        process.stdout.write(formatUrls(targetUrls(config.targets, args.rest)));
+        return 0;
+      }
       case 'auth': {
         const target = config.targets[0];
         if (config.targets.length !== 1 || !target) throw new ConfigError('auth commands work on one target; give one --connection');
@@ -95,6 +103,7 @@ async function prepare(config: LoadedConfig, logger: Logger, metrics?: Metrics):
   const running: Running[] = [];
   for (const target of config.targets) {
     const options = await resolveProxy(target.settings, target.name);
+    if (target.settings.string('Password') === undefined) await checkOAuthSettings(resolveOAuth(target.settings));
     const onRefresh = metrics ? (result: 'success' | 'failure') => metrics.tokenRefreshed(target.name, result) : undefined;
     const tokenSource = createTokenSource(target.settings, logger.child({ target: target.name }), onRefresh);
     metrics?.watchTokenExpiry(target.name, () => tokenSource.currentExpiry());
@@ -114,6 +123,7 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
 }
 
 async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
+  refuseSharedPorts(config.targets);
   const metrics = new Metrics();
   const targets = await prepare(config, logger, metrics);
   const servers: ProxyServer[] = [];
@@ -124,8 +134,8 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
   const stopped = untilSignal(
     servers,
     {
-      minDelayMs: config.process.int('MinSigtermDelay'),
-      maxDelayMs: config.process.int('MaxSigtermDelay'),
+      minDelayMs: config.process.duration('MinSigtermDelay'),
+      maxDelayMs: config.process.duration('MaxSigtermDelay'),
       exitZero: config.process.bool('ExitZeroOnSigterm'),
     },
     state,

@@ -5,6 +5,10 @@
  * value is checked once, and an error names the key, where the value came from and what is allowed.
  */
 
+import { DURATION_FORMS, formatDuration, parseDuration } from './duration.js';
+
+export { DURATION_FORMS, formatDuration, parseDuration } from './duration.js';
+
 export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
@@ -12,6 +16,8 @@ export class ConfigError extends Error {
 export type Kind =
   | { readonly type: 'string' }
   | { readonly type: 'int'; readonly min: number; readonly max: number }
+  /** A length of time with a unit (parseDuration); a bare number is milliseconds. Read with Settings.duration. */
+  | { readonly type: 'duration'; readonly maxMs: number }
   | { readonly type: 'enum'; readonly values: readonly string[] }
   | { readonly type: 'bool' };
 
@@ -32,7 +38,7 @@ export interface Property {
 
 const string = { type: 'string' } as const;
 const port = { type: 'int', min: 1, max: 65535 } as const;
-const milliseconds = { type: 'int', min: 0, max: 86_400_000 } as const;
+const duration = { type: 'duration', maxMs: 86_400_000 } as const;
 const bool = { type: 'bool' } as const;
 
 export const PROPERTIES: readonly Property[] = [
@@ -44,8 +50,8 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'Password', kind: string, secret: true, help: 'a fixed password, for native Postgres roles (instead of OAuth)' },
   { name: 'SSLMode', kind: { type: 'enum', values: ['verify-full', 'verify-ca', 'require'] }, default: 'verify-full', help: 'upstream TLS verification; require encrypts without verifying' },
   { name: 'SSLRootCert', kind: string, help: 'PEM file of the CA to trust for the upstream (default: the system CAs)' },
-  { name: 'ConnectTimeout', kind: milliseconds, flag: '--connect-timeout', default: '10000', help: 'milliseconds for TCP, TLS and login to the upstream' },
-  { name: 'KeepAlive', kind: milliseconds, flag: '--keepalive', default: '60000', help: 'TCP keepalive delay toward the upstream in milliseconds; 0 turns it off' },
+  { name: 'ConnectTimeout', kind: duration, flag: '--connect-timeout', default: '10s', help: 'time for TCP, TLS and login to the upstream' },
+  { name: 'KeepAlive', kind: duration, flag: '--keepalive', default: '60s', help: 'TCP keepalive delay toward the upstream; 0 turns it off' },
   // OAuth (the seed connector's properties)
   { name: 'DatabricksInstance', kind: string, help: 'the workspace host or URL, e.g. dbc-1234.cloud.databricks.com' },
   { name: 'AuthScheme', kind: { type: 'enum', values: ['OAuthClient', 'OAuthPKCE'] }, default: 'OAuthClient', help: 'OAuthClient (service principal) or OAuthPKCE (a person\'s browser login)' },
@@ -60,8 +66,8 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'Scope', kind: string, help: 'OAuth scopes (default: all-apis, plus offline_access for OAuthPKCE)' },
   { name: 'LakebaseInstance', kind: string, help: 'Provisioned instance name: exchange the workspace token for a database credential' },
   { name: 'LakebaseEndpoint', kind: string, help: 'Autoscaling endpoint projects/<p>/branches/<b>/endpoints/<e>: exchange for a database credential' },
-  { name: 'OAuthTimeout', kind: milliseconds, flag: '--oauth-timeout', default: '30000', help: 'milliseconds for each request to the workspace' },
-  { name: 'LoginTimeout', kind: milliseconds, flag: '--login-timeout', default: '300000', help: 'milliseconds a client waits for a browser login to complete' },
+  { name: 'OAuthTimeout', kind: duration, flag: '--oauth-timeout', default: '30s', help: 'time for each request to the workspace' },
+  { name: 'LoginTimeout', kind: duration, flag: '--login-timeout', default: '5m', help: 'how long a client waits for a browser login to complete' },
   // The local listener
   { name: 'ListenAddress', kind: string, flag: '--address', default: '127.0.0.1', help: 'address to listen on' },
   { name: 'ListenPort', kind: { type: 'int', min: 0, max: 65535 }, flag: '--port', default: '5432', help: 'port to listen on' },
@@ -71,19 +77,20 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'TLSKey', kind: string, flag: '--tls-key', help: 'private key file for --tls-cert' },
   { name: 'ClientAuth', kind: { type: 'enum', values: ['trust', 'scram-sha-256', 'password'] }, flag: '--client-auth', help: 'how clients authenticate to the proxy (default: trust on loopback and unix sockets, scram-sha-256 otherwise)' },
   { name: 'ClientUsers', kind: string, flag: '--client-users', help: 'file of local users, one "name:password" or "name:SCRAM-SHA-256$..." per line' },
-  { name: 'StartupTimeout', kind: milliseconds, flag: '--startup-timeout', default: '30000', help: 'milliseconds a client has to finish its startup and authentication' },
-  { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client connections at once; 0 means no limit' },
-  { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session after this many milliseconds with no query running and no byte either way; 0 means never' },
+  { name: 'StartupTimeout', kind: duration, flag: '--startup-timeout', default: '30s', help: 'time a client has to finish its startup and authentication' },
+  { name: 'MaxConnections', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-connections', default: '0', help: 'most client sessions at once, counted once a client has finished its startup and authentication; 0 means no limit' },
+  { name: 'MaxStartups', kind: { type: 'int', min: 0, max: 1_000_000 }, flag: '--max-startups', default: '0', help: 'most clients in their startup and authentication at once (not counted by MaxConnections); 0 means no limit' },
+  { name: 'IdleTimeout', kind: duration, flag: '--idle-timeout', default: '0', help: 'close a session after this long with no query running and no byte either way; 0 means never' },
   { name: 'Relay', kind: { type: 'enum', values: ['native', 'js'] }, flag: '--relay', default: 'native', help: 'native: the upstream TLS connection and the relay in C on OpenSSL (built by npm install) for plain clients, Node.js streams for clients on TLS; js: Node.js TLS and streams always' },
   // Pooled upstream logins
   { name: 'PoolMode', kind: { type: 'enum', values: ['session', 'none'] }, flag: '--pool-mode', default: 'session', help: 'session: a client gets a logged-in upstream connection from a pool for its session, and gives it back clean (needs the native relay and a plain client; others log in per client); none: one upstream login per client' },
   { name: 'PoolSize', kind: { type: 'int', min: 1, max: 100_000 }, flag: '--pool-size', default: '20', help: 'most upstream connections of a pool (one pool per target and database)' },
   { name: 'MinPoolSize', kind: { type: 'int', min: 0, max: 100_000 }, default: '0', help: 'upstream connections of a pool kept open past ServerIdleTimeout once made' },
-  { name: 'QueryWaitTimeout', kind: milliseconds, default: '120000', help: 'milliseconds a client waits for a connection of a full pool before it gets an error' },
+  { name: 'QueryWaitTimeout', kind: duration, flag: '--query-wait-timeout', default: '120s', help: 'how long a client waits for a connection of a full pool before it gets an error' },
   { name: 'ServerResetQuery', kind: string, default: 'DISCARD ALL', help: 'the query that cleans a pooled connection before its next client (after ROLLBACK of an open transaction); empty: none' },
-  { name: 'ServerLifetime', kind: milliseconds, default: '0', help: 'milliseconds after its login that a pooled connection stops serving new clients (less up to 10 % at random); 0: until the token it logged in with expires' },
-  { name: 'ServerIdleTimeout', kind: milliseconds, default: '60000', help: 'close a pooled connection idle this many milliseconds (so a compute can scale to zero); 0: never' },
-  { name: 'ServerCheckDelay', kind: milliseconds, default: '30000', help: 'a pooled connection idle longer than this many milliseconds answers an empty query before it is used' },
+  { name: 'ServerLifetime', kind: duration, flag: '--server-lifetime', default: '0', help: 'how long after its login a pooled connection stops serving new clients (less up to 10 % at random); 0: until the token it logged in with expires' },
+  { name: 'ServerIdleTimeout', kind: duration, flag: '--server-idle-timeout', default: '60s', help: 'close a pooled connection idle this long (so a compute can scale to zero); 0: never' },
+  { name: 'ServerCheckDelay', kind: duration, flag: '--server-check-delay', default: '30s', help: 'a pooled connection idle longer than this answers an empty query before it is used' },
   { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow a non-loopback address without client TLS, or with trust authentication (only inside a private network)' },
   { name: 'Profile', kind: string, help: 'a profile of ~/.databrickscfg to take host, client_id and client_secret from (or DATABRICKS_CONFIG_PROFILE)' },
   // The process
@@ -92,8 +99,8 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'HttpAddress', kind: string, flag: '--http-address', default: '127.0.0.1', process: true, help: 'address of the /metrics and health endpoints' },
   { name: 'HttpPort', kind: { type: 'int', min: 0, max: 65535 }, flag: '--http-port', default: '9090', process: true, help: 'port of the /metrics and health endpoints' },
   { name: 'NoHttp', kind: bool, flag: '--no-http', default: 'false', process: true, help: 'serve no /metrics and health endpoints' },
-  { name: 'MinSigtermDelay', kind: milliseconds, flag: '--min-sigterm-delay', default: '0', process: true, help: 'after SIGTERM, milliseconds to keep accepting new clients' },
-  { name: 'MaxSigtermDelay', kind: milliseconds, flag: '--max-sigterm-delay', default: '0', process: true, help: 'after that, milliseconds to wait for open sessions before closing them' },
+  { name: 'MinSigtermDelay', kind: duration, flag: '--min-sigterm-delay', default: '0', process: true, help: 'after SIGTERM, how long to keep accepting new clients' },
+  { name: 'MaxSigtermDelay', kind: duration, flag: '--max-sigterm-delay', default: '0', process: true, help: 'after that, how long to wait for open sessions before closing them' },
   { name: 'ExitZeroOnSigterm', kind: bool, flag: '--exit-zero-on-sigterm', default: 'false', process: true, help: 'exit 0 after SIGTERM even when sessions had to be closed (for Kubernetes Jobs)' },
   { name: 'RunConnectionTest', kind: bool, flag: '--run-connection-test', default: 'false', process: true, help: 'at start-up, log in to each target and run SELECT 1; exit 1 if it fails' },
 ];
@@ -151,9 +158,17 @@ export class Settings {
     return findProperty(name)?.default;
   }
 
+  /** A whole number; for a duration setting, its milliseconds (as duration()). */
   int(name: string): number {
+    if (findProperty(name)?.kind.type === 'duration') return this.duration(name);
     const text = this.string(name);
     return text === undefined ? 0 : Number(text);
+  }
+
+  /** A duration setting in milliseconds (0 when unset with no default). */
+  duration(name: string): number {
+    const text = this.string(name);
+    return text === undefined ? 0 : (parseDuration(text) ?? 0);
   }
 
   bool(name: string): boolean {
@@ -179,6 +194,11 @@ function checkValue(property: Property, value: string, source: string): void {
       if (!/^\d+$/.test(value.trim())) fail(`a whole number from ${kind.min} to ${kind.max}`);
       const n = Number(value);
       if (n < kind.min || n > kind.max) fail(`a whole number from ${kind.min} to ${kind.max}`);
+      return;
+    }
+    case 'duration': {
+      const ms = parseDuration(value);
+      if (ms === undefined || ms > kind.maxMs) fail(`a duration such as ${DURATION_FORMS}, at most ${formatDuration(kind.maxMs)}`);
       return;
     }
     case 'enum':

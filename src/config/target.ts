@@ -33,13 +33,20 @@ export function resolveOAuth(settings: Settings): OAuthOptions {
     lakebaseInstance: settings.string('LakebaseInstance'),
     lakebaseEndpoint: settings.string('LakebaseEndpoint'),
     user: settings.string('User') ?? (authScheme === 'OAuthClient' ? clientId : undefined),
-    requestTimeoutMs: settings.int('OAuthTimeout'),
-    loginTimeoutMs: settings.int('LoginTimeout'),
+    requestTimeoutMs: settings.duration('OAuthTimeout'),
+    loginTimeoutMs: settings.duration('LoginTimeout'),
+    sourceOf: (name) => settings.source(name),
   };
 }
 
 export function isLoopback(address: string): boolean {
   return address === 'localhost' || address === '::1' || (isIPv4(address) && address.startsWith('127.')) || (isIPv6(address) && address === '0:0:0:0:0:0:0:1');
+}
+
+/** ClientAuth, or its default: trust on loopback (and the unix socket), scram-sha-256 otherwise. */
+export function clientAuthMethod(settings: Settings): ClientAuthMethod {
+  const given = settings.string('ClientAuth');
+  return (given !== undefined ? canonicalEnum('ClientAuth', given) : isLoopback(settings.string('ListenAddress') as string) ? 'trust' : 'scram-sha-256') as ClientAuthMethod;
 }
 
 export async function resolveProxy(settings: Settings, name: string): Promise<ProxyOptions> {
@@ -54,7 +61,7 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
   }
   const address = settings.string('ListenAddress') as string;
   const loopback = isLoopback(address);
-  const clientAuth = (settings.string('ClientAuth') ?? (loopback ? 'trust' : 'scram-sha-256')) as ClientAuthMethod;
+  const clientAuth = clientAuthMethod(settings);
   if (clientAuth === 'trust' && !loopback && !settings.bool('AllowInsecureListen')) {
     throw settings.error(
       'ClientAuth',
@@ -90,8 +97,8 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
       port: settings.int('Port'),
       sslMode: canonicalEnum('SSLMode', settings.string('SSLMode') as string) as ProxyOptions['upstream']['sslMode'],
       rootCert: rootCertPath === undefined ? undefined : await readSetting(settings, 'SSLRootCert', rootCertPath),
-      connectTimeoutMs: settings.int('ConnectTimeout'),
-      keepAliveMs: settings.int('KeepAlive'),
+      connectTimeoutMs: settings.duration('ConnectTimeout'),
+      keepAliveMs: settings.duration('KeepAlive'),
     },
     identity,
     defaultDatabase: settings.string('Database') as string,
@@ -103,9 +110,10 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
           ? undefined
           : createSecureContext({ cert: await readSetting(settings, 'TLSCert', tlsCert), key: await readSetting(settings, 'TLSKey', tlsKey) }),
     },
-    startupTimeoutMs: settings.int('StartupTimeout'),
+    startupTimeoutMs: settings.duration('StartupTimeout'),
     maxConnections: settings.int('MaxConnections'),
-    idleTimeoutMs: settings.int('IdleTimeout'),
+    maxStartups: settings.int('MaxStartups'),
+    idleTimeoutMs: settings.duration('IdleTimeout'),
     relay: canonicalEnum('Relay', settings.string('Relay') as string) as ProxyOptions['relay'],
     pool: {
       mode: canonicalEnum('PoolMode', settings.string('PoolMode') as string) as ProxyOptions['pool']['mode'],
@@ -118,6 +126,31 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
       checkDelayMs: settings.int('ServerCheckDelay'),
     },
   };
+}
+
+/**
+ * Refuses targets that would listen on the same address and port: the second would fail with
+ * "already in use", blaming the machine, when the cause is one ListenPort (a --port flag, a
+ * variable, the config file's top level, or the default) applying to every target. Port 0 (a
+ * free port each) is never shared.
+ */
+export function refuseSharedPorts(targets: ReadonlyArray<{ readonly name: string; readonly settings: Settings }>): void {
+  const byAddress = new Map<string, string[]>();
+  for (const { name, settings } of targets) {
+    const port = settings.int('ListenPort');
+    if (port === 0) continue;
+    const key = `${settings.string('ListenAddress') ?? ''} ${port}`;
+    byAddress.set(key, [...(byAddress.get(key) ?? []), name]);
+  }
+  for (const [key, names] of byAddress) {
+    if (names.length < 2) continue;
+    const settings = (targets.find((t) => t.name === names[0]) as { settings: Settings }).settings;
+    const port = key.split(' ')[1];
+    throw settings.error(
+      'ListenPort',
+      `the targets ${names.join(', ')} would all listen on port ${port}${settings.has('ListenPort') ? '' : ' (the default)'}; each target needs its own port: set ListenPort in each --connection string ("...;ListenPort=5433") or in each targets: entry of the config file, and no --port`,
+    );
+  }
 }
 
 async function readSetting(settings: Settings, name: string, path: string): Promise<Buffer> {

@@ -6,7 +6,7 @@
  * A message names the endpoint and the cause in plain words and never holds a secret: server
  * text that is quoted is passed through `redact` with every secret the operation knew.
  */
-import { ClientError, ResponseBodyError } from 'openid-client';
+import { ClientError, ResponseBodyError, WWWAuthenticateChallengeError } from 'openid-client';
 import { TokenError } from '../token/token-source.js';
 
 /** What an HTTP operation was doing, for the message. */
@@ -18,6 +18,38 @@ export interface OperationInfo {
   readonly timeoutMs: number;
   /** Whether the client authenticates with OAuthClientSecret (changes the invalid_client advice). */
   readonly confidential: boolean;
+  /** Where a setting's value came from (a flag, a variable, a file, a profile), for the advice. */
+  readonly sourceOf?: ((setting: string) => string | undefined) | undefined;
+}
+
+/** An OAuth error answer's `error` and `error_description` (RFC 6749 5.2). */
+export interface OAuthErrorBody {
+  readonly error: string;
+  readonly description: string | undefined;
+}
+
+/**
+ * The OAuth error of an answer that came with a WWW-Authenticate challenge. Databricks answers a
+ * wrong client secret with 401, a challenge and the error in the JSON body; openid-client throws
+ * at the header ("server responded with a challenge in the WWW-Authenticate HTTP Header") and
+ * leaves the body unread, so it is read here. The challenge's own `error` parameter (RFC 6750)
+ * serves when the body has none.
+ */
+export async function challengeError(err: unknown): Promise<OAuthErrorBody | undefined> {
+  if (!(err instanceof WWWAuthenticateChallengeError)) return undefined;
+  try {
+    const body = JSON.parse(await err.response.text()) as { error?: unknown; error_description?: unknown };
+    if (typeof body.error === 'string' && body.error !== '') {
+      return { error: body.error, description: typeof body.error_description === 'string' ? body.error_description : undefined };
+    }
+  } catch {
+    // Not JSON, or the body could not be read: the header may still say.
+  }
+  for (const challenge of err.cause) {
+    const { error, error_description: description } = challenge.parameters;
+    if (error) return { error, description };
+  }
+  return undefined;
 }
 
 /** A non-2xx answer from a workspace API that is not an OAuth token endpoint. */
@@ -61,7 +93,8 @@ export function redact(text: string, secrets: ReadonlyArray<string | undefined>)
   return out.length > 300 ? `${out.slice(0, 300)}...` : out;
 }
 
-export function translate(err: unknown, op: OperationInfo, secrets: ReadonlyArray<string | undefined>): TokenError {
+/** `challenge` is the OAuth error of an answer with a WWW-Authenticate challenge (see challengeError). */
+export function translate(err: unknown, op: OperationInfo, secrets: ReadonlyArray<string | undefined>, challenge?: OAuthErrorBody): TokenError {
   if (err instanceof TokenError) return err;
   const cause = sanitizedCause(err, secrets);
   const tries = op.attempts > 1 ? ` (${op.attempts} attempts)` : '';
@@ -71,6 +104,11 @@ export function translate(err: unknown, op: OperationInfo, secrets: ReadonlyArra
   if (err instanceof ResponseBodyError) {
     const description = err.error_description ? ` (${err.error_description})` : '';
     return oauthError(err.error, description, err.status, op, make);
+  }
+  if (err instanceof WWWAuthenticateChallengeError) {
+    if (challenge) return oauthError(challenge.error, challenge.description ? ` (${challenge.description})` : '', err.status, op, make);
+    if (err.status === 401 && op.what !== 'discovery' && op.what !== 'database credential') return oauthError('invalid_client', '', err.status, op, make);
+    return make('bad_response', `${op.url} answered HTTP ${err.status} with an authentication challenge${adviceFor(op, err.status)}`);
   }
   if (err instanceof HttpStatusError) {
     if (err.status >= 500) {
@@ -123,14 +161,18 @@ function oauthError(
   make: (code: ConstructorParameters<typeof TokenError>[0], message: string) => TokenError,
 ): TokenError {
   const from = `${error} from ${op.url}`;
+  const check = (setting: string): string => {
+    const source = op.sourceOf?.(setting);
+    return source === undefined ? setting : `${setting} (from ${source})`;
+  };
   switch (error) {
     case 'invalid_client':
     case 'unauthorized_client':
       return make(
         'invalid_client',
         op.confidential
-          ? `${from}${description}: check OAuthClientId and OAuthClientSecret`
-          : `${from}${description}: check OAuthClientId (a public client such as databricks-cli needs no secret)`,
+          ? `${from}${description}: check ${check('OAuthClientSecret')} and ${check('OAuthClientId')}`
+          : `${from}${description}: check ${check('OAuthClientId')} (a public client such as databricks-cli needs no secret)`,
       );
     case 'invalid_grant':
       if (op.what === 'refresh_token') {
@@ -147,7 +189,7 @@ function oauthError(
       }
       return make('invalid_grant', `${from}${description}`);
     case 'invalid_scope':
-      return make('invalid_client', `${from}${description}: check Scope (default all-apis, plus offline_access for OAuthPKCE)`);
+      return make('invalid_client', `${from}${description}: check ${check('Scope')} (default all-apis, plus offline_access for OAuthPKCE)`);
     default:
       if (status >= 500) return make('server_error', `${from}${description}: the workspace is having trouble, try again later`);
       return make('invalid_grant', `${from}${description}`);

@@ -1,6 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../ops/log.js';
-import { BadResponseError, HttpStatusError, isRetryable, translate, type OperationInfo } from './errors.js';
+import { BadResponseError, challengeError, HttpStatusError, isRetryable, translate, type OperationInfo } from './errors.js';
 
 export interface RetryPolicy {
   /** Tries in all, the first included. */
@@ -30,7 +30,7 @@ export async function withRetries<T>(
       return await run();
     } catch (err) {
       if (attempt >= policy.attempts || !isRetryable(err)) {
-        throw translate(err, { ...op, attempts: attempt }, secrets);
+        throw translate(err, { ...op, attempts: attempt }, secrets, await challengeError(err));
       }
       const ceiling = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
       const delayMs = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);

@@ -28,4 +28,6 @@ export interface OAuthOptions {
   readonly requestTimeoutMs: number;
   /** How long a connecting client waits for a browser login to complete. Default 300,000. */
   readonly loginTimeoutMs: number;
+  /** Where a setting's value came from (the command line, a variable, a file, a profile), for error advice. */
+  readonly sourceOf?: (setting: string) => string | undefined;
 }

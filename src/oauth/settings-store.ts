@@ -12,6 +12,7 @@
  */
 import { createHash, randomUUID } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
+import type { Stats } from 'node:fs';
 import { mkdir, open, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { homedir, hostname } from 'node:os';
 import { isAbsolute, posix, resolve as resolvePath, win32 } from 'node:path';
@@ -172,13 +173,8 @@ class FileSettingsStore implements SettingsStore {
   async #load(): Promise<SettingsFile> {
     let text: string;
     try {
-      const info = await stat(this.location);
-      if (!info.isFile()) throw this.#error(`is not a regular file`);
-      if (process.platform !== 'win32' && (info.mode & 0o077) !== 0) {
-        throw this.#error(
-          `can be read or written by other users (mode ${(info.mode & 0o777).toString(8).padStart(4, '0')}): it holds tokens; run \`chmod 600 ${this.location}\``,
-        );
-      }
+      const problem = fileProblem(await stat(this.location), this.location);
+      if (problem) throw this.#error(problem);
       text = await readFile(this.location, 'utf8');
     } catch (err) {
       if (err instanceof TokenError) throw err;
@@ -291,6 +287,37 @@ class FileSettingsStore implements SettingsStore {
   #error(what: string, cause?: unknown): TokenError {
     return new TokenError('settings_error', `OAuthSettingsLocation ${this.location} ${what}`, { cause: plainCause(cause) });
   }
+}
+
+/**
+ * Why an existing settings file may not be used: not a regular file, or open to other users.
+ * As ssh does with a private key, a file that the group or others may read or write is refused
+ * (not repaired): its tokens may already have been read, and the person should know.
+ */
+function fileProblem(info: Stats, location: string): string | undefined {
+  if (!info.isFile()) return 'is not a regular file';
+  if (process.platform !== 'win32' && (info.mode & 0o077) !== 0) {
+    return `can be read or written by other users (mode ${(info.mode & 0o777).toString(8).padStart(4, '0')}): it holds tokens; run \`chmod 600 ${location}\``;
+  }
+  return undefined;
+}
+
+/**
+ * Refuses, before anything starts, a settings file that #load would refuse later: at the first
+ * client's login that would be a surprise (and a service principal, which needs nothing stored,
+ * would go on in memory with only a warning).
+ */
+export async function checkSettingsFile(location: string | undefined): Promise<void> {
+  const store = openSettingsStore(location, { lockStaleMs: 0 });
+  if (!(store instanceof FileSettingsStore)) return;
+  let info: Stats;
+  try {
+    info = await stat(store.location);
+  } catch {
+    return; // missing (created when first needed) or unreadable (reported when first needed)
+  }
+  const problem = fileProblem(info, store.location);
+  if (problem) throw new TokenError('settings_error', `OAuthSettingsLocation ${store.location} ${problem}`);
 }
 
 function applyUpdate(file: SettingsFile, key: string, next: SettingsEntry | null): void {

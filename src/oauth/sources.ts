@@ -18,7 +18,7 @@ import { TokenError, type TokenSource } from '../token/token-source.js';
 import { CachedTokenSource } from './cached-token-source.js';
 import { DatabaseCredentialFetcher } from './database-credential.js';
 import { DEFAULT_RETRY } from './http.js';
-import { openSettingsStore, settingsKey, type SettingsStore } from './settings-store.js';
+import { checkSettingsFile, openSettingsStore, settingsKey, type SettingsStore } from './settings-store.js';
 import { DATABRICKS_CLI_CLIENT_ID, WorkspaceClient, workspaceUrl, type LakebaseTarget } from './workspace-client.js';
 import { WorkspaceTokenFetcher } from './workspace-token.js';
 
@@ -101,7 +101,13 @@ export function workspaceClient(options: OAuthOptions, logger: Logger, flow: 'sc
     requestTimeoutMs: options.requestTimeoutMs,
     retry: DEFAULT_RETRY,
     logger,
+    sourceOf: options.sourceOf,
   });
+}
+
+/** Refuses at start a settings file the token source would refuse later (see checkSettingsFile). */
+export async function checkOAuthSettings(options: OAuthOptions): Promise<void> {
+  if (options.initiateOAuth !== 'OFF') await checkSettingsFile(options.settingsLocation);
 }
 
 export function settingsStore(options: OAuthOptions): SettingsStore {

@@ -3,7 +3,7 @@ import * as oidc from 'openid-client';
 import type { Logger } from '../ops/log.js';
 import { jwtExpiry } from '../token/static-token.js';
 import { TokenError } from '../token/token-source.js';
-import { BadResponseError } from './errors.js';
+import { BadResponseError, type OperationInfo } from './errors.js';
 import { postJson, withRetries, type RetryPolicy } from './http.js';
 
 /**
@@ -45,6 +45,8 @@ export interface WorkspaceClientOptions {
   readonly requestTimeoutMs: number;
   readonly retry: RetryPolicy;
   readonly logger: Logger;
+  /** Where a setting came from, named in the advice of an error (OAuthClientSecret from ...). */
+  readonly sourceOf?: ((setting: string) => string | undefined) | undefined;
 }
 
 /**
@@ -134,7 +136,7 @@ export class WorkspaceClient {
         }
         return issuedTokens({ accessToken: token, refreshToken: undefined, expiresAt, obtainedAt, expiryAssumed: false });
       },
-      { what: 'database credential', url, timeoutMs: requestTimeoutMs, confidential: this.confidential },
+      this.#operation('database credential', url),
       [workspaceToken, this.#secret],
       retry,
       logger,
@@ -151,7 +153,7 @@ export class WorkspaceClient {
       // metadata at /oidc/.well-known/oauth-authorization-server, which neither of openid-client's
       // issuer-to-URL algorithms produces from the issuer `https://<workspace>/oidc`.
       () => oidc.discovery(new URL(url), this.clientId, undefined, clientAuth, { timeout: requestTimeoutMs / 1000 }),
-      { what: 'discovery', url, timeoutMs: requestTimeoutMs, confidential: this.confidential },
+      this.#operation('discovery', url),
       [this.#secret],
       retry,
       logger,
@@ -170,9 +172,13 @@ export class WorkspaceClient {
     secrets: string[],
     run: () => Promise<T>,
   ): Promise<T> {
-    const { requestTimeoutMs, retry, logger } = this.#options;
+    const { retry, logger } = this.#options;
     const url = config.serverMetadata().token_endpoint ?? new URL('/oidc/v1/token', this.workspace).href;
-    return withRetries(run, { what, url, timeoutMs: requestTimeoutMs, confidential: this.confidential }, [...secrets, this.#secret], retry, logger);
+    return withRetries(run, this.#operation(what, url), [...secrets, this.#secret], retry, logger);
+  }
+
+  #operation(what: OperationInfo['what'], url: string): Omit<OperationInfo, 'attempts'> {
+    return { what, url, timeoutMs: this.#options.requestTimeoutMs, confidential: this.confidential, sourceOf: this.#options.sourceOf };
   }
 
   #fromTokenResponse(response: oidc.TokenEndpointResponse, previousRefreshToken?: string): IssuedTokens {

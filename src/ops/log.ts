@@ -3,14 +3,19 @@ import { pino, type Logger } from 'pino';
 export type { Logger };
 
 /**
- * Field names that may hold a secret. Redaction is by construction: code never logs these, and
- * if it did, pino censors them.
+ * Field names that hold a secret, at the top of a line or one level down. Redaction is by
+ * construction: code never logs these, and if it did, pino censors them. Named precisely: `code`
+ * is a SQLSTATE or an errno code and is logged; an OAuth authorization code is only ever held as
+ * `code` in the token request's form (sent, never logged), as `verifier`/OAuthVerifier, or as
+ * `authorizationCode`, and errors.ts cuts it out of any text that quotes it.
  */
-const SECRET_PATHS = [
-  'token', 'accessToken', 'refreshToken', 'clientSecret', 'password', 'secret', 'verifier', 'code',
-  '*.token', '*.accessToken', '*.refreshToken', '*.clientSecret', '*.password', '*.secret', '*.verifier', '*.code',
-  'access_token', 'refresh_token', 'client_secret', '*.access_token', '*.refresh_token', '*.client_secret',
+const SECRET_FIELDS = [
+  'token', 'accessToken', 'refreshToken', 'idToken', 'clientSecret', 'password', 'secret',
+  'verifier', 'codeVerifier', 'authorizationCode',
+  'access_token', 'refresh_token', 'id_token', 'client_secret', 'code_verifier', 'authorization_code',
+  'Password', 'OAuthClientSecret', 'OAuthAccessToken', 'OAuthRefreshToken', 'OAuthVerifier',
 ];
+const SECRET_PATHS = [...SECRET_FIELDS, ...SECRET_FIELDS.map((field) => `*.${field}`)];
 
 export interface LogOptions {
   readonly level?: string;

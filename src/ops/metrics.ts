@@ -28,6 +28,8 @@ const FAILURE_REASONS = Object.keys({
   startup_timeout: true,
   too_many_connections: true,
   pool_timeout: true,
+  too_many_startups: true,
+  shutting_down: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
 const RELAY_KINDS: readonly RelayKind[] = ['native', 'js'];
@@ -91,7 +93,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}client_connections_total`,
-      help: 'Client connections accepted.',
+      help: 'Client connections accepted (those turned away at --max-connections after their startup included).',
       labelNames: ['target'],
       registers,
       collect() {
@@ -100,7 +102,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}client_connections_rejected_total`,
-      help: 'Client connections turned away at --max-connections (SQLSTATE 53300).',
+      help: 'Client connections turned away at --max-connections (after their startup) or --max-startups (at once), with SQLSTATE 53300.',
       labelNames: ['target'],
       registers,
       collect() {
@@ -209,7 +211,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}login_failures_total`,
-      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections).',
+      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections, too_many_startups, shutting_down).',
       labelNames: ['target', 'reason'],
       registers,
       collect() {

@@ -1,6 +1,7 @@
 /**
  * SIGTERM and SIGINT as Cloud SQL Auth Proxy handles them: keep accepting for MinSigtermDelay,
- * then stop accepting and wait up to MaxSigtermDelay for open sessions, then close what is left.
+ * then refuse new clients (SQLSTATE 57P03, as Postgres does while shutting down: the listeners stay
+ * open until the end) and wait up to MaxSigtermDelay for open sessions, then close what is left.
  * Exit 0 when every session ended by itself (or with ExitZeroOnSigterm), else 128 + the signal's
  * number. A second signal closes everything at once.
  */
@@ -35,7 +36,10 @@ export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOp
       const failureCode = 128 + (constants.signals[signal] ?? 15);
       if (state.shuttingDown) {
         logger.warn({ signal }, 'second signal: closing every session now');
-        for (const server of servers) server.closeAll();
+        for (const server of servers) {
+          server.stopAccepting();
+          server.closeAll();
+        }
         finish(failureCode);
         return;
       }
@@ -44,7 +48,7 @@ export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOp
       logger.info({ signal, sessions: open(), minSigtermDelayMs: options.minDelayMs, maxSigtermDelayMs: options.maxDelayMs }, 'shutting down');
       void (async () => {
         if (options.minDelayMs > 0) await sleep(options.minDelayMs);
-        for (const server of servers) server.stopAccepting();
+        for (const server of servers) server.refuseNewClients();
         const drained = Promise.all(servers.map((s) => s.drained())).then(() => true);
         const endedByThemselves = open() === 0 || (await Promise.race([drained, sleep(options.maxDelayMs).then(() => false)]));
         if (!endedByThemselves) {
@@ -52,6 +56,7 @@ export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOp
           for (const server of servers) server.closeAll();
           await Promise.race([drained, sleep(2000)]);
         }
+        for (const server of servers) server.stopAccepting();
         logger.info({ endedByThemselves }, 'stopped');
         finish(endedByThemselves || options.exitZero ? 0 : failureCode);
       })();

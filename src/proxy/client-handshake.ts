@@ -59,7 +59,16 @@ const PASSWORD_MESSAGE = 0x70; // 'p'
 /** SASL and password messages are small; Postgres allows auth tokens up to 65,535 bytes. */
 const MAX_AUTH_MESSAGE = 65535;
 
-export async function clientHandshake(raw: Socket, options: ClientHandshakeOptions): Promise<HandshakeResult> {
+/**
+ * `refusal`, asked when the StartupMessage arrives (before authentication, where Postgres checks
+ * whether it accepts connections at all), may turn the client away with an error of its own.
+ * A CancelRequest is never refused: it may be for a session still running.
+ */
+export async function clientHandshake(
+  raw: Socket,
+  options: ClientHandshakeOptions,
+  refusal?: () => { readonly sqlstate: string; readonly message: string } | undefined,
+): Promise<HandshakeResult> {
   let socket: Duplex = raw;
   let frames = startupFrames(raw);
   let encrypted = false;
@@ -88,6 +97,8 @@ export async function clientHandshake(raw: Socket, options: ClientHandshakeOptio
           frames.detach();
           return { kind: 'cancel', processId: packet.processId, secretKey: packet.secretKey };
         case 'startup': {
+          const refused = refusal?.();
+          if (refused) throw new HandshakeError(refused.sqlstate, refused.message, socket);
           const unrecognized = [...packet.parameters.keys()].filter((name) => name.startsWith('_pq_.'));
           if (packet.minor > 0 || unrecognized.length > 0) socket.write(negotiateProtocolVersion(0, unrecognized));
           const parameters = new Map([...packet.parameters].filter(([name]) => !name.startsWith('_pq_.')));

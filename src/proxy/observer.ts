@@ -3,7 +3,7 @@ import type { PoolObserver } from '../pool/pool.js';
 export interface ProxyObserver {
   clientOpened(): void;
   clientClosed(): void;
-  /** A client turned away at the connection limit. */
+  /** A client turned away at the session or startup limit. */
   clientRejected(): void;
   upstreamConnected(seconds: number): void;
   /** Called per relayed chunk: no allocation. */
@@ -21,9 +21,20 @@ export interface ProxyObserver {
   sessionStarted(relay: RelayKind): void;
 }
 
+export type FailureReason =
+  | 'client_password'
+  | 'token'
+  | 'upstream_auth'
+  | 'upstream_connect'
+  | 'protocol'
+  | 'startup_timeout'
+  | 'too_many_connections'
+  | 'too_many_startups'
+  | 'shutting_down'
+  | 'pool_timeout';
+
 export type RelayKind = 'native' | 'js';
 
-export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections' | 'pool_timeout';
 
 export interface PoolStats {
   idle: number;

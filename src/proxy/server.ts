@@ -2,8 +2,9 @@
  * The listeners and the life of one client session: handshake, token, upstream login, relay.
  */
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
-import { chmod, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { statSync, unlinkSync } from 'node:fs';
+import { chmod, mkdtemp, rename, rm, stat } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from '../ops/log.js';
 import { backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse } from '../wire/backend-messages.js';
@@ -36,8 +37,14 @@ export interface ProxyOptions {
   readonly clientAuth: ClientHandshakeOptions;
   /** A client must finish its startup and authentication within this time. */
   readonly startupTimeoutMs: number;
-  /** 0 means no limit. */
+  /** Most sessions at once (clients past their startup and authentication); 0 means no limit. */
   readonly maxConnections: number;
+  /**
+   * Most clients in their startup at once (TLS, StartupMessage, authentication); 0 means no limit.
+   * Apart from maxConnections, so that clients that never finish their startup cannot keep
+   * logged-in users out until the startup timeout.
+   */
+  readonly maxStartups: number;
   /** Close a session with no query running and no byte either way for this long; 0 means never. */
   readonly idleTimeoutMs: number;
   /** native: OpenSSL's TLS and the relay in C when built, for plain clients; js: Node's TLS and streams always. */
@@ -61,7 +68,14 @@ interface ClientFacing {
 interface Session {
   relay: SessionRelay | undefined;
   socket: Socket;
+  /** Past its startup and authentication: counted against maxConnections. */
+  established: boolean;
+  /** Accepted while refusing new clients: turned away with 57P03, never waited for by drained(). */
+  readonly late: boolean;
 }
+
+/** What a client that starts up during the shutdown's drain gets, as Postgres answers then. */
+const SHUTTING_DOWN: ClientFacing = { sqlstate: '57P03', message: 'the proxy is shutting down' };
 
 export class ProxyServer {
   readonly options: ProxyOptions;
@@ -77,6 +91,9 @@ export class ProxyServer {
   #socketPath: string | undefined;
   /** Pooled upstream logins, by database. */
   readonly #pools = new Map<string, Pool>();
+  /** The unix socket file while it is ours to remove (see listenOnUnixSocket). */
+  #socketFile: SocketFile | undefined;
+  /** false from refuseNewClients() on: new clients are answered 57P03 while the listeners stay open. */
   #accepting = false;
   /** Whether upstream connections are OpenSSL's in C, for the native relay. */
   readonly #nativeUpstream: boolean;
@@ -107,8 +124,16 @@ export class ProxyServer {
     return this.#sessions.size;
   }
 
+  /** Whether a client that finishes its startup now is turned away (maxConnections sessions are open). */
   get atCapacity(): boolean {
-    return this.options.maxConnections > 0 && this.#sessions.size >= this.options.maxConnections;
+    return this.options.maxConnections > 0 && this.#count(true) >= this.options.maxConnections;
+  }
+
+  /** Sessions past their startup (established) or still in it; counted only where a limit is set. */
+  #count(established: boolean): number {
+    let n = 0;
+    for (const session of this.#sessions) if (session.established === established) n++;
+    return n;
   }
 
   /** The TCP port actually bound (differs from options when 0 was asked for). */
@@ -123,22 +148,35 @@ export class ProxyServer {
 
   async listen(): Promise<void> {
     const { address, port, unixSocketDir } = this.options.listen;
+    this.#accepting = true; // from the first listener's first client
     const tcp = this.#newServer();
     await listenOn(tcp, { host: address, port }, `port ${port} on ${address} is already in use; choose another with --port`, this.#log);
     this.#servers.push(tcp);
     if (unixSocketDir !== undefined) {
       const path = join(unixSocketDir, `.s.PGSQL.${this.options.listen.port === 0 ? this.port : port}`);
-      if (Buffer.byteLength(path) > 107) {
-        throw new Error(`unix socket path ${path} is longer than the 107 bytes the system allows; choose a shorter --unix-socket folder`);
+      try {
+        if (Buffer.byteLength(path) > 107) {
+          throw new Error(`unix socket path ${path} is longer than the 107 bytes the system allows; choose a shorter --unix-socket folder`);
+        }
+        const unix = this.#newServer();
+        this.#socketFile = await listenOnUnixSocket(unix, path, this.options.listen.unixSocketMode, this.#log);
+        this.#servers.push(unix);
+      } catch (error) {
+        this.stopAccepting(); // the TCP listener too: a failed listen() leaves nothing open
+        throw error;
       }
-      await removeStaleSocket(path);
-      const unix = this.#newServer();
-      await listenOn(unix, { path }, `unix socket ${path} is in use by another server; choose another --unix-socket folder or --port`, this.#log);
-      await chmod(path, this.options.listen.unixSocketMode);
-      this.#servers.push(unix);
       this.#socketPath = path;
     }
-    this.#accepting = true;
+  }
+
+  /**
+   * The listeners stay open, and a client that starts up from now on is answered SQLSTATE 57P03
+   * "the proxy is shutting down" (as Postgres does while it shuts down) instead of finding the
+   * port closed; cancel requests are still forwarded. Open sessions go on.
+   */
+  refuseNewClients(): void {
+    this.#accepting = false;
+    for (const pool of this.#pools.values()) pool.close(); // idle connections now, the others as their clients leave
   }
 
   /**
@@ -149,11 +187,17 @@ export class ProxyServer {
     this.#accepting = false;
     for (const server of this.#servers) server.close();
     for (const pool of this.#pools.values()) pool.close();
+    if (this.#socketFile) removeSocketFile(this.#socketFile);
+    this.#socketFile = undefined;
   }
 
-  /** Resolves when every open session has ended and every cancel it caused was sent. */
+  /**
+   * Resolves when every session accepted before refuseNewClients() has ended and every cancel it
+   * caused was sent (clients turned away meanwhile are not waited for).
+   */
   async drained(): Promise<void> {
-    while (this.#sessions.size > 0 || this.#cancelsInFlight.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
+    const waiting = (): boolean => this.#cancelsInFlight.size > 0 || [...this.#sessions].some((session) => !session.late);
+    while (waiting()) await new Promise((resolve) => setTimeout(resolve, 50));
   }
 
   /** Closes every session at once. */
@@ -196,18 +240,13 @@ export class ProxyServer {
 
   #accept(socket: Socket): void {
     socket.on('error', () => {}); // every failure is handled where the socket is used; none may crash the process
-    if (!this.#accepting) {
-      socket.destroy();
-      return;
-    }
-    if (this.atCapacity) {
+    if (this.options.maxStartups > 0 && this.#count(false) >= this.options.maxStartups) {
       this.#observer.clientRejected();
-      this.#observer.failure('too_many_connections');
-      socket.end(errorResponse({ code: '53300', message: `sorry, too many clients already (lakebase-proxy --max-connections ${this.options.maxConnections})` }));
-      setTimeout(() => socket.destroy(), 1000).unref();
+      this.#observer.failure('too_many_startups');
+      refuse(socket, { sqlstate: '53300', message: `sorry, too many clients starting up already (lakebase-proxy --max-startups ${this.options.maxStartups})` });
       return;
     }
-    const session: Session = { relay: undefined, socket };
+    const session: Session = { relay: undefined, socket, established: false, late: !this.#accepting };
     this.#sessions.add(session);
     this.#observer.clientOpened();
     socket.once('close', () => {
@@ -233,10 +272,10 @@ export class ProxyServer {
     }, this.options.startupTimeoutMs);
     let handshake;
     try {
-      handshake = await clientHandshake(raw, this.options.clientAuth);
+      handshake = await clientHandshake(raw, this.options.clientAuth, () => (this.#accepting ? undefined : SHUTTING_DOWN));
     } catch (error) {
       if (error instanceof HandshakeError) {
-        this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : 'protocol');
+        this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : error.sqlstate === SHUTTING_DOWN.sqlstate ? 'shutting_down' : 'protocol');
         this.#log.info({ peer, sqlstate: error.sqlstate, reason: error.message }, 'client handshake refused');
         refuse(error.socket ?? raw, error);
       } else {
@@ -252,6 +291,16 @@ export class ProxyServer {
       await this.#cancel(handshake.processId, handshake.secretKey);
       return;
     }
+    // Counted from here, after the startup: a client that never finishes it holds no session slot.
+    if (this.atCapacity) {
+      this.#observer.clientRejected();
+      this.#observer.failure('too_many_connections');
+      this.#log.info({ peer, maxConnections: this.options.maxConnections }, 'client turned away at --max-connections');
+      handshake.frames.detach();
+      refuse(handshake.socket, { sqlstate: '53300', message: `sorry, too many clients already (lakebase-proxy --max-connections ${this.options.maxConnections})` });
+      return;
+    }
+    session.established = true;
 
     const { socket: client, parameters, frames } = handshake;
     const clientUser = parameters.get('user') as string;
@@ -507,9 +556,60 @@ function listenOn(server: Server, where: { host: string; port: number } | { path
   });
 }
 
-/** A socket file left by a process that died is removed; one in use is left alone. */
-async function removeStaleSocket(path: string): Promise<void> {
-  const inUse = await new Promise<boolean>((resolve) => {
+interface SocketFile {
+  readonly path: string;
+  /** Its inode: the file is removed only while it is still this one. */
+  readonly ino: number;
+}
+
+/**
+ * Listens on the unix socket `path` with `mode` from the moment the path exists. bind() creates
+ * the file with the umask's mode, and a chmod after listen leaves a window in which anyone the
+ * umask lets in may connect. Narrowing the process umask around listen() would narrow every file
+ * the thread pool creates meanwhile too (a settings folder made without its x bit). So the socket
+ * is bound inside a private folder (mkdtemp: mode 0700, beside `path`, so on the same file
+ * system), given its mode there where no one else can reach it, and renamed into place: the bound
+ * socket moves with its name, and a stale file left by a process that died is replaced at once.
+ * libuv removes only the name it bound on close, so the file is removed by removeSocketFile.
+ */
+async function listenOnUnixSocket(server: Server, path: string, mode: number, logger: Logger): Promise<SocketFile> {
+  if (await socketInUse(path)) throw new Error(`unix socket ${path} is in use by another server; choose another --unix-socket folder or --port`);
+  let folder: string;
+  try {
+    folder = await mkdtemp(join(dirname(path), '.lbp-'));
+  } catch (error) {
+    throw new Error(`cannot listen on ${path}: ${(error as Error).message}`);
+  }
+  try {
+    const bound = join(folder, basename(path));
+    if (Buffer.byteLength(bound) > 107) {
+      throw new Error(`unix socket path ${path} is too long: it is bound first at ${bound}, longer than the 107 bytes the system allows; choose a shorter --unix-socket folder`);
+    }
+    await listenOn(server, { path: bound }, `unix socket ${bound} is in use`, logger);
+    try {
+      await chmod(bound, mode);
+      await rename(bound, path);
+      return { path, ino: (await stat(path)).ino };
+    } catch (error) {
+      server.close();
+      throw new Error(`cannot listen on ${path}: ${(error as Error).message}`);
+    }
+  } finally {
+    await rm(folder, { recursive: true, force: true });
+  }
+}
+
+function removeSocketFile(file: SocketFile): void {
+  try {
+    if (statSync(file.path).ino === file.ino) unlinkSync(file.path);
+  } catch {
+    // already gone
+  }
+}
+
+/** Whether a server answers on the socket file `path` (a file left by a process that died does not). */
+function socketInUse(path: string): Promise<boolean> {
+  return new Promise<boolean>((resolve) => {
     const probe: Socket = netConnect({ path });
     probe.once('connect', () => {
       probe.destroy();
@@ -517,5 +617,4 @@ async function removeStaleSocket(path: string): Promise<void> {
     });
     probe.once('error', () => resolve(false));
   });
-  if (!inUse) await unlink(path).catch(() => {});
 }

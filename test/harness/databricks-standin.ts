@@ -4,7 +4,9 @@
  *   GET  /oidc/.well-known/oauth-authorization-server   RFC 8414 metadata
  *   GET  /oidc/v1/authorize                             redirects at once to redirect_uri with code and state
  *   POST /oidc/v1/token                                 client_credentials (HTTP Basic), authorization_code
- *                                                       (PKCE S256 checked), refresh_token (rotated: single use)
+ *                                                       (PKCE S256 checked), refresh_token (rotated: single use);
+ *                                                       a failed client authentication is 401 with
+ *                                                       WWW-Authenticate and {error, error_description}
  *   POST /api/2.0/database/credentials                  {request_id, instance_names} -> {token, expiration_time}
  *   POST /api/2.0/postgres/credentials                  {endpoint} -> {token, expire_time}
  *
@@ -291,8 +293,7 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
   async function tokenEndpoint(req: IncomingMessage, body: URLSearchParams, res: ServerResponse, fault: Fault | undefined): Promise<void> {
     const client = authenticate(req.headers.authorization, body);
     if (client === undefined) {
-      counts.invalid_client++;
-      send(res, 401, { error: 'invalid_client', error_description: 'Client authentication failed' });
+      refuseClient(res);
       return;
     }
     const grant = body.get('grant_type');
@@ -326,8 +327,7 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
       case 'client_credentials': {
         counts.client_credentials++;
         if (!client.confidential) {
-          counts.invalid_client++;
-          send(res, 401, { error: 'invalid_client', error_description: 'Client authentication failed' });
+          refuseClient(res);
           return;
         }
         const scope = body.get('scope') ?? '';
@@ -383,6 +383,17 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
       default:
         send(res, 400, { error: 'unsupported_grant_type', error_description: `grant_type ${grant ?? '(none)'} is not supported` });
     }
+  }
+
+  /**
+   * A failed client authentication, as Databricks answers it: 401 with a WWW-Authenticate
+   * challenge (RFC 6749 5.2: the scheme the client used) and the OAuth error in a JSON body.
+   * openid-client stops at the header ("server responded with a challenge in the WWW-Authenticate
+   * HTTP Header"); the body says what went wrong.
+   */
+  function refuseClient(res: ServerResponse): void {
+    counts.invalid_client++;
+    send(res, 401, { error: 'invalid_client', error_description: 'Client authentication failed' }, { 'www-authenticate': 'Basic realm="oidc"' });
   }
 
   /** The authenticated client, or undefined for a failed authentication. */
@@ -610,10 +621,10 @@ function readBody(req: IncomingMessage): Promise<string> {
   });
 }
 
-function send(res: ServerResponse, status: number, body: unknown): void {
+function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   if (res.destroyed) return;
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
   res.end(text);
 }
 

@@ -1,0 +1,45 @@
+/** The logger's redaction: every secret field censored, and nothing else (a SQLSTATE `code` is logged). */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Writable } from 'node:stream';
+import { createLogger } from '../src/ops/log.js';
+
+function capture(): { logger: ReturnType<typeof createLogger>; lines(): Array<Record<string, unknown>> } {
+  const chunks: string[] = [];
+  const destination = new Writable({
+    write(chunk: Buffer, _encoding, callback) {
+      chunks.push(chunk.toString('utf8'));
+      callback();
+    },
+  });
+  const logger = createLogger({ level: 'debug', format: 'json', destination });
+  return { logger, lines: () => chunks.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
+
+test('a field named code is logged: a SQLSTATE, an errno code, an error code one level down', () => {
+  const { logger, lines } = capture();
+  logger.info({ code: '57P03', sqlstate: '28P01' }, 'refused');
+  logger.warn({ err: { code: 'ECONNREFUSED', message: 'connect ECONNREFUSED 127.0.0.1:5432' } }, 'failed');
+  const [first, second] = lines();
+  assert.equal(first?.['code'], '57P03');
+  assert.equal(first?.['sqlstate'], '28P01');
+  assert.equal((second?.['err'] as { code?: unknown } | undefined)?.code, 'ECONNREFUSED');
+});
+
+test('every field that holds a secret is censored, at the top and one level down', () => {
+  const fields = [
+    'token', 'accessToken', 'refreshToken', 'idToken', 'clientSecret', 'password', 'secret', 'verifier', 'codeVerifier', 'authorizationCode',
+    'access_token', 'refresh_token', 'id_token', 'client_secret', 'code_verifier', 'authorization_code',
+    'Password', 'OAuthClientSecret', 'OAuthAccessToken', 'OAuthRefreshToken', 'OAuthVerifier',
+  ];
+  const { logger, lines } = capture();
+  for (const field of fields) {
+    const value = `secret-${field}-${Math.random().toString(36).slice(2)}`;
+    logger.info({ [field]: value, nested: { [field]: value }, operation: 'authorization_code' }, 'with a secret');
+    const line = lines().at(-1) ?? {};
+    assert.equal(line[field], '[redacted]', field);
+    assert.deepEqual(line['nested'], { [field]: '[redacted]' }, `nested ${field}`);
+    assert.equal(line['operation'], 'authorization_code', 'a value is not a field name');
+    assert.ok(!JSON.stringify(line).includes(value), field);
+  }
+});
