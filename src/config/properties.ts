@@ -37,7 +37,7 @@ const bool = { type: 'bool' } as const;
 
 export const PROPERTIES: readonly Property[] = [
   // The upstream (Lakebase) connection
-  { name: 'Server', kind: string, help: 'host name of the Lakebase instance (instance-<uuid>.database.cloud.databricks.com)' },
+  { name: 'Server', kind: string, help: 'host name of the Lakebase instance (instance-<uuid>.database.cloud.databricks.com); without it, the host of LakebaseInstance or LakebaseEndpoint is looked up in the workspace' },
   { name: 'Port', kind: port, default: '5432', env: 'LAKEBASE_PROXY_SERVER_PORT', help: 'port of the Lakebase instance' },
   { name: 'Database', kind: string, default: 'databricks_postgres', help: 'database used when a client names none' },
   { name: 'User', kind: string, help: 'the Databricks identity to log in as: an e-mail, or a service principal\'s application id (default: OAuthClientId)' },
@@ -58,8 +58,9 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'OAuthSettingsLocation', kind: string, help: 'file where tokens persist, or memory:// (default: OAuthSettings.txt in the user config folder)' },
   { name: 'CallbackURL', kind: string, default: 'http://localhost:8020', help: 'redirect URL of the browser login' },
   { name: 'Scope', kind: string, help: 'OAuth scopes (default: all-apis, plus offline_access for OAuthPKCE)' },
-  { name: 'LakebaseInstance', kind: string, help: 'Provisioned instance name: exchange the workspace token for a database credential' },
-  { name: 'LakebaseEndpoint', kind: string, help: 'Autoscaling endpoint projects/<p>/branches/<b>/endpoints/<e>: exchange for a database credential' },
+  { name: 'LakebaseInstance', kind: string, help: 'Provisioned instance name: exchange the workspace token for a database credential, and look up the host when Server is not set' },
+  { name: 'LakebaseEndpoint', kind: string, help: 'Autoscaling endpoint projects/<p>/branches/<b>/endpoints/<e>: exchange for a database credential, and look up the host when Server is not set' },
+  { name: 'ReadOnly', kind: bool, default: 'false', help: 'with LakebaseInstance or LakebaseEndpoint and no Server: connect to the read-only host (an instance\'s read_only_dns, an endpoint\'s read_only_host)' },
   { name: 'OAuthTimeout', kind: milliseconds, flag: '--oauth-timeout', default: '30000', help: 'milliseconds for each request to the workspace' },
   { name: 'LoginTimeout', kind: milliseconds, flag: '--login-timeout', default: '300000', help: 'milliseconds a client waits for a browser login to complete' },
   // The local listener

@@ -43,9 +43,12 @@ export function isLoopback(address: string): boolean {
 }
 
 export async function resolveProxy(settings: Settings, name: string): Promise<ProxyOptions> {
-  const server = settings.string('Server');
-  if (server === undefined || server === '') {
-    throw settings.error('Server', 'missing: set the Lakebase host, e.g. --connection "Server=instance-<uuid>.database.cloud.databricks.com;..."');
+  const server = settings.string('Server') ?? '';
+  if (server === '' && !settings.string('LakebaseInstance') && !settings.string('LakebaseEndpoint')) {
+    throw settings.error(
+      'Server',
+      'missing: set the Lakebase host, e.g. --connection "Server=instance-<uuid>.database.cloud.databricks.com;...", or name the database with LakebaseInstance or LakebaseEndpoint to look its host up',
+    );
   }
   const oauth = resolveOAuth(settings);
   const identity = oauth.user;
@@ -86,6 +89,7 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
       unixSocketMode: parseInt(settings.string('UnixSocketMode') as string, 8),
     },
     upstream: {
+      // Empty when the host is looked up by name (LakebaseInstance, LakebaseEndpoint): see prepareTarget.
       host: server,
       port: settings.int('Port'),
       sslMode: canonicalEnum('SSLMode', settings.string('SSLMode') as string) as ProxyOptions['upstream']['sslMode'],

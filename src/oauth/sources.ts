@@ -16,7 +16,8 @@ import type { Logger } from '../ops/log.js';
 import { StaticTokenSource } from '../token/static-token.js';
 import { TokenError, type TokenSource } from '../token/token-source.js';
 import { CachedTokenSource } from './cached-token-source.js';
-import { DatabaseCredentialFetcher } from './database-credential.js';
+import { DatabaseCredentialFetcher, type WorkspaceTokenProvider } from './database-credential.js';
+import { ComputeLocator } from '../lakebase/locator.js';
 import { DEFAULT_RETRY } from './http.js';
 import { openSettingsStore, settingsKey, type SettingsStore } from './settings-store.js';
 import { DATABRICKS_CLI_CLIENT_ID, WorkspaceClient, workspaceUrl, type LakebaseTarget } from './workspace-client.js';
@@ -29,11 +30,26 @@ export interface TokenSourceDeps {
 }
 
 export function createTokenSource(options: OAuthOptions, deps: TokenSourceDeps): TokenSource {
-  return buildTokenSource(options, deps, { allowBrowserLogin: true });
+  return createLakebaseAccess(options, deps).tokenSource;
+}
+
+/** The token source of a target, and the locator of its database when it is named (LakebaseInstance, LakebaseEndpoint). */
+export interface LakebaseAccess {
+  readonly tokenSource: TokenSource;
+  readonly locator: ComputeLocator | undefined;
+}
+
+/** createTokenSource, with the locator; `readOnly` picks the read-only host (ReadOnly=true). */
+export function createLakebaseAccess(options: OAuthOptions, deps: TokenSourceDeps, readOnly = false): LakebaseAccess {
+  return buildAccess(options, deps, { allowBrowserLogin: true }, readOnly);
 }
 
 /** createTokenSource, with the browser login turned off for commands such as `auth token`. */
 export function buildTokenSource(options: OAuthOptions, deps: TokenSourceDeps, mode: { allowBrowserLogin: boolean }): TokenSource {
+  return buildAccess(options, deps, mode, false).tokenSource;
+}
+
+function buildAccess(options: OAuthOptions, deps: TokenSourceDeps, mode: { allowBrowserLogin: boolean }, readOnly: boolean): LakebaseAccess {
   const lakebase = lakebaseTarget(options);
   if (options.initiateOAuth === 'OFF') {
     if (!options.accessToken) {
@@ -43,10 +59,9 @@ export function buildTokenSource(options: OAuthOptions, deps: TokenSourceDeps, m
       );
     }
     const fixed = new StaticTokenSource(options.accessToken);
-    if (lakebase === undefined) return fixed;
+    if (lakebase === undefined) return { tokenSource: fixed, locator: undefined };
     const client = workspaceClient(options, deps.logger, 'scheme');
-    const fetcher = new DatabaseCredentialFetcher({ token: () => fixed.getToken() }, client, lakebase, () => fixed.describe());
-    return new CachedTokenSource(fetcher, { ...deps, inner: fixed });
+    return databaseAccess(deps, { client, target: lakebase, readOnly }, fixed, { token: () => fixed.getToken() });
   }
 
   const client = workspaceClient(options, deps.logger, 'scheme');
@@ -64,18 +79,26 @@ export function buildTokenSource(options: OAuthOptions, deps: TokenSourceDeps, m
     },
     { accessToken: options.accessToken, refreshToken: options.refreshToken, verifier: options.verifier },
   );
-  if (lakebase === undefined) return new CachedTokenSource(fetcher, deps);
+  if (lakebase === undefined) return { tokenSource: new CachedTokenSource(fetcher, deps), locator: undefined };
   const workspace = new CachedTokenSource(fetcher, { logger: deps.logger });
-  const database = new DatabaseCredentialFetcher(
-    {
-      token: (context) => workspace.acquire({ notice: (m) => context.notice(m), signal: context.signal }, context.interactive),
-      invalidate: () => workspace.invalidate(),
-    },
-    client,
-    lakebase,
-    () => workspace.describe(),
-  );
-  return new CachedTokenSource(database, { ...deps, inner: workspace });
+  return databaseAccess(deps, { client, target: lakebase, readOnly }, workspace, {
+    token: (context) => workspace.acquire({ notice: (m) => context.notice(m), signal: context.signal }, context.interactive),
+    invalidate: () => workspace.invalidate(),
+  });
+}
+
+/** The database credential minted with the workspace token, and the locator that uses the same token. */
+function databaseAccess(
+  deps: TokenSourceDeps,
+  database: { client: WorkspaceClient; target: LakebaseTarget; readOnly: boolean },
+  workspace: TokenSource,
+  provider: WorkspaceTokenProvider,
+): LakebaseAccess {
+  const fetcher = new DatabaseCredentialFetcher(provider, database.client, database.target, () => workspace.describe());
+  return {
+    tokenSource: new CachedTokenSource(fetcher, { ...deps, inner: workspace }),
+    locator: new ComputeLocator({ client: database.client, workspaceToken: provider, target: database.target, readOnly: database.readOnly }),
+  };
 }
 
 /**

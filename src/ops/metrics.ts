@@ -16,6 +16,7 @@ export const METRIC_PREFIX = 'lakebase_proxy_';
 
 export type TokenRefreshResult = 'success' | 'failure';
 type CancelOutcome = Parameters<ProxyObserver['cancel']>[0];
+type WaitOutcome = Parameters<ProxyObserver['computeWaited']>[0];
 
 // Records rather than arrays so that the compiler insists on every member of each union.
 const FAILURE_REASONS = Object.keys({
@@ -28,6 +29,7 @@ const FAILURE_REASONS = Object.keys({
   too_many_connections: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
+const WAIT_OUTCOMES = Object.keys({ connected: true, failed: true } satisfies Record<WaitOutcome, true>) as WaitOutcome[];
 const REFRESH_RESULTS: readonly TokenRefreshResult[] = ['success', 'failure'];
 
 /** Upstream connect (TCP, TLS, login) takes tens of milliseconds nearby and seconds when far or failing. */
@@ -44,6 +46,7 @@ interface TargetCounts {
   readonly nativeBytes: Float64Array;
   failures: Record<FailureReason, number>;
   cancels: Record<CancelOutcome, number>;
+  computeWaits: Record<WaitOutcome, number>;
 }
 
 export class Metrics {
@@ -133,6 +136,17 @@ export class Metrics {
       },
     });
     new Counter({
+      name: `${METRIC_PREFIX}compute_waits_total`,
+      help: 'Logins that waited for a starting compute (connection refused or reset, SQLSTATE 57P03, or an API state such as IDLE or STARTING), by outcome (connected, failed).',
+      labelNames: ['target', 'outcome'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          for (const outcome of WAIT_OUTCOMES) this.inc({ target, outcome }, c.computeWaits[outcome]);
+        });
+      },
+    });
+    new Counter({
       name: `${METRIC_PREFIX}token_refreshes_total`,
       help: 'Token fetches and refreshes, by result.',
       labelNames: ['target', 'result'],
@@ -173,6 +187,7 @@ export class Metrics {
       nativeBytes: new Float64Array(2),
       failures: Object.fromEntries(FAILURE_REASONS.map((r) => [r, 0])) as Record<FailureReason, number>,
       cancels: Object.fromEntries(CANCEL_OUTCOMES.map((o) => [o, 0])) as Record<CancelOutcome, number>,
+      computeWaits: Object.fromEntries(WAIT_OUTCOMES.map((o) => [o, 0])) as Record<WaitOutcome, number>,
     };
     const histogram = this.#connectSeconds;
     const labels = { target };
@@ -190,6 +205,7 @@ export class Metrics {
       byteCounters: () => counts.nativeBytes,
       failure: (reason) => void counts.failures[reason]++,
       cancel: (outcome) => void counts.cancels[outcome]++,
+      computeWaited: (outcome) => void counts.computeWaits[outcome]++,
     };
     this.#targets.set(target, { counts, observer });
     this.#refreshCounts(target);

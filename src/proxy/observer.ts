@@ -12,6 +12,8 @@ export interface ProxyObserver {
   /** `reason` is a fixed word (client_password, token, upstream_auth, upstream_connect, protocol). */
   failure(reason: FailureReason): void;
   cancel(outcome: 'forwarded' | 'unknown_key' | 'error'): void;
+  /** A login waited for a starting compute, then connected or gave up. */
+  computeWaited(outcome: 'connected' | 'failed'): void;
 }
 
 export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections';
@@ -25,4 +27,5 @@ export const nullObserver: ProxyObserver = {
   byteCounters: () => new Float64Array(2),
   failure() {},
   cancel() {},
+  computeWaited() {},
 };

@@ -14,6 +14,8 @@ import { Relay, type RelayEnd } from './relay.js';
 import { native, NativeRelay, type SessionRelay } from './native-relay.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
+import { WakeUp, withWakeUp } from './wake-up.js';
+import type { ComputeLocator } from '../lakebase/locator.js';
 
 export interface ListenOptions {
   readonly address: string;
@@ -44,6 +46,8 @@ export interface ProxyOptions {
 
 export interface ProxyDeps {
   readonly tokenSource: TokenSource;
+  /** The database's locator when it is named (LakebaseInstance, LakebaseEndpoint): host and compute state. */
+  readonly locator?: ComputeLocator | undefined;
   readonly logger: Logger;
   readonly observer?: ProxyObserver;
 }
@@ -80,12 +84,15 @@ export class ProxyServer {
    * again after LASTING_REFUSAL_MS, in case the upstream changed.
    */
   #untappedUntil = 0;
+  /** Retries of the upstream connect while the compute starts. */
+  readonly #wakeUp: WakeUp;
 
   constructor(options: ProxyOptions, deps: ProxyDeps) {
     this.options = options;
     this.#deps = deps;
     this.#observer = deps.observer ?? nullObserver;
     this.#log = deps.logger.child({ target: options.name });
+    this.#wakeUp = new WakeUp({ target: options.upstream, locator: deps.locator, logger: this.#log, waited: (outcome) => this.#observer.computeWaited(outcome) });
     this.#nativeBytes = this.#observer.byteCounters();
     this.#tapUpstream = options.relay === 'native' && native.addon !== undefined;
     if (options.relay === 'native' && !native.addon) this.#log.debug({ reason: native.problem }, 'native relay not available; using the JavaScript relay');
@@ -237,7 +244,10 @@ export class ProxyServer {
       forwarded.set('database', database);
       // The native relay can take a plain client over; a client on TLS stays with Node's streams.
       const tap = this.#tapUpstream && client === raw && Date.now() >= this.#untappedUntil;
-      upstream = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { tap });
+      upstream = await withWakeUp(() => connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { tap }), this.#wakeUp, {
+        signal: abort.signal,
+        notice: (message) => client.write(noticeResponse(message)),
+      });
       this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
     } catch (error) {
       raw.off('close', onClientGone);

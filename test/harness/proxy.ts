@@ -4,7 +4,7 @@ import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { parseArgs } from '../../src/cli/args.js';
-import { createTokenSource } from '../../src/cli/main.js';
+import { prepareTarget } from '../../src/cli/prepare.js';
 import { loadConfig } from '../../src/config/load.js';
 import { resolveProxy } from '../../src/config/target.js';
 import { createLogger } from '../../src/ops/log.js';
@@ -46,7 +46,6 @@ export async function startProxy(
 ): Promise<InProcessProxy> {
   const config = await loadConfig(parseArgs(['--port', '0', ...args]), {});
   const settings = (config.targets[0] as { settings: import('../../src/config/properties.js').Settings }).settings;
-  const options = await resolveProxy(settings, 'test');
   const lines: string[] = [];
   const destination = new Writable({
     write(chunk: Buffer, _encoding, callback) {
@@ -55,8 +54,10 @@ export async function startProxy(
     },
   });
   const logger = createLogger({ level: 'debug', format: 'json', destination });
-  const tokenSource = deps.tokenSource ?? createTokenSource(settings, logger);
-  const server = new ProxyServer(options, { tokenSource, logger, ...(deps.observer ? { observer: deps.observer } : {}) });
+  // A token source handed in replaces the one the settings describe (which may not even be complete).
+  const prepared = deps.tokenSource ? { options: await resolveProxy(settings, 'test'), tokenSource: deps.tokenSource, locator: undefined } : await prepareTarget(settings, 'test', logger);
+  const { tokenSource, locator } = prepared;
+  const server = new ProxyServer(prepared.options, { tokenSource, locator, logger, ...(deps.observer ? { observer: deps.observer } : {}) });
   await server.listen();
   return {
     server,
