@@ -6,10 +6,12 @@
  */
 import { after, afterEach, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import type { DatabricksStandin } from './harness/databricks-standin.js';
 import { startStandinWithPostgres } from './harness/oauth-fixture.js';
 import type { TestPostgres } from './harness/postgres.js';
-import { startProxyProcess, type ProxyProcess } from './harness/proxy.js';
+import { BIN, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
 import { cleanEnvironment, loginError, whoAmI } from './reliability-support.js';
 
 let db: TestPostgres;
@@ -57,6 +59,17 @@ test('LakebaseInstance without Server: the host is the instance read_write_dns, 
   assert.equal(await whoAmI(p.port, db), db.tokenRole);
   assert.equal(standin.counts.instance_lookups, 1);
   assert.deepEqual((standin.lastCredentialRequest.get('/api/2.0/database/credentials') as { instance_names: string[] }).instance_names, ['orders']);
+});
+
+test('lakebase-proxy check looks the host up too, and says which it found', async () => {
+  standin.setInstance('orders', { state: 'AVAILABLE', read_write_dns: 'localhost' });
+  // Not spawnSync: the stand-in answers from this process's event loop.
+  const result = await promisify(execFile)(process.execPath, [BIN, 'check', '--connection', connection('LakebaseInstance=orders'), '--log-level', 'silent'], {
+    encoding: 'utf8',
+    env: { ...process.env, LAKEBASE_PROXY_OAUTH_CLIENT_SECRET: standin.clientSecret },
+  });
+  assert.match(result.stdout, new RegExp(`LakebaseInstance instance "orders": host localhost:${db.port}`));
+  assert.match(result.stdout, /SELECT 1 ok/);
 });
 
 test('LakebaseEndpoint without Server: the host is the endpoint status.hosts.host', async () => {

@@ -44,7 +44,7 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'Password', kind: string, secret: true, help: 'a fixed password, for native Postgres roles (instead of OAuth)' },
   { name: 'SSLMode', kind: { type: 'enum', values: ['verify-full', 'verify-ca', 'require'] }, default: 'verify-full', help: 'upstream TLS verification; require encrypts without verifying' },
   { name: 'SSLRootCert', kind: string, help: 'PEM file of the CA to trust for the upstream (default: the system CAs)' },
-  { name: 'ConnectTimeout', kind: milliseconds, flag: '--connect-timeout', default: '10000', help: 'milliseconds for TCP, TLS and login to the upstream' },
+  { name: 'ConnectTimeout', kind: milliseconds, flag: '--connect-timeout', default: '10000', help: 'milliseconds for TCP, TLS and login to the upstream, and the most a client waits for a Lakebase compute that is starting' },
   { name: 'KeepAlive', kind: milliseconds, flag: '--keepalive', default: '60000', help: 'TCP keepalive delay toward the upstream in milliseconds; 0 turns it off' },
   // OAuth (the seed connector's properties)
   { name: 'DatabricksInstance', kind: string, help: 'the workspace host or URL, e.g. dbc-1234.cloud.databricks.com' },
