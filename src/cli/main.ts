@@ -4,6 +4,8 @@ import { ConfigError, envName, PROPERTIES, type Settings } from '../config/prope
 import { loadConfig, type LoadedConfig } from '../config/load.js';
 import { resolveOAuth } from '../config/target.js';
 import { ProxyServer } from '../proxy/server.js';
+import { sharedPort } from '../proxy/shared-port.js';
+import { listenerGroups } from '../config/shared-ports.js';
 import { runAuthCommand } from '../oauth/index.js';
 import { prepareTarget, type PreparedTarget } from './prepare.js';
 import { connectionTest } from '../ops/check.js';
@@ -102,6 +104,7 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
 }
 
 async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
+  const groups = listenerGroups(config.targets);
   const metrics = new Metrics();
   const targets = await prepare(config, logger, metrics);
   const servers: ProxyServer[] = [];
@@ -137,25 +140,38 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
         if (!ok) throw new ConfigError(`connection test of target ${options.name} failed; see the log above`);
       }
     }
-    for (const { options, tokenSource, locator } of targets) {
-      if (options.upstream.sslMode === 'require') {
-        logger.warn({ target: options.name, upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
+    for (const group of groups) {
+      const members = group.map((i) => targets[i] as PreparedTarget);
+      for (const { options } of members) {
+        if (options.upstream.sslMode === 'require') {
+          logger.warn({ target: options.name, upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
+        }
       }
-      const server = new ProxyServer(options, { tokenSource, locator, logger, observer: metrics.observerFor(options.name) });
-      await server.listen();
-      servers.push(server);
-      logger.info(
-        {
-          target: options.name,
-          address: options.listen.address,
-          port: server.port,
-          socket: server.socketPath,
-          upstream: `${options.upstream.host}:${options.upstream.port}`,
-          identity: options.identity,
-          tokenSource: tokenSource.describe(),
-        },
-        'listening',
+      const about = ({ options, tokenSource }: PreparedTarget) => ({
+        target: options.name,
+        upstream: `${options.upstream.host}:${options.upstream.port}`,
+        identity: options.identity,
+        tokenSource: tokenSource.describe(),
+      });
+      const deps = ({ options, tokenSource, locator }: PreparedTarget) => ({ tokenSource, locator, logger, observer: metrics.observerFor(options.name) });
+      if (members.length === 1) {
+        const member = members[0] as PreparedTarget;
+        const server = new ProxyServer(member.options, deps(member));
+        await server.listen();
+        servers.push(server);
+        logger.info({ ...about(member), address: member.options.listen.address, port: server.port, socket: server.socketPath }, 'listening');
+        continue;
+      }
+      const { address, port } = (members[0] as PreparedTarget).options.listen;
+      const name = `${address}:${port}`;
+      const shared = sharedPort(
+        members.map((member) => ({ options: member.options, deps: deps(member) })),
+        { name, logger, observer: metrics.observerFor(name) },
       );
+      await shared.front.listen();
+      servers.push(shared.front, ...shared.targets);
+      logger.info({ target: name, address, port: shared.front.port, socket: shared.front.socketPath, databases: members.map((m) => m.options.name) }, 'listening');
+      for (const member of members) logger.info({ ...about(member), database: member.options.name }, 'serving clients that ask for this database');
     }
     state.started = true;
     warnAboutSecretsOnTheCommandLine(config, logger);

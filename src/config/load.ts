@@ -14,6 +14,8 @@ import { BY_FLAG, ConfigError, envName, PROPERTIES, Settings } from './propertie
 
 export interface Target {
   readonly name: string;
+  /** The name was given (a config file's `name:`), not made up (target1): clients may select the target by it on a shared port. */
+  readonly named: boolean;
   readonly settings: Settings;
 }
 
@@ -45,20 +47,24 @@ export async function loadConfig(args: ParsedArgs, env: NodeJS.ProcessEnv = proc
   };
 
   // Each target: its entry in the file (if any), and its --connection (if any).
-  let targetSpecs: Array<{ name: string; fileLayers: Layer[]; commandLayers: Layer[] }>;
+  let targetSpecs: Array<{ name: string; named: boolean; fileLayers: Layer[]; commandLayers: Layer[] }>;
   const connection = (text: string, source: string): Layer => ({ source, pairs: parseConnectionString(text) });
   if (document && document.targets.length > 0) {
     if (args.connections.length > 1) throw new ConfigError(`several --connection strings and targets in ${file}: use one or the other`);
     targetSpecs = document.targets.map((t, i) => ({
       name: t.name ?? `target${i + 1}`,
+      named: t.name !== undefined,
       fileLayers: [...fileTop, { source: `${file} (targets[${i}])`, pairs: t.pairs }],
       commandLayers: args.connections.map((c) => connection(c, '--connection')),
     }));
   } else if (args.connections.length > 1) {
-    targetSpecs = args.connections.map((c, i) => ({ name: `target${i + 1}`, fileLayers: fileTop, commandLayers: [connection(c, `--connection #${i + 1}`)] }));
+    targetSpecs = args.connections.map((c, i) => ({ name: `target${i + 1}`, named: false, fileLayers: fileTop, commandLayers: [connection(c, `--connection #${i + 1}`)] }));
   } else {
-    targetSpecs = [{ name: 'default', fileLayers: fileTop, commandLayers: args.connections.map((c) => connection(c, '--connection')) }];
+    targetSpecs = [{ name: 'default', named: false, fileLayers: fileTop, commandLayers: args.connections.map((c) => connection(c, '--connection')) }];
   }
+  const names = targetSpecs.map((t) => t.name);
+  const twice = names.find((name, i) => names.indexOf(name) !== i);
+  if (twice !== undefined) throw new ConfigError(`${file}: two targets are named "${twice}"; each target needs a name of its own`);
 
   const processSettings = new Settings();
   for (const layer of [...fileTop, ...envLayers, flagLayer]) apply(processSettings, layer);
@@ -82,7 +88,7 @@ export async function loadConfig(args: ParsedArgs, env: NodeJS.ProcessEnv = proc
     });
     const settings = new Settings();
     for (const layer of [...fileLayers, ...databricks, ...envLayers, ...commandLayers, flagLayer]) apply(settings, layer);
-    targets.push({ name: spec.name, settings });
+    targets.push({ name: spec.name, named: spec.named, settings });
   }
   return { process: processSettings, targets };
 }
@@ -129,7 +135,10 @@ async function readConfigFile(path: string): Promise<ConfigDocument> {
         const pairs: Array<[string, string]> = [];
         let name: string | undefined;
         for (const [k, v] of Object.entries(entry as Record<string, unknown>)) {
-          if (k === 'name') name = scalar(path, `targets[${i}].name`, v);
+          if (k.toLowerCase() === 'name') {
+            name = scalar(path, `targets[${i}].${k}`, v);
+            if (name.trim() === '') throw new ConfigError(`${path}: targets[${i}].${k} is empty; give the target a name (clients may select it by that database name)`);
+          }
           else pairs.push([k, scalar(path, `targets[${i}].${k}`, v)]);
         }
         targets.push({ name, pairs });

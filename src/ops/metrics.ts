@@ -27,6 +27,7 @@ const FAILURE_REASONS = Object.keys({
   protocol: true,
   startup_timeout: true,
   too_many_connections: true,
+  unknown_database: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
 const WAIT_OUTCOMES = Object.keys({ connected: true, failed: true } satisfies Record<WaitOutcome, true>) as WaitOutcome[];
@@ -115,7 +116,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}login_failures_total`,
-      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections).',
+      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections, unknown_database).',
       labelNames: ['target', 'reason'],
       registers,
       collect() {

@@ -16,7 +16,15 @@ export interface ProxyObserver {
   computeWaited(outcome: 'connected' | 'failed'): void;
 }
 
-export type FailureReason = 'client_password' | 'token' | 'upstream_auth' | 'upstream_connect' | 'protocol' | 'startup_timeout' | 'too_many_connections';
+export type FailureReason =
+  | 'client_password'
+  | 'token'
+  | 'upstream_auth'
+  | 'upstream_connect'
+  | 'protocol'
+  | 'startup_timeout'
+  | 'too_many_connections'
+  | 'unknown_database';
 
 export const nullObserver: ProxyObserver = {
   clientOpened() {},

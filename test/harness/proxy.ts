@@ -84,9 +84,12 @@ export interface ProxyProcess {
   exited: Promise<number | null>;
 }
 
-/** Runs `bin/lakebase-proxy.js` with `args` (plus `--port 0` unless a port is given) until it logs "listening". */
-export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000): Promise<ProxyProcess> {
-  const withPort = args.includes('--port') ? args : ['--port', '0', ...args];
+/**
+ * Runs `bin/lakebase-proxy.js` with `args` (plus `--port 0` unless a port is given, or `addPort`
+ * is false so that a config file's ListenPort counts) until it logs "listening".
+ */
+export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000, addPort = true): Promise<ProxyProcess> {
+  const withPort = args.includes('--port') || !addPort ? args : ['--port', '0', ...args];
   const child = spawn(process.execPath, [BIN, ...withPort, '--log-format', 'json'], {
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
