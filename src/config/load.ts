@@ -83,6 +83,7 @@ export async function loadConfig(args: ParsedArgs, env: NodeJS.ProcessEnv = proc
           ['DatabricksInstance', env.DATABRICKS_HOST],
           ['OAuthClientId', env.DATABRICKS_CLIENT_ID],
           ['OAuthClientSecret', env.DATABRICKS_CLIENT_SECRET],
+          ['PersonalAccessToken', env.DATABRICKS_TOKEN],
         ] satisfies Array<[string, string | undefined]>
       ).filter((pair): pair is [string, string] => pair[1] !== undefined && pair[1] !== ''),
     });
@@ -155,7 +156,11 @@ function scalar(path: string, key: string, value: unknown): string {
   throw new ConfigError(`${key} (from ${path}): expected a single value, not ${value === null ? 'an empty value' : Array.isArray(value) ? 'a list' : 'a mapping'}`);
 }
 
-/** host, client_id and client_secret of a ~/.databrickscfg profile (INI). */
+/**
+ * A ~/.databrickscfg profile (INI): its host, and the credentials its auth_type names, as the
+ * Databricks SDKs read them. Without auth_type, a `token` means pat, and client_id with
+ * client_secret oauth-m2m (the AuthScheme default).
+ */
 async function profileLayer(profile: string, source: string, path: string): Promise<Layer> {
   let text: string;
   try {
@@ -186,8 +191,29 @@ async function profileLayer(profile: string, source: string, path: string): Prom
     const value = values.get(key);
     if (value !== undefined && value !== '') map.push([property, value]);
   };
+  const layerSource = `${path} profile [${profile}]`;
   take('host', 'DatabricksInstance');
-  take('client_id', 'OAuthClientId');
-  take('client_secret', 'OAuthClientSecret');
-  return { source: `${path} profile [${profile}]`, pairs: map };
+  map.push(['Profile', profile]);
+  const authType = values.get('auth_type') ?? (values.get('token') ? 'pat' : undefined);
+  switch (authType) {
+    case undefined:
+      take('client_id', 'OAuthClientId');
+      take('client_secret', 'OAuthClientSecret');
+      break;
+    case 'oauth-m2m':
+      map.push(['AuthScheme', 'OAuthClient']);
+      take('client_id', 'OAuthClientId');
+      take('client_secret', 'OAuthClientSecret');
+      break;
+    case 'databricks-cli':
+      map.push(['AuthScheme', 'DatabricksCli']);
+      break;
+    case 'pat':
+      map.push(['AuthScheme', 'PersonalAccessToken']);
+      take('token', 'PersonalAccessToken');
+      break;
+    default:
+      throw new ConfigError(`${layerSource}: auth_type = ${authType} is not one the proxy can use; use oauth-m2m (client_id, client_secret), databricks-cli or pat (token)`);
+  }
+  return { source: layerSource, pairs: map };
 }

@@ -48,11 +48,17 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'KeepAlive', kind: milliseconds, flag: '--keepalive', default: '60000', help: 'TCP keepalive delay toward the upstream in milliseconds; 0 turns it off' },
   // OAuth (the seed connector's properties)
   { name: 'DatabricksInstance', kind: string, help: 'the workspace host or URL, e.g. dbc-1234.cloud.databricks.com' },
-  { name: 'AuthScheme', kind: { type: 'enum', values: ['OAuthClient', 'OAuthPKCE'] }, default: 'OAuthClient', help: 'OAuthClient (service principal) or OAuthPKCE (a person\'s browser login)' },
+  {
+    name: 'AuthScheme',
+    kind: { type: 'enum', values: ['OAuthClient', 'OAuthPKCE', 'DatabricksCli', 'PersonalAccessToken'] },
+    default: 'OAuthClient',
+    help: 'OAuthClient (service principal), OAuthPKCE (a person\'s browser login), DatabricksCli (the token `databricks auth token` prints) or PersonalAccessToken (the default when only PersonalAccessToken is given)',
+  },
   { name: 'InitiateOAuth', kind: { type: 'enum', values: ['GETANDREFRESH', 'REFRESH', 'OFF'] }, help: 'GETANDREFRESH obtains and refreshes tokens; REFRESH only refreshes; OFF uses OAuthAccessToken as given (default: OFF when only OAuthAccessToken is given, else GETANDREFRESH)' },
   { name: 'OAuthClientId', kind: string, help: 'the OAuth client id (service principal application id; databricks-cli for OAuthPKCE)' },
   { name: 'OAuthClientSecret', kind: string, secret: true, help: 'the service principal\'s OAuth secret' },
   { name: 'OAuthAccessToken', kind: string, secret: true, help: 'an access token to use as given' },
+  { name: 'PersonalAccessToken', kind: string, secret: true, help: 'a Databricks personal access token (dapi...) for the workspace API: it mints the database credential of LakebaseInstance or LakebaseEndpoint (or DATABRICKS_TOKEN, or a profile\'s token)' },
   { name: 'OAuthRefreshToken', kind: string, secret: true, help: 'a refresh token to start from' },
   { name: 'OAuthVerifier', kind: string, secret: true, help: 'the code from a login callback, for headless machines' },
   { name: 'OAuthSettingsLocation', kind: string, help: 'file where tokens persist, or memory:// (default: OAuthSettings.txt in the user config folder)' },
@@ -77,7 +83,11 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'IdleTimeout', kind: milliseconds, flag: '--idle-timeout', default: '0', help: 'close a session after this many milliseconds with no query running and no byte either way; 0 means never' },
   { name: 'Relay', kind: { type: 'enum', values: ['native', 'js'] }, flag: '--relay', default: 'native', help: 'native: the relay in C (built by npm install) for sessions it can take (a plain client, TLS 1.3 upstream), Node.js streams for others; js: Node.js streams always' },
   { name: 'AllowInsecureListen', kind: bool, flag: '--allow-insecure-listen', default: 'false', help: 'allow a non-loopback address without client TLS, or with trust authentication (only inside a private network)' },
-  { name: 'Profile', kind: string, help: 'a profile of ~/.databrickscfg to take host, client_id and client_secret from (or DATABRICKS_CONFIG_PROFILE)' },
+  {
+    name: 'Profile',
+    kind: string,
+    help: 'a profile of ~/.databrickscfg (or DATABRICKS_CONFIG_PROFILE): its host, and by its auth_type oauth-m2m (client_id, client_secret), databricks-cli (databricks auth token --profile) or pat (token)',
+  },
   // The process
   { name: 'LogLevel', kind: { type: 'enum', values: ['trace', 'debug', 'info', 'warn', 'error', 'silent'] }, flag: '--log-level', default: 'info', process: true, help: 'log level' },
   { name: 'LogFormat', kind: { type: 'enum', values: ['json', 'pretty'] }, flag: '--log-format', process: true, help: 'log format (default: pretty on a terminal, else json)' },

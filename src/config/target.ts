@@ -11,7 +11,10 @@ import { canonicalEnum, type Settings } from './properties.js';
 export function resolveOAuth(settings: Settings): OAuthOptions {
   const accessToken = settings.string('OAuthAccessToken');
   const databricksInstance = settings.string('DatabricksInstance');
-  const authScheme = canonicalEnum('AuthScheme', settings.string('AuthScheme') as string) as OAuthOptions['authScheme'];
+  const personalAccessToken = settings.string('PersonalAccessToken');
+  // A personal access token given alone (DATABRICKS_TOKEN) picks its scheme, as the Databricks SDKs do.
+  const scheme = settings.has('AuthScheme') || personalAccessToken === undefined ? (settings.string('AuthScheme') as string) : 'PersonalAccessToken';
+  const authScheme = canonicalEnum('AuthScheme', scheme) as OAuthOptions['authScheme'];
   const initiate = settings.string('InitiateOAuth');
   const clientId = settings.string('OAuthClientId');
   return {
@@ -25,6 +28,8 @@ export function resolveOAuth(settings: Settings): OAuthOptions {
     clientId,
     clientSecret: settings.string('OAuthClientSecret'),
     accessToken,
+    personalAccessToken,
+    profile: settings.string('Profile'),
     refreshToken: settings.string('OAuthRefreshToken'),
     verifier: settings.string('OAuthVerifier'),
     callbackUrl: settings.string('CallbackURL') as string,

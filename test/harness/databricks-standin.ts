@@ -790,6 +790,8 @@ export function standinOptions(standin: DatabricksStandin, overrides: Partial<OA
     clientId: standin.clientId,
     clientSecret: standin.clientSecret,
     accessToken: undefined,
+    personalAccessToken: undefined,
+    profile: undefined,
     refreshToken: undefined,
     verifier: undefined,
     callbackUrl: 'http://localhost:0',
