@@ -118,7 +118,6 @@ export class WakeUp {
     try {
       return await this.#locate(locator, tried);
     } catch (error) {
-      if (this.#located && locator.host === undefined) throw error;
       this.#options.logger.warn({ compute: locator.description, err: (error as Error).message }, 'could not look up the compute after a failed connect');
       return undefined;
     }
