@@ -113,11 +113,12 @@ test('one ListenPort for several targets is refused at start, naming ListenPort 
   assert.doesNotMatch(fromFlag.stderr, /already in use/);
   const fromEnv = spawnSync(process.execPath, [BIN, ...two, '--no-http'], { encoding: 'utf8', timeout: 15_000, env: { ...process.env, LAKEBASE_PROXY_PORT: '5499' } });
   assert.match(fromEnv.stderr, /ListenPort \(from environment \(LAKEBASE_PROXY_\*\)\): the targets target1, target2 would all listen on port 5499/);
-  // The check itself: each target on its own port, or a free port each, passes; the default for all does not.
+  // The check itself: each target on its own port, or a free port each, passes; so do named targets
+  // of a config file, which share a port and are chosen by database name (shared-port.test.ts).
   refuseSharedPorts((await load(['--connection', 'Server=a;ListenPort=6101', '--connection', 'Server=b;ListenPort=6102'])).targets);
   refuseSharedPorts((await load([...two, '--port', '0'])).targets);
   const sameDefault = (await load(['--config', file('same-port.yaml', 'Server: h\ntargets:\n  - name: one\n  - name: two\n')])).targets;
-  assert.throws(() => refuseSharedPorts(sameDefault), /^ConfigError: ListenPort: the targets one, two would all listen on port 5432 \(the default\)/);
+  refuseSharedPorts(sameDefault);
 });
 
 test('a secret never appears in an error about it', async () => {

@@ -2,11 +2,13 @@ import { readFileSync } from 'node:fs';
 import { createLogger, type Logger } from '../ops/log.js';
 import { ConfigError, envName, PROPERTIES, type Settings } from '../config/properties.js';
 import { loadConfig, type LoadedConfig } from '../config/load.js';
-import { refuseSharedPorts, resolveOAuth, resolveProxy } from '../config/target.js';
-import { ProxyServer, type ProxyOptions } from '../proxy/server.js';
-import { StaticTokenSource } from '../token/static-token.js';
-import type { TokenSource } from '../token/token-source.js';
-import { checkOAuthSettings, createTokenSource as createOAuthTokenSource, runAuthCommand } from '../oauth/index.js';
+import { refuseSharedPorts, resolveOAuth } from '../config/target.js';
+import { ProxyServer } from '../proxy/server.js';
+import { sharedPort } from '../proxy/shared-port.js';
+import { listenerGroups } from '../config/shared-ports.js';
+import { runAuthCommand } from '../oauth/index.js';
+import { prepareTarget, type PreparedTarget } from './prepare.js';
+import { checkOAuthSettings } from '../oauth/index.js';
 import { connectionTest } from '../ops/check.js';
 import { untilSignal } from '../ops/shutdown.js';
 import { Metrics } from '../ops/metrics.js';
@@ -87,27 +89,16 @@ function loggerFor(settings: Settings): Logger {
   return createLogger({ level: settings.string('LogLevel') as string, ...(format ? { format } : {}) });
 }
 
-/** The token source of a target: a fixed Password, or the OAuth flows. */
-export function createTokenSource(settings: Settings, logger: Logger, onRefresh?: (result: 'success' | 'failure') => void): TokenSource {
-  const password = settings.string('Password');
-  if (password !== undefined) return new StaticTokenSource(password, undefined, 'fixed password (Password)');
-  return createOAuthTokenSource(resolveOAuth(settings), { logger, ...(onRefresh ? { onRefresh } : {}) });
-}
+export { createTokenSource } from './prepare.js';
 
-interface Running {
-  readonly options: ProxyOptions;
-  readonly tokenSource: TokenSource;
-}
-
-async function prepare(config: LoadedConfig, logger: Logger, metrics?: Metrics): Promise<Running[]> {
-  const running: Running[] = [];
+async function prepare(config: LoadedConfig, logger: Logger, metrics?: Metrics): Promise<PreparedTarget[]> {
+  const running: PreparedTarget[] = [];
   for (const target of config.targets) {
-    const options = await resolveProxy(target.settings, target.name);
     if (target.settings.string('Password') === undefined) await checkOAuthSettings(resolveOAuth(target.settings));
     const onRefresh = metrics ? (result: 'success' | 'failure') => metrics.tokenRefreshed(target.name, result) : undefined;
-    const tokenSource = createTokenSource(target.settings, logger.child({ target: target.name }), onRefresh);
-    metrics?.watchTokenExpiry(target.name, () => tokenSource.currentExpiry());
-    running.push({ options, tokenSource });
+    const prepared = await prepareTarget(target.settings, target.name, logger.child({ target: target.name }), onRefresh);
+    metrics?.watchTokenExpiry(target.name, () => prepared.tokenSource.currentExpiry());
+    running.push(prepared);
   }
   return running;
 }
@@ -115,8 +106,8 @@ async function prepare(config: LoadedConfig, logger: Logger, metrics?: Metrics):
 async function check(config: LoadedConfig, logger: Logger): Promise<number> {
   const targets = await prepare(config, logger);
   let ok = true;
-  for (const { options, tokenSource } of targets) {
-    ok = (await connectionTest(options, tokenSource, (line) => process.stdout.write(line + '\n'))) && ok;
+  for (const { options, tokenSource, locator } of targets) {
+    ok = (await connectionTest(options, tokenSource, (line) => process.stdout.write(line + '\n'), locator)) && ok;
     await tokenSource.close();
   }
   return ok ? 0 : 1;
@@ -124,6 +115,7 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
 
 async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
   refuseSharedPorts(config.targets);
+  const groups = listenerGroups(config.targets);
   const metrics = new Metrics();
   const targets = await prepare(config, logger, metrics);
   const servers: ProxyServer[] = [];
@@ -154,30 +146,43 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
       logger.info({ address: config.process.string('HttpAddress'), port: ops.port }, 'serving /metrics, /startup, /liveness and /readiness');
     }
     if (config.process.bool('RunConnectionTest')) {
-      for (const { options, tokenSource } of targets) {
-        const ok = await connectionTest(options, tokenSource, (line) => logger.info({ target: options.name }, line));
+      for (const { options, tokenSource, locator } of targets) {
+        const ok = await connectionTest(options, tokenSource, (line) => logger.info({ target: options.name }, line), locator);
         if (!ok) throw new ConfigError(`connection test of target ${options.name} failed; see the log above`);
       }
     }
-    for (const { options, tokenSource } of targets) {
-      if (options.upstream.sslMode === 'require') {
-        logger.warn({ target: options.name, upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
+    for (const group of groups) {
+      const members = group.map((i) => targets[i] as PreparedTarget);
+      for (const { options } of members) {
+        if (options.upstream.sslMode === 'require') {
+          logger.warn({ target: options.name, upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
+        }
       }
-      const server = new ProxyServer(options, { tokenSource, logger, observer: metrics.observerFor(options.name) });
-      await server.listen();
-      servers.push(server);
-      logger.info(
-        {
-          target: options.name,
-          address: options.listen.address,
-          port: server.port,
-          socket: server.socketPath,
-          upstream: `${options.upstream.host}:${options.upstream.port}`,
-          identity: options.identity,
-          tokenSource: tokenSource.describe(),
-        },
-        'listening',
+      const about = ({ options, tokenSource }: PreparedTarget) => ({
+        target: options.name,
+        upstream: `${options.upstream.host}:${options.upstream.port}`,
+        identity: options.identity,
+        tokenSource: tokenSource.describe(),
+      });
+      const deps = ({ options, tokenSource, locator }: PreparedTarget) => ({ tokenSource, locator, logger, observer: metrics.observerFor(options.name) });
+      if (members.length === 1) {
+        const member = members[0] as PreparedTarget;
+        const server = new ProxyServer(member.options, deps(member));
+        await server.listen();
+        servers.push(server);
+        logger.info({ ...about(member), address: member.options.listen.address, port: server.port, socket: server.socketPath }, 'listening');
+        continue;
+      }
+      const { address, port } = (members[0] as PreparedTarget).options.listen;
+      const name = `${address}:${port}`;
+      const shared = sharedPort(
+        members.map((member) => ({ options: member.options, deps: deps(member) })),
+        { name, logger, observer: metrics.observerFor(name) },
       );
+      await shared.front.listen();
+      servers.push(shared.front, ...shared.targets);
+      logger.info({ target: name, address, port: shared.front.port, socket: shared.front.socketPath, databases: members.map((m) => m.options.name) }, 'listening');
+      for (const member of members) logger.info({ ...about(member), database: member.options.name }, 'serving clients that ask for this database');
     }
     state.started = true;
     warnAboutSecretsOnTheCommandLine(config, logger);

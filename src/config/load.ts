@@ -14,6 +14,8 @@ import { BY_FLAG, ConfigError, envName, PROPERTIES, Settings } from './propertie
 
 export interface Target {
   readonly name: string;
+  /** The name was given (a config file's `name:`), not made up (target1): clients may select the target by it on a shared port. */
+  readonly named: boolean;
   readonly settings: Settings;
 }
 
@@ -45,20 +47,24 @@ export async function loadConfig(args: ParsedArgs, env: NodeJS.ProcessEnv = proc
   };
 
   // Each target: its entry in the file (if any), and its --connection (if any).
-  let targetSpecs: Array<{ name: string; fileLayers: Layer[]; commandLayers: Layer[] }>;
+  let targetSpecs: Array<{ name: string; named: boolean; fileLayers: Layer[]; commandLayers: Layer[] }>;
   const connection = (text: string, source: string): Layer => ({ source, pairs: parseConnectionString(text) });
   if (document && document.targets.length > 0) {
     if (args.connections.length > 1) throw new ConfigError(`several --connection strings and targets in ${file}: use one or the other`);
     targetSpecs = document.targets.map((t, i) => ({
       name: t.name ?? `target${i + 1}`,
+      named: t.name !== undefined,
       fileLayers: [...fileTop, { source: `${file} (targets[${i}])`, pairs: t.pairs }],
       commandLayers: args.connections.map((c) => connection(c, '--connection')),
     }));
   } else if (args.connections.length > 1) {
-    targetSpecs = args.connections.map((c, i) => ({ name: `target${i + 1}`, fileLayers: fileTop, commandLayers: [connection(c, `--connection #${i + 1}`)] }));
+    targetSpecs = args.connections.map((c, i) => ({ name: `target${i + 1}`, named: false, fileLayers: fileTop, commandLayers: [connection(c, `--connection #${i + 1}`)] }));
   } else {
-    targetSpecs = [{ name: 'default', fileLayers: fileTop, commandLayers: args.connections.map((c) => connection(c, '--connection')) }];
+    targetSpecs = [{ name: 'default', named: false, fileLayers: fileTop, commandLayers: args.connections.map((c) => connection(c, '--connection')) }];
   }
+  const names = targetSpecs.map((t) => t.name);
+  const twice = names.find((name, i) => names.indexOf(name) !== i);
+  if (twice !== undefined) throw new ConfigError(`${file}: two targets are named "${twice}"; each target needs a name of its own`);
 
   const processSettings = new Settings();
   for (const layer of [...fileTop, ...envLayers, flagLayer]) apply(processSettings, layer);
@@ -77,12 +83,13 @@ export async function loadConfig(args: ParsedArgs, env: NodeJS.ProcessEnv = proc
           ['DatabricksInstance', env.DATABRICKS_HOST],
           ['OAuthClientId', env.DATABRICKS_CLIENT_ID],
           ['OAuthClientSecret', env.DATABRICKS_CLIENT_SECRET],
+          ['PersonalAccessToken', env.DATABRICKS_TOKEN],
         ] satisfies Array<[string, string | undefined]>
       ).filter((pair): pair is [string, string] => pair[1] !== undefined && pair[1] !== ''),
     });
     const settings = new Settings();
     for (const layer of [...fileLayers, ...databricks, ...envLayers, ...commandLayers, flagLayer]) apply(settings, layer);
-    targets.push({ name: spec.name, settings });
+    targets.push({ name: spec.name, named: spec.named, settings });
   }
   return { process: processSettings, targets };
 }
@@ -129,7 +136,10 @@ async function readConfigFile(path: string): Promise<ConfigDocument> {
         const pairs: Array<[string, string]> = [];
         let name: string | undefined;
         for (const [k, v] of Object.entries(entry as Record<string, unknown>)) {
-          if (k === 'name') name = scalar(path, `targets[${i}].name`, v);
+          if (k.toLowerCase() === 'name') {
+            name = scalar(path, `targets[${i}].${k}`, v);
+            if (name.trim() === '') throw new ConfigError(`${path}: targets[${i}].${k} is empty; give the target a name (clients may select it by that database name)`);
+          }
           else pairs.push([k, scalar(path, `targets[${i}].${k}`, v)]);
         }
         targets.push({ name, pairs });
@@ -146,7 +156,11 @@ function scalar(path: string, key: string, value: unknown): string {
   throw new ConfigError(`${key} (from ${path}): expected a single value, not ${value === null ? 'an empty value' : Array.isArray(value) ? 'a list' : 'a mapping'}`);
 }
 
-/** host, client_id and client_secret of a ~/.databrickscfg profile (INI). */
+/**
+ * A ~/.databrickscfg profile (INI): its host, and the credentials its auth_type names, as the
+ * Databricks SDKs read them. Without auth_type, a `token` means pat, and client_id with
+ * client_secret oauth-m2m (the AuthScheme default).
+ */
 async function profileLayer(profile: string, source: string, path: string): Promise<Layer> {
   let text: string;
   try {
@@ -177,8 +191,29 @@ async function profileLayer(profile: string, source: string, path: string): Prom
     const value = values.get(key);
     if (value !== undefined && value !== '') map.push([property, value]);
   };
+  const layerSource = `${path} profile [${profile}]`;
   take('host', 'DatabricksInstance');
-  take('client_id', 'OAuthClientId');
-  take('client_secret', 'OAuthClientSecret');
-  return { source: `${path} profile [${profile}]`, pairs: map };
+  map.push(['Profile', profile]);
+  const authType = values.get('auth_type') ?? (values.get('token') ? 'pat' : undefined);
+  switch (authType) {
+    case undefined:
+      take('client_id', 'OAuthClientId');
+      take('client_secret', 'OAuthClientSecret');
+      break;
+    case 'oauth-m2m':
+      map.push(['AuthScheme', 'OAuthClient']);
+      take('client_id', 'OAuthClientId');
+      take('client_secret', 'OAuthClientSecret');
+      break;
+    case 'databricks-cli':
+      map.push(['AuthScheme', 'DatabricksCli']);
+      break;
+    case 'pat':
+      map.push(['AuthScheme', 'PersonalAccessToken']);
+      take('token', 'PersonalAccessToken');
+      break;
+    default:
+      throw new ConfigError(`${layerSource}: auth_type = ${authType} is not one the proxy can use; use oauth-m2m (client_id, client_secret), databricks-cli or pat (token)`);
+  }
+  return { source: layerSource, pairs: map };
 }

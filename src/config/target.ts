@@ -11,7 +11,10 @@ import { canonicalEnum, type Settings } from './properties.js';
 export function resolveOAuth(settings: Settings): OAuthOptions {
   const accessToken = settings.string('OAuthAccessToken');
   const databricksInstance = settings.string('DatabricksInstance');
-  const authScheme = canonicalEnum('AuthScheme', settings.string('AuthScheme') as string) as OAuthOptions['authScheme'];
+  const personalAccessToken = settings.string('PersonalAccessToken');
+  // A personal access token given alone (DATABRICKS_TOKEN) picks its scheme, as the Databricks SDKs do.
+  const scheme = settings.has('AuthScheme') || personalAccessToken === undefined ? (settings.string('AuthScheme') as string) : 'PersonalAccessToken';
+  const authScheme = canonicalEnum('AuthScheme', scheme) as OAuthOptions['authScheme'];
   const initiate = settings.string('InitiateOAuth');
   const clientId = settings.string('OAuthClientId');
   return {
@@ -25,6 +28,8 @@ export function resolveOAuth(settings: Settings): OAuthOptions {
     clientId,
     clientSecret: settings.string('OAuthClientSecret'),
     accessToken,
+    personalAccessToken,
+    profile: settings.string('Profile'),
     refreshToken: settings.string('OAuthRefreshToken'),
     verifier: settings.string('OAuthVerifier'),
     callbackUrl: settings.string('CallbackURL') as string,
@@ -50,9 +55,12 @@ export function clientAuthMethod(settings: Settings): ClientAuthMethod {
 }
 
 export async function resolveProxy(settings: Settings, name: string): Promise<ProxyOptions> {
-  const server = settings.string('Server');
-  if (server === undefined || server === '') {
-    throw settings.error('Server', 'missing: set the Lakebase host, e.g. --connection "Server=instance-<uuid>.database.cloud.databricks.com;..."');
+  const server = settings.string('Server') ?? '';
+  if (server === '' && !settings.string('LakebaseInstance') && !settings.string('LakebaseEndpoint')) {
+    throw settings.error(
+      'Server',
+      'missing: set the Lakebase host, e.g. --connection "Server=instance-<uuid>.database.cloud.databricks.com;...", or name the database with LakebaseInstance or LakebaseEndpoint to look its host up',
+    );
   }
   const oauth = resolveOAuth(settings);
   const identity = oauth.user;
@@ -93,6 +101,7 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
       unixSocketMode: parseInt(settings.string('UnixSocketMode') as string, 8),
     },
     upstream: {
+      // Empty when the host is looked up by name (LakebaseInstance, LakebaseEndpoint): see prepareTarget.
       host: server,
       port: settings.int('Port'),
       sslMode: canonicalEnum('SSLMode', settings.string('SSLMode') as string) as ProxyOptions['upstream']['sslMode'],
@@ -134,11 +143,12 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
  * variable, the config file's top level, or the default) applying to every target. Port 0 (a
  * free port each) is never shared.
  */
-export function refuseSharedPorts(targets: ReadonlyArray<{ readonly name: string; readonly settings: Settings }>): void {
+export function refuseSharedPorts(targets: ReadonlyArray<{ readonly name: string; readonly settings: Settings; readonly named?: boolean }>): void {
   const byAddress = new Map<string, string[]>();
-  for (const { name, settings } of targets) {
+  for (const { name, settings, named } of targets) {
     const port = settings.int('ListenPort');
-    if (port === 0) continue;
+    // Named targets of a config file may share a port: clients pick one by database name.
+    if (port === 0 || named) continue;
     const key = `${settings.string('ListenAddress') ?? ''} ${port}`;
     byAddress.set(key, [...(byAddress.get(key) ?? []), name]);
   }

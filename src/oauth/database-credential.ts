@@ -34,16 +34,23 @@ export class DatabaseCredentialFetcher implements TokenFetcher {
     return `database credential for ${what}, from ${this.#describeWorkspace()}`;
   }
 
-  async fetch(context: FetchContext): Promise<IssuedTokens> {
-    const workspace = await this.#workspaceToken.token(context);
-    try {
-      return await this.#client.databaseCredential(workspace.value, this.#target);
-    } catch (err) {
-      // 401: the workspace token was revoked before its expiry. One new token, one more try.
-      if (!(err instanceof TokenError) || err.code !== 'invalid_grant' || this.#workspaceToken.invalidate === undefined) throw err;
-      this.#workspaceToken.invalidate();
-      const fresh = await this.#workspaceToken.token(context);
-      return this.#client.databaseCredential(fresh.value, this.#target);
-    }
+  fetch(context: FetchContext): Promise<IssuedTokens> {
+    return withWorkspaceToken(this.#workspaceToken, context, (token) => this.#client.databaseCredential(token, this.#target));
+  }
+}
+
+/**
+ * Runs `call` with a workspace token. A 401 (the token was revoked before its expiry) drops it
+ * and tries once more with a new one, when the provider can drop tokens.
+ */
+export async function withWorkspaceToken<T>(provider: WorkspaceTokenProvider, context: FetchContext, call: (token: string) => Promise<T>): Promise<T> {
+  const workspace = await provider.token(context);
+  try {
+    return await call(workspace.value);
+  } catch (err) {
+    if (!(err instanceof TokenError) || err.code !== 'invalid_grant' || provider.invalidate === undefined) throw err;
+    provider.invalidate();
+    const fresh = await provider.token(context);
+    return call(fresh.value);
   }
 }

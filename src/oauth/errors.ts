@@ -12,7 +12,7 @@ import { TokenError } from '../token/token-source.js';
 /** What an HTTP operation was doing, for the message. */
 export interface OperationInfo {
   /** e.g. `client_credentials`, `refresh_token`, `authorization_code`, `discovery`, `database credential`. */
-  readonly what: 'discovery' | 'client_credentials' | 'refresh_token' | 'authorization_code' | 'database credential';
+  readonly what: 'discovery' | 'client_credentials' | 'refresh_token' | 'authorization_code' | 'database credential' | 'database instance' | 'postgres endpoint';
   readonly url: string;
   readonly attempts: number;
   readonly timeoutMs: number;
@@ -202,6 +202,12 @@ function adviceFor(op: OperationInfo, status: number | undefined): string {
     if (status === 401) return ': the workspace refused the OAuth token';
     if (status === 403) return ': the identity may not log in to this database; check its Lakebase permissions';
     if (status === 404) return ': check LakebaseInstance or LakebaseEndpoint';
+  }
+  if (op.what === 'database instance' || op.what === 'postgres endpoint') {
+    const key = op.what === 'database instance' ? 'LakebaseInstance' : 'LakebaseEndpoint';
+    if (status === 401) return ': the workspace refused the token';
+    if (status === 403) return `: the identity may not read this ${op.what === 'database instance' ? 'instance' : 'endpoint'}; check its permissions, or set Server to the host`;
+    if (status === 404) return `: check ${key}`;
   }
   return '';
 }

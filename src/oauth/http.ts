@@ -55,11 +55,24 @@ function errorKind(err: unknown): string {
  * non-2xx answer (with Databricks' `error_code: message` when present), BadResponseError for a
  * body that is not JSON, and fetch's own errors for network failures and the timeout.
  */
-export async function postJson(url: string, bearerToken: string, body: unknown, timeoutMs: number): Promise<unknown> {
+export function postJson(url: string, bearerToken: string, body: unknown, timeoutMs: number): Promise<unknown> {
+  return requestJson('POST', url, bearerToken, body, timeoutMs);
+}
+
+/** GETs a JSON resource with a bearer token; fails as postJson does. */
+export function getJson(url: string, bearerToken: string, timeoutMs: number): Promise<unknown> {
+  return requestJson('GET', url, bearerToken, undefined, timeoutMs);
+}
+
+async function requestJson(method: 'GET' | 'POST', url: string, bearerToken: string, body: unknown, timeoutMs: number): Promise<unknown> {
   const response = await fetch(url, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${bearerToken}`, 'content-type': 'application/json', accept: 'application/json' },
-    body: JSON.stringify(body),
+    method,
+    headers: {
+      authorization: `Bearer ${bearerToken}`,
+      accept: 'application/json',
+      ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+    },
+    ...(body === undefined ? {} : { body: JSON.stringify(body) }),
     redirect: 'manual',
     signal: AbortSignal.timeout(timeoutMs),
   });

@@ -6,11 +6,15 @@
 export interface OAuthOptions {
   /** Workspace host or URL, e.g. `dbc-xxxx.cloud.databricks.com` or `https://adb-1.2.azuredatabricks.net`. */
   readonly databricksInstance: string | undefined;
-  readonly authScheme: 'OAuthClient' | 'OAuthPKCE';
+  readonly authScheme: 'OAuthClient' | 'OAuthPKCE' | 'DatabricksCli' | 'PersonalAccessToken';
   readonly initiateOAuth: 'GETANDREFRESH' | 'REFRESH' | 'OFF';
   readonly clientId: string | undefined;
   readonly clientSecret: string | undefined;
   readonly accessToken: string | undefined;
+  /** A personal access token (PersonalAccessToken): a bearer token for the workspace API. */
+  readonly personalAccessToken: string | undefined;
+  /** The ~/.databrickscfg profile, for `databricks auth token --profile` (AuthScheme=DatabricksCli). */
+  readonly profile: string | undefined;
   readonly refreshToken: string | undefined;
   /** The `code` from a callback URL, for the headless flow (OAuthVerifier). */
   readonly verifier: string | undefined;

@@ -4,7 +4,7 @@ import type { Logger } from '../ops/log.js';
 import { jwtExpiry } from '../token/static-token.js';
 import { TokenError } from '../token/token-source.js';
 import { BadResponseError, type OperationInfo } from './errors.js';
-import { postJson, withRetries, type RetryPolicy } from './http.js';
+import { getJson, postJson, withRetries, type RetryPolicy } from './http.js';
 
 /**
  * How long a token is taken to live when the server says nothing (no `expires_in`) and the token
@@ -137,6 +137,27 @@ export class WorkspaceClient {
         return issuedTokens({ accessToken: token, refreshToken: undefined, expiresAt, obtainedAt, expiryAssumed: false });
       },
       this.#operation('database credential', url),
+      [workspaceToken, this.#secret],
+      retry,
+      logger,
+    );
+  }
+
+  /**
+   * A Lakebase resource of the workspace REST API, as JSON: a Provisioned instance
+   * (`GET /api/2.0/database/instances/<name>`) or an Autoscaling endpoint
+   * (`GET /api/2.0/postgres/projects/<p>/branches/<b>/endpoints/<e>`).
+   */
+  async lakebaseResource(workspaceToken: string, target: LakebaseTarget): Promise<unknown> {
+    const { requestTimeoutMs, retry, logger } = this.#options;
+    const [path, what] =
+      'instance' in target
+        ? ([`/api/2.0/database/instances/${encodeURIComponent(target.instance)}`, 'database instance'] as const)
+        : ([`/api/2.0/postgres/${target.endpoint.split('/').map(encodeURIComponent).join('/')}`, 'postgres endpoint'] as const);
+    const url = new URL(path, this.workspace).href;
+    return withRetries(
+      () => getJson(url, workspaceToken, requestTimeoutMs),
+      { what, url, timeoutMs: requestTimeoutMs, confidential: this.confidential },
       [workspaceToken, this.#secret],
       retry,
       logger,

@@ -3,6 +3,9 @@ import { serialize } from 'pg-protocol';
 import type { ProxyOptions } from '../proxy/server.js';
 import { connectUpstream } from '../proxy/upstream.js';
 import { native } from '../proxy/native-relay.js';
+import { WakeUp, withWakeUp } from '../proxy/wake-up.js';
+import type { ComputeLocator } from '../lakebase/locator.js';
+import { silentLogger } from './log.js';
 import type { TokenSource } from '../token/token-source.js';
 import { BackendCode, parseFields } from '../wire/backend-messages.js';
 import { FrameReader } from '../wire/frame-reader.js';
@@ -11,9 +14,8 @@ import { SocketFrames } from '../wire/socket-frames.js';
 const DATA_ROW = 0x44; // 'D'
 
 /** Runs the test; `say` gets one line per step. Resolves true when every step passed. */
-export async function connectionTest(options: ProxyOptions, tokenSource: TokenSource, say: (line: string) => void): Promise<boolean> {
-  const { host, port } = options.upstream;
-  const where = `${options.name}: ${host}:${port}`;
+export async function connectionTest(options: ProxyOptions, tokenSource: TokenSource, say: (line: string) => void, locator?: ComputeLocator): Promise<boolean> {
+  const where = `${options.name}: ${locator ? `${locator.setting} ${locator.description}` : `${options.upstream.host}:${options.upstream.port}`}`;
   let token;
   try {
     token = await tokenSource.getToken({ notice: (message) => say(`${where}: ${message}`) });
@@ -26,7 +28,10 @@ export async function connectionTest(options: ProxyOptions, tokenSource: TokenSo
   try {
     // The same TLS as the sessions: OpenSSL in C for the native relay, Node's otherwise.
     const inC = options.relay === 'native' && native.addon !== undefined;
-    session = await connectUpstream(options.upstream, options.identity, token.value, new Map([['database', options.defaultDatabase], ['application_name', 'lakebase-proxy check']]), undefined, { native: inC });
+    const parameters = new Map([['database', options.defaultDatabase], ['application_name', 'lakebase-proxy check']]);
+    const wakeUp = new WakeUp({ target: options.upstream, locator, logger: silentLogger, waited: () => {} });
+    session = await withWakeUp(() => connectUpstream(options.upstream, options.identity, token.value, parameters, undefined, { native: inC }), wakeUp, { notice: (message) => say(`${where}: ${message}`) });
+    if (locator) say(`${where}: host ${options.upstream.host}:${options.upstream.port}`);
     say(`${where}: TLS ok (${session.tls.version}, ${session.tls.cipher}, certificate ${options.upstream.sslMode === 'require' ? 'not verified (SSLMode=require)' : 'verified'})`);
     say(`${where}: relay ${inC ? 'native (OpenSSL in C)' : options.relay === 'native' ? `js (the native relay did not load: ${native.problem})` : 'js (--relay js)'}`);
     say(`${where}: login ok as "${options.identity}" to database "${options.defaultDatabase}"`);

@@ -17,6 +17,7 @@ export const METRIC_PREFIX = 'lakebase_proxy_';
 
 export type TokenRefreshResult = 'success' | 'failure';
 type CancelOutcome = Parameters<ProxyObserver['cancel']>[0];
+type WaitOutcome = Parameters<ProxyObserver['computeWaited']>[0];
 
 // Records rather than arrays so that the compiler insists on every member of each union.
 const FAILURE_REASONS = Object.keys({
@@ -30,9 +31,11 @@ const FAILURE_REASONS = Object.keys({
   pool_timeout: true,
   too_many_startups: true,
   shutting_down: true,
+  unknown_database: true,
 } satisfies Record<FailureReason, true>) as FailureReason[];
 const CANCEL_OUTCOMES = Object.keys({ forwarded: true, unknown_key: true, error: true } satisfies Record<CancelOutcome, true>) as CancelOutcome[];
 const RELAY_KINDS: readonly RelayKind[] = ['native', 'js'];
+const WAIT_OUTCOMES = Object.keys({ connected: true, failed: true } satisfies Record<WaitOutcome, true>) as WaitOutcome[];
 const REFRESH_RESULTS: readonly TokenRefreshResult[] = ['success', 'failure'];
 
 /** Upstream connect (TCP, TLS, login) takes tens of milliseconds nearby and seconds when far or failing. */
@@ -57,6 +60,7 @@ interface TargetCounts {
   serverCloses: Record<ServerCloseReason, number>;
   /** The target's pools, read at scrape. */
   pools: () => PoolStats;
+  computeWaits: Record<WaitOutcome, number>;
 }
 
 const NO_POOLS: PoolStats = { idle: 0, active: 0, loggingIn: 0, checking: 0, resetting: 0, waiting: 0 };
@@ -211,7 +215,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}login_failures_total`,
-      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections, too_many_startups, shutting_down).',
+      help: 'Client logins that failed, by reason (client_password, token, upstream_auth, upstream_connect, protocol, startup_timeout, too_many_connections, too_many_startups, shutting_down, unknown_database, pool_timeout).',
       labelNames: ['target', 'reason'],
       registers,
       collect() {
@@ -228,6 +232,17 @@ export class Metrics {
       collect() {
         publish(this, (c, target) => {
           for (const outcome of CANCEL_OUTCOMES) this.inc({ target, outcome }, c.cancels[outcome]);
+        });
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}compute_waits_total`,
+      help: 'Logins that waited for a starting compute (connection refused or reset, SQLSTATE 57P03, or an API state such as IDLE or STARTING), by outcome (connected, failed).',
+      labelNames: ['target', 'outcome'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          for (const outcome of WAIT_OUTCOMES) this.inc({ target, outcome }, c.computeWaits[outcome]);
         });
       },
     });
@@ -278,6 +293,7 @@ export class Metrics {
       resets: 0,
       serverCloses: Object.fromEntries(SERVER_CLOSE_REASONS.map((r) => [r, 0])) as Record<ServerCloseReason, number>,
       pools: () => NO_POOLS,
+      computeWaits: Object.fromEntries(WAIT_OUTCOMES.map((o) => [o, 0])) as Record<WaitOutcome, number>,
     };
     const histogram = this.#connectSeconds;
     const labels = { target };
@@ -306,6 +322,7 @@ export class Metrics {
         waited: (seconds) => waits.observe(labels, seconds),
       },
       watchPools: (read) => void (counts.pools = read),
+      computeWaited: (outcome) => void counts.computeWaits[outcome]++,
     };
     this.#targets.set(target, { counts, observer });
     this.#refreshCounts(target);

@@ -19,6 +19,8 @@ export interface ProxyObserver {
   watchPools(read: () => PoolStats): void;
   /** A logged-in session began to be relayed. */
   sessionStarted(relay: RelayKind): void;
+  /** A login waited for a starting compute, then connected or gave up. */
+  computeWaited(outcome: 'connected' | 'failed'): void;
 }
 
 export type FailureReason =
@@ -31,7 +33,8 @@ export type FailureReason =
   | 'too_many_connections'
   | 'too_many_startups'
   | 'shutting_down'
-  | 'pool_timeout';
+  | 'pool_timeout'
+  | 'unknown_database';
 
 export type RelayKind = 'native' | 'js';
 
@@ -57,4 +60,5 @@ export const nullObserver: ProxyObserver = {
   sessionStarted() {},
   pool: { login() {}, reuse() {}, reset() {}, closed() {}, waited() {} },
   watchPools() {},
+  computeWaited() {},
 };

@@ -9,7 +9,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from '../ops/log.js';
 import { backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse } from '../wire/backend-messages.js';
 import { TokenError, type TokenSource } from '../token/token-source.js';
-import { clientHandshake, HandshakeError, type ClientHandshakeOptions } from './client-handshake.js';
+import { clientHandshake, HandshakeError, type ClientHandshakeOptions, type HandshakeResult } from './client-handshake.js';
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
 import { native, NativeRelay, type SessionRelay } from './native-relay.js';
@@ -17,6 +17,9 @@ import { connectUpstream, sendCancel, UpstreamError, type UpstreamSession, type 
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
 import { Pool, PoolTimeoutError, type PoolSettings } from '../pool/pool.js';
 import { loginKeyOf, ServerConnection } from '../pool/server-connection.js';
+import { WakeUp, withWakeUp } from './wake-up.js';
+import type { ComputeLocator } from '../lakebase/locator.js';
+import type { Router } from './shared-port.js';
 
 export interface ListenOptions {
   readonly address: string;
@@ -55,8 +58,17 @@ export interface ProxyOptions {
 
 export interface ProxyDeps {
   readonly tokenSource: TokenSource;
+  /** The database's locator when it is named (LakebaseInstance, LakebaseEndpoint): host and compute state. */
+  readonly locator?: ComputeLocator | undefined;
   readonly logger: Logger;
   readonly observer?: ProxyObserver;
+  /**
+   * Set for the front of a port that several targets share: after the client's startup and
+   * authentication, the session goes to the target its database names (see shared-port.ts).
+   */
+  readonly router?: Router;
+  /** Cancel keys shared by the targets of one port, so that a cancel request finds its session's. */
+  readonly cancelKeys?: CancelKeys;
 }
 
 /** An error the proxy turns into an ErrorResponse for the client. */
@@ -77,6 +89,14 @@ interface Session {
 /** What a client that starts up during the shutdown's drain gets, as Postgres answers then. */
 const SHUTTING_DOWN: ClientFacing = { sqlstate: '57P03', message: 'the proxy is shutting down' };
 
+type SessionHandshake = Extract<HandshakeResult, { kind: 'session' }>;
+
+/** A session handed over by a shared port's front, its client already authenticated. */
+interface Adopted {
+  readonly handshake: SessionHandshake;
+  readonly started: number;
+}
+
 export class ProxyServer {
   readonly options: ProxyOptions;
   readonly #deps: ProxyDeps;
@@ -84,7 +104,7 @@ export class ProxyServer {
   readonly #log: Logger;
   readonly #servers: Server[] = [];
   readonly #sessions = new Set<Session>();
-  readonly #cancelKeys = new CancelKeys();
+  readonly #cancelKeys: CancelKeys;
   readonly #cancelsInFlight = new Set<Promise<void>>();
   /** Bytes the native relay moved, added to by C as it goes, read by the metrics at scrape. */
   readonly #nativeBytes: Float64Array;
@@ -97,12 +117,16 @@ export class ProxyServer {
   #accepting = false;
   /** Whether upstream connections are OpenSSL's in C, for the native relay. */
   readonly #nativeUpstream: boolean;
+  /** Retries of the upstream connect while the compute starts. */
+  readonly #wakeUp: WakeUp;
 
   constructor(options: ProxyOptions, deps: ProxyDeps) {
     this.options = options;
     this.#deps = deps;
     this.#observer = deps.observer ?? nullObserver;
     this.#log = deps.logger.child({ target: options.name });
+    this.#cancelKeys = deps.cancelKeys ?? new CancelKeys();
+    this.#wakeUp = new WakeUp({ target: options.upstream, locator: deps.locator, logger: this.#log, waited: (outcome) => this.#observer.computeWaited(outcome) });
     this.#nativeBytes = this.#observer.byteCounters();
     this.#nativeUpstream = options.relay === 'native' && native.addon !== undefined;
     this.#observer.watchPools(() => {
@@ -246,49 +270,44 @@ export class ProxyServer {
       refuse(socket, { sqlstate: '53300', message: `sorry, too many clients starting up already (lakebase-proxy --max-startups ${this.options.maxStartups})` });
       return;
     }
-    const session: Session = { relay: undefined, socket, established: false, late: !this.#accepting };
+    this.#start({ relay: undefined, socket, established: false, late: !this.#accepting });
+  }
+
+  /** A session from a shared port's front, its client authenticated there: the rest of it runs here. */
+  #adopt(session: Session, adopted: Adopted): void {
+    this.#start(session, adopted);
+  }
+
+  #start(session: Session, adopted?: Adopted): void {
+    const { socket } = session;
     this.#sessions.add(session);
     this.#observer.clientOpened();
     socket.once('close', () => {
-      // A session with a relay ends with it (the native relay closes Node's socket at its start).
-      if (session.relay) return;
-      this.#sessions.delete(session);
+      // A session with a relay ends with it (the native relay closes Node's socket at its start);
+      // one that a shared port's front handed to its target is that target's.
+      if (session.relay || !this.#sessions.delete(session)) return;
       this.#observer.clientClosed();
     });
-    this.#run(session).catch((error: unknown) => {
+    this.#run(session, adopted).catch((error: unknown) => {
       this.#log.error({ err: error instanceof Error ? error.message : String(error) }, 'session failed unexpectedly');
       socket.destroy();
     });
   }
 
-  async #run(session: Session): Promise<void> {
-    const started = Date.now();
+  async #run(session: Session, adopted?: Adopted): Promise<void> {
+    const started = adopted?.started ?? Date.now();
     const raw = session.socket;
     const peer = raw.remoteAddress ? `${raw.remoteAddress}:${raw.remotePort}` : 'unix socket';
-    const startupTimer = setTimeout(() => {
-      this.#observer.failure('startup_timeout');
-      this.#log.info({ peer }, 'client did not complete its startup in time; dropped');
-      raw.destroy();
-    }, this.options.startupTimeoutMs);
-    let handshake;
-    try {
-      handshake = await clientHandshake(raw, this.options.clientAuth, () => (this.#accepting ? undefined : SHUTTING_DOWN));
-    } catch (error) {
-      if (error instanceof HandshakeError) {
-        this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : error.sqlstate === SHUTTING_DOWN.sqlstate ? 'shutting_down' : 'protocol');
-        this.#log.info({ peer, sqlstate: error.sqlstate, reason: error.message }, 'client handshake refused');
-        refuse(error.socket ?? raw, error);
-      } else {
-        raw.destroy();
-      }
-      return;
-    } finally {
-      clearTimeout(startupTimer);
-    }
+    const handshake = adopted?.handshake ?? (await this.#handshake(raw, peer));
+    if (handshake === undefined) return;
 
     if (handshake.kind === 'cancel') {
       raw.destroy();
       await this.#cancel(handshake.processId, handshake.secretKey);
+      return;
+    }
+    if (this.#deps.router) {
+      this.#dispatch(session, handshake, started, peer);
       return;
     }
     // Counted from here, after the startup: a client that never finishes it holds no session slot.
@@ -322,7 +341,10 @@ export class ProxyServer {
         signal: abort.signal,
       });
       const connectStarted = process.hrtime.bigint();
-      const session = await connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { native: inC });
+      const session = await withWakeUp(() => connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { native: inC }), this.#wakeUp, {
+        signal: abort.signal,
+        notice: (message) => client.write(noticeResponse(message)),
+      });
       this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
       return { ...session, tokenExpiresAt: token.expiresAt };
     };
@@ -433,6 +455,51 @@ export class ProxyServer {
       this.#dropIfEmpty(database);
     };
     this.#whenEnded(session, relay, giveBack, { peer, user: clientUser, database, started, relay: relayKind, pooled: server !== undefined, reused });
+  }
+
+  /** The client's startup and authentication within StartupTimeout; undefined when it was refused or dropped. */
+  async #handshake(raw: Socket, peer: string): Promise<HandshakeResult | undefined> {
+    const startupTimer = setTimeout(() => {
+      this.#observer.failure('startup_timeout');
+      this.#log.info({ peer }, 'client did not complete its startup in time; dropped');
+      raw.destroy();
+    }, this.options.startupTimeoutMs);
+    try {
+      return await clientHandshake(raw, this.options.clientAuth, () => (this.#accepting ? undefined : SHUTTING_DOWN));
+    } catch (error) {
+      if (error instanceof HandshakeError) {
+        this.#observer.failure(error.sqlstate === '28P01' ? 'client_password' : error.sqlstate === SHUTTING_DOWN.sqlstate ? 'shutting_down' : 'protocol');
+        this.#log.info({ peer, sqlstate: error.sqlstate, reason: error.message }, 'client handshake refused');
+        refuse(error.socket ?? raw, error);
+      } else {
+        raw.destroy();
+      }
+      return undefined;
+    } finally {
+      clearTimeout(startupTimer);
+    }
+  }
+
+  /**
+   * A shared port's front: hands the authenticated client to the target named by its database
+   * (as PgBouncer's [databases] does), which logs in to that target's upstream database.
+   */
+  #dispatch(session: Session, handshake: SessionHandshake, started: number, peer: string): void {
+    const router = this.#deps.router as Router;
+    // Postgres' own default: no database named means the one named like the user.
+    const asked = handshake.parameters.get('database') || (handshake.parameters.get('user') as string);
+    const target = router.route(asked);
+    this.#sessions.delete(session);
+    this.#observer.clientClosed();
+    if (!target) {
+      this.#observer.failure('unknown_database');
+      this.#log.info({ peer, database: asked }, 'client asked for a database this port does not serve');
+      handshake.frames.detach();
+      refuse(handshake.socket, { sqlstate: '3D000', message: `database "${asked}" does not exist; this port serves: ${router.names.join(', ')}` });
+      return;
+    }
+    const parameters = new Map(handshake.parameters).set('database', target.options.defaultDatabase);
+    target.#adopt(session, { started, handshake: { ...handshake, parameters } });
   }
 
   #whenEnded(

@@ -9,6 +9,29 @@
  *                                                       WWW-Authenticate and {error, error_description}
  *   POST /api/2.0/database/credentials                  {request_id, instance_names} -> {token, expiration_time}
  *   POST /api/2.0/postgres/credentials                  {endpoint} -> {token, expire_time}
+ *   GET  /api/2.0/database/instances/<name>             a DatabaseInstance (Provisioned), set by setInstance()
+ *   GET  /api/2.0/postgres/projects/<p>/branches/<b>/endpoints/<e>
+ *                                                       an Endpoint (Autoscaling), set by setEndpoint()
+ *
+ * The two GETs answer with the fields of Databricks' API reference (docs.databricks.com/api,
+ * "Get a Database Instance" of the database API and "Get" of postgres/v1 endpoints):
+ *
+ *   DatabaseInstance: { name, uid, creator, creation_time, state, capacity, pg_version,
+ *     read_write_dns, read_only_dns (only with readable secondaries), effective_stopped,
+ *     effective_capacity, effective_enable_readable_secondaries, effective_node_count }
+ *     state: STATE_UNSPECIFIED | STARTING | AVAILABLE | DELETING | STOPPED | UPDATING | FAILING_OVER
+ *   Endpoint: { name: "projects/<p>/branches/<b>/endpoints/<e>", uid, parent, create_time,
+ *     update_time, endpoint_id, spec: { endpoint_type, autoscaling_limit_min_cu,
+ *     autoscaling_limit_max_cu, suspend_timeout_duration, disabled }, status: { endpoint_type,
+ *     hosts: { host, read_only_host (read-only endpoints, or groups with readable secondaries) },
+ *     current_state, pending_state, last_active_time, autoscaling_limit_min_cu,
+ *     autoscaling_limit_max_cu, suspend_timeout_duration, disabled } }
+ *     endpoint_type: ENDPOINT_TYPE_READ_WRITE | ENDPOINT_TYPE_READ_ONLY
+ *     current_state: ACTIVE | IDLE (suspended by scale-to-zero) | INIT | DEGRADED
+ *   A name that does not exist: 404 { error_code: "RESOURCE_DOES_NOT_EXIST", message }.
+ *
+ * A personal access token (`personalAccessToken`, `dapi...`) is accepted wherever a workspace
+ * access token is: by the credential APIs and the GETs above, never by the Postgres server.
  *
  * A small server of our own rather than oauth2-mock-server or oidc-provider: neither serves
  * Databricks' paths and credential APIs, counts grants, rotates refresh tokens strictly, or
@@ -75,6 +98,22 @@ export type Fault = (
   | { readonly kind: 'no-token-type' }
 ) & { readonly times?: number; readonly path?: string };
 
+/** A Provisioned instance as the stand-in serves it; the rest of DatabaseInstance is filled in. */
+export interface StandinInstance {
+  state: 'STARTING' | 'AVAILABLE' | 'DELETING' | 'STOPPED' | 'UPDATING' | 'FAILING_OVER';
+  read_write_dns: string;
+  read_only_dns?: string;
+}
+
+/** An Autoscaling endpoint as the stand-in serves it (status.*); the rest of Endpoint is filled in. */
+export interface StandinEndpoint {
+  current_state: 'ACTIVE' | 'IDLE' | 'INIT' | 'DEGRADED';
+  host: string;
+  read_only_host?: string;
+  endpoint_type?: 'ENDPOINT_TYPE_READ_WRITE' | 'ENDPOINT_TYPE_READ_ONLY';
+  disabled?: boolean;
+}
+
 export interface StandinCounts {
   discovery: number;
   authorize: number;
@@ -90,6 +129,9 @@ export interface StandinCounts {
   refreshTokenReuse: number;
   database_credentials: number;
   postgres_credentials: number;
+  /** GETs of /api/2.0/database/instances/<name> and /api/2.0/postgres/<endpoint>. */
+  instance_lookups: number;
+  endpoint_lookups: number;
 }
 
 export interface DatabricksStandin {
@@ -99,6 +141,8 @@ export interface DatabricksStandin {
   readonly clientId: string;
   readonly clientSecret: string;
   readonly userName: string;
+  /** A personal access token of userName (`dapi` and 32 hex digits), good for the REST API. */
+  readonly personalAccessToken: string;
   tokenLifetimeSeconds: number;
   databaseTokenLifetimeSeconds: number;
   readonly counts: StandinCounts;
@@ -114,6 +158,10 @@ export interface DatabricksStandin {
   readonly lastCredentialRequest: Map<string, unknown>;
   /** Resets every counter to 0. */
   resetCounts(): void;
+  /** Creates or changes the Provisioned instance `name`; undefined removes it. */
+  setInstance(name: string, instance: StandinInstance | undefined): void;
+  /** Creates or changes the Autoscaling endpoint `projects/<p>/branches/<b>/endpoints/<e>`; undefined removes it. */
+  setEndpoint(name: string, endpoint: StandinEndpoint | undefined): void;
   /**
    * A clean slate for the next test: listening again, no fault, both token lifetimes as started,
    * every counter at 0. (Refresh and access tokens already expired or revoked stay so.)
@@ -164,8 +212,11 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
   const accessTokens = new Map<string, number>(); // workspace token -> expiry (ms)
   const counts = zeroCounts();
   const lastCredentialRequest = new Map<string, unknown>();
+  const instances = new Map<string, StandinInstance>();
+  const endpoints = new Map<string, StandinEndpoint>();
+  const personalAccessToken = `dapi${randomBytes(16).toString('hex')}`;
   const sockets = new Set<Socket>();
-  const secrets = new Set<string>();
+  const secrets = new Set<string>([personalAccessToken]);
   const timers = new Set<NodeJS.Timeout>();
   let current: (Fault & { remaining: number }) | undefined;
   let origin = '';
@@ -249,6 +300,25 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
     }
     if (req.method === 'POST' && (url.pathname === '/api/2.0/database/credentials' || url.pathname === '/api/2.0/postgres/credentials')) {
       await credentialEndpoint(req, url.pathname, body, res, fault);
+      return;
+    }
+    if (req.method === 'GET' && url.pathname.startsWith('/api/2.0/database/instances/')) {
+      counts.instance_lookups++;
+      if (bearerSubject(req) === undefined) return void send(res, 401, { error_code: 'UNAUTHENTICATED', message: 'Invalid access token.' });
+      const name = decodeURIComponent(url.pathname.slice('/api/2.0/database/instances/'.length));
+      const instance = instances.get(name);
+      if (!instance) return void send(res, 404, { error_code: 'RESOURCE_DOES_NOT_EXIST', message: `Database instance '${name}' does not exist.` });
+      send(res, 200, instanceResource(name, instance));
+      return;
+    }
+    const endpointPath = /^\/api\/2\.0\/postgres\/(projects\/[^/]+\/branches\/[^/]+\/endpoints\/[^/]+)$/.exec(url.pathname);
+    if (req.method === 'GET' && endpointPath) {
+      counts.endpoint_lookups++;
+      if (bearerSubject(req) === undefined) return void send(res, 401, { error_code: 'UNAUTHENTICATED', message: 'Invalid access token.' });
+      const name = (endpointPath[1] as string).split('/').map(decodeURIComponent).join('/');
+      const endpoint = endpoints.get(name);
+      if (!endpoint) return void send(res, 404, { error_code: 'NOT_FOUND', message: `Endpoint '${name}' not found` });
+      send(res, 200, endpointResource(name, endpoint));
       return;
     }
     send(res, 404, { error_code: 'ENDPOINT_NOT_FOUND', message: `No API found for '${req.method} ${url.pathname}'` });
@@ -413,13 +483,20 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
     return publicClients.has(id) ? { id, confidential: false } : undefined;
   }
 
+  /** Whose valid workspace token (or personal access token) the request carries; undefined when none. */
+  function bearerSubject(req: IncomingMessage): string | undefined {
+    const bearer = req.headers.authorization?.startsWith('Bearer ') ? req.headers.authorization.slice(7) : '';
+    if (bearer === personalAccessToken) return userName;
+    const expiry = accessTokens.get(bearer);
+    return expiry === undefined || expiry <= Date.now() ? undefined : subjectOf(bearer);
+  }
+
   async function credentialEndpoint(req: IncomingMessage, path: string, text: string, res: ServerResponse, fault: Fault | undefined): Promise<void> {
     const database = path === '/api/2.0/database/credentials';
     if (database) counts.database_credentials++;
     else counts.postgres_credentials++;
-    const bearer = req.headers.authorization?.startsWith('Bearer ') ? req.headers.authorization.slice(7) : '';
-    const expiry = accessTokens.get(bearer);
-    if (expiry === undefined || expiry <= Date.now()) {
+    const subject = bearerSubject(req);
+    if (subject === undefined) {
       send(res, 401, { error_code: 'UNAUTHENTICATED', message: 'Invalid access token.' });
       return;
     }
@@ -431,7 +508,6 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
       return;
     }
     lastCredentialRequest.set(path, body);
-    const subject = subjectOf(bearer);
     if (database) {
       const names = body['instance_names'];
       if (typeof body['request_id'] !== 'string' || !Array.isArray(names) || names.length === 0 || !names.every((n) => typeof n === 'string')) {
@@ -494,6 +570,7 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
     clientId,
     clientSecret,
     userName,
+    personalAccessToken,
     get tokenLifetimeSeconds() {
       return standin.tokenLifetimeSeconds;
     },
@@ -520,6 +597,14 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
     },
     resetCounts() {
       Object.assign(counts, zeroCounts());
+    },
+    setInstance(name, instance) {
+      if (instance) instances.set(name, { ...instance });
+      else instances.delete(name);
+    },
+    setEndpoint(name, endpoint) {
+      if (endpoint) endpoints.set(name, { ...endpoint });
+      else endpoints.delete(name);
     },
     async reset() {
       await result.up();
@@ -571,7 +656,59 @@ function zeroCounts(): StandinCounts {
     refreshTokenReuse: 0,
     database_credentials: 0,
     postgres_credentials: 0,
+    instance_lookups: 0,
+    endpoint_lookups: 0,
   };
+}
+
+/** A DatabaseInstance with the fields of Databricks' API reference. */
+function instanceResource(name: string, instance: StandinInstance): Record<string, unknown> {
+  const stopped = instance.state === 'STOPPED';
+  return {
+    name,
+    uid: uuidFor(name),
+    creator: 'token.user@example.com',
+    creation_time: '2025-06-01T10:00:00Z',
+    state: instance.state,
+    capacity: 'CU_1',
+    pg_version: 'PG_VERSION_16',
+    read_write_dns: instance.read_write_dns,
+    ...(instance.read_only_dns === undefined ? {} : { read_only_dns: instance.read_only_dns }),
+    effective_capacity: 'CU_1',
+    effective_stopped: stopped,
+    effective_enable_readable_secondaries: instance.read_only_dns !== undefined,
+    effective_node_count: instance.read_only_dns === undefined ? 1 : 2,
+  };
+}
+
+/** An Endpoint of the postgres API with the fields of Databricks' API reference. */
+function endpointResource(name: string, endpoint: StandinEndpoint): Record<string, unknown> {
+  const type = endpoint.endpoint_type ?? 'ENDPOINT_TYPE_READ_WRITE';
+  const limits = { autoscaling_limit_min_cu: 0.5, autoscaling_limit_max_cu: 2 };
+  return {
+    name,
+    uid: uuidFor(name),
+    parent: name.split('/endpoints/')[0],
+    create_time: '2025-06-01T10:00:00Z',
+    update_time: '2025-06-01T10:00:00Z',
+    endpoint_id: name.split('/').pop(),
+    spec: { endpoint_type: type, ...limits, suspend_timeout_duration: '300s', disabled: endpoint.disabled ?? false },
+    status: {
+      endpoint_type: type,
+      hosts: { host: endpoint.host, ...(endpoint.read_only_host === undefined ? {} : { read_only_host: endpoint.read_only_host }) },
+      current_state: endpoint.current_state,
+      last_active_time: new Date().toISOString(),
+      ...limits,
+      suspend_timeout_duration: '300s',
+      disabled: endpoint.disabled ?? false,
+      endpoint_id: name.split('/').pop(),
+    },
+  };
+}
+
+function uuidFor(name: string): string {
+  const hex = createHash('sha256').update(name).digest('hex');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`;
 }
 
 /** A token shaped like Databricks': a JWT of about 1,000 bytes (the signature is random, not checked). */
@@ -664,6 +801,8 @@ export function standinOptions(standin: DatabricksStandin, overrides: Partial<OA
     clientId: standin.clientId,
     clientSecret: standin.clientSecret,
     accessToken: undefined,
+    personalAccessToken: undefined,
+    profile: undefined,
     refreshToken: undefined,
     verifier: undefined,
     callbackUrl: 'http://localhost:0',

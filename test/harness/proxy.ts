@@ -4,7 +4,7 @@ import { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { parseArgs } from '../../src/cli/args.js';
-import { createTokenSource } from '../../src/cli/main.js';
+import { prepareTarget } from '../../src/cli/prepare.js';
 import { loadConfig } from '../../src/config/load.js';
 import { resolveProxy } from '../../src/config/target.js';
 import { createLogger } from '../../src/ops/log.js';
@@ -55,7 +55,6 @@ export async function startProxy(
 ): Promise<InProcessProxy> {
   const config = await loadConfig(parseArgs(['--port', '0', ...withTestRelay(args)]), {});
   const settings = (config.targets[0] as { settings: import('../../src/config/properties.js').Settings }).settings;
-  const options = await resolveProxy(settings, 'test');
   const lines: string[] = [];
   const destination = new Writable({
     write(chunk: Buffer, _encoding, callback) {
@@ -64,8 +63,10 @@ export async function startProxy(
     },
   });
   const logger = createLogger({ level: 'debug', format: 'json', destination });
-  const tokenSource = deps.tokenSource ?? createTokenSource(settings, logger);
-  const server = new ProxyServer(options, { tokenSource, logger, ...(deps.observer ? { observer: deps.observer } : {}) });
+  // A token source handed in replaces the one the settings describe (which may not even be complete).
+  const prepared = deps.tokenSource ? { options: await resolveProxy(settings, 'test'), tokenSource: deps.tokenSource, locator: undefined } : await prepareTarget(settings, 'test', logger);
+  const { tokenSource, locator } = prepared;
+  const server = new ProxyServer(prepared.options, { tokenSource, locator, logger, ...(deps.observer ? { observer: deps.observer } : {}) });
   await server.listen();
   return {
     server,
@@ -92,9 +93,12 @@ export interface ProxyProcess {
   exited: Promise<number | null>;
 }
 
-/** Runs `bin/lakebase-proxy.js` with `args` (plus `--port 0` unless a port is given) until it logs "listening". */
-export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000): Promise<ProxyProcess> {
-  const withPort = withTestRelay(args.includes('--port') ? args : ['--port', '0', ...args]);
+/**
+ * Runs `bin/lakebase-proxy.js` with `args` (plus `--port 0` unless a port is given, or `addPort`
+ * is false so that a config file's ListenPort counts) until it logs "listening".
+ */
+export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000, addPort = true): Promise<ProxyProcess> {
+  const withPort = withTestRelay(args.includes('--port') || !addPort ? args : ['--port', '0', ...args]);
   const child = spawn(process.execPath, [BIN, ...withPort, '--log-format', 'json'], {
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
