@@ -2,10 +2,11 @@
  * The N-API face of relay.c, for src/proxy/native-relay.ts. Main thread only: the callbacks run
  * JavaScript directly (the addon must not be loaded in worker threads).
  *
- *   context(verify, caPem)                                  -> ctx | string (why not)
+ *   context(verify, systemStore, caPem)                     -> ctx | string (why not)
  *   connect(ctx, fd, sni|null, host|null, onHandshake(error|null, verifyCode), onData(buffer|null, error|null),
  *           onEnd(end, bytesToUpstream, bytesToClient))     -> conn | string (nothing started; fd not taken)
- *   write(conn, buffer) -> boolean;  pause(conn, paused);  certificate(conn) -> Buffer | undefined
+ *   write(conn, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
+ *   end(conn) (close_notify and FIN after what is queued);  pause(conn, paused);  certificate(conn) -> Buffer | undefined
  *   info(conn) -> [version, cipher, resumed]
  *   relay(conn, clientFd, toClientFirst, toUpstreamFirst, counters: Float64Array(2), onAbandoned(), farewell(reason|null) -> Buffer,
  *         onDetached(end, bytesToUpstream, bytesToClient, reusable, status) | null (a pooled relay))
@@ -30,6 +31,15 @@ typedef struct {
 } binding_t;
 
 static napi_async_context async_context;
+
+/* Handles are tagged: a context passed where a connection belongs is refused, not misread. */
+static const napi_type_tag CTX_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d31ULL };
+static const napi_type_tag CONN_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d32ULL };
+
+static int tagged(napi_env env, napi_value value, const napi_type_tag *tag) {
+  bool ok = false;
+  return napi_check_object_type_tag(env, value, tag, &ok) == napi_ok && ok;
+}
 
 #define CHECK(call)                                                                   \
   do {                                                                                \
@@ -227,7 +237,7 @@ static int get_args(napi_env env, napi_callback_info info, size_t want, napi_val
 /* The connection behind a handle; NULL once it ended. */
 static binding_t *binding_of(napi_env env, napi_value value) {
   void *data = NULL;
-  if (napi_get_value_external(env, value, &data) != napi_ok) return NULL;
+  if (!tagged(env, value, &CONN_TAG) || napi_get_value_external(env, value, &data) != napi_ok) return NULL;
   return data;
 }
 
@@ -249,21 +259,22 @@ static char *optional_string(napi_env env, napi_value value, int *failed) {
 }
 
 static napi_value context(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  if (get_args(env, info, 2, argv)) return NULL;
-  bool verify;
+  napi_value argv[3];
+  if (get_args(env, info, 3, argv)) return NULL;
+  bool verify, system_store;
   void *pem = NULL;
   size_t pem_len = 0;
   CHECK(napi_get_value_bool(env, argv[0], &verify));
-  if (verify && get_buffer(env, argv[1], &pem, &pem_len)) {
+  CHECK(napi_get_value_bool(env, argv[1], &system_store));
+  if (verify && get_buffer(env, argv[2], &pem, &pem_len)) {
     napi_throw_type_error(env, NULL, "context: a Buffer of PEM certificates expected");
     return NULL;
   }
   const char *error = NULL;
-  lp_ctx *ctx = lp_ctx_new(verify, pem, pem_len, &error);
+  lp_ctx *ctx = lp_ctx_new(verify, system_store, pem, pem_len, &error);
   if (!ctx) return string(env, error);
   napi_value handle;
-  if (napi_create_external(env, ctx, ctx_finalize, NULL, &handle) != napi_ok) {
+  if (napi_create_external(env, ctx, ctx_finalize, NULL, &handle) != napi_ok || napi_type_tag_object(env, handle, &CTX_TAG) != napi_ok) {
     lp_ctx_release(ctx);
     napi_throw_error(env, NULL, "context: napi_create_external failed");
     return NULL;
@@ -276,6 +287,10 @@ static napi_value connect_conn(napi_env env, napi_callback_info info) {
   if (get_args(env, info, 7, argv)) return NULL;
   void *ctx = NULL;
   int32_t fd;
+  if (!tagged(env, argv[0], &CTX_TAG)) {
+    napi_throw_type_error(env, NULL, "connect: a context expected");
+    return NULL;
+  }
   CHECK(napi_get_value_external(env, argv[0], &ctx));
   CHECK(napi_get_value_int32(env, argv[1], &fd));
   int failed_sni, failed_host;
@@ -291,7 +306,8 @@ static napi_value connect_conn(napi_env env, napi_callback_info info) {
   if (!error) {
     b->env = env;
     if (napi_create_reference(env, argv[4], 1, &b->on_handshake) != napi_ok || napi_create_reference(env, argv[5], 1, &b->on_data) != napi_ok ||
-        napi_create_reference(env, argv[6], 1, &b->on_end) != napi_ok || napi_create_external(env, b, conn_finalize, NULL, &handle) != napi_ok) {
+        napi_create_reference(env, argv[6], 1, &b->on_end) != napi_ok || napi_create_external(env, b, conn_finalize, NULL, &handle) != napi_ok ||
+        napi_type_tag_object(env, handle, &CONN_TAG) != napi_ok) {
       error = "connect: could not keep the callbacks";
     }
   }
@@ -327,9 +343,17 @@ static napi_value write_conn(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "write: a Buffer expected");
     return NULL;
   }
-  int ok = b && b->conn && lp_conn_write(b->conn, data, length) == 0;
-  napi_get_boolean(env, ok, &result);
+  long queued = b && b->conn ? lp_conn_write(b->conn, data, length) : -1;
+  napi_create_double(env, (double)queued, &result);
   return result;
+}
+
+static napi_value end_conn(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  binding_t *b = binding_of(env, argv[0]);
+  if (b && b->conn) lp_conn_end(b->conn);
+  return undefined(env);
 }
 
 static napi_value pause_conn(napi_env env, napi_callback_info info) {
@@ -390,6 +414,7 @@ static napi_value relay(napi_env env, napi_callback_info info) {
     return NULL;
   }
   if (!b || !b->conn) return string(env, "the upstream connection has ended");
+  if (b->farewell) return string(env, "the upstream connection is relaying already");
   int copy = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
   if (copy < 0) return string(env, "could not take the client socket over (dup failed)");
   napi_valuetype detached_type;
@@ -462,6 +487,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "connect", NULL, connect_conn, NULL, NULL, NULL, napi_default, NULL },
     { "write", NULL, write_conn, NULL, NULL, NULL, napi_default, NULL },
     { "pause", NULL, pause_conn, NULL, NULL, NULL, napi_default, NULL },
+    { "end", NULL, end_conn, NULL, NULL, NULL, napi_default, NULL },
     { "certificate", NULL, certificate, NULL, NULL, NULL, napi_default, NULL },
     { "info", NULL, info_conn, NULL, NULL, NULL, napi_default, NULL },
     { "relay", NULL, relay, NULL, NULL, NULL, napi_default, NULL },

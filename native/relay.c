@@ -91,6 +91,7 @@ struct lp_conn {
   int shutdown_pending;  /* close_notify to send once the socket takes it */
   int tls_broken;        /* a fatal TLS or socket error: no close_notify at the end */
   int paused;            /* before the relay: the reader asked for no more data */
+  int want_drain;        /* before the relay: the writer waits for up.out to empty */
   boundaries_t messages; /* the upstream's, as the client gets them */
   boundaries_t client_messages; /* the client's, for a pooled relay: where its Terminate is */
   int pooled;            /* the upstream outlives the client */
@@ -309,8 +310,8 @@ static int box_open(lp_conn *c, side_t *side, int fd) {
 
 static void teardown(lp_conn *c, enum lp_end end) {
   if (c->closing) return;
+  c->closing = 1; /* first: decide() may call into JavaScript, which may ask to close again */
   decide(c, end);
-  c->closing = 1;
   if (c->ssl && c->state != S_HANDSHAKE && !c->tls_broken && !(SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN)) {
     /* Best effort, before the socket closes: a close_notify, so the server knows the end was ours. */
     ERR_clear_error();
@@ -404,6 +405,10 @@ static void up_write(lp_conn *c) {
     c->records = 0;
   }
   if (c->shutdown_pending || (c->up.want_shut && pending(&c->up.out) == 0)) up_shutdown_write(c);
+  if (c->want_drain && c->state == S_LOGIN && pending(&c->up.out) == 0) {
+    c->want_drain = 0;
+    c->cb->data(c, c->user, (const unsigned char *)"", 0, NULL); /* empty data: the queue drained */
+  }
 }
 
 /* Plaintext for the upstream: written now when nothing waits before it, else queued. */
@@ -719,7 +724,17 @@ static void up_poll_cb(uv_poll_t *handle, int status, int events) {
       }
     } else {
       up_read(c, 1);
-      if (!c->closing && !c->up.read_done) up_failed(c, socket_error(c->up.fd, "read"));
+      if (!c->closing && !c->up.read_done) {
+        up_failed(c, socket_error(c->up.fd, "read"));
+      } else if (!c->closing && !c->up.write_shut) {
+        /* The read side was over already: the error ends the write side (else the same interest
+           is armed again and epoll reports the error again at once, a busy loop). */
+        (void)socket_error(c->up.fd, "write"); /* reads SO_ERROR, which clears it */
+        c->tls_broken = 1;
+        c->up.write_shut = 1;
+        c->shutdown_pending = 0;
+        buf_free(&c->up.out);
+      }
     }
   } else if (c->state == S_HANDSHAKE) {
     handshake(c);
@@ -760,7 +775,7 @@ static int new_session(SSL *ssl, SSL_SESSION *session) {
   return 1; /* we keep the reference */
 }
 
-lp_ctx *lp_ctx_new(int verify, const char *ca_pem, size_t ca_len, const char **error) {
+lp_ctx *lp_ctx_new(int verify, int system_store, const char *ca_pem, size_t ca_len, const char **error) {
   ERR_clear_error();
   lp_ctx *ctx = calloc(1, sizeof *ctx);
   if (!ctx) {
@@ -786,12 +801,16 @@ lp_ctx *lp_ctx_new(int verify, const char *ca_pem, size_t ca_len, const char **e
     int loaded = 0;
     BIO *bio = ca_len > 0 && ca_len <= INT_MAX ? BIO_new_mem_buf(ca_pem, (int)ca_len) : NULL;
     X509_STORE *store = SSL_CTX_get_cert_store(ctx->ssl);
-    for (X509 *cert; bio && (cert = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL;) {
+    /* _AUX, as Node.js reads CA files: TRUSTED CERTIFICATE blocks too. */
+    for (X509 *cert; bio && (cert = PEM_read_bio_X509_AUX(bio, NULL, NULL, NULL)) != NULL;) {
       if (X509_STORE_add_cert(store, cert) == 1) loaded++;
       X509_free(cert);
     }
     BIO_free(bio);
     ERR_clear_error(); /* the end of the PEM text is reported as an error */
+    /* Node.js run with --use-openssl-ca (or built to use it): OpenSSL's own store, as Node's TLS does. */
+    if (system_store && SSL_CTX_set_default_verify_paths(ctx->ssl) == 1) loaded++;
+    ERR_clear_error();
     if (loaded == 0) {
       lp_ctx_release(ctx);
       *error = "no CA certificate could be read";
@@ -834,7 +853,14 @@ lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, 
     else ok = SSL_set1_host(c->ssl, host) == 1;
   }
   if (ok) ok = SSL_set_fd(c->ssl, fd) == 1;
-  if (ok && ctx->session) ok = SSL_set_session(c->ssl, ctx->session) == 1;
+  if (ok && ctx->session) {
+    /* A copy: OpenSSL makes a TLS 1.3 session object single-use once a connection resumed with it. */
+    SSL_SESSION *copy = SSL_SESSION_dup(ctx->session);
+    if (copy) {
+      ok = SSL_set_session(c->ssl, copy) == 1;
+      SSL_SESSION_free(copy);
+    }
+  }
   if (ok) SSL_set_connect_state(c->ssl);
   int flags = ok ? fcntl(fd, F_GETFL) : -1;
   if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) ok = 0;
@@ -854,11 +880,20 @@ lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, 
   return c;
 }
 
-int lp_conn_write(lp_conn *c, const unsigned char *data, size_t n) {
-  if (c->closing || c->state != S_LOGIN) return -1;
+long lp_conn_write(lp_conn *c, const unsigned char *data, size_t n) {
+  if (c->closing || c->state != S_LOGIN || c->up.write_shut || c->up.want_shut) return -1;
   if (up_send(c, data, n) != 0) return -1;
+  if (c->closing) return -1;
+  update_polls(c);
+  c->want_drain = pending(&c->up.out) > 0;
+  return (long)pending(&c->up.out);
+}
+
+void lp_conn_end(lp_conn *c) {
+  if (c->closing || c->state != S_LOGIN || c->up.want_shut) return;
+  c->up.want_shut = 1;
+  if (pending(&c->up.out) == 0) up_shutdown_write(c);
   if (!c->closing) update_polls(c);
-  return 0;
 }
 
 void lp_conn_pause(lp_conn *c, int paused) {

@@ -45,8 +45,9 @@ typedef struct {
   void (*end)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client);
 } lp_callbacks;
 
-/* verify: 0 (SSLMode=require) or 1; ca_pem: the PEM certificates to trust (may hold many). NULL on error. */
-lp_ctx *lp_ctx_new(int verify, const char *ca_pem, size_t ca_len, const char **error);
+/* verify: 0 (SSLMode=require) or 1; ca_pem: the PEM certificates to trust (may hold many);
+   system_store: trust OpenSSL's default paths too. NULL on error. */
+lp_ctx *lp_ctx_new(int verify, int system_store, const char *ca_pem, size_t ca_len, const char **error);
 void lp_ctx_release(lp_ctx *ctx);
 
 /*
@@ -56,8 +57,11 @@ void lp_ctx_release(lp_ctx *ctx);
  * `error` set when nothing was started (then `fd` is not closed).
  */
 lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, const char *host, const lp_callbacks *cb, void *user, const char **error);
-/* Before the relay: sends plaintext (queued while the socket is full). */
-int lp_conn_write(lp_conn *c, const unsigned char *data, size_t n);
+/* Before the relay: sends plaintext (queued while the socket is full). Returns the bytes still
+   queued, -1 when closed; once a queue is written, `data` is called with n == 0 (backpressure). */
+long lp_conn_write(lp_conn *c, const unsigned char *data, size_t n);
+/* Before the relay: our close_notify and FIN once what is queued is written (a half-close). */
+void lp_conn_end(lp_conn *c);
 /* Before the relay: stops or resumes delivering data (backpressure of the login's reader). */
 void lp_conn_pause(lp_conn *c, int paused);
 /* The server certificate, DER, into out (NULL to ask the length); -1 when there is none. */

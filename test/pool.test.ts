@@ -8,6 +8,9 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
@@ -15,6 +18,7 @@ import { startTokenPostgres } from './harness/postgres.js';
 import { cancelRequest, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { native } from '../src/proxy/native-relay.js';
 import { createToken, type TokenSource } from '../src/token/token-source.js';
+import { Metrics } from '../src/ops/metrics.js';
 
 let db: TestPostgres;
 const token = 'tok-' + randomBytes(600).toString('base64url');
@@ -367,3 +371,111 @@ function runProgram(command: string, args: string[], options: { env: NodeJS.Proc
     });
   });
 }
+
+test('/metrics counts the pool: a login, a reuse, a reset, connections by state, a close by reason', async (t) => {
+  if (!requireNative(t)) return;
+  const metrics = new Metrics();
+  const proxy = await startProxy(['--connection', connectionFor(db, token, 'ServerIdleTimeout=400'), '--relay', 'native'], { observer: metrics.observerFor('pooled') });
+  try {
+    await session(proxy, pidOf);
+    await released(proxy, 1);
+    await session(proxy, pidOf);
+    await released(proxy, 2);
+    const sample = (text: string, name: string, labels = ''): number => {
+      const line = text.split('\n').find((l) => l.startsWith(`lakebase_proxy_${name}{target="pooled"${labels}} `));
+      return Number(line?.split(' ').at(-1));
+    };
+    const idle = await metrics.text();
+    assert.equal(sample(idle, 'server_logins_total'), 1);
+    assert.equal(sample(idle, 'server_reuses_total'), 1);
+    assert.equal(sample(idle, 'server_resets_total'), 2);
+    assert.equal(sample(idle, 'server_connections', ',state="idle"'), 1);
+    assert.equal(sample(idle, 'server_connections', ',state="active"'), 0);
+    assert.equal(sample(idle, 'clients_waiting'), 0);
+    assert.equal(sample(idle, 'pool_wait_duration_seconds_count'), 2);
+    await waitUntil(async () => sample(await metrics.text(), 'server_closes_total', ',reason="idle"') === 1, 5000, 'the idle close counted');
+    assert.equal(sample(await metrics.text(), 'server_connections', ',state="idle"'), 0);
+  } finally {
+    await proxy.close();
+  }
+});
+
+test('pgjdbc and psycopg2 on a reused connection: SHOW of each startup parameter equals what the driver asked for', async (t) => {
+  if (!requireNative(t)) return;
+  const jar = '/usr/share/java/postgresql.jar';
+  const haveJdbc = existsSync(jar) && spawnSync('java', ['-version']).status === 0;
+  const havePsycopg = spawnSync('/usr/bin/python3', ['-c', 'import psycopg2']).status === 0;
+  if (!haveJdbc && !havePsycopg) {
+    t.skip('neither pgjdbc (libpostgresql-jdbc-java) nor psycopg2 (python3-psycopg2) is installed');
+    return;
+  }
+  await withPool('', async (proxy) => {
+    const dir = mkdtempSync(join(tmpdir(), 'lbp-drivers-'));
+    try {
+      const runs: Array<{ name: string; run: () => Promise<string> }> = [];
+      if (haveJdbc) {
+        writeFileSync(
+          join(dir, 'Show.java'),
+          `import java.sql.*;
+public class Show {
+  public static void main(String[] a) throws Exception {
+    try (Connection c = DriverManager.getConnection("jdbc:postgresql://127.0.0.1:${proxy.port}/${db.database}?user=anyone&ApplicationName=jdbc-pool&options=-c%20statement_timeout=5s&sslmode=disable");
+         Statement s = c.createStatement()) {
+      StringBuilder out = new StringBuilder();
+      for (String q : new String[] {"select pg_backend_pid()", "show application_name", "show statement_timeout", "show DateStyle", "show extra_float_digits", "show client_encoding"}) {
+        try (ResultSet r = s.executeQuery(q)) { r.next(); out.append(r.getString(1)).append('|'); }
+      }
+      System.out.println(out);
+    }
+  }
+}
+`,
+        );
+        runs.push({
+          name: 'pgjdbc',
+          run: async () => {
+            const r = await runProgram('java', ['-cp', jar, join(dir, 'Show.java')], { env: process.env });
+            assert.equal(r.status, 0, r.stderr);
+            return r.stdout.trim();
+          },
+        });
+      }
+      if (havePsycopg) {
+        writeFileSync(
+          join(dir, 'show.py'),
+          `import psycopg2
+c = psycopg2.connect(host="127.0.0.1", port=${proxy.port}, user="anyone", dbname="${db.database}", application_name="psycopg-pool", options="-c statement_timeout=6s")
+cur = c.cursor()
+out = []
+for q in ["select pg_backend_pid()", "show application_name", "show statement_timeout", "show DateStyle", "show extra_float_digits", "show client_encoding"]:
+    cur.execute(q)
+    out.append(str(cur.fetchone()[0]))
+print("|".join(out) + "|")
+c.close()
+`,
+        );
+        runs.push({
+          name: 'psycopg2',
+          run: async () => {
+            const r = await runProgram('/usr/bin/python3', [join(dir, 'show.py')], { env: process.env });
+            assert.equal(r.status, 0, r.stderr);
+            return r.stdout.trim();
+          },
+        });
+      }
+      let sessions = 0;
+      for (const { name, run } of runs) {
+        const first = (await run()).split('|');
+        await released(proxy, ++sessions);
+        const second = (await run()).split('|');
+        await released(proxy, ++sessions);
+        assert.equal(second[0], first[0], `${name}: the second connection reused the first's backend`);
+        assert.deepEqual(second.slice(1), first.slice(1), `${name}: the same settings`);
+        if (name === 'pgjdbc') assert.deepEqual(second.slice(1, 6), ['jdbc-pool', '5s', 'ISO, MDY', '3', 'UTF8']);
+        else assert.deepEqual(second.slice(1, 3), ['psycopg-pool', '6s']);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -21,7 +21,7 @@ import type { RelayEnd, RelayStats } from './relay.js';
 type Handle = object;
 
 interface Addon {
-  context(verify: boolean, caPem: Buffer | null): Handle | string;
+  context(verify: boolean, systemStore: boolean, caPem: Buffer | null): Handle | string;
   connect(
     context: Handle,
     fd: number,
@@ -31,7 +31,10 @@ interface Addon {
     onData: (data: Buffer | null, error: string | null) => void,
     onEnd: (end: RelayEnd, toUpstream: number, toClient: number) => void,
   ): Handle | string;
-  write(conn: Handle, data: Buffer): boolean;
+  /** Bytes still queued in C (-1: closed); onData gets an empty Buffer once they are written. */
+  write(conn: Handle, data: Buffer): number;
+  /** close_notify and FIN once what is queued is written. */
+  end(conn: Handle): void;
   pause(conn: Handle, paused: boolean): void;
   certificate(conn: Handle): Buffer | undefined;
   info(conn: Handle): [string, string, boolean];
@@ -107,7 +110,7 @@ function contextFor(addon: Addon, target: NativeTlsTarget): Handle {
   let context = contexts.get(target);
   if (!context) {
     const verify = target.sslMode !== 'require';
-    const made = addon.context(verify, verify ? (target.rootCert ?? defaultCertificates()) : null);
+    const made = addon.context(verify, verify && target.rootCert === undefined && usesOpenSslStore(), verify ? (target.rootCert ?? defaultCertificates()) : null);
     if (typeof made === 'string') throw new NativeHandshakeError(`could not set up TLS: ${made}`, 0);
     context = made;
     contexts.set(target, context);
@@ -130,6 +133,14 @@ function defaultCertificates(): Buffer {
     extra = '';
   }
   return Buffer.from([...tls.rootCertificates, extra].join('\n'));
+}
+
+/** Whether Node's TLS trusts OpenSSL's own store (--use-openssl-ca, or a Node.js built so): then C does too. */
+function usesOpenSslStore(): boolean {
+  const flags = [...process.execArgv, ...(process.env['NODE_OPTIONS'] ?? '').split(/\s+/)];
+  if (flags.includes('--use-bundled-ca')) return false;
+  const built = (process.config.variables as { openssl_use_def_ca_store?: boolean | string }).openssl_use_def_ca_store;
+  return flags.includes('--use-openssl-ca') || flags.includes('--use-system-ca') || built === true || built === 'true';
 }
 
 function fdOf(socket: Socket): number | undefined {
@@ -226,9 +237,20 @@ export class NativeUpstream extends Duplex {
     this._read();
   }
 
+  /** The callback of a write that C queued: called once C's queue is written (backpressure). */
+  #writeDone: ((error?: Error | null) => void) | undefined;
+
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    if (this.#conn && this.#addon.write(this.#conn, chunk)) callback();
-    else callback(new Error('the upstream connection is closed'));
+    const queued = this.#conn ? this.#addon.write(this.#conn, chunk) : -1;
+    if (queued < 0) callback(new Error('the upstream connection is closed'));
+    else if (queued > 0) this.#writeDone = callback;
+    else callback();
+  }
+
+  /** The writer is done (the JavaScript relay passing a client's FIN on): close_notify and FIN upstream. */
+  override _final(callback: (error?: Error | null) => void): void {
+    if (this.#conn && !this.#onRelayEnd) this.#addon.end(this.#conn);
+    callback();
   }
 
   override _read(): void {
@@ -249,7 +271,11 @@ export class NativeUpstream extends Duplex {
   }
 
   #data(data: Buffer | null, error: string | null): void {
-    if (data) {
+    if (data && data.length === 0) {
+      const done = this.#writeDone;
+      this.#writeDone = undefined;
+      done?.();
+    } else if (data) {
       if (!this.push(data) && this.#conn && !this.#paused) {
         this.#paused = true;
         this.#addon.pause(this.#conn, true);

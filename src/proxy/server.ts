@@ -356,26 +356,25 @@ export class ProxyServer {
       if (pooled) {
         let fresh: UpstreamSession | undefined;
         const loginKey = loginKeyOf(forwarded);
-        const lease = await this.#poolFor(database).acquire(
-          loginKey,
-          async () => {
-            const session = await login();
-            fresh = session;
-            return ServerConnection.fromLogin(session, loginKey, session.tokenExpiresAt, this.options.pool.lifetimeMs);
-          },
-          abort.signal,
-        );
-        server = lease.server;
-        reused = lease.reused;
-        upstream = fresh ?? {
-          socket: server.upstream,
-          native: server.upstream,
-          greeting: server.greeting(),
-          processId: server.processId,
-          secretKey: server.secretKey,
-          leftover: Buffer.alloc(0),
-          tls: server.upstream.tlsInfo,
-        };
+        const lease = await this.#poolFor(database)
+          .acquire(
+            loginKey,
+            async () => {
+              const session = await login();
+              fresh = session;
+              // Node's TLS after all (the native side refused this target's trust settings): not poolable.
+              if (!session.native) throw new NotPoolable();
+              return ServerConnection.fromLogin(session, loginKey, session.tokenExpiresAt, this.options.pool.lifetimeMs);
+            },
+            abort.signal,
+          )
+          .catch((error: unknown) => {
+            if (error instanceof NotPoolable && fresh) return undefined;
+            throw error;
+          });
+        server = lease?.server;
+        reused = lease?.reused ?? false;
+        upstream = fresh ?? pooledSession(server as ServerConnection);
       } else {
         upstream = await login();
       }
@@ -580,6 +579,22 @@ export class ProxyServer {
     this.#observer.failure(reason);
     return facing;
   }
+}
+
+/** A login that Node's TLS made: it cannot be pooled, and serves its client alone. */
+class NotPoolable extends Error {}
+
+/** A reused connection as the session sees it: the greeting a fresh login with its parameters would give. */
+function pooledSession(server: ServerConnection): UpstreamSession {
+  return {
+    socket: server.upstream,
+    native: server.upstream,
+    greeting: server.greeting(),
+    processId: server.processId,
+    secretKey: server.secretKey,
+    leftover: Buffer.alloc(0),
+    tls: server.upstream.tlsInfo,
+  };
 }
 
 /** The native relay's load failure is said once per process, not per target. */

@@ -143,8 +143,10 @@ async function openUpstreamTls(target: UpstreamTarget, signal: AbortSignal | und
     if (answer !== SSL_ACCEPT[0]) {
       throw new UpstreamError('08001', `upstream ${where(target)} refused TLS (it answered the SSLRequest with "${String.fromCharCode(answer)}"); Lakebase requires TLS`);
     }
-    if (native) {
-      const upstream = NativeUpstream.connect(raw, target);
+    // The native side may refuse before it takes the socket (no TLS context for this target's
+    // trust settings, no descriptor): the session then goes on Node's TLS.
+    const upstream = native ? nativeOrNothing(raw, target) : undefined;
+    if (upstream) {
       current = upstream;
       upstream.on('error', ignore);
       await upstream.handshake.catch((error: unknown) => {
@@ -187,6 +189,14 @@ async function openUpstreamTls(target: UpstreamTarget, signal: AbortSignal | und
     throw error;
   } finally {
     cleanup();
+  }
+}
+
+function nativeOrNothing(raw: Socket, target: UpstreamTarget): NativeUpstream | undefined {
+  try {
+    return NativeUpstream.connect(raw, target);
+  } catch {
+    return undefined;
   }
 }
 
