@@ -46,6 +46,7 @@ async function proxy(port: number, extra: string, flags: string[] = ['--no-http'
     `SSLRootCert=${db.ca.caFile}`,
     `Database=${db.database}`,
     'ConnectTimeout=20000',
+    'PoolMode=none', // every client logs in: what a waking compute does to a login is the subject
     extra,
   ].join(';');
   const p = await startProxyProcess(['--connection', connection, ...flags], { LAKEBASE_PROXY_OAUTH_CLIENT_SECRET: standin.clientSecret });

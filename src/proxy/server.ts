@@ -389,7 +389,8 @@ export class ProxyServer {
     }
     raw.off('close', onClientGone);
     if (abort.signal.aborted) {
-      if (server) this.#pools.get(database)?.release(server, undefined, false);
+      // The client left before its session began: its connection, clean, goes back to the pool.
+      if (server) this.#pools.get(database)?.release(server, { reusable: true, status: 'I' }, false);
       else upstream.socket.destroy();
       frames.detach();
       return;

@@ -1,0 +1,203 @@
+/**
+ * `node dist/bench/pool.js` (or `npm run bench:pool`): what pooled upstream logins save, side by
+ * side in one run. Paths: the proxy pooled (PoolMode=session, PoolSize 20), the proxy with
+ * PoolMode=none, PgBouncer in session mode (when installed) and direct TLS, each measured with the
+ * upstream on loopback and again behind a delaying TCP relay of this script's own (the same
+ * delay each way for every path alike, so a round trip costs 2 x --delay-ms).
+ *
+ * - connect latency: N sequential connect + SELECT 1 + close per path, interleaved, warm pools;
+ *   median and p99 (node-postgres);
+ * - connects per second: pgbench -S -C (a new connection per transaction), 4 clients;
+ * - upstream connections while 1,000 short-lived clients (50 at a time) go through the pooled
+ *   proxy: the most seen in pg_stat_activity.
+ */
+import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { startTokenPostgres } from '../test/harness/postgres.js';
+import { findPgBouncer, startPgBouncer, type PgBouncer } from './pgbouncer.js';
+import { startBenchProxy, type BenchProxy } from './proxy-process.js';
+import { connectSelectClose } from './measure/connect.js';
+import { findPgbench, libpqEnvironment } from './measure/pgbench.js';
+import { median, percentile } from './stats.js';
+import { spawn } from 'node:child_process';
+
+interface Options {
+  connects: number;
+  delayMs: number;
+  seconds: number;
+  clients: number;
+}
+
+function parse(argv: readonly string[]): Options {
+  const options: Options = { connects: 200, delayMs: 10, seconds: 5, clients: 1000 };
+  for (let i = 0; i < argv.length; i++) {
+    const value = Number(argv[i + 1]);
+    switch (argv[i]) {
+      case '--connects':
+        options.connects = value;
+        break;
+      case '--delay-ms':
+        options.delayMs = value;
+        break;
+      case '--seconds':
+        options.seconds = value;
+        break;
+      case '--clients':
+        options.clients = value;
+        break;
+      case '--quick':
+        Object.assign(options, { connects: 20, seconds: 1, clients: 100 });
+        continue;
+      default:
+        throw new Error(`unknown option ${argv[i]}`);
+    }
+    i++;
+  }
+  return options;
+}
+
+/** A TCP relay that holds every chunk `delayMs` before passing it on, each way, in order. */
+async function startDelay(targetPort: number, delayMs: number): Promise<{ port: number; close: () => Promise<void> }> {
+  const sockets = new Set<Socket>();
+  const pipe = (from: Socket, to: Socket): void => {
+    from.on('data', (chunk: Buffer) => {
+      setTimeout(() => to.write(chunk), delayMs);
+    });
+    from.on('end', () => setTimeout(() => to.end(), delayMs));
+    from.on('error', () => to.destroy());
+    from.on('close', () => setTimeout(() => to.destroy(), delayMs + 5));
+  };
+  const server: Server = createServer((client) => {
+    const upstream = netConnect({ host: '127.0.0.1', port: targetPort, noDelay: true });
+    client.setNoDelay(true);
+    sockets.add(client).add(upstream);
+    pipe(client, upstream);
+    pipe(upstream, client);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as { port: number }).port,
+    close: async () => {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+/** pgbench -S -C: transactions (= connections) per second. */
+function pgbenchConnects(exe: string, libpq: Record<string, string>, seconds: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(exe, ['-n', '-S', '-C', '-c', '4', '-j', '2', '-T', String(seconds)], { env: libpqEnvironment(libpq) });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.on('close', (code) => {
+      const tps = /tps = ([\d.]+)/.exec(out);
+      if (code !== 0 || !tps) reject(new Error(`pgbench -C failed (${code}): ${out.slice(-2000)}`));
+      else resolve(Number(tps[1]));
+    });
+  });
+}
+
+interface Row {
+  readonly upstream: string;
+  readonly path: string;
+  readonly medianMs: number;
+  readonly p99Ms: number;
+  readonly connectsPerSecond: number | undefined;
+}
+
+async function main(): Promise<void> {
+  const options = parse(process.argv.slice(2));
+  const token = 'tok-bench-' + Date.now();
+  const db = await startTokenPostgres(token, { extraConf: { max_connections: '400', log_min_messages: 'warning' } });
+  const toStop: Array<() => Promise<unknown>> = [() => db.stop()];
+  const rows: Row[] = [];
+  let mostUpstream = 0;
+  try {
+    await db.setTokenPassword(token);
+    const pgbench = findPgbench();
+    const bouncerExe = findPgBouncer();
+    for (const delayed of [false, true]) {
+      const relay = delayed ? await startDelay(db.port, options.delayMs) : undefined;
+      if (relay) toStop.push(relay.close);
+      const port = relay?.port ?? db.port;
+      const label = delayed ? `+${2 * options.delayMs} ms round trip` : 'loopback';
+      const upstream = `Server=127.0.0.1;Port=${port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database}`;
+      const start = (env: Record<string, string>): Promise<BenchProxy> => startBenchProxy({ args: ['--connection', upstream, '--no-http', '--log-level', 'warn'], env });
+      const pooled = await start({ LAKEBASE_PROXY_POOL_SIZE: '20' });
+      const unpooled = await start({ LAKEBASE_PROXY_POOL_MODE: 'none' });
+      toStop.push(() => pooled.stop(), () => unpooled.stop());
+      let bouncer: PgBouncer | undefined;
+      if (bouncerExe) {
+        bouncer = await startPgBouncer(bouncerExe, { serverHost: '127.0.0.1', serverPort: port, database: db.database, user: db.tokenRole, password: token, caFile: db.ca.caFile, maxSessions: 20 });
+        toStop.push(() => (bouncer as PgBouncer).stop());
+      }
+      const plain = (p: number): pg.ClientConfig => ({ host: '127.0.0.1', port: p, user: 'bench', database: db.database });
+      const paths: Array<[string, pg.ClientConfig, Record<string, string>]> = [
+        ['proxy pooled', plain(pooled.port), { PGHOST: '127.0.0.1', PGPORT: String(pooled.port), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' }],
+        ['proxy PoolMode=none', plain(unpooled.port), { PGHOST: '127.0.0.1', PGPORT: String(unpooled.port), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' }],
+        ...(bouncer
+          ? [['pgbouncer session', plain(bouncer.port), { PGHOST: '127.0.0.1', PGPORT: String(bouncer.port), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' }] as [string, pg.ClientConfig, Record<string, string>]]
+          : []),
+        [
+          'direct TLS',
+          { host: '127.0.0.1', port, user: db.tokenRole, password: token, database: db.database, ssl: { ca: db.ca.caPem } },
+          { PGHOST: '127.0.0.1', PGPORT: String(port), PGUSER: db.tokenRole, PGPASSWORD: token, PGDATABASE: db.database, PGSSLMODE: 'verify-ca', PGSSLROOTCERT: db.ca.caFile },
+        ],
+      ];
+      for (const [, config] of paths) await connectSelectClose(config); // warm: a pooled connection, a TLS session to resume
+      const times = paths.map(() => [] as number[]);
+      for (let i = 0; i < options.connects; i++) {
+        for (let p = 0; p < paths.length; p++) (times[p] as number[]).push(await connectSelectClose((paths[(p + i) % paths.length] as [string, pg.ClientConfig, Record<string, string>])[1]));
+      }
+      // times[p] holds path (p + i) % n for round i: regroup by path.
+      const byPath = paths.map(() => [] as number[]);
+      for (let p = 0; p < paths.length; p++) (times[p] as number[]).forEach((ms, i) => (byPath[(p + i) % paths.length] as number[]).push(ms));
+      for (let p = 0; p < paths.length; p++) {
+        const [name, , libpq] = paths[p] as [string, pg.ClientConfig, Record<string, string>];
+        const connectsPerSecond = pgbench ? await pgbenchConnects(pgbench, libpq, options.seconds) : undefined;
+        const ms = byPath[p] as number[];
+        rows.push({ upstream: label, path: name, medianMs: median(ms), p99Ms: percentile(ms, 99), connectsPerSecond });
+      }
+      if (!delayed) {
+        // Short-lived clients through the pool: the upstream connections never exceed PoolSize.
+        // Their own application_name, which the pooled connections log in with, tells them apart from PgBouncer's.
+        const count = async (): Promise<number> =>
+          (await db.query<{ n: number }>("select count(*)::int as n from pg_stat_activity where application_name = 'pool-count'"))[0]?.n ?? 0;
+        let watching = true;
+        const watcher = (async () => {
+          while (watching) {
+            mostUpstream = Math.max(mostUpstream, await count());
+            await new Promise((resolve) => setTimeout(resolve, 20));
+          }
+        })();
+        let next = 0;
+        await Promise.all(
+          Array.from({ length: 50 }, async () => {
+            while (next < options.clients) {
+              next++;
+              await connectSelectClose({ ...plain(pooled.port), application_name: 'pool-count' });
+            }
+          }),
+        );
+        watching = false;
+        await watcher;
+      }
+      for (const stop of [() => pooled.stop(), () => unpooled.stop(), ...(bouncer ? [() => (bouncer as PgBouncer).stop()] : []), ...(relay ? [relay.close] : [])]) await stop();
+      toStop.length = 1;
+    }
+  } finally {
+    for (const stop of toStop.reverse()) await stop().catch(() => {});
+  }
+  const table = rows.map((r) => `${r.upstream.padEnd(22)} ${r.path.padEnd(20)} median ${r.medianMs.toFixed(2).padStart(7)} ms  p99 ${r.p99Ms.toFixed(2).padStart(7)} ms  ${r.connectsPerSecond === undefined ? '' : `pgbench -C ${r.connectsPerSecond.toFixed(0)} connects/s`}`);
+  process.stdout.write(`${table.join('\n')}\nupstream connections during ${options.clients} short-lived clients (50 at a time, PoolSize 20): at most ${mostUpstream}\n`);
+  const results = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bench', 'results');
+  mkdirSync(results, { recursive: true });
+  writeFileSync(join(results, 'pool-latest.json'), JSON.stringify({ at: new Date().toISOString(), options, rows, mostUpstream }, null, 2));
+}
+
+await main();
