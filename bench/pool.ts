@@ -7,12 +7,13 @@
  *
  * - connect latency: N sequential connect + SELECT 1 + close per path, interleaved, warm pools;
  *   median and p99 (node-postgres);
- * - connects per second: pgbench -S -C (a new connection per transaction), 4 clients;
+ * - connects per second: pgbench -C with SELECT 1 (a new connection per transaction), 4 clients;
  * - upstream connections while 1,000 short-lived clients (50 at a time) go through the pooled
  *   proxy: the most seen in pg_stat_activity.
  */
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
 import { mkdirSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
@@ -87,10 +88,12 @@ async function startDelay(targetPort: number, delayMs: number): Promise<{ port: 
   };
 }
 
-/** pgbench -S -C: transactions (= connections) per second. */
+/** pgbench -C with SELECT 1 as its transaction: connections per second. */
 function pgbenchConnects(exe: string, libpq: Record<string, string>, seconds: number): Promise<number> {
+  const script = join(tmpdir(), 'lbp-bench-select1.sql');
+  writeFileSync(script, 'SELECT 1;\n');
   return new Promise((resolve, reject) => {
-    const child = spawn(exe, ['-n', '-S', '-C', '-c', '4', '-j', '2', '-T', String(seconds)], { env: libpqEnvironment(libpq) });
+    const child = spawn(exe, ['-n', '-C', '-f', script, '-c', '4', '-j', '2', '-T', String(seconds)], { env: libpqEnvironment(libpq) });
     let out = '';
     child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
     child.stderr.on('data', (chunk: Buffer) => (out += chunk.toString()));
@@ -102,9 +105,27 @@ function pgbenchConnects(exe: string, libpq: Record<string, string>, seconds: nu
   });
 }
 
+/** [ms until connect() resolved (the greeting's ReadyForQuery), ms for connect + SELECT 1 + close]. */
+async function timedConnect(config: pg.ClientConfig): Promise<[number, number]> {
+  const started = process.hrtime.bigint();
+  const client = new pg.Client(config);
+  await client.connect();
+  const connected = Number(process.hrtime.bigint() - started) / 1e6;
+  try {
+    await client.query('SELECT 1');
+  } finally {
+    await client.end();
+  }
+  return [connected, Number(process.hrtime.bigint() - started) / 1e6];
+}
+
 interface Row {
   readonly upstream: string;
   readonly path: string;
+  /** connect() alone: until the greeting's ReadyForQuery. */
+  readonly connectMedianMs: number;
+  readonly connectP99Ms: number;
+  /** connect + SELECT 1 + close. */
   readonly medianMs: number;
   readonly p99Ms: number;
   readonly connectsPerSecond: number | undefined;
@@ -127,7 +148,7 @@ async function main(): Promise<void> {
       const port = relay?.port ?? db.port;
       const label = delayed ? `+${2 * options.delayMs} ms round trip` : 'loopback';
       const upstream = `Server=127.0.0.1;Port=${port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database}`;
-      const start = (env: Record<string, string>): Promise<BenchProxy> => startBenchProxy({ args: ['--connection', upstream, '--no-http', '--log-level', 'warn'], env });
+      const start = (env: Record<string, string>): Promise<BenchProxy> => startBenchProxy({ args: ['--connection', upstream, '--no-http'], env });
       const pooled = await start({ LAKEBASE_PROXY_POOL_SIZE: '20' });
       const unpooled = await start({ LAKEBASE_PROXY_POOL_MODE: 'none' });
       toStop.push(() => pooled.stop(), () => unpooled.stop());
@@ -150,18 +171,23 @@ async function main(): Promise<void> {
         ],
       ];
       for (const [, config] of paths) await connectSelectClose(config); // warm: a pooled connection, a TLS session to resume
-      const times = paths.map(() => [] as number[]);
+      // Round i starts with path i % n, so that machine noise lands on every path alike.
+      const connects = paths.map(() => [] as number[]);
+      const totals = paths.map(() => [] as number[]);
       for (let i = 0; i < options.connects; i++) {
-        for (let p = 0; p < paths.length; p++) (times[p] as number[]).push(await connectSelectClose((paths[(p + i) % paths.length] as [string, pg.ClientConfig, Record<string, string>])[1]));
+        for (let k = 0; k < paths.length; k++) {
+          const p = (k + i) % paths.length;
+          const [connected, total] = await timedConnect((paths[p] as [string, pg.ClientConfig, Record<string, string>])[1]);
+          (connects[p] as number[]).push(connected);
+          (totals[p] as number[]).push(total);
+        }
       }
-      // times[p] holds path (p + i) % n for round i: regroup by path.
-      const byPath = paths.map(() => [] as number[]);
-      for (let p = 0; p < paths.length; p++) (times[p] as number[]).forEach((ms, i) => (byPath[(p + i) % paths.length] as number[]).push(ms));
       for (let p = 0; p < paths.length; p++) {
         const [name, , libpq] = paths[p] as [string, pg.ClientConfig, Record<string, string>];
         const connectsPerSecond = pgbench ? await pgbenchConnects(pgbench, libpq, options.seconds) : undefined;
-        const ms = byPath[p] as number[];
-        rows.push({ upstream: label, path: name, medianMs: median(ms), p99Ms: percentile(ms, 99), connectsPerSecond });
+        const ms = totals[p] as number[];
+        const connectMs = connects[p] as number[];
+        rows.push({ upstream: label, path: name, connectMedianMs: median(connectMs), connectP99Ms: percentile(connectMs, 99), medianMs: median(ms), p99Ms: percentile(ms, 99), connectsPerSecond });
       }
       if (!delayed) {
         // Short-lived clients through the pool: the upstream connections never exceed PoolSize.
@@ -193,7 +219,7 @@ async function main(): Promise<void> {
   } finally {
     for (const stop of toStop.reverse()) await stop().catch(() => {});
   }
-  const table = rows.map((r) => `${r.upstream.padEnd(22)} ${r.path.padEnd(20)} median ${r.medianMs.toFixed(2).padStart(7)} ms  p99 ${r.p99Ms.toFixed(2).padStart(7)} ms  ${r.connectsPerSecond === undefined ? '' : `pgbench -C ${r.connectsPerSecond.toFixed(0)} connects/s`}`);
+  const table = rows.map((r) => `${r.upstream.padEnd(20)} ${r.path.padEnd(20)} connect ${r.connectMedianMs.toFixed(2).padStart(7)} ms (p99 ${r.connectP99Ms.toFixed(2).padStart(7)})  +SELECT 1 ${r.medianMs.toFixed(2).padStart(7)} ms (p99 ${r.p99Ms.toFixed(2).padStart(7)})  ${r.connectsPerSecond === undefined ? '' : `pgbench -C ${r.connectsPerSecond.toFixed(0)} connects/s`}`);
   process.stdout.write(`${table.join('\n')}\nupstream connections during ${options.clients} short-lived clients (50 at a time, PoolSize 20): at most ${mostUpstream}\n`);
   const results = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bench', 'results');
   mkdirSync(results, { recursive: true });

@@ -59,6 +59,12 @@ interface Waiter {
 export interface Lease {
   readonly server: ServerConnection;
   readonly reused: boolean;
+  /**
+   * Set when the connection was taken while its reset for the previous client still runs: it
+   * resolves true once the connection is clean, false when the reset failed (then it is closed).
+   * The client may be greeted meanwhile: a reset brings back exactly what its login gave.
+   */
+  readonly ready?: Promise<boolean>;
 }
 
 /** One login for `loginKey`'s parameters: what the pool calls when it needs a new connection. */
@@ -76,6 +82,8 @@ export class Pool {
   /** Logins under way: they count against the size. */
   #loggingIn = 0;
   readonly #waiters: Waiter[] = [];
+  /** Connections being cleaned after their client, and whether a new client has claimed each already. */
+  readonly #resets = new Map<ServerConnection, { claimed: boolean; readonly done: Promise<boolean> }>();
   #closed = false;
   readonly #janitor: NodeJS.Timeout;
 
@@ -121,6 +129,13 @@ export class Pool {
         this.#observer.reuse();
         this.#observer.waited((Date.now() - started) / 1000);
         return { server: idle, reused: true };
+      }
+      // One being cleaned after its last client is a round trip from ready, a login several.
+      const resetting = this.#takeResetting(loginKey);
+      if (resetting) {
+        this.#observer.reuse();
+        this.#observer.waited((Date.now() - started) / 1000);
+        return { server: resetting.server, reused: true, ready: resetting.ready };
       }
       if (this.size >= this.#settings.size) {
         // Room for this client's login: an idle connection of other parameters goes.
@@ -210,7 +225,41 @@ export class Pool {
     return true;
   }
 
+  /** A connection of these parameters whose reset runs and that no client has claimed yet. */
+  #takeResetting(loginKey: string): { server: ServerConnection; ready: Promise<boolean> } | undefined {
+    for (const [server, reset] of this.#resets) {
+      if (server.loginKey !== loginKey || reset.claimed) continue;
+      reset.claimed = true;
+      return { server, ready: reset.done };
+    }
+    return undefined;
+  }
+
   async #reset(server: ServerConnection, status: string): Promise<void> {
+    let settle!: (ok: boolean) => void;
+    const reset = { claimed: false, done: new Promise<boolean>((resolve) => (settle = resolve)) };
+    this.#resets.set(server, reset);
+    const ok = await this.#cleaned(server, status);
+    this.#resets.delete(server);
+    if (!ok) {
+      settle(false);
+      return;
+    }
+    if (reset.claimed) {
+      server.state = 'active';
+      settle(true);
+      return;
+    }
+    settle(true);
+    server.state = 'idle';
+    server.lastUsedAt = Date.now();
+    server.watchIdle(() => this.#close(server, 'server_closed'));
+    this.#idle.push(server);
+    this.#wakeOne();
+  }
+
+  /** ROLLBACK when a transaction was left open, then ServerResetQuery; false (and closed) when that failed or the connection may serve no more. */
+  async #cleaned(server: ServerConnection, status: string): Promise<boolean> {
     server.state = 'resetting';
     server.stopWatchingIdle();
     const queries = status === 'I' ? [] : ['ROLLBACK'];
@@ -220,18 +269,14 @@ export class Pool {
     this.#observer.reset();
     if (!result.ok || server.closed || this.#closed) {
       this.#close(server, this.#closed ? 'shutdown' : 'reset_failed');
-      return;
+      return false;
     }
     const now = Date.now();
     if (now >= server.expiresAt) {
       this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
-      return;
+      return false;
     }
-    server.state = 'idle';
-    server.lastUsedAt = now;
-    server.watchIdle(() => this.#close(server, 'server_closed'));
-    this.#idle.push(server);
-    this.#wakeOne();
+    return true;
   }
 
   #close(server: ServerConnection, reason: ServerCloseReason): void {

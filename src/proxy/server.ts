@@ -249,6 +249,12 @@ export class ProxyServer {
     return pool;
   }
 
+  /** A connection given to a client that left before its session began goes back, once clean. */
+  async #giveBackUnused(database: string, server: ServerConnection, ready: Promise<boolean> | undefined): Promise<void> {
+    if (ready && !(await ready)) return; // closed by the pool already
+    this.#pools.get(database)?.release(server, { reusable: true, status: 'I' }, false);
+  }
+
   /** A pool with no connection and no client waiting goes (a client may name any database). */
   #dropIfEmpty(database: string): void {
     const pool = this.#pools.get(database);
@@ -352,6 +358,8 @@ export class ProxyServer {
     let upstream: UpstreamSession;
     let server: ServerConnection | undefined;
     let reused = false;
+    /** Pending while the pooled connection's reset for its last client runs. */
+    let ready: Promise<boolean> | undefined;
     try {
       if (pooled) {
         let fresh: UpstreamSession | undefined;
@@ -374,6 +382,7 @@ export class ProxyServer {
           });
         server = lease?.server;
         reused = lease?.reused ?? false;
+        ready = lease?.ready;
         upstream = fresh ?? pooledSession(server as ServerConnection);
       } else {
         upstream = await login();
@@ -390,7 +399,7 @@ export class ProxyServer {
     raw.off('close', onClientGone);
     if (abort.signal.aborted) {
       // The client left before its session began: its connection, clean, goes back to the pool.
-      if (server) this.#pools.get(database)?.release(server, { reusable: true, status: 'I' }, false);
+      if (server) void this.#giveBackUnused(database, server, ready);
       else upstream.socket.destroy();
       frames.detach();
       return;
@@ -410,6 +419,20 @@ export class ProxyServer {
       void sent.then(() => this.#cancelsInFlight.delete(sent));
     };
     const upstreamName = `${target.host}:${target.port}`;
+    // A connection still being cleaned for its last client is a round trip from ready: the client
+    // is greeted now (what its reset brings back is known), and its first query waits for it.
+    let greeted = false;
+    if (ready) {
+      client.write(hello);
+      greeted = true;
+      if (!(await ready)) {
+        clientKey.release();
+        frames.detach();
+        this.#log.warn({ peer, database }, 'a pooled upstream connection failed its reset');
+        refuse(client, { sqlstate: '08006', message: `the pooled connection to upstream ${upstreamName} failed while it was being cleaned; connect again` });
+        return;
+      }
+    }
     const clientFirst = frames.detach();
     let relay: SessionRelay | undefined;
     if (upstream.native) {
@@ -417,7 +440,7 @@ export class ProxyServer {
         client: raw,
         upstream: upstream.native,
         clientFirst,
-        toClientFirst: upstream.leftover.length > 0 ? Buffer.concat([hello, upstream.leftover]) : hello,
+        toClientFirst: greeted ? upstream.leftover : upstream.leftover.length > 0 ? Buffer.concat([hello, upstream.leftover]) : hello,
         upstreamName,
         counters: this.#nativeBytes,
         onAbandoned,
@@ -435,7 +458,7 @@ export class ProxyServer {
         if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
         return;
       }
-      client.write(hello);
+      if (!greeted) client.write(hello);
       relay = new Relay(client, upstream.socket, clientFirst, upstream.leftover, upstreamName, this.#observer.bytes, onAbandoned);
     }
     if (this.options.idleTimeoutMs > 0) {
