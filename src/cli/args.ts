@@ -57,6 +57,8 @@ export function helpText(): string {
     '  lakebase-proxy --config FILE [options]',
     '  lakebase-proxy check [--connection ...]        log in, run SELECT 1, exit 0 or 1',
     '  lakebase-proxy auth login|url|exchange|refresh|token [--connection ...]',
+    '  lakebase-proxy wait [--max 30s]                exit 0 once the proxy on this host reports /startup ready, 1 after --max',
+    '  lakebase-proxy shutdown                        POST /quitquitquit to the proxy on this host: what SIGTERM does',
     '',
     'Sources, later wins: defaults, --config FILE (YAML), ~/.databrickscfg profile, DATABRICKS_HOST /',
     'DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET, LAKEBASE_PROXY_* variables, --connection, flags.',

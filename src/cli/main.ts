@@ -12,6 +12,7 @@ import { untilSignal } from '../ops/shutdown.js';
 import { Metrics } from '../ops/metrics.js';
 import { startOpsServer, type OpsServer } from '../ops/http.js';
 import { helpText, parseArgs } from './args.js';
+import { adminPeers, shutdownCommand, waitCommand } from './admin.js';
 
 /** Runs the program; resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
@@ -38,6 +39,10 @@ export async function main(argv: readonly string[]): Promise<number> {
       case 'check':
         if (args.rest.length > 0) throw new ConfigError(`unknown option ${args.rest[0]}; see --help`);
         return await check(config, logger);
+      case 'wait':
+        return await waitCommand(config.process, args.rest);
+      case 'shutdown':
+        return await shutdownCommand(config.process, args.rest);
       case 'auth': {
         const target = config.targets[0];
         if (config.targets.length !== 1 || !target) throw new ConfigError('auth commands work on one target; give one --connection');
@@ -115,6 +120,7 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
 
 async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
   const metrics = new Metrics();
+  const quitAllowed = adminPeers(config.process.string('AdminAddress') as string);
   const targets = await prepare(config, logger, metrics);
   const servers: ProxyServer[] = [];
   const state = { started: false, shuttingDown: false };
@@ -140,6 +146,8 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
         metrics,
         health: { get started() { return state.started; }, get shuttingDown() { return state.shuttingDown; }, atCapacity: () => servers.some((s) => s.atCapacity) },
         logger,
+        // The handlers untilSignal() registered, as a SIGTERM would run them (on every platform).
+        quit: { allowed: quitAllowed, request: () => process.emit('SIGTERM', 'SIGTERM') },
       });
       logger.info({ address: config.process.string('HttpAddress'), port: ops.port }, 'serving /metrics, /startup, /liveness and /readiness');
     }
