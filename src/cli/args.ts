@@ -59,6 +59,8 @@ export function helpText(): string {
     '  lakebase-proxy auth login|url|exchange|refresh|token [--connection ...]',
     '  lakebase-proxy wait [--max 30s]                exit 0 once the proxy on this host reports /startup ready, 1 after --max',
     '  lakebase-proxy shutdown                        POST /quitquitquit to the proxy on this host: what SIGTERM does',
+    '  lakebase-proxy service install|uninstall|status [--config FILE]',
+    '                                                 run it at login: a systemd user unit (Linux), a launchd agent (macOS)',
     '',
     'Sources, later wins: defaults, --config FILE (YAML), ~/.databrickscfg profile, DATABRICKS_HOST /',
     'DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET, LAKEBASE_PROXY_* variables, --connection, flags.',

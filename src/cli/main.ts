@@ -13,6 +13,7 @@ import { Metrics } from '../ops/metrics.js';
 import { startOpsServer, type OpsServer } from '../ops/http.js';
 import { helpText, parseArgs } from './args.js';
 import { adminPeers, shutdownCommand, waitCommand } from './admin.js';
+import { processHost, serviceCommand } from './service.js';
 
 /** Runs the program; resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
@@ -43,6 +44,8 @@ export async function main(argv: readonly string[]): Promise<number> {
         return await waitCommand(config.process, args.rest);
       case 'shutdown':
         return await shutdownCommand(config.process, args.rest);
+      case 'service':
+        return await serviceCommand(args, processHost());
       case 'auth': {
         const target = config.targets[0];
         if (config.targets.length !== 1 || !target) throw new ConfigError('auth commands work on one target; give one --connection');
