@@ -19,6 +19,7 @@ native=0
 [ -f build/Release/lakebase_relay.node ] && native=1
 
 summary=()
+failed=0
 for line in $lines; do
   if [ "$line" = "$own" ]; then
     summary+=("node $line: the machine's own line, run by npm test")
@@ -27,9 +28,15 @@ for line in $lines; do
   echo "=== the whole suite on Node.js $line ==="
   start=$SECONDS
   # The inner command runs in npx's shell, with the package's node first on the PATH.
-  LAKEBASE_PROXY_EXPECT_NODE="$line" LAKEBASE_PROXY_EXPECT_NATIVE="$native" TEST_FILTERS="$*" \
-    npx -y -p "node@$line" -c 'echo "running on node $(node --version)" && node test/run.js $TEST_FILTERS'
-  summary+=("node $line: passed in $((SECONDS - start)) s")
+  # Every line runs even when one fails, so that one CI run shows them all.
+  if LAKEBASE_PROXY_EXPECT_NODE="$line" LAKEBASE_PROXY_EXPECT_NATIVE="$native" TEST_FILTERS="$*" \
+    npx -y -p "node@$line" -c 'echo "running on node $(node --version)" && node test/run.js $TEST_FILTERS'; then
+    summary+=("node $line: passed in $((SECONDS - start)) s")
+  else
+    summary+=("node $line: FAILED after $((SECONDS - start)) s")
+    failed=1
+  fi
 done
 
 printf '%s\n' "${summary[@]}"
+exit "$failed"
