@@ -5,7 +5,7 @@
 #
 # The runtime stage holds only production dependencies, dist/src and bin, and runs as a non-root user.
 
-ARG NODE_IMAGE=node:20-bookworm-slim
+ARG NODE_IMAGE=node:24-bookworm-slim
 
 # --- build: every dependency, then the TypeScript compiler ---------------------------------
 FROM ${NODE_IMAGE} AS build
@@ -63,7 +63,7 @@ COPY bin ./bin
 # Numeric, so that Kubernetes' runAsNonRoot can verify it (the image's "node" user).
 USER 1000:1000
 EXPOSE 5432 9090
-# Slim images have no curl; Node 20's fetch does the probe. --no-http turns the endpoint off:
+# Slim images have no curl; Node's fetch does the probe. --no-http turns the endpoint off:
 # run such a container with --no-healthcheck.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.LAKEBASE_PROXY_HTTP_PORT||9090)+'/liveness').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]

@@ -15,6 +15,8 @@ import { Metrics } from '../ops/metrics.js';
 import { startOpsServer, type OpsServer } from '../ops/http.js';
 import { helpText, parseArgs } from './args.js';
 import { formatUrls, targetUrls } from './url.js';
+import { adminPeers, shutdownCommand, waitCommand } from './admin.js';
+import { processHost, serviceCommand } from './service.js';
 
 /** Runs the program; resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
@@ -48,6 +50,12 @@ export async function main(argv: readonly string[]): Promise<number> {
         process.stdout.write(formatUrls(targetUrls(config.targets, args.rest)));
         return 0;
       }
+      case 'wait':
+        return await waitCommand(config.process, args.rest);
+      case 'shutdown':
+        return await shutdownCommand(config.process, args.rest);
+      case 'service':
+        return await serviceCommand(args, processHost());
       case 'auth': {
         const target = config.targets[0];
         if (config.targets.length !== 1 || !target) throw new ConfigError('auth commands work on one target; give one --connection');
@@ -117,6 +125,7 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
   refuseSharedPorts(config.targets);
   const groups = listenerGroups(config.targets);
   const metrics = new Metrics();
+  const quitAllowed = adminPeers(config.process.string('AdminAddress') as string);
   const targets = await prepare(config, logger, metrics);
   const servers: ProxyServer[] = [];
   const state = { started: false, shuttingDown: false };
@@ -142,6 +151,8 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
         metrics,
         health: { get started() { return state.started; }, get shuttingDown() { return state.shuttingDown; }, atCapacity: () => servers.some((s) => s.atCapacity) },
         logger,
+        // The handlers untilSignal() registered, as a SIGTERM would run them (on every platform).
+        quit: { allowed: quitAllowed, request: () => process.emit('SIGTERM', 'SIGTERM') },
       });
       logger.info({ address: config.process.string('HttpAddress'), port: ops.port }, 'serving /metrics, /startup, /liveness and /readiness');
     }

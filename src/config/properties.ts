@@ -110,6 +110,7 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'HttpAddress', kind: string, flag: '--http-address', default: '127.0.0.1', process: true, help: 'address of the /metrics and health endpoints' },
   { name: 'HttpPort', kind: { type: 'int', min: 0, max: 65535 }, flag: '--http-port', default: '9090', process: true, help: 'port of the /metrics and health endpoints' },
   { name: 'NoHttp', kind: bool, flag: '--no-http', default: 'false', process: true, help: 'serve no /metrics and health endpoints' },
+  { name: 'AdminAddress', kind: string, flag: '--admin-address', default: '127.0.0.0/8,::1', process: true, help: 'peers that may POST /quitquitquit on the HTTP port (what SIGTERM does): comma-separated addresses or CIDR ranges, or none' },
   { name: 'MinSigtermDelay', kind: duration, flag: '--min-sigterm-delay', default: '0', process: true, help: 'after SIGTERM, how long to keep accepting new clients' },
   { name: 'MaxSigtermDelay', kind: duration, flag: '--max-sigterm-delay', default: '0', process: true, help: 'after that, how long to wait for open sessions before closing them' },
   { name: 'ExitZeroOnSigterm', kind: bool, flag: '--exit-zero-on-sigterm', default: 'false', process: true, help: 'exit 0 after SIGTERM even when sessions had to be closed (for Kubernetes Jobs)' },

@@ -25,6 +25,8 @@ export interface OpsServerOptions {
   readonly metrics: Metrics;
   readonly health: HealthState;
   readonly logger: Logger;
+  /** POST /quitquitquit: asks for what SIGTERM does, from the peers `allowed` lets in. */
+  readonly quit?: { allowed(address: string | undefined): boolean; request(): void };
 }
 
 export interface OpsServer {
@@ -38,7 +40,7 @@ type Answer = readonly [status: number, body: string];
 const OK: Answer = [200, 'ok'];
 
 export async function startOpsServer(options: OpsServerOptions): Promise<OpsServer> {
-  const { metrics, health, logger } = options;
+  const { metrics, health, logger, quit } = options;
   const log = logger.child({ component: 'http' });
 
   const probes: Record<string, () => Answer> = {
@@ -62,6 +64,10 @@ export async function startOpsServer(options: OpsServerOptions): Promise<OpsServ
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const path = pathOf(req);
+    if (path === '/quitquitquit' && quit) {
+      quitquitquit(req, res, quit);
+      return;
+    }
     const probe = probes[path];
     if (probe === undefined && path !== '/metrics') {
       send(res, 404, 'text/plain; charset=utf-8', 'not found');
@@ -78,6 +84,21 @@ export async function startOpsServer(options: OpsServerOptions): Promise<OpsServ
     }
     const [status, body] = probe();
     send(res, status, 'text/plain; charset=utf-8', body);
+  }
+
+  function quitquitquit(req: IncomingMessage, res: ServerResponse, { allowed, request }: NonNullable<OpsServerOptions['quit']>): void {
+    const peer = req.socket.remoteAddress;
+    if (req.method !== 'POST') {
+      res.setHeader('allow', 'POST');
+      send(res, 405, 'text/plain; charset=utf-8', 'method not allowed');
+    } else if (!allowed(peer)) {
+      log.warn({ peer }, 'refused /quitquitquit from a peer AdminAddress does not allow');
+      send(res, 403, 'text/plain; charset=utf-8', 'forbidden: this peer may not shut the proxy down (AdminAddress)');
+    } else {
+      log.info({ peer }, '/quitquitquit: shutting down as on SIGTERM');
+      res.once('finish', request);
+      send(res, 200, 'text/plain; charset=utf-8', 'shutting down');
+    }
   }
 
   await new Promise<void>((resolve, reject) => {

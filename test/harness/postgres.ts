@@ -142,7 +142,7 @@ function tail(file: string, maxBytes = 8192): string {
   }
 }
 
-function freePort(): Promise<number> {
+export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = createServer();
     srv.unref();

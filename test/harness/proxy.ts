@@ -95,12 +95,15 @@ export interface ProxyProcess {
 
 /**
  * Runs `bin/lakebase-proxy.js` with `args` (plus `--port 0` unless a port is given, or `addPort`
- * is false so that a config file's ListenPort counts) until it logs "listening".
+ * is false so that a config file's ListenPort counts) until it logs "listening". `program`:
+ * another command to run instead (an installed copy), with `env` as its whole environment rather
+ * than added to this process's.
  */
-export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000, addPort = true): Promise<ProxyProcess> {
+export function startProxyProcess(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15000, addPort = true, program?: string): Promise<ProxyProcess> {
   const withPort = withTestRelay(args.includes('--port') || !addPort ? args : ['--port', '0', ...args]);
-  const child = spawn(process.execPath, [BIN, ...withPort, '--log-format', 'json'], {
-    env: { ...process.env, ...env },
+  const [command, commandArgs] = program ? [program, withPort] : [process.execPath, [BIN, ...withPort]];
+  const child = spawn(command, [...commandArgs, '--log-format', 'json'], {
+    env: program ? env : { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let output = '';
