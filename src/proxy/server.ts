@@ -129,6 +129,8 @@ export class ProxyServer {
   readonly #wakeUp: WakeUp;
   /** Set by PAUSE: new sessions wait at the gate until resume() settles it. */
   #paused: { readonly resumed: Promise<void>; readonly resume: () => void } | undefined;
+  /** Refusing new clients or stopped: a client held by PAUSE is turned away. */
+  #ending = false;
 
   constructor(options: ProxyOptions, deps: ProxyDeps) {
     this.#options = options;
@@ -198,6 +200,17 @@ export class ProxyServer {
       if (signal?.aborted) throw signal.reason;
       await sleep(50);
     }
+  }
+
+  /** At shutdown (or the target's removal), clients held by PAUSE are turned away: no one would resume them. */
+  #turnAwayHeld(): void {
+    this.#ending = true;
+    const paused = this.#paused;
+    if (!paused) return;
+    let resume!: () => void;
+    const resumed = new Promise<void>((resolve) => (resume = resolve));
+    this.#paused = { resumed, resume };
+    paused.resume();
   }
 
   /** Ends a pause: held clients go on. Whether the server was paused. */
@@ -278,6 +291,7 @@ export class ProxyServer {
    */
   refuseNewClients(): void {
     this.#accepting = false;
+    this.#turnAwayHeld();
     for (const pool of this.#pools.values()) pool.close(); // idle connections now, the others as their clients leave
   }
 
@@ -287,6 +301,7 @@ export class ProxyServer {
    */
   stopAccepting(): void {
     this.#accepting = false;
+    this.#turnAwayHeld();
     for (const server of this.#servers) server.close();
     for (const pool of this.#pools.values()) pool.close();
     if (this.#socketFile) removeSocketFile(this.#socketFile);
@@ -580,6 +595,7 @@ export class ProxyServer {
     const started = Date.now();
     try {
       while (this.#paused && !signal.aborted) {
+        if (this.#ending) return SHUTTING_DOWN;
         session.state.paused = true;
         const left = this.options.pool.queryWaitTimeoutMs - (Date.now() - started);
         if (left <= 0) {
