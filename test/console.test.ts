@@ -324,3 +324,19 @@ test('a shutdown turns away the clients PAUSE holds (57P03) instead of waiting f
     await other.close();
   }
 });
+
+test('a client PAUSE holds past QueryWaitTimeout gets 57P03 naming the pause and the setting', async () => {
+  const other = await startRuntime(['--connection', connectionFor(db, token), '--port', '0', '--unix-socket', dir, '--query-wait-timeout', '300ms']);
+  try {
+    assert.equal(await consoleState({ host: dir, port: other.port() }, 'PAUSE'), 'ok');
+    const held = proxyClient(other.port(), db, { user: 'someone' });
+    await assert.rejects(held.connect(), (error: pg.DatabaseError) => {
+      assert.equal(error.code, '57P03');
+      assert.equal(error.message, 'target default is paused (PAUSE from the console) and was not resumed within QueryWaitTimeout (0.3 s)');
+      return true;
+    });
+    assert.ok(other.logs.some((l) => l['msg'] === 'client held by PAUSE turned away' && l['sqlstate'] === '57P03'));
+  } finally {
+    await other.close();
+  }
+});

@@ -13,8 +13,7 @@
  *   restart, and the reload says so and keeps the running value.
  */
 import type { Logger } from '../ops/log.js';
-import { Console } from '../admin/console.js';
-import { CONSOLE_DATABASE, PGBOUNCER_ALIAS } from '../admin/console.js';
+import { Console, CONSOLE_DATABASE, PGBOUNCER_ALIAS } from '../admin/console.js';
 import type { ConsoleHost, ReloadReport, TargetView, TokenHistory, Traffic } from '../admin/host.js';
 import type { ParsedArgs } from './args.js';
 import { loadConfig, type LoadedConfig, type Target } from '../config/load.js';
@@ -57,6 +56,13 @@ interface Running {
   readonly listener: Listener;
   readonly tokens: { -readonly [K in keyof TokenHistory]: TokenHistory[K] };
   draining: boolean;
+}
+
+/** A target made ready to listen: its options, token source, and the history of its tokens. */
+interface Prepared {
+  readonly target: Target;
+  readonly prepared: PreparedTarget;
+  readonly tokens: Running['tokens'];
 }
 
 /** Where a target listens: address and port, or a port of its own (0: a free one each). */
@@ -120,8 +126,10 @@ export class Runtime implements ConsoleHost {
   readonly #metrics: Metrics;
   readonly #shutdown: (by: string) => void;
   #process: Settings;
-  /** The configuration read at start, for start(). */
+  /** The configuration read at start, for prepare(). */
   readonly #initial: LoadedConfig;
+  /** The targets prepare() made ready, for listen(). */
+  #starting: { groups: number[][]; prepared: Prepared[] } | undefined;
   readonly #targets = new Map<string, Running>();
   readonly #listeners = new Map<string, Listener>();
   /** Reloads one at a time. */
@@ -139,14 +147,11 @@ export class Runtime implements ConsoleHost {
     this.console = new Console(this, options.logger);
   }
 
-  /** The targets of the configuration read at start, prepared by prepare() for listen(). */
-  #starting: { groups: number[][]; prepared: Array<{ target: Target; prepared: PreparedTarget; tokens: Running['tokens'] }> } | undefined;
-
   /** Checks the configuration read at start and prepares its targets (token sources); listen() starts them. */
   async prepare(): Promise<readonly PreparedTarget[]> {
     const config = this.#initial;
     const groups = check(config, this.#log);
-    const prepared: Array<{ target: Target; prepared: PreparedTarget; tokens: Running['tokens'] }> = [];
+    const prepared: Prepared[] = [];
     try {
       for (const target of config.targets) prepared.push({ target, ...(await this.#prepare(target)) });
     } catch (error) {
@@ -162,7 +167,7 @@ export class Runtime implements ConsoleHost {
     const starting = this.#starting;
     if (!starting) throw new Error('Runtime.listen() before prepare()');
     this.#starting = undefined;
-    for (const group of starting.groups) await this.#listen(group.map((i) => starting.prepared[i] as (typeof starting.prepared)[number]));
+    for (const group of starting.groups) await this.#listen(group.map((i) => starting.prepared[i] as Prepared));
   }
 
   /** Closes what prepare() and listen() opened, after a failure to start. */
@@ -223,7 +228,7 @@ export class Runtime implements ConsoleHost {
     return run;
   }
 
-  async #prepare(target: Target): Promise<{ prepared: PreparedTarget; tokens: Running['tokens'] }> {
+  async #prepare(target: Target): Promise<Omit<Prepared, 'target'>> {
     const { settings, name } = target;
     if (settings.string('Password') === undefined) await checkOAuthSettings(resolveOAuth(settings));
     const tokens: Running['tokens'] = { obtainedAt: undefined, lastRefreshAt: undefined, lastRefreshResult: undefined, successes: 0, failures: 0 };
@@ -252,7 +257,7 @@ export class Runtime implements ConsoleHost {
   }
 
   /** Starts the listener of one group of targets (one target, or those sharing a port). */
-  async #listen(members: ReadonlyArray<{ target: Target; prepared: PreparedTarget; tokens: Running['tokens'] }>): Promise<void> {
+  async #listen(members: readonly Prepared[]): Promise<void> {
     const first = members[0];
     if (!first) return;
     const key = listenerKey(first.target);
@@ -331,13 +336,13 @@ export class Runtime implements ConsoleHost {
     }
 
     // The new targets' token sources, then their listeners; a failure closes what was opened.
-    const prepared = new Map<string, { target: Target; prepared: PreparedTarget; tokens: Running['tokens'] }>();
+    const prepared = new Map<string, Prepared>();
     const opened: Listener[] = [];
     try {
       for (const target of added) prepared.set(target.name, { target, ...(await this.#prepare(target)) });
       for (const [key, targets] of opening) {
         if (vacated.has(key)) this.#stopListener(this.#listeners.get(key) as Listener); // its targets are removed below
-        await this.#listen(targets.map((t) => prepared.get(t.name) as NonNullable<ReturnType<typeof prepared.get>>));
+        await this.#listen(targets.map((t) => prepared.get(t.name) as Prepared));
         opened.push(this.#listeners.get(key) as Listener);
         for (const t of targets) changes.push(`target ${t.name} added: listening on ${this.#describeListener(this.#listeners.get(key) as Listener)}`);
       }
@@ -352,7 +357,7 @@ export class Runtime implements ConsoleHost {
     for (const [key, targets] of joining) {
       const listener = this.#listeners.get(key) as Listener;
       for (const target of targets) {
-        const p = prepared.get(target.name) as NonNullable<ReturnType<typeof prepared.get>>;
+        const p = prepared.get(target.name) as Prepared;
         const server = (listener.shared as SharedPort).add({ options: p.prepared.options, deps: this.#deps(p.prepared) });
         this.servers.push(server);
         this.#targets.set(target.name, { name: target.name, settings: target.settings, prepared: p.prepared, server, listener, tokens: p.tokens, draining: false });

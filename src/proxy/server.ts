@@ -91,7 +91,7 @@ interface Session {
   readonly state: ClientState;
 }
 
-/** A held client whose target stays paused past QueryWaitTimeout. */
+/** PAUSE looks every so often whether the running sessions have ended (as drained() does). */
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** What a client that starts up during the shutdown's drain gets, as Postgres answers then. */
@@ -445,7 +445,7 @@ export class ProxyServer {
       raw.off('close', onClientGone);
       frames.detach();
       if (!abort.signal.aborted) {
-        this.#log.info({ peer, user: clientUser, database }, 'client held by PAUSE was not resumed within QueryWaitTimeout');
+        this.#log.info({ peer, user: clientUser, database, sqlstate: held.sqlstate, reason: held.message }, 'client held by PAUSE turned away');
         refuse(client, held);
       }
       return;
