@@ -77,9 +77,11 @@ export class ConsoleSession {
       for (;;) {
         const { type, body } = await this.#frames.next();
         switch (type) {
-          case FrontendCode.Query:
-            await this.#query(body.toString('utf8', 0, Math.max(0, body.indexOf(0) < 0 ? body.length : body.indexOf(0))));
+          case FrontendCode.Query: {
+            const end = body.indexOf(0); // the query string's terminator
+            await this.#query(body.toString('utf8', 0, end < 0 ? body.length : end));
             break;
+          }
           case FrontendCode.Terminate:
             return;
           case FrontendCode.Sync:
