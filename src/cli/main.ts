@@ -3,17 +3,15 @@ import { createLogger, type Logger } from '../ops/log.js';
 import { ConfigError, envName, PROPERTIES, type Settings } from '../config/properties.js';
 import { loadConfig, type LoadedConfig } from '../config/load.js';
 import { refuseSharedPorts, resolveOAuth } from '../config/target.js';
-import { ProxyServer } from '../proxy/server.js';
-import { sharedPort } from '../proxy/shared-port.js';
-import { listenerGroups } from '../config/shared-ports.js';
 import { runAuthCommand } from '../oauth/index.js';
 import { prepareTarget, type PreparedTarget } from './prepare.js';
 import { checkOAuthSettings } from '../oauth/index.js';
 import { connectionTest } from '../ops/check.js';
-import { untilSignal } from '../ops/shutdown.js';
+import { untilSignal, type Shutdown } from '../ops/shutdown.js';
 import { Metrics } from '../ops/metrics.js';
 import { startOpsServer, type OpsServer } from '../ops/http.js';
-import { helpText, parseArgs } from './args.js';
+import { helpText, parseArgs, type ParsedArgs } from './args.js';
+import { Runtime } from './runtime.js';
 import { formatUrls, targetUrls } from './url.js';
 import { adminPeers, shutdownCommand, waitCommand } from './admin.js';
 import { processHost, serviceCommand } from './service.js';
@@ -29,8 +27,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       return 0;
     }
     if (args.version) {
-      const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
-      process.stdout.write(`lakebase-proxy ${pkg.version}\n`);
+      process.stdout.write(`lakebase-proxy ${packageVersion()}\n`);
       return 0;
     }
     const config = await loadConfig(args);
@@ -39,7 +36,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       case undefined:
       case 'serve':
         if (args.rest.length > 0) throw new ConfigError(`unknown option ${args.rest[0]}; see --help`);
-        return await serve(config, logger);
+        return await serve(args, config, logger);
       case 'check':
         if (args.rest.length > 0) throw new ConfigError(`unknown option ${args.rest[0]}; see --help`);
         return await check(config, logger);
@@ -99,14 +96,11 @@ function loggerFor(settings: Settings): Logger {
 
 export { createTokenSource } from './prepare.js';
 
-async function prepare(config: LoadedConfig, logger: Logger, metrics?: Metrics): Promise<PreparedTarget[]> {
+async function prepare(config: LoadedConfig, logger: Logger): Promise<PreparedTarget[]> {
   const running: PreparedTarget[] = [];
   for (const target of config.targets) {
     if (target.settings.string('Password') === undefined) await checkOAuthSettings(resolveOAuth(target.settings));
-    const onRefresh = metrics ? (result: 'success' | 'failure') => metrics.tokenRefreshed(target.name, result) : undefined;
-    const prepared = await prepareTarget(target.settings, target.name, logger.child({ target: target.name }), onRefresh);
-    metrics?.watchTokenExpiry(target.name, () => prepared.tokenSource.currentExpiry());
-    running.push(prepared);
+    running.push(await prepareTarget(target.settings, target.name, logger.child({ target: target.name })));
   }
   return running;
 }
@@ -121,19 +115,16 @@ async function check(config: LoadedConfig, logger: Logger): Promise<number> {
   return ok ? 0 : 1;
 }
 
-async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
-  refuseSharedPorts(config.targets);
-  const groups = listenerGroups(config.targets);
+async function serve(args: ParsedArgs, config: LoadedConfig, logger: Logger): Promise<number> {
   const metrics = new Metrics();
   const quitAllowed = adminPeers(config.process.string('AdminAddress') as string);
-  const targets = await prepare(config, logger, metrics);
-  const servers: ProxyServer[] = [];
   const state = { started: false, shuttingDown: false };
   let ops: OpsServer | undefined;
-  const closeTokens = (): Promise<unknown> => Promise.all(targets.map((t) => t.tokenSource.close()));
+  let shutdown: Shutdown | undefined;
+  const runtime = new Runtime({ args, logger, metrics, version: `lakebase-proxy ${packageVersion()}`, shutdown: (by) => shutdown?.begin(by) }, config);
   // Handlers first: a signal that follows the "listening" line at once must find them.
-  const stopped = untilSignal(
-    servers,
+  shutdown = untilSignal(
+    runtime.servers,
     {
       minDelayMs: config.process.duration('MinSigtermDelay'),
       maxDelayMs: config.process.duration('MaxSigtermDelay'),
@@ -142,14 +133,19 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
     state,
     logger,
   );
+  // SIGHUP reads the configuration again, as RELOAD on the console does (an error is logged, the running configuration kept).
+  const onHangUp = (): void => void runtime.reload('SIGHUP').catch(() => undefined);
+  process.on('SIGHUP', onHangUp);
+  let targets: readonly PreparedTarget[] = [];
   try {
+    targets = await runtime.prepare();
     if (!config.process.bool('NoHttp')) {
       // Before the listeners, so that /startup answers 503 while they start.
       ops = await startOpsServer({
         address: config.process.string('HttpAddress') as string,
         port: config.process.int('HttpPort'),
         metrics,
-        health: { get started() { return state.started; }, get shuttingDown() { return state.shuttingDown; }, atCapacity: () => servers.some((s) => s.atCapacity) },
+        health: { get started() { return state.started; }, get shuttingDown() { return state.shuttingDown; }, atCapacity: () => runtime.servers.some((s) => s.atCapacity) },
         logger,
         // The handlers untilSignal() registered, as a SIGTERM would run them (on every platform).
         quit: { allowed: quitAllowed, request: () => process.emit('SIGTERM', 'SIGTERM') },
@@ -162,49 +158,22 @@ async function serve(config: LoadedConfig, logger: Logger): Promise<number> {
         if (!ok) throw new ConfigError(`connection test of target ${options.name} failed; see the log above`);
       }
     }
-    for (const group of groups) {
-      const members = group.map((i) => targets[i] as PreparedTarget);
-      for (const { options } of members) {
-        if (options.upstream.sslMode === 'require') {
-          logger.warn({ target: options.name, upstream: options.upstream.host }, 'SSLMode=require: the upstream certificate is not verified');
-        }
-      }
-      const about = ({ options, tokenSource }: PreparedTarget) => ({
-        target: options.name,
-        upstream: `${options.upstream.host}:${options.upstream.port}`,
-        identity: options.identity,
-        tokenSource: tokenSource.describe(),
-      });
-      const deps = ({ options, tokenSource, locator }: PreparedTarget) => ({ tokenSource, locator, logger, observer: metrics.observerFor(options.name) });
-      if (members.length === 1) {
-        const member = members[0] as PreparedTarget;
-        const server = new ProxyServer(member.options, deps(member));
-        await server.listen();
-        servers.push(server);
-        logger.info({ ...about(member), address: member.options.listen.address, port: server.port, socket: server.socketPath }, 'listening');
-        continue;
-      }
-      const { address, port } = (members[0] as PreparedTarget).options.listen;
-      const name = `${address}:${port}`;
-      const shared = sharedPort(
-        members.map((member) => ({ options: member.options, deps: deps(member) })),
-        { name, logger, observer: metrics.observerFor(name) },
-      );
-      await shared.front.listen();
-      servers.push(shared.front, ...shared.targets);
-      logger.info({ target: name, address, port: shared.front.port, socket: shared.front.socketPath, databases: members.map((m) => m.options.name) }, 'listening');
-      for (const member of members) logger.info({ ...about(member), database: member.options.name }, 'serving clients that ask for this database');
-    }
+    await runtime.listen();
     state.started = true;
     warnAboutSecretsOnTheCommandLine(config, logger);
   } catch (error) {
-    for (const server of servers) await server.close();
-    await closeTokens();
+    process.off('SIGHUP', onHangUp);
+    await runtime.abandon(targets);
     await ops?.close();
     throw error;
   }
-  const code = await stopped;
+  const code = await shutdown.stopped;
+  process.off('SIGHUP', onHangUp);
   await ops?.close();
-  await closeTokens();
+  await runtime.close();
   return code;
+}
+
+function packageVersion(): string {
+  return (JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 }

@@ -115,6 +115,15 @@ export const PROPERTIES: readonly Property[] = [
   { name: 'MaxSigtermDelay', kind: duration, flag: '--max-sigterm-delay', default: '0', process: true, help: 'after that, how long to wait for open sessions before closing them' },
   { name: 'ExitZeroOnSigterm', kind: bool, flag: '--exit-zero-on-sigterm', default: 'false', process: true, help: 'exit 0 after SIGTERM even when sessions had to be closed (for Kubernetes Jobs)' },
   { name: 'RunConnectionTest', kind: bool, flag: '--run-connection-test', default: 'false', process: true, help: 'at start-up, log in to each target and run SELECT 1; exit 1 if it fails' },
+  // The admin console (database lakebase_proxy)
+  {
+    name: 'AdminUsers',
+    kind: string,
+    flag: '--admin-users',
+    process: true,
+    help: 'comma-separated users of --client-users who may run the console\'s PAUSE, RESUME, RELOAD, SHUTDOWN, KILL and CALLs once authenticated by password or SCRAM (over the unix socket of mode 0600 anyone who connects may)',
+  },
+  { name: 'NoPgBouncerAlias', kind: bool, flag: '--no-pgbouncer-alias', default: 'false', process: true, help: 'the database name pgbouncer no longer reaches the console (for a Lakebase database really called so); lakebase_proxy still does' },
 ];
 
 /** Names match case-insensitively, and with or without dashes and underscores (listen-port). */

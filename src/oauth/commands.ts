@@ -53,8 +53,52 @@ export interface AuthCommandIO {
   readonly logger: Logger;
 }
 
-class UsageError extends Error {
+/** A command given wrongly (a missing or malformed argument): exit 2, or SQLSTATE 22023 on the console. */
+export class UsageError extends Error {
   override readonly name = 'UsageError';
+}
+
+/**
+ * How the person runs each step, for the advice in errors: the `auth` commands on the command
+ * line, the CALLs on the console (src/admin/procedures.ts).
+ */
+export interface StepNames {
+  /** Begins a login (the seed's GetOAuthAuthorizationUrl). */
+  readonly url: string;
+  /** Finishes it (GetOAuthAccessToken). */
+  readonly exchange: string;
+  /** Signs in from the start. */
+  readonly login: string;
+  /** Where the code from the callback goes. */
+  readonly verifier: string;
+  /** Where a refresh token is given. */
+  readonly refreshToken: string;
+  /** Whether a login begun in memory:// outlives the step (a process that keeps running: the console). */
+  readonly memoryKeeps: boolean;
+}
+
+const CLI_STEPS: StepNames = {
+  url: '`lakebase-proxy auth url`',
+  exchange: '`lakebase-proxy auth exchange`',
+  login: '`lakebase-proxy auth login`',
+  verifier: '--verifier',
+  refreshToken: '--refresh-token',
+  memoryKeeps: false,
+};
+
+/** A login begun: the URL to open, and where its PKCE verifier and state are kept. */
+export interface BegunLogin {
+  readonly url: string;
+  readonly state: string;
+  readonly callbackUrl: string;
+  readonly settingsLocation: string;
+}
+
+/** Tokens obtained and stored (or kept in memory://). */
+export interface ObtainedTokens {
+  readonly settingsLocation: string;
+  readonly stored: boolean;
+  readonly tokens: IssuedTokens;
 }
 
 const FLAGS: Record<string, { readonly value: boolean; readonly commands: readonly string[] }> = {
@@ -149,15 +193,38 @@ async function login(options: OAuthOptions, flags: Flags, io: AuthCommandIO): Pr
 }
 
 async function authorizationUrl(options: OAuthOptions, flags: Flags, io: AuthCommandIO): Promise<number> {
-  const client = workspaceClient(options, io.logger, 'browser');
+  printJson(io, await beginLogin(options, stringFlag(flags, 'callback-url'), io.logger));
+  return 0;
+}
+
+async function exchange(options: OAuthOptions, flags: Flags, io: AuthCommandIO): Promise<number> {
+  const given = stringFlag(flags, 'verifier') ?? stringFlag(flags, 'code') ?? options.verifier;
+  if (given === undefined) throw new UsageError('auth exchange needs --verifier CODE (the code from the callback URL, or the whole URL)');
+  const obtained = await exchangeCode(options, given, io.logger);
+  printJson(io, summary(obtained.settingsLocation, obtained.stored, obtained.tokens, flags.has('print-tokens')));
+  return 0;
+}
+
+async function refresh(options: OAuthOptions, flags: Flags, io: AuthCommandIO): Promise<number> {
+  const obtained = await refreshTokens(options, stringFlag(flags, 'refresh-token'), io.logger);
+  printJson(io, summary(obtained.settingsLocation, obtained.stored, obtained.tokens, flags.has('print-tokens')));
+  return 0;
+}
+
+/**
+ * The seed's GetOAuthAuthorizationUrl: a login URL for `callbackUrl` (default CallbackURL), its
+ * PKCE verifier and state kept in OAuthSettingsLocation for exchangeCode.
+ */
+export async function beginLogin(options: OAuthOptions, callbackUrl: string | undefined, logger: Logger, steps: StepNames = CLI_STEPS): Promise<BegunLogin> {
+  const client = workspaceClient(options, logger, 'browser');
   const store = settingsStore(options);
-  if (!store.persistent) {
+  if (!store.persistent && !steps.memoryKeeps) {
     throw new TokenError(
       'settings_error',
-      `\`auth url\` keeps the PKCE verifier for \`auth exchange\`, but OAuthSettingsLocation ${store.location} keeps nothing once this command ends: use a file`,
+      `${steps.url} keeps the PKCE verifier for ${steps.exchange}, but OAuthSettingsLocation ${store.location} keeps nothing once this command ends: use a file`,
     );
   }
-  const redirectUri = stringFlag(flags, 'callback-url') ?? options.callbackUrl;
+  const redirectUri = callbackUrl ?? options.callbackUrl;
   const codeVerifier = oidc.randomPKCECodeVerifier();
   const state = oidc.randomState();
   const url = await client.authorizationUrl(redirectUri, state, await oidc.calculatePKCECodeChallenge(codeVerifier));
@@ -165,51 +232,54 @@ async function authorizationUrl(options: OAuthOptions, flags: Flags, io: AuthCom
   await store.update(settingsKey(client.workspace, client.clientId), (entry) =>
     Promise.resolve({ result: undefined, next: { ...entry, pending } }),
   );
-  printJson(io, { url: url.href, state, callbackUrl: redirectUri, settingsLocation: store.location });
-  return 0;
+  return { url: url.href, state, callbackUrl: redirectUri, settingsLocation: store.location };
 }
 
-async function exchange(options: OAuthOptions, flags: Flags, io: AuthCommandIO): Promise<number> {
-  const given = stringFlag(flags, 'verifier') ?? stringFlag(flags, 'code') ?? options.verifier;
-  if (given === undefined) throw new UsageError('auth exchange needs --verifier CODE (the code from the callback URL, or the whole URL)');
-  const { code, state } = parseVerifier(given);
-  const client = workspaceClient(options, io.logger, 'browser');
+/**
+ * The seed's GetOAuthAccessToken: trades the code from the callback (or the whole callback URL)
+ * of the login beginLogin began for tokens, and stores them.
+ */
+export async function exchangeCode(options: OAuthOptions, verifier: string, logger: Logger, steps: StepNames = CLI_STEPS): Promise<ObtainedTokens> {
+  const { code, state } = parseVerifier(verifier, steps);
+  const client = workspaceClient(options, logger, 'browser');
   const store = settingsStore(options);
   const tokens = await store.update(settingsKey(client.workspace, client.clientId), async (entry) => {
     const pending = entry?.pending;
     if (!pending) {
       throw new TokenError(
         'login_required',
-        `OAuthSettingsLocation ${store.location} holds no login begun by \`lakebase-proxy auth url\` for ${client.workspace.origin} and client ${client.clientId}: run \`auth url\` first, with the same settings`,
+        `OAuthSettingsLocation ${store.location} holds no login begun by ${steps.url} for ${client.workspace.origin} and client ${client.clientId}: run ${steps.url} first, with the same settings`,
       );
     }
     if (state !== undefined && state !== pending.state) {
-      throw new TokenError('login_required', 'the callback URL belongs to another login than the one `auth url` began (its state differs): run `auth url` again');
+      throw new TokenError('login_required', `the callback URL belongs to another login than the one ${steps.url} began (its state differs): run ${steps.url} again`);
     }
     const issued = await client.exchangeCode(code, pending.codeVerifier, pending.redirectUri);
     const next: SettingsEntry = { ...withTokens(entry, issued), pending: undefined, seen: [...(entry.seen ?? []), fingerprint(code)].slice(-20) };
     return { result: issued, next };
   });
-  printJson(io, summary(store.location, store.persistent, tokens, flags.has('print-tokens')));
-  return 0;
+  return { settingsLocation: store.location, stored: store.persistent, tokens };
 }
 
-async function refresh(options: OAuthOptions, flags: Flags, io: AuthCommandIO): Promise<number> {
-  const client = workspaceClient(options, io.logger, 'scheme');
+/**
+ * The seed's RefreshOAuthAccessToken: a new access token from the given or stored refresh token
+ * (for AuthScheme=OAuthClient without one, a new client-credentials token), stored.
+ */
+export async function refreshTokens(options: OAuthOptions, given: string | undefined, logger: Logger, steps: StepNames = CLI_STEPS): Promise<ObtainedTokens> {
+  const client = workspaceClient(options, logger, 'scheme');
   const store = settingsStore(options);
-  const fromFlag = stringFlag(flags, 'refresh-token');
   const tokens = await store.update(settingsKey(client.workspace, client.clientId), async (entry) => {
     let issued: IssuedTokens;
     let seen = entry?.seen ?? [];
-    if (options.authScheme === 'OAuthClient' && fromFlag === undefined) {
+    if (options.authScheme === 'OAuthClient' && given === undefined) {
       issued = await client.clientCredentials();
     } else {
       // A stored refresh token is newer than the connection string's (it may have been rotated).
-      const refreshToken = fromFlag ?? entry?.refreshToken ?? options.refreshToken;
+      const refreshToken = given ?? entry?.refreshToken ?? options.refreshToken;
       if (refreshToken === undefined) {
         throw new TokenError(
           'login_required',
-          `no refresh token: give --refresh-token, OAuthRefreshToken, or sign in with \`lakebase-proxy auth login\` (settings ${store.location})`,
+          `no refresh token: give ${steps.refreshToken}, OAuthRefreshToken, or sign in with ${steps.login} (settings ${store.location})`,
         );
       }
       issued = await client.refresh(refreshToken);
@@ -217,8 +287,7 @@ async function refresh(options: OAuthOptions, flags: Flags, io: AuthCommandIO): 
     }
     return { result: issued, next: { ...withTokens(entry ?? {}, issued), seen } };
   });
-  printJson(io, summary(store.location, store.persistent, tokens, flags.has('print-tokens')));
-  return 0;
+  return { settingsLocation: store.location, stored: store.persistent, tokens };
 }
 
 async function token(options: OAuthOptions, io: AuthCommandIO): Promise<number> {
@@ -233,18 +302,19 @@ async function token(options: OAuthOptions, io: AuthCommandIO): Promise<number> 
 }
 
 /** A code, or a whole callback URL (`http://localhost:8020/?code=...&state=...`) pasted as is. */
-function parseVerifier(given: string): { code: string; state: string | undefined } {
+function parseVerifier(given: string, steps: StepNames): { code: string; state: string | undefined } {
+  if (given === '') throw new UsageError(`${steps.verifier} is empty: give the code from the callback URL, or the whole URL`);
   if (!/^https?:\/\//i.test(given)) return { code: given, state: undefined };
   let url: URL;
   try {
     url = new URL(given);
   } catch {
-    throw new UsageError('--verifier looks like a URL but is not one');
+    throw new UsageError(`${steps.verifier} looks like a URL but is not one`);
   }
   const error = url.searchParams.get('error');
   if (error) throw new TokenError('login_required', `the callback URL reports a failed login: ${error}`);
   const code = url.searchParams.get('code');
-  if (!code) throw new UsageError('the callback URL given to --verifier has no code parameter');
+  if (!code) throw new UsageError(`the callback URL given to ${steps.verifier} has no code parameter`);
   return { code, state: url.searchParams.get('state') ?? undefined };
 }
 

@@ -61,6 +61,9 @@ interface TargetCounts {
   /** The target's pools, read at scrape. */
   pools: () => PoolStats;
   computeWaits: Record<WaitOutcome, number>;
+  /** Pooled clients' waits for a connection, and their sum (the console's SHOW STATS). */
+  waits: number;
+  waitSeconds: number;
 }
 
 const NO_POOLS: PoolStats = { idle: 0, active: 0, loggingIn: 0, checking: 0, resetting: 0, waiting: 0 };
@@ -294,6 +297,8 @@ export class Metrics {
       serverCloses: Object.fromEntries(SERVER_CLOSE_REASONS.map((r) => [r, 0])) as Record<ServerCloseReason, number>,
       pools: () => NO_POOLS,
       computeWaits: Object.fromEntries(WAIT_OUTCOMES.map((o) => [o, 0])) as Record<WaitOutcome, number>,
+      waits: 0,
+      waitSeconds: 0,
     };
     const histogram = this.#connectSeconds;
     const labels = { target };
@@ -319,7 +324,11 @@ export class Metrics {
         reuse: () => void counts.reuses++,
         reset: () => void counts.resets++,
         closed: (reason) => void counts.serverCloses[reason]++,
-        waited: (seconds) => waits.observe(labels, seconds),
+        waited: (seconds) => {
+          counts.waits++;
+          counts.waitSeconds += seconds;
+          waits.observe(labels, seconds);
+        },
       },
       watchPools: (read) => void (counts.pools = read),
       computeWaited: (outcome) => void counts.computeWaits[outcome]++,
@@ -327,6 +336,22 @@ export class Metrics {
     this.#targets.set(target, { counts, observer });
     this.#refreshCounts(target);
     return observer;
+  }
+
+  /** What `target` relayed, logged in and waited since the start (the console's SHOW STATS). */
+  traffic(target: string): { bytesToUpstream: number; bytesToClient: number; sessions: number; logins: number; reuses: number; failures: number; waits: number; waitSeconds: number } {
+    const c = this.#targets.get(target)?.counts;
+    if (!c) return { bytesToUpstream: 0, bytesToClient: 0, sessions: 0, logins: 0, reuses: 0, failures: 0, waits: 0, waitSeconds: 0 };
+    return {
+      bytesToUpstream: c.bytesToUpstream + (c.nativeBytes[0] as number),
+      bytesToClient: c.bytesToClient + (c.nativeBytes[1] as number),
+      sessions: c.relayed.native + c.relayed.js,
+      logins: c.logins,
+      reuses: c.reuses,
+      failures: FAILURE_REASONS.reduce((n, reason) => n + c.failures[reason], 0),
+      waits: c.waits,
+      waitSeconds: c.waitSeconds,
+    };
   }
 
   /** Counts one token fetch or refresh for `target`. */

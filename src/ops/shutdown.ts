@@ -21,9 +21,17 @@ export interface ShutdownState {
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Resolves with the exit code once a signal has ended the servers. */
-export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOptions, state: ShutdownState, logger: Logger): Promise<number> {
-  return new Promise<number>((resolve) => {
+export interface Shutdown {
+  /** Resolves with the exit code once a signal (or begin()) has ended the servers. */
+  readonly stopped: Promise<number>;
+  /** What SIGTERM does, asked for by `by` (the console's SHUTDOWN). */
+  begin(by: string): void;
+}
+
+/** Waits for SIGTERM or SIGINT; `servers` may grow meanwhile (targets added by a reload). */
+export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOptions, state: ShutdownState, logger: Logger): Shutdown {
+  let begin: (by: string) => void = () => {};
+  const stopped = new Promise<number>((resolve) => {
     let finished = false;
     const finish = (code: number): void => {
       if (finished) return;
@@ -32,7 +40,7 @@ export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOp
       process.off('SIGINT', onSignal);
       resolve(code);
     };
-    const onSignal = (signal: NodeJS.Signals): void => {
+    const onSignal = (signal: NodeJS.Signals, by?: string): void => {
       const failureCode = 128 + (constants.signals[signal] ?? 15);
       if (state.shuttingDown) {
         logger.warn({ signal }, 'second signal: closing every session now');
@@ -45,7 +53,7 @@ export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOp
       }
       state.shuttingDown = true;
       const open = (): number => servers.reduce((n, s) => n + s.connections, 0);
-      logger.info({ signal, sessions: open(), minSigtermDelayMs: options.minDelayMs, maxSigtermDelayMs: options.maxDelayMs }, 'shutting down');
+      logger.info({ signal, ...(by ? { by } : {}), sessions: open(), minSigtermDelayMs: options.minDelayMs, maxSigtermDelayMs: options.maxDelayMs }, 'shutting down');
       void (async () => {
         if (options.minDelayMs > 0) await sleep(options.minDelayMs);
         for (const server of servers) server.refuseNewClients();
@@ -63,5 +71,7 @@ export function untilSignal(servers: readonly ProxyServer[], options: ShutdownOp
     };
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);
+    begin = (by) => onSignal('SIGTERM', by);
   });
+  return { stopped, begin: (by) => begin(by) };
 }

@@ -54,6 +54,8 @@ export class PoolTimeoutError extends Error {
 
 interface Waiter {
   readonly wake: () => void;
+  /** When the client began to wait (SHOW POOLS' maxwait). */
+  readonly since: number;
 }
 
 export interface Lease {
@@ -85,6 +87,8 @@ export class Pool {
   /** Connections being cleaned after their client, and whether a new client has claimed each already. */
   readonly #resets = new Map<ServerConnection, { claimed: boolean; readonly done: Promise<boolean> }>();
   #closed = false;
+  /** PAUSE: idle connections close, and those released meanwhile too, until resume(). */
+  #paused = false;
   readonly #janitor: NodeJS.Timeout;
 
   constructor(name: string, settings: PoolSettings, observer: PoolObserver) {
@@ -110,6 +114,22 @@ export class Pool {
   /** Server connections open or logging in. */
   get size(): number {
     return this.#all.size + this.#loggingIn;
+  }
+
+  /** The logged-in connections, for the console's SHOW SERVERS. */
+  get servers(): readonly ServerConnection[] {
+    return [...this.#all];
+  }
+
+  /** How long the client waiting longest has waited, in milliseconds; 0 when none waits. */
+  get maxWaitMs(): number {
+    const first = this.#waiters[0];
+    return first ? Date.now() - first.since : 0;
+  }
+
+  /** Settings in force (a reload may change them). */
+  get settings(): PoolSettings {
+    return this.#settings;
   }
 
   /**
@@ -172,8 +192,8 @@ export class Pool {
    * the connection is cleaned and goes back to the pool; otherwise it is closed.
    */
   release(server: ServerConnection, detached: Detached | undefined, upstreamEnded: boolean): void {
-    if (!detached?.reusable || this.#closed || server.closed) {
-      this.#close(server, upstreamEnded ? 'server_closed' : this.#closed ? 'shutdown' : 'not_reusable');
+    if (!detached?.reusable || this.#closed || this.#paused || server.closed) {
+      this.#close(server, upstreamEnded ? 'server_closed' : this.#closed || this.#paused ? 'shutdown' : 'not_reusable');
       return;
     }
     void this.#reset(server, detached.status);
@@ -184,6 +204,19 @@ export class Pool {
     this.#settings = settings;
     while (this.size > settings.size && this.#idle.length > 0) this.#close(this.#idle.shift() as ServerConnection, 'evicted');
     this.#wakeAll();
+  }
+
+  /**
+   * PAUSE from the console: closes the idle connections, and each connection as its client
+   * leaves, until resume(). Clients already past the server's gate still get connections.
+   */
+  pause(): void {
+    this.#paused = true;
+    for (const server of this.#idle.splice(0)) this.#close(server, 'shutdown');
+  }
+
+  resume(): void {
+    this.#paused = false;
   }
 
   /** Closes every idle connection and those released from now on; waiting clients are refused. */
@@ -267,8 +300,8 @@ export class Pool {
     const result = queries.length === 0 ? { ok: true, parameters: [] } : await converse(server.upstream, queries, 30_000).catch(() => ({ ok: false, parameters: [] }));
     for (const [name, value] of result.parameters) server.parameters.set(name, value);
     this.#observer.reset();
-    if (!result.ok || server.closed || this.#closed) {
-      this.#close(server, this.#closed ? 'shutdown' : 'reset_failed');
+    if (!result.ok || server.closed || this.#closed || this.#paused) {
+      this.#close(server, this.#closed || this.#paused ? 'shutdown' : 'reset_failed');
       return false;
     }
     const now = Date.now();
@@ -310,6 +343,7 @@ export class Pool {
     if (left <= 0) return Promise.reject(this.#timeout());
     return new Promise<void>((resolve, reject) => {
       const waiter: Waiter = {
+        since: started,
         wake: () => {
           clearTimeout(timer);
           signal.removeEventListener('abort', onAbort);

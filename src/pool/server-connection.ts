@@ -41,6 +41,8 @@ function jittered(ms: number): number {
 
 export class ServerConnection {
   state: ServerState = 'active';
+  /** When it logged in. */
+  readonly connectedAt = Date.now();
   lastUsedAt = Date.now();
   /** The server's reported parameters now, in the order it first sent them. */
   readonly parameters: Map<string, string>;

@@ -20,6 +20,8 @@ import { loginKeyOf, ServerConnection } from '../pool/server-connection.js';
 import { WakeUp, withWakeUp } from './wake-up.js';
 import type { ComputeLocator } from '../lakebase/locator.js';
 import type { Router } from './shared-port.js';
+import type { ConsoleGate } from '../admin/gate.js';
+import { clientState, describeClient, type ClientState } from './client-state.js';
 
 export interface ListenOptions {
   readonly address: string;
@@ -69,6 +71,8 @@ export interface ProxyDeps {
   readonly router?: Router;
   /** Cancel keys shared by the targets of one port, so that a cancel request finds its session's. */
   readonly cancelKeys?: CancelKeys;
+  /** The admin console (src/admin): a client whose database names it is served there, never upstream. */
+  readonly console?: ConsoleGate;
 }
 
 /** An error the proxy turns into an ErrorResponse for the client. */
@@ -84,7 +88,11 @@ interface Session {
   established: boolean;
   /** Accepted while refusing new clients: turned away with 57P03, never waited for by drained(). */
   readonly late: boolean;
+  readonly state: ClientState;
 }
+
+/** PAUSE looks every so often whether the running sessions have ended (as drained() does). */
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** What a client that starts up during the shutdown's drain gets, as Postgres answers then. */
 const SHUTTING_DOWN: ClientFacing = { sqlstate: '57P03', message: 'the proxy is shutting down' };
@@ -98,7 +106,7 @@ interface Adopted {
 }
 
 export class ProxyServer {
-  readonly options: ProxyOptions;
+  #options: ProxyOptions;
   readonly #deps: ProxyDeps;
   readonly #observer: ProxyObserver;
   readonly #log: Logger;
@@ -119,9 +127,13 @@ export class ProxyServer {
   readonly #nativeUpstream: boolean;
   /** Retries of the upstream connect while the compute starts. */
   readonly #wakeUp: WakeUp;
+  /** Set by PAUSE: new sessions wait at the gate until resume() settles it. */
+  #paused: { readonly resumed: Promise<void>; readonly resume: () => void } | undefined;
+  /** Refusing new clients or stopped: a client held by PAUSE is turned away. */
+  #ending = false;
 
   constructor(options: ProxyOptions, deps: ProxyDeps) {
-    this.options = options;
+    this.#options = options;
     this.#deps = deps;
     this.#observer = deps.observer ?? nullObserver;
     this.#log = deps.logger.child({ target: options.name });
@@ -141,6 +153,85 @@ export class ProxyServer {
       nativeProblemLogged = true;
       this.#log.warn({ reason: native.problem }, 'the native relay did not load; every session uses the JavaScript relay');
     }
+  }
+
+  get options(): ProxyOptions {
+    return this.#options;
+  }
+
+  /**
+   * New settings from a reload, for the sessions that start from now on; the pools take their
+   * new sizes and timeouts at once. The listener (address, port, unix socket) stays as it is.
+   */
+  update(options: ProxyOptions): void {
+    this.#options = { ...options, listen: this.#options.listen };
+    for (const pool of this.#pools.values()) pool.update(options.pool);
+  }
+
+  /** The clients of this server now, from their startup to their end. */
+  clients(): ClientState[] {
+    return [...this.#sessions].map((session) => session.state);
+  }
+
+  /** The pools of upstream connections, by database. */
+  get pools(): ReadonlyMap<string, Pool> {
+    return this.#pools;
+  }
+
+  get paused(): boolean {
+    return this.#paused !== undefined;
+  }
+
+  /**
+   * PAUSE, as PgBouncer does it in session mode: clients that finish their startup from now on
+   * wait at the gate (up to QueryWaitTimeout) until resume(); idle pooled connections close, and
+   * the others as their clients leave. Resolves once no session is past the gate, that is when
+   * every client that was running has left; rejects when `signal` aborts (the pause stays).
+   */
+  async pause(signal?: AbortSignal): Promise<void> {
+    if (!this.#paused) {
+      let resume!: () => void;
+      const resumed = new Promise<void>((resolve) => (resume = resolve));
+      this.#paused = { resumed, resume };
+      for (const pool of this.#pools.values()) pool.pause();
+    }
+    const running = (): boolean => [...this.#sessions].some((session) => session.established && !session.state.paused);
+    while (running()) {
+      if (signal?.aborted) throw signal.reason;
+      await sleep(50);
+    }
+  }
+
+  /** At shutdown (or the target's removal), clients held by PAUSE are turned away: no one would resume them. */
+  #turnAwayHeld(): void {
+    this.#ending = true;
+    const paused = this.#paused;
+    if (!paused) return;
+    let resume!: () => void;
+    const resumed = new Promise<void>((resolve) => (resume = resolve));
+    this.#paused = { resumed, resume };
+    paused.resume();
+  }
+
+  /** Ends a pause: held clients go on. Whether the server was paused. */
+  resume(): boolean {
+    const paused = this.#paused;
+    if (!paused) return false;
+    this.#paused = undefined;
+    for (const pool of this.#pools.values()) pool.resume();
+    paused.resume();
+    return true;
+  }
+
+  /** KILL CLIENT: ends the session of client `id` at once. Whether this server had it. */
+  kill(id: number): boolean {
+    for (const session of this.#sessions) {
+      if (session.state.id !== id) continue;
+      if (session.relay) session.relay.close('shutdown');
+      else session.socket.destroy();
+      return true;
+    }
+    return false;
   }
 
   /** Open client connections, authenticated or not. */
@@ -200,6 +291,7 @@ export class ProxyServer {
    */
   refuseNewClients(): void {
     this.#accepting = false;
+    this.#turnAwayHeld();
     for (const pool of this.#pools.values()) pool.close(); // idle connections now, the others as their clients leave
   }
 
@@ -209,6 +301,7 @@ export class ProxyServer {
    */
   stopAccepting(): void {
     this.#accepting = false;
+    this.#turnAwayHeld();
     for (const server of this.#servers) server.close();
     for (const pool of this.#pools.values()) pool.close();
     if (this.#socketFile) removeSocketFile(this.#socketFile);
@@ -244,6 +337,7 @@ export class ProxyServer {
     let pool = this.#pools.get(database);
     if (!pool) {
       pool = new Pool(`${this.options.name}/${database}`, this.options.pool, this.#observer.pool);
+      if (this.#paused) pool.pause();
       this.#pools.set(database, pool);
     }
     return pool;
@@ -276,7 +370,7 @@ export class ProxyServer {
       refuse(socket, { sqlstate: '53300', message: `sorry, too many clients starting up already (lakebase-proxy --max-startups ${this.options.maxStartups})` });
       return;
     }
-    this.#start({ relay: undefined, socket, established: false, late: !this.#accepting });
+    this.#start({ relay: undefined, socket, established: false, late: !this.#accepting, state: clientState(socket, this.options.name) });
   }
 
   /** A session from a shared port's front, its client authenticated there: the rest of it runs here. */
@@ -286,6 +380,7 @@ export class ProxyServer {
 
   #start(session: Session, adopted?: Adopted): void {
     const { socket } = session;
+    session.state.target = this.options.name;
     this.#sessions.add(session);
     this.#observer.clientOpened();
     socket.once('close', () => {
@@ -312,6 +407,22 @@ export class ProxyServer {
       await this.#cancel(handshake.processId, handshake.secretKey);
       return;
     }
+    if (!adopted) describeClient(session.state, handshake);
+    if (this.#deps.console?.claims(handshake.parameters)) {
+      this.#sessions.delete(session); // the console's from here on, not waited for by drained()
+      this.#observer.clientClosed();
+      const viaUnixSocket = raw.remoteAddress === undefined;
+      this.#deps.console.serve({
+        socket: handshake.socket,
+        frames: handshake.frames,
+        parameters: handshake.parameters,
+        state: session.state,
+        authMethod: this.options.clientAuth.authMethod,
+        unixSocketMode: viaUnixSocket ? this.options.listen.unixSocketMode : undefined,
+        cancelKeys: this.#cancelKeys,
+      });
+      return;
+    }
     if (this.#deps.router) {
       this.#dispatch(session, handshake, started, peer);
       return;
@@ -333,6 +444,18 @@ export class ProxyServer {
     const abort = new AbortController();
     const onClientGone = (): void => abort.abort();
     raw.once('close', onClientGone);
+    // A shared port's client keeps the name it asked for (the target's); others show the database used.
+    Object.assign(session.state, { ...(adopted ? {} : { database }), state: 'waiting', since: Date.now() });
+    const held = await this.#gate(session, abort.signal);
+    if (held) {
+      raw.off('close', onClientGone);
+      frames.detach();
+      if (!abort.signal.aborted) {
+        this.#log.info({ peer, user: clientUser, database, sqlstate: held.sqlstate, reason: held.message }, 'client held by PAUSE turned away');
+        refuse(client, held);
+      }
+      return;
+    }
 
     const forwarded = new Map(parameters);
     forwarded.delete('user');
@@ -405,6 +528,12 @@ export class ProxyServer {
       return;
     }
 
+    session.state.upstream = {
+      processId: upstream.processId,
+      tls: `${upstream.tls.version}/${upstream.tls.cipher}`,
+      connectedAt: server?.connectedAt ?? Date.now(),
+      server,
+    };
     const target = this.options.upstream;
     const upstreamKey = { processId: upstream.processId, secretKey: upstream.secretKey };
     const cancelUpstream = (): Promise<void> => sendCancel(target, upstreamKey.processId, upstreamKey.secretKey);
@@ -467,6 +596,7 @@ export class ProxyServer {
     }
     session.relay = relay;
     const relayKind = relay instanceof NativeRelay ? 'native' : 'js';
+    Object.assign(session.state, { state: 'active', since: Date.now(), relay: relayKind });
     this.#observer.sessionStarted(relayKind);
     this.#log.debug({ peer, user: clientUser, database, relay: relayKind }, 'session started');
     // #run returns now, so that nothing of the handshake and login stays alive for the session.
@@ -478,6 +608,36 @@ export class ProxyServer {
       this.#dropIfEmpty(database);
     };
     this.#whenEnded(session, relay, giveBack, { peer, user: clientUser, database, started, relay: relayKind, pooled: server !== undefined, reused });
+  }
+
+  /**
+   * While the server is paused, the session waits here; undefined once it may go on, or the
+   * refusal for its client when QueryWaitTimeout passed first or the client left.
+   */
+  async #gate(session: Session, signal: AbortSignal): Promise<ClientFacing | undefined> {
+    const started = Date.now();
+    try {
+      while (this.#paused && !signal.aborted) {
+        if (this.#ending) return SHUTTING_DOWN;
+        session.state.paused = true;
+        const left = this.options.pool.queryWaitTimeoutMs - (Date.now() - started);
+        if (left <= 0) {
+          return { sqlstate: '57P03', message: `target ${this.options.name} is paused (PAUSE from the console) and was not resumed within QueryWaitTimeout (${this.options.pool.queryWaitTimeoutMs / 1000} s)` };
+        }
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([
+          this.#paused.resumed,
+          new Promise<void>((resolve) => {
+            timer = setTimeout(resolve, left);
+            signal.addEventListener('abort', () => resolve(), { once: true });
+          }),
+        ]);
+        clearTimeout(timer);
+      }
+    } finally {
+      session.state.paused = false;
+    }
+    return signal.aborted ? { sqlstate: '08006', message: 'the client went away' } : undefined;
   }
 
   /** The client's startup and authentication within StartupTimeout; undefined when it was refused or dropped. */

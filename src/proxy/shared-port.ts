@@ -14,6 +14,7 @@ import type { Logger } from '../ops/log.js';
 import { TokenError, type TokenSource } from '../token/token-source.js';
 import { CancelKeys } from './cancel.js';
 import type { ProxyObserver } from './observer.js';
+import type { ConsoleGate } from '../admin/gate.js';
 import { ProxyServer, type ProxyDeps, type ProxyOptions } from './server.js';
 
 /** Picks the target of a port by the database a client asked for. */
@@ -37,6 +38,10 @@ export interface SharedPort {
   readonly front: ProxyServer;
   /** The targets; they do not listen. */
   readonly targets: readonly ProxyServer[];
+  /** A target added by a reload: clients may name it from now on. */
+  add(target: { readonly options: ProxyOptions; readonly deps: ProxyDeps }): ProxyServer;
+  /** A target removed by a reload: clients that name it from now on get 3D000; its sessions go on. */
+  remove(name: string): void;
 }
 
 /**
@@ -45,18 +50,36 @@ export interface SharedPort {
  */
 export function sharedPort(
   targets: ReadonlyArray<{ readonly options: ProxyOptions; readonly deps: ProxyDeps }>,
-  front: { readonly logger: Logger; readonly observer?: ProxyObserver | undefined; readonly name: string },
+  front: { readonly logger: Logger; readonly observer?: ProxyObserver | undefined; readonly name: string; readonly console?: ConsoleGate | undefined },
 ): SharedPort {
   const first = targets[0];
   if (first === undefined) throw new Error('a shared port needs targets');
   const cancelKeys = new CancelKeys();
   const servers = targets.map((t) => new ProxyServer(t.options, { ...t.deps, cancelKeys }));
   const byName = new Map(servers.map((server) => [server.options.name, server]));
-  const router: Router = { route: (database) => byName.get(database), names: [...byName.keys()] };
+  const router: Router = {
+    route: (database) => byName.get(database),
+    get names() {
+      return [...byName.keys()];
+    },
+  };
   const frontServer = new ProxyServer(
     // The listener settings are the targets' (the same for all of them); the front itself never relays.
     { ...first.options, name: front.name, maxConnections: 0, idleTimeoutMs: 0 },
-    { tokenSource: NO_TOKEN, logger: front.logger, router, cancelKeys, ...(front.observer ? { observer: front.observer } : {}) },
+    { tokenSource: NO_TOKEN, logger: front.logger, router, cancelKeys, ...(front.observer ? { observer: front.observer } : {}), ...(front.console ? { console: front.console } : {}) },
   );
-  return { front: frontServer, targets: servers };
+  return {
+    front: frontServer,
+    get targets() {
+      return [...byName.values()];
+    },
+    add(target) {
+      const server = new ProxyServer(target.options, { ...target.deps, cancelKeys });
+      byName.set(target.options.name, server);
+      return server;
+    },
+    remove(name) {
+      byName.delete(name);
+    },
+  };
 }

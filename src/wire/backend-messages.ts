@@ -35,7 +35,7 @@ export function message(code: number, body: Buffer): Buffer {
   return out;
 }
 
-function int32(n: number): Buffer {
+export function int32(n: number): Buffer {
   const b = Buffer.allocUnsafe(4);
   b.writeInt32BE(n, 0);
   return b;
