@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The real clients and peers some tests use when installed (they skip, saying why, when not):
-# pgjdbc and psycopg2 for the pool's parameter tests, PgBouncer for the benchmark's smoke run.
+# pgjdbc and psycopg2 for the pool's parameter tests, PgBouncer for the console's column check and
+# the benchmark's smoke run.
 # A machine without Debian's package mirror goes on without them.
 set -uo pipefail
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -2,7 +2,7 @@
  * The console's tables against PgBouncer's own console: for every SHOW that PgBouncer also has,
  * PgBouncer's columns come first, with the same names in the same order (the proxy's own come
  * after them), so that PgBouncer's dashboards and exporters read the proxy unchanged. PgBouncer
- * runs for real (Debian's package; `.ci/pgbouncer.sh` installs it on CI), in front of the same
+ * runs for real (Debian's package; `.ci/clients.sh` installs it on CI), in front of the same
  * test Postgres as the proxy.
  */
 import { after, before, test } from 'node:test';
@@ -15,7 +15,7 @@ import { consoleClient, startRuntime, type RunningRuntime } from './harness/cons
 import { cleanEnvironment } from './reliability-support.js';
 
 const exe = findPgBouncer();
-const skip = exe ? false : 'pgbouncer is not installed (apt-get install -y pgbouncer; .ci/pgbouncer.sh does it on CI)';
+const skip = exe ? false : 'pgbouncer is not installed (apt-get install -y pgbouncer; .ci/clients.sh does it on CI)';
 const token = `console-pgbouncer-${Date.now()}`;
 let db: TestPostgres;
 let bouncer: PgBouncer;
