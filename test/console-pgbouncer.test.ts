@@ -2,37 +2,33 @@
  * The console's tables against PgBouncer's own console: for every SHOW that PgBouncer also has,
  * PgBouncer's columns come first, with the same names in the same order (the proxy's own come
  * after them), so that PgBouncer's dashboards and exporters read the proxy unchanged. PgBouncer
- * runs for real (Debian's package; `.ci/clients.sh` installs it on CI), in front of the same
- * test Postgres as the proxy.
+ * runs for real (Debian's package; `.ci/clients.sh` installs it on CI). Neither console needs
+ * its upstream to answer, so both name a server that is not there.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import pg from 'pg';
 import { findPgBouncer, startPgBouncer, type PgBouncer } from '../bench/pgbouncer.js';
-import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
-import { connectionFor } from './harness/proxy.js';
+import { testCA } from './harness/certs.js';
 import { consoleClient, startRuntime, type RunningRuntime } from './harness/console.js';
 import { cleanEnvironment } from './reliability-support.js';
 
 const exe = findPgBouncer();
 const skip = exe ? false : 'pgbouncer is not installed (apt-get install -y pgbouncer; .ci/clients.sh does it on CI)';
-const token = `console-pgbouncer-${Date.now()}`;
-let db: TestPostgres;
 let bouncer: PgBouncer;
 let proxy: RunningRuntime;
 
 before(async () => {
   if (!exe) return;
   cleanEnvironment();
-  db = await startTokenPostgres(token);
-  bouncer = await startPgBouncer(exe, { serverHost: 'localhost', serverPort: db.port, database: db.database, user: db.tokenRole, password: token, caFile: db.ca.caFile, maxSessions: 4 });
-  proxy = await startRuntime(['--connection', connectionFor(db, token), '--port', '0']);
+  const nowhere = { host: 'localhost', port: 1 };
+  bouncer = await startPgBouncer(exe, { serverHost: nowhere.host, serverPort: nowhere.port, database: 'lakebase', user: 'someone', password: 'unused', caFile: (await testCA()).caFile, maxSessions: 4 });
+  proxy = await startRuntime(['--connection', `Server=${nowhere.host};Port=${nowhere.port};User=someone;OAuthAccessToken=unused`, '--port', '0']);
 });
 
 after(async () => {
   await proxy?.close();
   await bouncer?.stop();
-  await db?.stop();
 });
 
 interface Console {

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { BIN, proxyClient, startProxyProcess, type ProxyProcess } from './harness/proxy.js';
-import { consoleClient, consoleQuery, psql, psqlConsole, type ConsoleAddress } from './harness/console.js';
+import { configTop, consoleClient, consoleQuery, psql, psqlConsole, type ConsoleAddress } from './harness/console.js';
 import { freePort, run } from './harness/tools.js';
 import { cleanEnvironment, waitUntil } from './reliability-support.js';
 
@@ -31,13 +31,7 @@ function writeConfig(options: { top?: string[]; withB?: boolean; raw?: string } 
   const text =
     options.raw ??
     [
-      'Server: localhost',
-      `Port: ${db.port}`,
-      `SSLRootCert: ${db.ca.caFile}`,
-      `User: "${db.tokenRole}"`,
-      `OAuthAccessToken: ${token}`,
-      `Database: ${db.database}`,
-      `UnixSocket: ${dir}`,
+      ...configTop(db, token, dir),
       'QueryWaitTimeout: 60s',
       ...(options.top ?? ['PoolSize: 1']),
       'targets:',

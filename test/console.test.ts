@@ -2,7 +2,8 @@
  * The admin console (database lakebase_proxy) of a proxy in front of a real Postgres: psql runs
  * each command; what SHOW says matches the sessions and upstream connections that really exist;
  * who may change the proxy (a trusted loopback client may not: 42501); PAUSE with a transaction
- * running; KILL CLIENT; the errors a client gets for what the console does not do.
+ * running; KILL CLIENT; the errors a client gets for what the console does not do; the console
+ * on a port that several targets share.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -12,7 +13,8 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { startTokenPostgres, type TestPostgres } from './harness/postgres.js';
 import { connectionFor, proxyClient } from './harness/proxy.js';
-import { consoleClient, consoleQuery, consoleState, psql, psqlConsole, startRuntime, type ConsoleAddress, type RunningRuntime } from './harness/console.js';
+import { configTop, consoleClient, consoleQuery, consoleState, psql, psqlConsole, startRuntime, type ConsoleAddress, type RunningRuntime } from './harness/console.js';
+import { freePort } from './harness/tools.js';
 import { cancelRequest, cleanEnvironment, waitUntil } from './reliability-support.js';
 
 const token = `console-token-${Date.now()}`;
@@ -45,26 +47,20 @@ async function session(name: string): Promise<pg.Client> {
 }
 
 test('psql runs each command on the console', { skip: psql ? false : 'psql is not installed' }, async () => {
-  for (const item of ['POOLS', 'CLIENTS', 'SERVERS', 'STATS', 'DATABASES', 'CONFIG', 'VERSION', 'LISTS', 'TOKENS', 'TARGETS']) {
-    const ran = await psqlConsole(tcp, `SHOW ${item}`);
-    assert.equal(ran.code, 0, `SHOW ${item}: ${ran.stderr}`);
-    assert.match(ran.stdout, /\(\d+ rows?\)\n$/, `SHOW ${item} printed a table`);
-  }
+  const items = ['POOLS', 'CLIENTS', 'SERVERS', 'STATS', 'DATABASES', 'CONFIG', 'VERSION', 'LISTS', 'TOKENS', 'TARGETS'];
+  const shown = await psqlConsole(tcp, items.map((item) => `SHOW ${item}`).join('; '));
+  assert.equal(shown.code, 0, shown.stderr);
+  assert.equal(shown.stdout.match(/^\(\d+ rows?\)$/gm)?.length, items.length, `a table for each SHOW:\n${shown.stdout}`);
+  assert.match(shown.stdout, /^target\|identity\|source\|description\|/m, 'SHOW TOKENS among them');
   const help = await psqlConsole(tcp, 'SHOW HELP');
   assert.equal(help.code, 0);
   assert.match(help.stderr, /NOTICE: {2}00000: Console usage\nDETAIL: {2}\n\tSHOW HELP\|POOLS/);
   assert.match(help.stderr, /CALL GetOAuthAccessToken\(verifier =>/);
   // The state-changing commands, over the unix socket (mode 0600: the proxy's own OS user).
-  for (const [sql, tag] of [
-    ['PAUSE', 'PAUSE'],
-    ['RESUME default', 'RESUME'],
-    ['RELOAD', 'RELOAD'],
-  ]) {
-    const ran = await psqlConsole(unix, sql as string);
-    assert.equal(ran.code, 0, `${sql}: ${ran.stderr}`);
-    assert.equal(ran.stdout, `${tag}\n`);
-  }
-  assert.match((await psqlConsole(unix, 'RELOAD')).stderr, /NOTICE: {2}00000: no change/);
+  const changed = await psqlConsole(unix, 'PAUSE; RESUME default; RELOAD');
+  assert.equal(changed.code, 0, changed.stderr);
+  assert.equal(changed.stdout, 'PAUSE\nRESUME\nRELOAD\n');
+  assert.match(changed.stderr, /NOTICE: {2}00000: no change/);
   // Several statements in one query run in order, as Postgres runs them; the alias pgbouncer works too.
   const two = await psqlConsole({ ...tcp, database: 'pgbouncer' }, 'SHOW VERSION; SHOW LISTS');
   assert.equal(two.code, 0, two.stderr);
@@ -339,4 +335,109 @@ test('a client PAUSE holds past QueryWaitTimeout gets 57P03 naming the pause and
   } finally {
     await other.close();
   }
+});
+
+// --- A port that several targets share -----------------------------------------------------
+// The console answers on the port's front, names each target's pool and database as clients
+// name them (the target's name), PAUSE holds one target's clients and not the other's, and
+// RELOAD adds a target to the port and removes one from it.
+
+let sharedDir: string | undefined;
+let sharedProxy: RunningRuntime | undefined;
+let file: string;
+let port: number;
+let admin: ConsoleAddress;
+
+function writeConfig(names: readonly string[]): void {
+  writeFileSync(
+    file,
+    [
+      ...configTop(db, token, sharedDir as string),
+      `ListenPort: ${port}`,
+      'targets:',
+      ...names.map((name) => `  - name: ${name}`),
+    ].join('\n'),
+  );
+}
+
+/** The shared port's runtime, started by the first of its tests (after the tests above). */
+async function sharedPort(): Promise<void> {
+  if (sharedProxy) return;
+  sharedDir = mkdtempSync(join(tmpdir(), 'lbp-console-shared-'));
+  file = join(sharedDir, 'proxy.yaml');
+  port = await freePort();
+  writeConfig(['analytics', 'ops']);
+  sharedProxy = await startRuntime(['--config', file]);
+  admin = { host: sharedDir, port };
+}
+
+after(async () => {
+  await sharedProxy?.close();
+  if (sharedDir) rmSync(sharedDir, { recursive: true, force: true });
+});
+
+async function sharedSession(database: string): Promise<pg.Client> {
+  const client = new pg.Client({ host: '127.0.0.1', port, user: 'someone', database, connectionTimeoutMillis: 10_000 });
+  client.on('error', () => {});
+  await client.connect();
+  return client;
+}
+
+test('the shared port serves the console; its tables name each target as clients do', async () => {
+  await sharedPort();
+  assert.deepEqual(
+    (await consoleQuery(admin, 'SHOW DATABASES')).rows.map((r) => [r['name'], r['database'], r['target']]),
+    [
+      ['analytics', db.database, 'analytics'],
+      ['ops', db.database, 'ops'],
+    ],
+  );
+  const client = await sharedSession('analytics');
+  try {
+    const pools = (await consoleQuery(admin, 'SHOW POOLS')).rows;
+    assert.deepEqual(
+      pools.map((p) => [p['database'], p['cl_active'], p['sv_active']]),
+      [['analytics', 1, 1]],
+    );
+    const mine = (await consoleQuery({ host: '127.0.0.1', port }, 'SHOW CLIENTS')).rows.find((c) => c['database'] === 'analytics');
+    assert.equal(mine?.['target'], 'analytics');
+  } finally {
+    await client.end();
+  }
+});
+
+test('PAUSE of one target on a shared port holds its new clients, not the other target\'s', async () => {
+  await sharedPort();
+  const pausing = consoleClient(admin);
+  await pausing.connect();
+  try {
+    await pausing.query('PAUSE ops');
+    const held = sharedSession('ops');
+    await waitUntil(async () => (await consoleQuery(admin, 'SHOW CLIENTS')).rows.some((c) => c['target'] === 'ops' && c['paused'] === 1), 10_000, 'the ops client held');
+    const other = await sharedSession('analytics');
+    assert.equal((await other.query('select 1 as n')).rows[0].n, 1);
+    await other.end();
+    await pausing.query('RESUME ops');
+    const client = await held;
+    assert.equal((await client.query('select 2 as n')).rows[0].n, 2);
+    await client.end();
+  } finally {
+    await pausing.end();
+  }
+});
+
+test('RELOAD adds a target to a shared port and removes one from it', async () => {
+  await sharedPort();
+  writeConfig(['analytics', 'ops', 'reports']);
+  assert.equal(await consoleState(admin, 'RELOAD'), 'ok');
+  const reports = await sharedSession('reports');
+  assert.equal((await reports.query('select current_database() as d')).rows[0].d, db.database);
+  writeConfig(['analytics', 'reports']);
+  assert.equal(await consoleState(admin, 'RELOAD'), 'ok');
+  await assert.rejects(sharedSession('ops'), (error: pg.DatabaseError) => error.code === '3D000' && error.message === 'database "ops" does not exist; this port serves: analytics, reports');
+  assert.equal((await reports.query('select 3 as n')).rows[0].n, 3);
+  await reports.end();
+  await waitUntil(async () => !(await consoleQuery(admin, 'SHOW TARGETS')).rows.some((r) => r['target'] === 'ops'), 10_000, 'ops gone');
+  writeConfig(['analytics', 'reports', 'pgbouncer']);
+  await assert.rejects(consoleQuery(admin, 'RELOAD'), (error: pg.DatabaseError) => error.code === 'F0000' && /the name pgbouncer reaches the admin console/.test(error.message));
 });

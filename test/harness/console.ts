@@ -10,6 +10,7 @@ import { Runtime } from '../../src/cli/runtime.js';
 import { loadConfig } from '../../src/config/load.js';
 import { createLogger } from '../../src/ops/log.js';
 import { Metrics } from '../../src/ops/metrics.js';
+import type { TestPostgres } from './postgres.js';
 import { findTool, run, type Ran } from './tools.js';
 
 export interface RunningRuntime {
@@ -61,6 +62,19 @@ export async function startRuntime(argv: string[], env: NodeJS.ProcessEnv = {}):
       await runtime.close();
     },
   };
+}
+
+/** The top of a config file whose targets log in to `db` as its token role with `token`, their unix sockets in `socketDir`. */
+export function configTop(db: TestPostgres, token: string, socketDir: string): string[] {
+  return [
+    'Server: localhost',
+    `Port: ${db.port}`,
+    `SSLRootCert: ${db.ca.caFile}`,
+    `User: "${db.tokenRole}"`,
+    `OAuthAccessToken: ${token}`,
+    `Database: ${db.database}`,
+    `UnixSocket: ${socketDir}`,
+  ];
 }
 
 /** Where a console client connects: TCP (127.0.0.1) or the unix socket folder. */
