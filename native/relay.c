@@ -27,6 +27,8 @@
 #include <unistd.h>
 
 #define READ_SIZE 65536
+/* Buffers read from the upstream per event at most (1 MiB): a server faster than the relay must not hold the loop. */
+#define READS_PER_EVENT 16
 #define LINGER_MS 5000
 /* RFC 8446 section 5.5: AES-GCM keys must change well before 2^24.5 records; we update at 2^23. */
 #define KEY_UPDATE_RECORDS (1u << 23)
@@ -502,12 +504,21 @@ static int may_read_up(const lp_conn *c) {
  */
 static void up_read(lp_conn *c, int force) {
   c->read_wants_write = 0;
-  while (!c->up.read_done && !c->closing && (force || may_read_up(c))) {
+  for (int reads = 0; !c->up.read_done && !c->closing && (force || may_read_up(c)); reads++) {
+    /* The rest is on the socket, whose poll reports it on the loop's next turn, after every other
+       connection and timer (else a client gone with a COPY out still coming, its bytes dropped,
+       would keep the loop here, and the cancel that stops that COPY could not be sent). */
+    size_t want = READ_SIZE;
+    if (!force && reads >= READS_PER_EVENT) {
+      /* Enough for this turn, but what OpenSSL holds goes too: no poll would report it. */
+      if (!SSL_has_pending(c->ssl)) return;
+      want = SSL_pending(c->ssl) > 0 ? (size_t)SSL_pending(c->ssl) : 1;
+    }
     size_t have = 0;
     int r = 0;
-    while (have < READ_SIZE) {
+    while (have < want) {
       ERR_clear_error();
-      r = SSL_read(c->ssl, scratch + have, (int)(READ_SIZE - have));
+      r = SSL_read(c->ssl, scratch + have, (int)(want - have));
       if (r <= 0) break;
       have += (size_t)r;
     }
@@ -549,7 +560,9 @@ static void handshake(lp_conn *c) {
     c->handshake_wants = code == SSL_ERROR_WANT_READ ? UV_READABLE : UV_WRITABLE;
     return;
   }
-  long verify = SSL_get_verify_result(c->ssl);
+  /* Without verification (SSLMode=require) OpenSSL still records what it found wrong with the
+     certificate, but that is never why a handshake failed. */
+  long verify = SSL_get_verify_mode(c->ssl) & SSL_VERIFY_PEER ? SSL_get_verify_result(c->ssl) : X509_V_OK;
   const char *why = tls_failure(c, r, "handshake");
   c->tls_broken = 1;
   if (verify != X509_V_OK) why = X509_verify_cert_error_string(verify);
