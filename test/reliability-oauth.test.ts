@@ -33,7 +33,7 @@ before(async () => {
     'OAuthSettingsLocation=memory://',
   ].join(';');
   // The stand-in's certificate comes from the test CA, which test/run.js puts in NODE_EXTRA_CA_CERTS.
-  proxy = await startProxyProcess(['--connection', connection, '--no-http', '--oauth-timeout', '300', '--log-level', 'debug']);
+  proxy = await startProxyProcess(['--connection', connection, '--no-http', '--oauth-timeout', '1s', '--log-level', 'debug']);
 });
 
 after(async () => {
@@ -46,7 +46,7 @@ const FAULTS: readonly Named[] = [
   ['HTTP 500', { kind: 'status', status: 500 }],
   ['malformed JSON', { kind: 'malformed-json' }],
   ['down', 'down'],
-  ['slower than --oauth-timeout', { kind: 'slow', delayMs: 2000 }],
+  ['slower than --oauth-timeout', { kind: 'slow', delayMs: 4000 }],
 ];
 
 async function inject(fault: Fault | 'down' | undefined): Promise<void> {
@@ -91,7 +91,7 @@ test('OAuth server 500 / malformed / down / slow: served while the token is vali
       'HTTP 500': ['28000', /answered HTTP 500 \(3 attempts\)/],
       'malformed JSON': ['28000', /malformed JSON/],
       down: ['08006', /cannot reach https:\/\/localhost:\d+\/oidc\/v1\/token \(3 attempts\): ECONNREFUSED/],
-      'slower than --oauth-timeout': ['08006', /no answer from https:\/\/localhost:\d+\/oidc\/v1\/token within 0\.3 s/],
+      'slower than --oauth-timeout': ['08006', /no answer from https:\/\/localhost:\d+\/oidc\/v1\/token within 1 s/],
     };
     for (const [name, fault] of FAULTS) {
       await inject(fault);
