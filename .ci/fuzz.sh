@@ -26,7 +26,7 @@ installed=$(date +%s)
 
 rm -rf "$out"
 mkdir -p "$out/corpus"
-flags=(-g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra
+flags=(-g -O1 -fno-omit-frame-pointer '-fsanitize=address,undefined' -fno-sanitize-recover=all -Wall -Wextra
   -DOPENSSL_API_COMPAT=30000 -DOPENSSL_NO_DEPRECATED)
 # Coverage guidance for relay.c only: the harness's own branches would only distract libFuzzer.
 clang "${flags[@]}" -fsanitize=fuzzer-no-link -c native/relay.c -o "$out/relay.o"
@@ -40,8 +40,9 @@ status=0
   -artifact_prefix="$out/" "$out/corpus" native/fuzz/corpus >"$out/fuzz.log" 2>&1 || status=$?
 # libFuzzer's progress lines are many; the rest (the corpus replay, a report, the stats) is shown.
 grep -vE '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)' "$out/fuzz.log" || true
-if ls "$out"/crash-* "$out"/leak-* "$out"/timeout-* >/dev/null 2>&1; then
-  echo "fuzz: failing input(s): $(ls "$out"/crash-* "$out"/leak-* "$out"/timeout-* 2>/dev/null | tr '\n' ' ')" >&2
+failing=$(find "$out" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' \) | sort | tr '\n' ' ')
+if [ -n "$failing" ]; then
+  echo "fuzz: failing input(s): $failing" >&2
   status=1
 fi
 echo "fuzz: install $((installed - started)) s, build and fuzz $(($(date +%s) - installed)) s; exit $status"
