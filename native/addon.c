@@ -442,27 +442,21 @@ static enum lp_end end_named(const char *name) {
   return LP_END_SHUTDOWN;
 }
 
-static napi_value detach_conn(napi_env env, napi_callback_info info) {
+/* detach(conn, end) and close(conn, end): the same arguments, one of two endings. */
+static napi_value end_with(napi_env env, napi_callback_info info, void (*how)(lp_conn *, enum lp_end)) {
   napi_value argv[2];
   if (get_args(env, info, 2, argv)) return NULL;
   binding_t *b = binding_of(env, argv[0]);
   char name[32];
   size_t len;
   CHECK(napi_get_value_string_utf8(env, argv[1], name, sizeof name, &len));
-  if (b && b->conn) lp_conn_detach(b->conn, end_named(name));
+  if (b && b->conn) how(b->conn, end_named(name));
   return undefined(env);
 }
 
-static napi_value close_conn(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  if (get_args(env, info, 2, argv)) return NULL;
-  binding_t *b = binding_of(env, argv[0]);
-  char name[32];
-  size_t len;
-  CHECK(napi_get_value_string_utf8(env, argv[1], name, sizeof name, &len));
-  if (b && b->conn) lp_conn_close(b->conn, end_named(name));
-  return undefined(env);
-}
+static napi_value detach_conn(napi_env env, napi_callback_info info) { return end_with(env, info, lp_conn_detach); }
+
+static napi_value close_conn(napi_env env, napi_callback_info info) { return end_with(env, info, lp_conn_close); }
 
 static napi_value state(napi_env env, napi_callback_info info) {
   napi_value argv[1];

@@ -102,12 +102,9 @@ test(`${LONG ? '10,000' : '2,000'} half-open connections do not keep a real clie
     const closings = sockets.map(closed);
     // A real client gets in and runs a query while they are all held. The kernel hands the proxy
     // connections in order, so by then it has accepted every half-open one.
-    const started = Date.now();
     assert.equal(await whoAmI(held.port, db), db.tokenRole);
-    const loginMs = Date.now() - started;
     const fdsDuring = openFds(pid);
     assert.ok(Date.now() - opened < timeoutMs, `the login ended before the first half-open connection could be dropped (${Date.now() - opened} ms)`);
-    assert.ok(loginMs < 3000, `a real client logged in within ${loginMs} ms`);
     assert.ok(fdsDuring >= fdsBefore + count, `the proxy held ${fdsDuring - fdsBefore} descriptors more than before`);
     const last = Math.max(...(await Promise.all(closings))) - opened;
     assert.ok(last >= timeoutMs - 100 && last < timeoutMs + 10_000, `all dropped by the proxy, the last ${last} ms after the first was opened`);
