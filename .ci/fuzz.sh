@@ -36,7 +36,7 @@ clang -fsanitize=fuzzer,address,undefined "$out/relay.o" "$out/harness.o" -o "$o
 export ASAN_OPTIONS=detect_leaks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 status=0
-"$out/harness" -max_total_time="$seconds" -timeout=30 -max_len=2048 -len_control=0 -print_final_stats=1 \
+"$out/harness" -seed="${FUZZ_SEED:-1}" -max_total_time="$seconds" -timeout=30 -max_len=2048 -len_control=0 -print_final_stats=1 \
   -artifact_prefix="$out/" "$out/corpus" native/fuzz/corpus >"$out/fuzz.log" 2>&1 || status=$?
 # libFuzzer's progress lines are many; the rest (the corpus replay, a report, the stats) is shown.
 grep -vE '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)' "$out/fuzz.log" || true

@@ -736,7 +736,7 @@ static void up_poll_cb(uv_poll_t *handle, int status, int events) {
         teardown(c, LP_END_UPSTREAM_ERROR);
       }
     } else {
-      up_read(c, 1);
+      up_read(c, c->state == S_RELAY); /* a paused login reader gets nothing, not even what came before the error */
       if (!c->closing && !c->up.read_done) {
         up_failed(c, socket_error(c->up.fd, "read"));
       } else if (!c->closing && !c->up.write_shut) {
