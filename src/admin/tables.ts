@@ -106,7 +106,7 @@ function serverRows(view: ConsoleView): ServerRow[] {
           database: facing(target, database),
           state: SERVER_STATES[server.state],
           processId: server.processId,
-          tls: `${server.upstream.tlsInfo.version}/${server.upstream.tlsInfo.cipher}`,
+          tls: `${server.tls.version}/${server.tls.cipher}`,
           connectedAt: server.connectedAt,
           requestAt: server.lastUsedAt,
           client: holder.get(server),

@@ -12,6 +12,7 @@ export const RELOADABLE: ReadonlySet<string> = new Set([
   'ServerLifetime',
   'ServerIdleTimeout',
   'ServerCheckDelay',
+  'MaxPreparedStatements',
   'IdleTimeout',
   'MaxConnections',
   'MaxStartups',

@@ -133,6 +133,7 @@ export async function resolveProxy(settings: Settings, name: string): Promise<Pr
       lifetimeMs: settings.int('ServerLifetime'),
       idleTimeoutMs: settings.int('ServerIdleTimeout'),
       checkDelayMs: settings.int('ServerCheckDelay'),
+      maxPrepared: settings.int('MaxPreparedStatements'),
     },
   };
 }

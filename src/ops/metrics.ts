@@ -57,6 +57,11 @@ interface TargetCounts {
   logins: number;
   reuses: number;
   resets: number;
+  /** Transaction mode: transactions served, prepared statements [prepared, reused], resets for leaked state. */
+  transactions: number;
+  prepared: number;
+  preparedReused: number;
+  leaked: number;
   serverCloses: Record<ServerCloseReason, number>;
   /** The target's pools, read at scrape. */
   pools: () => PoolStats;
@@ -195,6 +200,36 @@ export class Metrics {
       },
     });
     new Counter({
+      name: `${METRIC_PREFIX}pool_transactions_total`,
+      help: 'Transactions served in PoolMode=transaction (each gives its server connection back).',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.transactions));
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}prepared_statements_total`,
+      help: "PoolMode=transaction: clients' named prepared statements, by outcome (prepared: sent to a server connection; reused: that connection had it already).",
+      labelNames: ['target', 'outcome'],
+      registers,
+      collect() {
+        publish(this, (c, target) => {
+          this.inc({ target, outcome: 'prepared' }, c.prepared);
+          this.inc({ target, outcome: 'reused' }, c.preparedReused);
+        });
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}server_leak_resets_total`,
+      help: 'PoolMode=transaction: server connections reset (ServerResetQuery) because a client left session state on them (SET, LISTEN, PREPARE, WITH HOLD cursors, temporary tables, advisory locks).',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.leaked));
+      },
+    });
+    new Counter({
       name: `${METRIC_PREFIX}server_closes_total`,
       help: 'Pooled upstream connections closed, by reason (idle, lifetime, token_expired, server_closed, reset_failed, check_failed, evicted, not_reusable, shutdown).',
       labelNames: ['target', 'reason'],
@@ -294,6 +329,10 @@ export class Metrics {
       logins: 0,
       reuses: 0,
       resets: 0,
+      transactions: 0,
+      prepared: 0,
+      preparedReused: 0,
+      leaked: 0,
       serverCloses: Object.fromEntries(SERVER_CLOSE_REASONS.map((r) => [r, 0])) as Record<ServerCloseReason, number>,
       pools: () => NO_POOLS,
       computeWaits: Object.fromEntries(WAIT_OUTCOMES.map((o) => [o, 0])) as Record<WaitOutcome, number>,
@@ -324,6 +363,9 @@ export class Metrics {
         reuse: () => void counts.reuses++,
         reset: () => void counts.resets++,
         closed: (reason) => void counts.serverCloses[reason]++,
+        transaction: () => void counts.transactions++,
+        prepared: (reused) => void (reused ? counts.preparedReused++ : counts.prepared++),
+        leaked: () => void counts.leaked++,
         waited: (seconds) => {
           counts.waits++;
           counts.waitSeconds += seconds;

@@ -17,10 +17,11 @@
  * once; one idle longer than `ServerCheckDelay` answers an empty query before it is used.
  */
 import { serialize } from 'pg-protocol';
-import { BackendCode } from '../wire/backend-messages.js';
+import { BackendCode, parseFields } from '../wire/backend-messages.js';
 import { FrameReader } from '../wire/frame-reader.js';
 import { SocketFrames } from '../wire/socket-frames.js';
-import type { NativeUpstream, Detached } from '../proxy/native-relay.js';
+import type { Duplex } from 'node:stream';
+import type { Detached } from '../proxy/native-relay.js';
 import { ServerConnection, type ServerCloseReason } from './server-connection.js';
 
 export interface PoolSettings {
@@ -44,6 +45,12 @@ export interface PoolObserver {
   reset(): void;
   closed(reason: ServerCloseReason): void;
   waited(seconds: number): void;
+  /** Transaction mode: a transaction ended and its client gave the connection back. */
+  transaction(): void;
+  /** Transaction mode: a client's prepared statement was prepared on a server, or found there already. */
+  prepared(reused: boolean): void;
+  /** Transaction mode: a connection was reset because a client left session state on it. */
+  leaked(): void;
 }
 
 /** A client that waited longer than QueryWaitTimeout for a server connection. */
@@ -53,7 +60,9 @@ export class PoolTimeoutError extends Error {
 }
 
 interface Waiter {
-  readonly wake: () => void;
+  readonly loginKey: string;
+  /** With a connection handed straight to this client (first come, first served), or to look again. */
+  readonly wake: (server?: ServerConnection) => void;
   /** When the client began to wait (SHOW POOLS' maxwait). */
   readonly since: number;
 }
@@ -183,7 +192,12 @@ export class Pool {
         this.#wakeOne(); // the size did not change, but a failed login elsewhere may have freed room
         return { server, reused: false };
       }
-      await this.#wait(started, signal);
+      const handed = await this.#wait(loginKey, started, signal);
+      if (handed) {
+        this.#observer.reuse();
+        this.#observer.waited((Date.now() - started) / 1000);
+        return { server: handed, reused: true };
+      }
     }
   }
 
@@ -196,7 +210,26 @@ export class Pool {
       this.#close(server, upstreamEnded ? 'server_closed' : this.#closed || this.#paused ? 'shutdown' : 'not_reusable');
       return;
     }
-    void this.#reset(server, detached.status);
+    void this.#reset(server, detached.status, true);
+  }
+
+  /**
+   * Transaction mode: the client of `server` ended a transaction (or left) with the server at
+   * ReadyForQuery `status`. An open transaction is rolled back; ServerResetQuery runs only when
+   * the client left session state behind (`leaked`). A clean connection goes straight to the
+   * first client waiting for one.
+   */
+  giveBack(server: ServerConnection, status: string, leaked: boolean): void {
+    if (this.#closed || this.#paused || server.closed) {
+      this.#close(server, server.closed ? 'server_closed' : 'shutdown');
+      return;
+    }
+    if (status === 'I' && !leaked) {
+      this.#idleOrHandOff(server);
+      return;
+    }
+    if (leaked) this.#observer.leaked();
+    void this.#reset(server, status, leaked);
   }
 
   /** New settings from a reload: a smaller size closes idle connections above it. */
@@ -268,11 +301,11 @@ export class Pool {
     return undefined;
   }
 
-  async #reset(server: ServerConnection, status: string): Promise<void> {
+  async #reset(server: ServerConnection, status: string, resetQuery: boolean): Promise<void> {
     let settle!: (ok: boolean) => void;
     const reset = { claimed: false, done: new Promise<boolean>((resolve) => (settle = resolve)) };
     this.#resets.set(server, reset);
-    const ok = await this.#cleaned(server, status);
+    const ok = await this.#cleaned(server, status, resetQuery);
     this.#resets.delete(server);
     if (!ok) {
       settle(false);
@@ -284,21 +317,38 @@ export class Pool {
       return;
     }
     settle(true);
-    server.state = 'idle';
+    this.#idleOrHandOff(server);
+  }
+
+  /** A clean connection: to the first client waiting for one of its parameters, else idle. */
+  #idleOrHandOff(server: ServerConnection): void {
     server.lastUsedAt = Date.now();
+    if (Date.now() >= server.expiresAt) {
+      this.#close(server, server.tokenExpired(Date.now()) ? 'token_expired' : 'lifetime');
+      return;
+    }
+    const at = this.#waiters.findIndex((waiter) => waiter.loginKey === server.loginKey);
+    if (at >= 0) {
+      const [waiter] = this.#waiters.splice(at, 1);
+      server.state = 'active';
+      waiter?.wake(server);
+      return;
+    }
+    server.state = 'idle';
     server.watchIdle(() => this.#close(server, 'server_closed'));
     this.#idle.push(server);
     this.#wakeOne();
   }
 
   /** ROLLBACK when a transaction was left open, then ServerResetQuery; false (and closed) when that failed or the connection may serve no more. */
-  async #cleaned(server: ServerConnection, status: string): Promise<boolean> {
+  async #cleaned(server: ServerConnection, status: string, resetQuery: boolean): Promise<boolean> {
     server.state = 'resetting';
     server.stopWatchingIdle();
     const queries = status === 'I' ? [] : ['ROLLBACK'];
-    if (this.#settings.resetQuery.trim() !== '') queries.push(this.#settings.resetQuery);
+    if (resetQuery && this.#settings.resetQuery.trim() !== '') queries.push(this.#settings.resetQuery);
     const result = queries.length === 0 ? { ok: true, parameters: [] } : await converse(server.upstream, queries, 30_000).catch(() => ({ ok: false, parameters: [] }));
     for (const [name, value] of result.parameters) server.parameters.set(name, value);
+    if (resetQuery) server.forgetSessionState(this.#settings.resetQuery);
     this.#observer.reset();
     if (!result.ok || server.closed || this.#closed || this.#paused) {
       this.#close(server, this.#closed || this.#paused ? 'shutdown' : 'reset_failed');
@@ -338,16 +388,17 @@ export class Pool {
     }
   }
 
-  #wait(started: number, signal: AbortSignal): Promise<void> {
+  #wait(loginKey: string, started: number, signal: AbortSignal): Promise<ServerConnection | undefined> {
     const left = this.#settings.queryWaitTimeoutMs - (Date.now() - started);
     if (left <= 0) return Promise.reject(this.#timeout());
-    return new Promise<void>((resolve, reject) => {
+    return new Promise<ServerConnection | undefined>((resolve, reject) => {
       const waiter: Waiter = {
+        loginKey,
         since: started,
-        wake: () => {
+        wake: (server) => {
           clearTimeout(timer);
           signal.removeEventListener('abort', onAbort);
-          resolve();
+          resolve(server);
         },
       };
       const leave = (): void => {
@@ -390,10 +441,10 @@ export class Pool {
  * status I at the end. Returns the ParameterStatus values the server sent meanwhile.
  */
 export async function converse(
-  upstream: NativeUpstream,
+  upstream: Duplex,
   queries: readonly string[],
   timeoutMs: number,
-): Promise<{ ok: boolean; parameters: Array<[string, string]> }> {
+): Promise<{ ok: boolean; parameters: Array<[string, string]>; error?: Array<[string, string]> }> {
   const frames = new SocketFrames(upstream, new FrameReader(1 << 20, true));
   const parameters: Array<[string, string]> = [];
   const timer = setTimeout(() => upstream.destroy(new Error('no answer in time')), timeoutMs);
@@ -401,6 +452,7 @@ export async function converse(
     for (const query of queries) upstream.write(serialize.query(query));
     let ready = 0;
     let ok = true;
+    let error: Array<[string, string]> | undefined;
     let status = 'I';
     while (ready < queries.length) {
       const { type, body } = await frames.next();
@@ -409,13 +461,14 @@ export async function converse(
         status = String.fromCharCode(body[0] ?? 0);
       } else if (type === BackendCode.ErrorResponse) {
         ok = false;
+        error ??= parseFields(body);
       } else if (type === BackendCode.ParameterStatus) {
         const [name = '', value = ''] = body.toString('utf8').split('\0');
         parameters.push([name, value]);
       }
     }
     const rest = frames.detach();
-    return { ok: ok && status === 'I' && rest.length === 0, parameters };
+    return { ok: ok && status === 'I' && rest.length === 0, parameters, ...(error ? { error } : {}) };
   } finally {
     clearTimeout(timer);
     frames.detach();

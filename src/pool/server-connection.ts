@@ -1,6 +1,6 @@
 /** A logged-in upstream connection of a pool, and what the pool knows of it. */
 import { parameterStatus, READY_FOR_QUERY_IDLE } from '../wire/backend-messages.js';
-import type { NativeUpstream } from '../proxy/native-relay.js';
+import type { Duplex } from 'node:stream';
 import type { UpstreamSession } from '../proxy/upstream.js';
 
 export type ServerState = 'idle' | 'active' | 'checking' | 'resetting';
@@ -46,25 +46,40 @@ export class ServerConnection {
   lastUsedAt = Date.now();
   /** The server's reported parameters now, in the order it first sent them. */
   readonly parameters: Map<string, string>;
+  /** What the login reported: the values a client that asked for nothing else expects. */
+  readonly loginParameters: ReadonlyMap<string, string>;
+  /**
+   * Transaction mode: the prepared statements this connection holds for clients, by their
+   * server-side name, least recently used first.
+   */
+  readonly prepared = new Map<string, true>();
+  /** Transaction mode: settings the server does not report that a client's startup had set here. */
+  readonly applied = new Map<string, string>();
   readonly #tokenExpiresAt: number;
   #idleListener: ((chunk: Buffer) => void) | undefined;
 
   private constructor(
-    readonly upstream: NativeUpstream,
+    /** The plaintext: the native connection's Duplex (session mode needs it), or Node's TLS socket. */
+    readonly upstream: Duplex,
     readonly processId: number,
     readonly secretKey: Buffer,
     parameters: Map<string, string>,
     readonly loginKey: string,
+    /** The TLS version and cipher suite of the login. */
+    readonly tls: { readonly version: string; readonly cipher: string },
     /** Not handed to a client from then on: the token's expiry, or ServerLifetime if sooner. */
     readonly expiresAt: number,
     tokenExpiresAt: number,
   ) {
     this.parameters = parameters;
+    this.loginParameters = new Map(parameters);
     this.#tokenExpiresAt = tokenExpiresAt;
   }
 
-  static fromLogin(session: UpstreamSession, loginKey: string, tokenExpiresAt: Date | undefined, lifetimeMs: number): ServerConnection {
-    if (!session.native) throw new Error('a pooled connection must be a native one');
+  /** `anyTransport`: Node's TLS will do (transaction mode relays in JavaScript); else it must be native. */
+  static fromLogin(session: UpstreamSession, loginKey: string, tokenExpiresAt: Date | undefined, lifetimeMs: number, anyTransport = false): ServerConnection {
+    const upstream = session.native ?? (anyTransport ? session.socket : undefined);
+    if (!upstream) throw new Error('a pooled connection must be a native one');
     const parameters = new Map<string, string>();
     for (const message of session.greeting) {
       if (message[0] !== 0x53) continue; // 'S': ParameterStatus
@@ -73,7 +88,7 @@ export class ServerConnection {
     }
     const token = tokenExpiresAt?.getTime() ?? Number.POSITIVE_INFINITY;
     const lifetime = lifetimeMs > 0 ? Date.now() + jittered(lifetimeMs) : Number.POSITIVE_INFINITY;
-    return new ServerConnection(session.native, session.processId, session.secretKey, parameters, loginKey, Math.min(token, lifetime), token);
+    return new ServerConnection(upstream, session.processId, session.secretKey, parameters, loginKey, session.tls, Math.min(token, lifetime), token);
   }
 
   get closed(): boolean {
@@ -87,6 +102,15 @@ export class ServerConnection {
   /** What a fresh login with these parameters would have greeted with (BackendKeyData is the caller's). */
   greeting(): Buffer[] {
     return [...[...this.parameters].map(([name, value]) => parameterStatus(name, value)), READY_FOR_QUERY_IDLE];
+  }
+
+  /**
+   * After `resetQuery` ran: what it removed from the session is forgotten (DISCARD ALL and
+   * DEALLOCATE ALL drop prepared statements; DISCARD ALL and RESET ALL restore the settings).
+   */
+  forgetSessionState(resetQuery: string): void {
+    if (/\b(discard\s+all|deallocate\s+(prepare\s+)?all)\b/i.test(resetQuery)) this.prepared.clear();
+    if (/\b(discard|reset)\s+all\b/i.test(resetQuery)) this.applied.clear();
   }
 
   /** `onClose` when the connection ends, whatever ended it. */

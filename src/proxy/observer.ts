@@ -58,7 +58,7 @@ export const nullObserver: ProxyObserver = {
   failure() {},
   cancel() {},
   sessionStarted() {},
-  pool: { login() {}, reuse() {}, reset() {}, closed() {}, waited() {} },
+  pool: { login() {}, reuse() {}, reset() {}, closed() {}, waited() {}, transaction() {}, prepared() {}, leaked() {} },
   watchPools() {},
   computeWaited() {},
 };

@@ -7,16 +7,19 @@ import { chmod, mkdtemp, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from '../ops/log.js';
-import { backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse } from '../wire/backend-messages.js';
+import { backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse, READY_FOR_QUERY_IDLE } from '../wire/backend-messages.js';
+import type { SocketFrames } from '../wire/socket-frames.js';
 import { TokenError, type TokenSource } from '../token/token-source.js';
 import { clientHandshake, HandshakeError, type ClientHandshakeOptions, type HandshakeResult } from './client-handshake.js';
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
-import { native, NativeRelay, type SessionRelay } from './native-relay.js';
+import { native, NativeRelay, type NativeUpstream, type SessionRelay } from './native-relay.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamSession, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
 import { Pool, PoolTimeoutError, type PoolSettings } from '../pool/pool.js';
 import { loginKeyOf, ServerConnection } from '../pool/server-connection.js';
+import { greet, StartupRefused, TransactionSession, type TransactionContext } from '../pool/transaction-session.js';
+import { startupSettings, UnsupportedStartup } from '../pool/client-settings.js';
 import { WakeUp, withWakeUp } from './wake-up.js';
 import type { ComputeLocator } from '../lakebase/locator.js';
 import type { Router } from './shared-port.js';
@@ -54,8 +57,11 @@ export interface ProxyOptions {
   readonly idleTimeoutMs: number;
   /** native: OpenSSL's TLS and the relay in C when built, for plain clients; js: Node's TLS and streams always. */
   readonly relay: 'native' | 'js';
-  /** session: pooled upstream logins (native relay sessions); none: one login per client. */
-  readonly pool: PoolSettings & { readonly mode: 'session' | 'none' };
+  /**
+   * session: pooled upstream logins (native relay sessions); transaction: a connection per
+   * transaction (relayed here, message by message); none: one login per client.
+   */
+  readonly pool: PoolSettings & { readonly mode: 'session' | 'transaction' | 'none'; readonly maxPrepared: number };
 }
 
 export interface ProxyDeps {
@@ -457,6 +463,11 @@ export class ProxyServer {
       return;
     }
 
+    if (this.options.pool.mode === 'transaction') {
+      raw.off('close', onClientGone);
+      await this.#runTransactions(session, { client, raw, frames, parameters, database, abort, peer, user: clientUser, started });
+      return;
+    }
     const forwarded = new Map(parameters);
     forwarded.delete('user');
     forwarded.set('database', database);
@@ -608,6 +619,78 @@ export class ProxyServer {
       this.#dropIfEmpty(database);
     };
     this.#whenEnded(session, relay, giveBack, { peer, user: clientUser, database, started, relay: relayKind, pooled: server !== undefined, reused });
+  }
+
+  /**
+   * PoolMode=transaction: the client is greeted with what a connection of the pool reports once
+   * it took the client's startup settings, and holds a connection only while a transaction runs.
+   * Logins (with the database alone) are made for whichever client needs one when the pool has room.
+   */
+  async #runTransactions(
+    session: Session,
+    c: { client: Duplex; raw: Socket; frames: SocketFrames; parameters: ReadonlyMap<string, string>; database: string; abort: AbortController; peer: string; user: string; started: number },
+  ): Promise<void> {
+    const { client, raw, frames, database, abort, peer } = c;
+    const onClientGone = (): void => abort.abort();
+    raw.once('close', onClientGone);
+    const target = this.options.upstream;
+    const upstreamName = `${target.host}:${target.port}`;
+    const loginParameters = new Map([['database', database]]);
+    const loginKey = loginKeyOf(loginParameters);
+    const notice = (text: string): void => void client.write(noticeResponse(text));
+    const context: TransactionContext = {
+      pool: this.#poolFor(database),
+      loginKey,
+      maxPrepared: this.options.pool.maxPrepared,
+      upstreamName,
+      observer: this.#observer.pool,
+      onBytes: this.#observer.bytes,
+      cancel: (server) => sendCancel(target, server.processId, server.secretKey),
+      login: async () => {
+        const token = await this.#deps.tokenSource.getToken({ notice, signal: abort.signal });
+        const connectStarted = process.hrtime.bigint();
+        const upstream = await withWakeUp(
+          () => connectUpstream(target, this.options.identity, token.value, loginParameters, abort.signal, { native: this.#nativeUpstream }),
+          this.#wakeUp,
+          { signal: abort.signal, notice },
+        );
+        this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
+        return ServerConnection.fromLogin(upstream, loginKey, token.expiresAt, this.options.pool.lifetimeMs, true);
+      },
+    };
+    let greeted: Awaited<ReturnType<typeof greet>>;
+    try {
+      greeted = await greet(context, startupSettings(c.parameters), abort.signal);
+    } catch (error) {
+      raw.off('close', onClientGone);
+      frames.detach();
+      this.#dropIfEmpty(database);
+      const facing = error instanceof UnsupportedStartup ? error : error instanceof StartupRefused ? { sqlstate: '', message: error.message } : this.#clientFacing(error);
+      this.#log.warn({ peer, user: c.user, database, sqlstate: facing.sqlstate || undefined, reason: facing.message }, 'client refused at its startup');
+      if (!abort.signal.aborted) {
+        if (error instanceof StartupRefused) refuse(client, { sqlstate: '08006', message: error.message }, error.fields);
+        else refuse(client, facing, error instanceof UpstreamError ? error.fields : undefined, error instanceof UpstreamError ? this.#context(database) : undefined);
+      }
+      return;
+    }
+    raw.off('close', onClientGone);
+    if (abort.signal.aborted) {
+      frames.detach();
+      return;
+    }
+    let relay: TransactionSession | undefined;
+    const clientKey = this.#cancelKeys.register({ processId: 0, secretKey: Buffer.alloc(4), cancel: () => relay?.cancel() ?? Promise.resolve() });
+    client.write(Buffer.concat([...greeted.greeting, backendKeyData(clientKey.processId, clientKey.secretKey), READY_FOR_QUERY_IDLE]));
+    relay = new TransactionSession(client, frames.detach(), greeted.settings, context);
+    if (this.options.idleTimeoutMs > 0) idleTimeout(raw, relay, this.options.idleTimeoutMs);
+    session.relay = relay;
+    Object.assign(session.state, { state: 'active', since: Date.now(), relay: 'js' });
+    this.#observer.sessionStarted('js');
+    const release = (): void => {
+      clientKey.release();
+      this.#dropIfEmpty(database);
+    };
+    this.#whenEnded(session, relay, release, { peer, user: c.user, database, started: c.started, relay: 'js', pooled: true, reused: true });
   }
 
   /**
@@ -771,13 +854,13 @@ class NotPoolable extends Error {}
 /** A reused connection as the session sees it: the greeting a fresh login with its parameters would give. */
 function pooledSession(server: ServerConnection): UpstreamSession {
   return {
-    socket: server.upstream,
-    native: server.upstream,
+    socket: server.upstream as NativeUpstream,
+    native: server.upstream as NativeUpstream,
     greeting: server.greeting(),
     processId: server.processId,
     secretKey: server.secretKey,
     leftover: Buffer.alloc(0),
-    tls: server.upstream.tlsInfo,
+    tls: server.tls,
   };
 }
 

@@ -1,0 +1,804 @@
+/**
+ * PoolMode=transaction: a client holds a server connection of its pool only while a transaction
+ * runs. The connection goes back at ReadyForQuery with status I once every message the client
+ * sent has been answered and no extended-protocol sequence waits for its Sync; the client's next
+ * message takes a connection again (the first free one, FIFO, within QueryWaitTimeout).
+ *
+ * Both directions are read message by message here, because what a client means depends on the
+ * connection it lands on:
+ * - Named prepared statements: each client's Parse is kept by name; the server gets one statement
+ *   per text and parameter types (`lp_` and a hash), prepared on whichever connection the client
+ *   is on before the Bind or Describe that needs it, at most MaxPreparedStatements per connection
+ *   (least recently used closed first). A Parse the connection has already, and every Close of a
+ *   statement, is answered here. Unnamed statements and portals pass unchanged.
+ * - What a client is answered must stay in order with what the server answers: every message
+ *   sent that the server answers has an entry in `#queue`, and answers made here (a skipped
+ *   Parse's ParseComplete, a Close's CloseComplete) are entries too, sent when they reach its head.
+ *   An error makes the server skip to the next Sync; the entries up to it are dropped as the
+ *   server drops their messages (a statement's Parse that never ran is forgotten again).
+ * - Settings: see client-settings.ts. Session state the proxy cannot carry (a SET of a setting the
+ *   server does not report, LISTEN, PREPARE, LOAD, DECLARE ... WITH HOLD, temporary tables,
+ *   session advisory locks) marks the connection: ServerResetQuery runs on it before another
+ *   client uses it, and the client is told once in a NOTICE.
+ */
+import { createHash } from 'node:crypto';
+import type { Duplex } from 'node:stream';
+import { BackendCode, errorResponse, message, noticeResponse, parameterStatus } from '../wire/backend-messages.js';
+import type { ErrorFields } from '../proxy/upstream.js';
+import { bindMessage, closeMessage, describeMessage, FrontendCode, MalformedMessage, parseMessage, queryMessage, readBind, readParse, readTarget, SYNC } from '../wire/client-messages.js';
+import { FrameReader, FramingError } from '../wire/frame-reader.js';
+import type { RelayEnd, RelayStats } from '../proxy/relay.js';
+import type { SessionRelay } from '../proxy/native-relay.js';
+import { converse, type Login, type Pool, type PoolObserver } from './pool.js';
+import type { ServerConnection } from './server-connection.js';
+import { ClientSettings } from './client-settings.js';
+
+export interface TransactionContext {
+  readonly pool: Pool;
+  /** The pool's one login key: transaction mode logs in with the database alone. */
+  readonly loginKey: string;
+  readonly login: Login;
+  readonly maxPrepared: number;
+  readonly upstreamName: string;
+  readonly observer: PoolObserver;
+  /** Sends a CancelRequest for what `server` runs now. */
+  readonly cancel: (server: ServerConnection) => Promise<void>;
+  /** Per relayed chunk (metrics). */
+  readonly onBytes: (toUpstream: number, toClient: number) => void;
+}
+
+/** A client's startup the server refused (a setting's value): its fields go to the client. */
+export class StartupRefused extends Error {
+  override readonly name = 'StartupRefused';
+  constructor(readonly fields: ErrorFields) {
+    super(fields.find(([letter]) => letter === 'M')?.[1] ?? 'the server refused the startup settings');
+  }
+}
+
+/** The largest message either side may send (Postgres' own limit for a client message is 1 GiB). */
+const MAX_MESSAGE = 1 << 30;
+/** How long a connection whose client left may take to finish what it was doing. */
+const DRAIN_MS = 10_000;
+
+/** What the server answers a message with, in the order the messages went. */
+const enum Expect {
+  Parse,
+  Bind,
+  Describe,
+  Execute,
+  Close,
+  Sync,
+  /** A simple Query or a FunctionCall: everything up to ReadyForQuery. */
+  Query,
+  /** Nothing: an answer made here, sent when it reaches the head. */
+  Made,
+}
+
+interface Entry {
+  readonly expect: Expect;
+  /** Sent by the proxy, not the client: its answers are not the client's. */
+  readonly hidden?: boolean;
+  /** Made: the message. */
+  readonly made?: Buffer;
+  /** When the server skips the message (an error before it): undo what sending it assumed. */
+  readonly onSkip?: () => void;
+  /** Hidden queries: called at their ReadyForQuery with whether they succeeded. */
+  readonly onDone?: (ok: boolean) => void;
+  failed?: boolean;
+}
+
+interface Statement {
+  readonly serverName: string;
+  readonly query: string;
+  readonly types: Buffer;
+}
+
+const PARSE_COMPLETE = message(0x31, Buffer.alloc(0));
+const NO_PARAMETER_TYPES = Buffer.from([0, 0]);
+/** Bind of the unnamed statement to the unnamed portal: no parameters, no result formats. */
+const BIND_UNNAMED = bindMessage('', '', Buffer.alloc(6));
+/** Execute of the unnamed portal, all rows. */
+const EXECUTE_UNNAMED = message(FrontendCode.Execute, Buffer.alloc(5));
+const CLOSE_COMPLETE = message(0x33, Buffer.alloc(0));
+
+/** State a transaction leaves on its connection that the proxy cannot carry to the client's next one. */
+const LEAKY_TEXT = /\b(temp|temporary)\s+(table|view|sequence)\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
+const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
+/** What Postgres still parses in an aborted transaction. */
+const TRANSACTION_EXIT = /^\s*(commit|rollback|end|abort)\b/i;
+
+const LEAK_NOTICE =
+  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET of a setting the server does not report, LISTEN, PREPARE, LOAD, ' +
+  'a WITH HOLD cursor, a temporary table or a session advisory lock) is not carried to your next transaction, which may run on another server connection';
+const LEAK_DETAIL = 'Use SET LOCAL, pg_advisory_xact_lock and objects that end with the transaction, or PoolMode=session.';
+
+/** An escape string literal: the same text whatever standard_conforming_strings says. */
+function literal(text: string): string {
+  return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "\\'")}'`;
+}
+
+/** The server-side name of a statement: the same text and parameter types share one on every connection. */
+function serverNameOf(query: string, types: Buffer): string {
+  return `lp_${createHash('sha256').update(query).update('\0').update(types).digest('hex').slice(0, 40)}`;
+}
+
+/** The whole message (type, length, body) that `body` is the body of: frames are views into one buffer. */
+function rawOf(body: Buffer): Buffer {
+  return Buffer.from(body.buffer, body.byteOffset - 5, body.length + 5);
+}
+
+/** A connection of the pool for a client (waiting for its reset when it was taken during one). */
+async function lease(context: TransactionContext, signal: AbortSignal): Promise<ServerConnection> {
+  for (;;) {
+    const taken = await context.pool.acquire(context.loginKey, context.login, signal);
+    if (!taken.ready || (await taken.ready)) return taken.server;
+  }
+}
+
+/**
+ * The greeting for a new client: a connection of the pool takes its startup settings (the server
+ * checks them, and reports them in its own words), and goes back. Throws StartupRefused, or what
+ * the pool throws (PoolTimeoutError, a login's error).
+ */
+export async function greet(context: TransactionContext, startup: ReadonlyMap<string, string>, signal: AbortSignal): Promise<{ settings: ClientSettings; greeting: Buffer[] }> {
+  const server = await lease(context, signal);
+  const settings = ClientSettings.fromStartup(startup, server);
+  const query = settings.landOn(server);
+  if (query !== undefined) {
+    const result = await converse(server.upstream, [query], 30_000).catch(() => ({ ok: false, parameters: [], error: undefined }));
+    for (const [name, value] of result.parameters) server.parameters.set(name, value);
+    if (!result.ok) {
+      context.pool.giveBack(server, 'I', true);
+      throw result.error ? new StartupRefused(result.error) : new Error('the server connection failed while it took the startup settings');
+    }
+  }
+  for (const [name, value] of server.parameters) settings.reported.set(name, value);
+  context.pool.giveBack(server, 'I', false);
+  return { settings, greeting: [...settings.reported].map(([name, value]) => parameterStatus(name, value)) };
+}
+
+export class TransactionSession implements SessionRelay {
+  readonly stats: RelayStats = { bytesToUpstream: 0, bytesToClient: 0 };
+  readonly done: Promise<RelayEnd>;
+  #resolve!: (end: RelayEnd) => void;
+  #end: RelayEnd | undefined;
+  readonly #client: Duplex;
+  readonly #context: TransactionContext;
+  readonly #settings: ClientSettings;
+  readonly #abort = new AbortController();
+  readonly #fromClient = new FrameReader(MAX_MESSAGE, true);
+  #fromServer = new FrameReader(MAX_MESSAGE, true);
+  #server: ServerConnection | undefined;
+  /** A client message that waits for a server connection (the client is paused meanwhile). */
+  #held: { type: number; body: Buffer } | undefined;
+  #acquiring = false;
+  readonly #queue: Entry[] = [];
+  /** Extended-protocol messages went since the last Sync: the connection is not the client's to give back. */
+  #unsynced = false;
+  /** The server skips messages until the next Sync (an error in an extended sequence). */
+  #serverSkipping = false;
+  /** The client's sequence failed here (an answer made here): its messages are dropped until its Sync. */
+  #clientSkipping = false;
+  #status = 'I';
+  /** ReadyForQuery messages still to come (Sync, Query and FunctionCall entries): `#status` is known when 0. */
+  #readyPending = 0;
+  /** The server waits for the client's COPY data. */
+  #copyIn = false;
+  readonly #statements = new Map<string, Statement>();
+  /** This client left state on the connection it holds: reset before another client uses it. */
+  #leaked = false;
+  #noticeDue = false;
+  #noticed = false;
+  /** SET commands and ParameterStatus messages since the last ReadyForQuery. */
+  #sets = 0;
+  #reports = 0;
+  #toServer: Buffer[] = [];
+  #toClient: Buffer[] = [];
+  #releaseDue = false;
+  /** The client is gone: what the server still answers is dropped until its connection can go back. */
+  #draining: NodeJS.Timeout | undefined;
+  readonly #onServerData = (chunk: Buffer): void => this.#serverData(chunk);
+  readonly #onServerGone = (): void => this.#serverLost();
+  readonly #onServerDrain = (): void => {
+    if (!this.#held) this.#client.resume();
+  };
+  readonly #onClientDrain = (): void => {
+    this.#server?.upstream.resume();
+  };
+
+  constructor(client: Duplex, clientFirst: Buffer, settings: ClientSettings, context: TransactionContext) {
+    this.#client = client;
+    this.#context = context;
+    this.#settings = settings;
+    this.done = new Promise((resolve) => (this.#resolve = resolve));
+    this.#fromClient.push(clientFirst);
+    client.on('data', (chunk: Buffer) => {
+      this.#fromClient.push(chunk);
+      this.#pump();
+    });
+    client.on('end', () => this.#clientGone('client_closed'));
+    client.on('close', () => this.#clientGone('client_closed'));
+    client.on('error', () => this.#clientGone('client_error'));
+    client.on('drain', this.#onClientDrain);
+    this.#pump();
+    client.resume();
+  }
+
+  /** Something sent that the server has not answered yet. */
+  get queryRunning(): boolean {
+    return this.#server !== undefined && (this.#queue.length > 0 || this.#unsynced);
+  }
+
+  /** The server connection the client holds now, if any (the console's SHOW CLIENTS). */
+  get server(): ServerConnection | undefined {
+    return this.#server;
+  }
+
+  /** The client's CancelRequest: to the connection running its query, else dropped. */
+  cancel(): Promise<void> {
+    const server = this.#server;
+    if (!server || this.#queue.length === 0 || this.#draining) return Promise.resolve();
+    return this.#context.cancel(server);
+  }
+
+  close(end: RelayEnd = 'shutdown'): void {
+    this.#clientGone(end);
+    this.#client.destroy();
+  }
+
+  // ---- client to server
+
+  #pump(): void {
+    while (this.#end === undefined) {
+      let frame: { type: number; body: Buffer } | undefined;
+      try {
+        frame = this.#held ?? this.#fromClient.next();
+      } catch (error) {
+        this.#protocolViolation((error as FramingError).message);
+        return;
+      }
+      if (!frame) break;
+      this.#held = undefined;
+      if (!this.#server && frame.type !== FrontendCode.Terminate) {
+        this.#held = frame;
+        this.#client.pause();
+        void this.#attach();
+        break;
+      }
+      try {
+        if (!this.#clientMessage(frame.type, frame.body)) {
+          // It waits for the transaction status that the answers still to come will tell.
+          this.#held = frame;
+          this.#client.pause();
+          break;
+        }
+      } catch (error) {
+        if (!(error instanceof MalformedMessage)) throw error;
+        this.#protocolViolation(error.message);
+        return;
+      }
+    }
+    this.#flush();
+  }
+
+  /** Handles one client message; false when it must wait until the server's status is known. */
+  #clientMessage(type: number, body: Buffer): boolean {
+    if (type === FrontendCode.Terminate) {
+      this.#flush();
+      this.#clientGone('client_closed');
+      this.#client.end();
+      return true;
+    }
+    if (this.#clientSkipping && type !== FrontendCode.Sync) return true;
+    if (type === FrontendCode.Parse) {
+      this.#unsynced = true;
+      return this.#parse(body);
+    }
+    this.#otherMessage(type, body);
+    return true;
+  }
+
+  #otherMessage(type: number, body: Buffer): void {
+    switch (type) {
+      case FrontendCode.Query: {
+        this.#watchText(body.toString('utf8', 0, Math.max(0, body.length - 1)));
+        this.#expect({ expect: Expect.Query });
+        this.#send(rawOf(body));
+        return;
+      }
+      case FrontendCode.FunctionCall:
+        this.#expect({ expect: Expect.Query });
+        this.#send(rawOf(body));
+        return;
+      case FrontendCode.Sync:
+        this.#clientSkipping = false;
+        this.#unsynced = false;
+        this.#expect({ expect: Expect.Sync });
+        this.#send(rawOf(body));
+        return;
+      case FrontendCode.Bind: {
+        this.#unsynced = true;
+        const bind = readBind(body);
+        const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
+        if (statement) this.#ensurePrepared(statement);
+        this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
+        this.#expect({ expect: Expect.Bind });
+        return;
+      }
+      case FrontendCode.Describe: {
+        this.#unsynced = true;
+        const { kind, name } = readTarget(body, 'Describe');
+        const statement = kind === 'S' && name !== '' ? this.#statements.get(name) : undefined;
+        if (statement) this.#ensurePrepared(statement);
+        this.#send(statement ? describeMessage('S', statement.serverName) : rawOf(body));
+        this.#expect({ expect: Expect.Describe });
+        return;
+      }
+      case FrontendCode.Close: {
+        this.#unsynced = true;
+        const { kind, name } = readTarget(body, 'Close');
+        if (kind === 'S' && name !== '') {
+          // The statement stays prepared on the server for others; this client's name goes.
+          const statement = this.#statements.get(name);
+          this.#statements.delete(name);
+          const restore = (): void => {
+            if (statement && !this.#statements.has(name)) this.#statements.set(name, statement);
+          };
+          this.#expect({ expect: Expect.Made, made: CLOSE_COMPLETE, onSkip: restore });
+          return;
+        }
+        this.#send(rawOf(body));
+        this.#expect({ expect: Expect.Close });
+        return;
+      }
+      case FrontendCode.Execute:
+        this.#unsynced = true;
+        this.#send(rawOf(body));
+        this.#expect({ expect: Expect.Execute });
+        return;
+      case FrontendCode.Flush:
+        this.#send(rawOf(body));
+        return;
+      default:
+        // CopyData, CopyDone, CopyFail; anything else, the server judges.
+        this.#send(rawOf(body));
+    }
+  }
+
+  /**
+   * A Parse: an unnamed one, or one the connection does not have yet, goes to the server under
+   * the statement's server-side name. One it has already, or a name the client uses already, is
+   * answered here as Postgres would: which needs the transaction's status (in an aborted
+   * transaction a Parse fails with 25P02 first), so it waits (false) while answers are to come.
+   */
+  #parse(body: Buffer): boolean {
+    const parse = readParse(body);
+    if (parse.name === '') {
+      this.#watchText(parse.query);
+      this.#send(rawOf(body));
+      this.#expect({ expect: Expect.Parse });
+      return true;
+    }
+    const server = this.#server as ServerConnection;
+    const serverName = serverNameOf(parse.query, parse.types);
+    if (this.#statements.has(parse.name)) {
+      this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
+      return true;
+    }
+    // Answered here only where the server would answer ParseComplete: not in an aborted transaction.
+    if (server.prepared.has(serverName) && this.#readyPending > 0) return false;
+    this.#watchText(parse.query);
+    const answeredHere = server.prepared.has(serverName);
+    if (answeredHere && this.#status === 'E' && !TRANSACTION_EXIT.test(parse.query)) {
+      this.#fail('25P02', 'current transaction is aborted, commands ignored until end of transaction block');
+      return true;
+    }
+    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types) };
+    this.#statements.set(parse.name, statement);
+    const forget = (): void => {
+      if (this.#statements.get(parse.name) === statement) this.#statements.delete(parse.name);
+    };
+    if (answeredHere) {
+      this.#touch(server, serverName);
+      this.#context.observer.prepared(true);
+      this.#expect({ expect: Expect.Made, made: PARSE_COMPLETE, onSkip: forget });
+      return true;
+    }
+    this.#prepare(server, statement, false, forget);
+    return true;
+  }
+
+  /**
+   * An error for the client's current sequence, raised by the server (a DO block) so that the
+   * server's transaction fails with it as Postgres' own would (an implicit one is rolled back, a
+   * transaction block is aborted; in one aborted already, the server answers 25P02 itself). The
+   * client's messages up to its Sync are dropped, as the server would skip them. The client's
+   * unnamed statement is replaced by the DO block.
+   */
+  #fail(code: string, text: string): void {
+    const body = `BEGIN RAISE EXCEPTION USING ERRCODE = ${literal(code)}, MESSAGE = ${literal(text)}; END`;
+    this.#send(parseMessage('', `DO ${literal(body)}`, NO_PARAMETER_TYPES));
+    this.#expect({ expect: Expect.Parse, hidden: true });
+    this.#send(BIND_UNNAMED);
+    this.#expect({ expect: Expect.Bind, hidden: true });
+    this.#send(EXECUTE_UNNAMED);
+    this.#expect({ expect: Expect.Execute, hidden: true });
+    this.#clientSkipping = true;
+  }
+
+  /** Before a Bind or Describe of `statement`: the connection has it, or gets it now (its answer hidden). */
+  #ensurePrepared(statement: Statement): void {
+    const server = this.#server as ServerConnection;
+    if (server.prepared.has(statement.serverName)) {
+      this.#touch(server, statement.serverName);
+      this.#context.observer.prepared(true);
+      return;
+    }
+    this.#prepare(server, statement, true);
+  }
+
+  #prepare(server: ServerConnection, statement: Statement, hidden: boolean, forget?: () => void): void {
+    while (server.prepared.size >= this.#context.maxPrepared) {
+      const oldest = server.prepared.keys().next().value as string;
+      server.prepared.delete(oldest);
+      this.#send(closeMessage('S', oldest));
+      this.#expect({ expect: Expect.Close, hidden: true, onSkip: () => server.prepared.set(oldest, true) });
+    }
+    server.prepared.set(statement.serverName, true);
+    this.#send(parseMessage(statement.serverName, statement.query, statement.types));
+    this.#context.observer.prepared(false);
+    this.#expect({
+      expect: Expect.Parse,
+      hidden,
+      onSkip: () => {
+        server.prepared.delete(statement.serverName);
+        forget?.();
+      },
+    });
+  }
+
+  #touch(server: ServerConnection, name: string): void {
+    server.prepared.delete(name);
+    server.prepared.set(name, true);
+  }
+
+  /** Text that makes session state the proxy cannot carry marks the connection. */
+  #watchText(text: string): void {
+    if (LEAKY_TEXT.test(text)) this.#leak();
+  }
+
+  #leak(): void {
+    this.#leaked = true;
+    if (!this.#noticed) this.#noticeDue = true;
+  }
+
+  #expect(entry: Entry): void {
+    if (this.#serverSkipping && entry.expect !== Expect.Sync) {
+      entry.onSkip?.();
+      return;
+    }
+    if (entry.expect === Expect.Sync) this.#serverSkipping = false;
+    if (entry.expect === Expect.Sync || entry.expect === Expect.Query) this.#readyPending++;
+    this.#queue.push(entry);
+    if (this.#queue.length === 1) this.#madeAnswers();
+  }
+
+  #send(raw: Buffer): void {
+    this.#toServer.push(raw);
+  }
+
+  // ---- server connections
+
+  async #attach(): Promise<void> {
+    if (this.#acquiring) return;
+    this.#acquiring = true;
+    let server: ServerConnection;
+    try {
+      server = await lease(this.#context, this.#abort.signal);
+    } catch (error) {
+      this.#acquiring = false;
+      if (this.#end !== undefined) return;
+      const facing = error as { sqlstate?: string; message: string };
+      this.#refuse(facing.sqlstate ?? '08006', facing.message, 'upstream_error');
+      return;
+    }
+    this.#acquiring = false;
+    if (this.#end !== undefined) {
+      this.#context.pool.giveBack(server, 'I', false);
+      return;
+    }
+    this.#server = server;
+    this.#fromServer = new FrameReader(MAX_MESSAGE, true);
+    this.#status = 'I';
+    server.upstream.on('data', this.#onServerData);
+    server.upstream.on('end', this.#onServerGone);
+    server.upstream.on('close', this.#onServerGone);
+    server.upstream.on('drain', this.#onServerDrain);
+    server.upstream.resume();
+    const query = this.#settings.landOn(server);
+    if (query !== undefined) {
+      this.#send(queryMessage(query));
+      this.#expect({ expect: Expect.Query, hidden: true, onDone: (ok) => void (ok || this.#leak()) });
+    }
+    this.#client.resume();
+    this.#pump();
+  }
+
+  /** The client is done with its connection for now: it goes back to the pool. */
+  #detach(): void {
+    const server = this.#server;
+    if (!server) return;
+    this.#server = undefined;
+    this.#releaseDue = false;
+    server.upstream.off('data', this.#onServerData);
+    server.upstream.off('end', this.#onServerGone);
+    server.upstream.off('close', this.#onServerGone);
+    server.upstream.off('drain', this.#onServerDrain);
+    server.upstream.pause();
+    if (this.#draining) clearTimeout(this.#draining);
+    this.#draining = undefined;
+    const leaked = this.#leaked;
+    this.#leaked = false;
+    if (this.#fromServer.buffered > 0 || this.#queue.length > 0) {
+      server.close(); // a message of its half read: nothing to give back
+      return;
+    }
+    this.#context.observer.transaction();
+    this.#context.pool.giveBack(server, this.#status, leaked);
+  }
+
+  #serverData(chunk: Buffer): void {
+    this.#fromServer.push(chunk);
+    try {
+      for (let frame = this.#fromServer.next(); frame; frame = this.#fromServer.next()) this.#serverMessage(frame.type, frame.body);
+    } catch (error) {
+      if (!(error instanceof FramingError)) throw error;
+      (this.#server as ServerConnection).close(); // the 'close' that follows ends the client's session
+      return;
+    }
+    this.#flush();
+    if (this.#releaseDue && this.#server) {
+      this.#detach();
+      if (this.#end === undefined) this.#pump();
+    } else if (this.#held && this.#server && this.#readyPending === 0) {
+      this.#client.resume();
+      this.#pump();
+    }
+  }
+
+  #serverMessage(type: number, body: Buffer): void {
+    const head = this.#queue[0];
+    if (type === BackendCode.ParameterStatus) {
+      const [name = '', value = ''] = body.toString('utf8').split('\0');
+      (this.#server as ServerConnection).parameters.set(name, value);
+      if (head?.hidden) return;
+      this.#settings.reported.set(name, value);
+      this.#reports++;
+      this.#emit(rawOf(body));
+      return;
+    }
+    if (type === BackendCode.NoticeResponse) {
+      if (!head?.hidden) this.#emit(rawOf(body));
+      return;
+    }
+    if (type === 0x41 /* NotificationResponse */ || !head) {
+      // Not an answer of the queue's: a notification, or a FATAL before the server goes.
+      this.#emit(rawOf(body));
+      return;
+    }
+    this.#releaseDue = false;
+    if (head.expect === Expect.Query || head.expect === Expect.Sync) {
+      if (type === BackendCode.ReadyForQuery) {
+        this.#queue.shift();
+        this.#ready(body, head);
+        this.#madeAnswers();
+        return;
+      }
+      if (type === 0x47 /* CopyInResponse */) this.#copyIn = true;
+      else if (type === 0x43 /* CommandComplete */) {
+        this.#copyIn = false;
+        this.#commandComplete(body);
+      }
+      if (type === BackendCode.ErrorResponse) {
+        this.#copyIn = false;
+        head.failed = true;
+        this.#emit(rawOf(body)); // a hidden query's error too: the client's next answers depend on it
+        return;
+      }
+      if (!head.hidden) this.#emit(rawOf(body));
+      return;
+    }
+    if (type === BackendCode.ErrorResponse) {
+      // The server skips to the client's Sync: so do the answers expected until then.
+      this.#copyIn = false;
+      this.#emit(rawOf(body));
+      this.#skipToSync();
+      return;
+    }
+    let complete = false;
+    switch (head.expect) {
+      case Expect.Parse:
+        complete = type === 0x31; // ParseComplete
+        break;
+      case Expect.Bind:
+        complete = type === 0x32; // BindComplete
+        break;
+      case Expect.Describe:
+        complete = type === 0x54 /* RowDescription */ || type === 0x6e; /* NoData */
+        break;
+      case Expect.Execute:
+        if (type === 0x47) this.#copyIn = true;
+        else if (type === 0x43) {
+          this.#copyIn = false;
+          this.#commandComplete(body);
+        }
+        complete = type === 0x43 /* CommandComplete */ || type === 0x49 /* EmptyQueryResponse */ || type === 0x73; /* PortalSuspended */
+        break;
+      case Expect.Close:
+        complete = type === 0x33; // CloseComplete
+        break;
+    }
+    if (!head.hidden) this.#emit(rawOf(body));
+    if (complete) {
+      this.#queue.shift();
+      this.#madeAnswers();
+    }
+  }
+
+  /** Answers made here, sent as they reach the head of the queue. */
+  #madeAnswers(): void {
+    for (let head = this.#queue[0]; head?.expect === Expect.Made; head = this.#queue[0]) {
+      this.#queue.shift();
+      this.#emit(head.made as Buffer);
+    }
+  }
+
+  /** After an error in an extended sequence: what comes before the Sync gets no answer. */
+  #skipToSync(): void {
+    const skipped: Entry[] = [];
+    while (this.#queue.length > 0 && (this.#queue[0] as Entry).expect !== Expect.Sync) {
+      const entry = this.#queue.shift() as Entry;
+      if (entry.expect === Expect.Query) this.#readyPending--; // a simple Query is skipped too
+      skipped.push(entry);
+    }
+    // Undone last first: a Close restores the statement that an earlier Parse then forgets.
+    for (let i = skipped.length - 1; i >= 0; i--) skipped[i]?.onSkip?.();
+    if (this.#queue.length === 0) this.#serverSkipping = true;
+  }
+
+  #commandComplete(body: Buffer): void {
+    const tag = body.toString('utf8', 0, Math.max(0, body.length - 1));
+    const server = this.#server as ServerConnection;
+    if (tag === 'SET' || tag === 'RESET') {
+      this.#sets++;
+      if (tag === 'RESET') server.applied.clear(); // RESET ALL may have undone a startup's setting
+    } else if (LEAKY_TAGS.has(tag)) {
+      this.#leak();
+    } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
+      server.prepared.clear();
+      if (tag === 'DISCARD ALL') server.applied.clear();
+    }
+  }
+
+  #ready(body: Buffer, head: Entry): void {
+    this.#status = String.fromCharCode(body[0] ?? 0x49);
+    this.#readyPending--;
+    if (head.hidden) {
+      head.onDone?.(!head.failed);
+      return;
+    }
+    // A SET that the server reported nothing for set what only this connection remembers.
+    if (this.#sets > this.#reports) this.#leak();
+    this.#sets = 0;
+    this.#reports = 0;
+    if (this.#noticeDue) {
+      this.#noticeDue = false;
+      this.#noticed = true;
+      this.#emit(noticeResponse(LEAK_NOTICE, LEAK_DETAIL));
+    }
+    this.#emit(rawOf(body));
+    if (this.#queue.length === 0 && !this.#unsynced && !this.#clientSkipping && this.#status === 'I') this.#releaseDue = true;
+    if (this.#draining && this.#queue.length === 0) this.#releaseDue = true;
+  }
+
+  #emit(raw: Buffer): void {
+    if (this.#end === undefined) this.#toClient.push(raw);
+  }
+
+  #flush(): void {
+    const server = this.#server;
+    if (server && this.#toServer.length > 0) {
+      const out = this.#toServer.length === 1 ? (this.#toServer[0] as Buffer) : Buffer.concat(this.#toServer);
+      this.#toServer = [];
+      this.stats.bytesToUpstream += out.length;
+      this.#context.onBytes(out.length, 0);
+      if (!server.upstream.write(out)) this.#client.pause();
+    }
+    if (this.#toClient.length > 0) {
+      const out = this.#toClient.length === 1 ? (this.#toClient[0] as Buffer) : Buffer.concat(this.#toClient);
+      this.#toClient = [];
+      this.stats.bytesToClient += out.length;
+      this.#context.onBytes(0, out.length);
+      if (!this.#client.write(out)) server?.upstream.pause();
+    }
+  }
+
+  // ---- ends
+
+  /** The client left (or was closed): a connection it holds goes back once it has answered all it was sent. */
+  #clientGone(end: RelayEnd): void {
+    if (this.#end !== undefined) return;
+    this.#finish(end);
+    this.#abort.abort();
+    this.#toClient = [];
+    const server = this.#server;
+    if (!server) return;
+    if (this.#queue.length === 0 && !this.#unsynced && !this.#copyIn) {
+      this.#detach();
+      return;
+    }
+    if (this.#copyIn || this.#queue.some((entry) => entry.expect === Expect.Execute || entry.expect === Expect.Query)) {
+      // A statement may be running: cancelled, and the connection closed rather than reused (a
+      // cancel may land late, and must not find another client's query there).
+      this.#server = undefined;
+      server.upstream.off('data', this.#onServerData);
+      void this.#context.cancel(server).catch(() => {}).finally(() => server.close());
+      return;
+    }
+    // Parse, Bind, Describe or Close without their Sync: a Sync finishes them, and it goes back.
+    this.#draining = setTimeout(() => {
+      this.#draining = undefined;
+      this.#server = undefined;
+      server.close();
+    }, DRAIN_MS);
+    this.#serverSkipping = false;
+    if (this.#unsynced) {
+      this.#unsynced = false;
+      this.#send(SYNC);
+      this.#readyPending++;
+      this.#queue.push({ expect: Expect.Sync });
+    }
+    this.#flush();
+  }
+
+  /** The server connection went away under its client: 08006, and the client's session ends. */
+  #serverLost(): void {
+    const server = this.#server;
+    if (!server) return;
+    this.#server = undefined;
+    server.upstream.off('data', this.#onServerData);
+    if (this.#draining) {
+      clearTimeout(this.#draining);
+      this.#draining = undefined;
+      return;
+    }
+    this.#refuse('08006', `the server connection to ${this.#context.upstreamName} running this transaction was lost`, 'upstream_closed');
+  }
+
+  #protocolViolation(reason: string): void {
+    this.#refuse('08P01', `invalid message from the client: ${reason}`, 'client_error');
+  }
+
+  /** A FATAL ErrorResponse, and the session ends (a connection it holds is closed). */
+  #refuse(sqlstate: string, text: string, end: RelayEnd): void {
+    if (this.#end !== undefined) return;
+    const server = this.#server;
+    this.#toClient = [];
+    this.#client.end(errorResponse({ severity: 'FATAL', code: sqlstate, message: text }));
+    this.#finish(end);
+    this.#abort.abort();
+    if (server) {
+      this.#server = undefined;
+      server.upstream.off('data', this.#onServerData);
+      server.close();
+    }
+  }
+
+  #finish(end: RelayEnd): void {
+    if (this.#end !== undefined) return;
+    this.#end = end;
+    this.#held = undefined;
+    this.#resolve(end);
+  }
+}
+
