@@ -19,6 +19,7 @@ import { startTokenPostgres } from './harness/postgres.js';
 import { cancelRequest, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { findTool, run } from './harness/tools.js';
 import { serialize, summary, WireClient } from './harness/wire.js';
+import { Metrics } from '../src/ops/metrics.js';
 
 let db: TestPostgres;
 const token = 'tok-' + randomBytes(600).toString('base64url');
@@ -454,5 +455,30 @@ test('random extended-protocol sequences on a pool shared with busy clients: ans
     });
   } finally {
     await alone.close();
+  }
+});
+
+test('/metrics counts transactions, prepared statements prepared and reused, and resets for leaked state', async () => {
+  const metrics = new Metrics();
+  const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=transaction;PoolSize=1')], { observer: metrics.observerFor('tx') });
+  try {
+    await session(proxy, async (c) => {
+      for (let i = 1; i <= 3; i++) await c.query({ name: 'counted', text: 'select $1::int as v', values: [i] });
+      await c.query('listen counted_channel');
+    });
+    await session(proxy, async (c) => c.query('select 1'));
+    const sample = (text: string, name: string, labels = ''): number => {
+      const line = text.split('\n').find((l) => l.startsWith(`lakebase_proxy_${name}{target="tx"${labels}} `));
+      return Number(line?.split(' ').at(-1));
+    };
+    const text = await metrics.text();
+    // Three statements, a LISTEN, a SELECT (the greetings are not the clients' transactions).
+    assert.equal(sample(text, 'pool_transactions_total'), 5);
+    assert.equal(sample(text, 'prepared_statements_total', ',outcome="prepared"'), 1);
+    assert.equal(sample(text, 'prepared_statements_total', ',outcome="reused"'), 2);
+    assert.equal(sample(text, 'server_leak_resets_total'), 1);
+    assert.equal(sample(text, 'server_logins_total'), 1);
+  } finally {
+    await proxy.close();
   }
 });
