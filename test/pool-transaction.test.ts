@@ -475,7 +475,8 @@ test('/metrics counts transactions, prepared statements prepared and reused, and
     // Three statements, a LISTEN, a SELECT (the greetings are not the clients' transactions).
     assert.equal(sample(text, 'pool_transactions_total'), 5);
     assert.equal(sample(text, 'prepared_statements_total', ',outcome="prepared"'), 1);
-    assert.equal(sample(text, 'prepared_statements_total', ',outcome="reused"'), 2);
+    // Each Bind found the statement on the connection (the first right after its Parse).
+    assert.equal(sample(text, 'prepared_statements_total', ',outcome="reused"'), 3);
     assert.equal(sample(text, 'server_leak_resets_total'), 1);
     assert.equal(sample(text, 'server_logins_total'), 1);
   } finally {

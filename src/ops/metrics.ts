@@ -210,7 +210,7 @@ export class Metrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}prepared_statements_total`,
-      help: "PoolMode=transaction: clients' named prepared statements, by outcome (prepared: sent to a server connection; reused: that connection had it already).",
+      help: "PoolMode=transaction: uses of clients' named prepared statements (Parse, Bind, Describe), by outcome (prepared: the connection had to prepare it; reused: it had it already).",
       labelNames: ['target', 'outcome'],
       registers,
       collect() {
