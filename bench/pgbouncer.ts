@@ -31,6 +31,8 @@ export interface PgBouncerOptions {
   readonly caFile: string;
   /** Room for this many client sessions, each with its own server connection. */
   readonly maxSessions: number;
+  /** Transaction pooling on this many server connections, instead of a session per client. */
+  readonly transactionPool?: number;
 }
 
 const CANDIDATES = ['/usr/sbin/pgbouncer', '/usr/bin/pgbouncer', '/usr/local/bin/pgbouncer'];
@@ -72,9 +74,9 @@ export async function startPgBouncer(exe: string, options: PgBouncerOptions): Pr
     `listen_port = ${port}`,
     'unix_socket_dir =',
     'auth_type = any',
-    'pool_mode = session',
+    `pool_mode = ${options.transactionPool ? 'transaction' : 'session'}`,
     `max_client_conn = ${pool}`,
-    `default_pool_size = ${pool}`,
+    `default_pool_size = ${options.transactionPool ?? pool}`,
     'server_tls_sslmode = verify-full',
     `server_tls_ca_file = ${options.caFile}`,
     'server_reset_query = DISCARD ALL',

@@ -66,9 +66,10 @@ export async function pgbenchSelect(
   libpq: Readonly<Record<string, string>>,
   clients: number,
   seconds: number,
+  protocol: 'simple' | 'extended' | 'prepared' = 'simple',
 ): Promise<PgbenchResult> {
   const threads = Math.min(clients, 2);
-  const args = ['-n', '-S', '-c', String(clients), '-j', String(threads), '-T', String(seconds)];
+  const args = ['-n', '-S', '-M', protocol, '-c', String(clients), '-j', String(threads), '-T', String(seconds)];
   const output = await run(exe, args, libpqEnvironment(libpq), (seconds + 120) * 1000);
   const number = (pattern: RegExp): number => {
     const match = pattern.exec(output);
