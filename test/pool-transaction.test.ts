@@ -488,3 +488,29 @@ test('/metrics counts transactions, prepared statements prepared and reused, and
     await proxy.close();
   }
 });
+
+test('shutdown: a client between transactions is told and closed at once; one in a transaction finishes it first', async () => {
+  const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=transaction;PoolSize=2')]);
+  try {
+    const idle = await WireClient.open(proxy.port, { user: 'anyone', database: db.database });
+    const busy = await connected(proxy);
+    await busy.query('begin');
+    await busy.query("insert into tx_items values (2000, 'committed during the drain')");
+    proxy.server.refuseNewClients();
+    const farewell = await idle.next();
+    assert.equal((farewell as unknown as { code: string }).code, '57P01');
+    await waitUntil(() => idle.closed, 5000, 'the idle client closed');
+    await busy.query('commit');
+    const after = await busy.query('select 1').then(
+      () => 'answered',
+      (error: { code?: string; message: string }) => error.code ?? error.message,
+    );
+    assert.notEqual(after, 'answered', 'no transaction after the one that was running');
+    await proxy.server.drained();
+    assert.equal((await db.query<{ n: number }>('select count(*)::int as n from tx_items where id = 2000'))[0]?.n, 1);
+    await busy.end().catch(() => {});
+  } finally {
+    await db.query('delete from tx_items where id = 2000');
+    await proxy.close();
+  }
+});

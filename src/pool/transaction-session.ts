@@ -195,6 +195,8 @@ export class TransactionSession implements SessionRelay {
   #toServer: Buffer[] = [];
   #toClient: Buffer[] = [];
   #releaseDue = false;
+  /** Set by endAfterTransaction(). */
+  #ending = false;
   /** The client is gone: what the server still answers is dropped until its connection can go back. */
   #draining: NodeJS.Timeout | undefined;
   readonly #onServerData = (chunk: Buffer): void => this.#serverData(chunk);
@@ -239,6 +241,15 @@ export class TransactionSession implements SessionRelay {
     const server = this.#server;
     if (!server || this.#queue.length === 0 || this.#draining) return Promise.resolve();
     return this.#context.cancel(server);
+  }
+
+  /**
+   * The proxy shuts down: a client between transactions is told so (57P01) and closed now, one in
+   * a transaction when it ends.
+   */
+  endAfterTransaction(): void {
+    this.#ending = true;
+    if (!this.#server && !this.#acquiring) this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
   }
 
   close(end: RelayEnd = 'shutdown'): void {
@@ -498,6 +509,10 @@ export class TransactionSession implements SessionRelay {
     } catch (error) {
       this.#acquiring = false;
       if (this.#end !== undefined) return;
+      if (this.#ending) {
+        this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
+        return;
+      }
       const facing = error as { sqlstate?: string; message: string };
       this.#refuse(facing.sqlstate ?? '08006', facing.message, 'upstream_error');
       return;
@@ -559,7 +574,8 @@ export class TransactionSession implements SessionRelay {
     this.#flush();
     if (this.#releaseDue && this.#server) {
       this.#detach();
-      if (this.#end === undefined) this.#pump();
+      if (this.#ending) this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
+      else if (this.#end === undefined) this.#pump();
     } else if (this.#held && this.#server && this.#readyPending === 0) {
       this.#client.resume();
       this.#pump();

@@ -298,6 +298,7 @@ export class ProxyServer {
   refuseNewClients(): void {
     this.#accepting = false;
     this.#turnAwayHeld();
+    this.#endTransactionClients();
     for (const pool of this.#pools.values()) pool.close(); // idle connections now, the others as their clients leave
   }
 
@@ -308,10 +309,16 @@ export class ProxyServer {
   stopAccepting(): void {
     this.#accepting = false;
     this.#turnAwayHeld();
+    this.#endTransactionClients();
     for (const server of this.#servers) server.close();
     for (const pool of this.#pools.values()) pool.close();
     if (this.#socketFile) removeSocketFile(this.#socketFile);
     this.#socketFile = undefined;
+  }
+
+  /** Transaction mode: a client between transactions has nothing to finish, and goes now. */
+  #endTransactionClients(): void {
+    for (const session of this.#sessions) if (session.relay instanceof TransactionSession) session.relay.endAfterTransaction();
   }
 
   /**
