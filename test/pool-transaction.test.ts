@@ -514,3 +514,22 @@ test('shutdown: a client between transactions is told and closed at once; one in
     await proxy.close();
   }
 });
+
+test('a client whose startup the pool has seen is greeted without a connection: it connects while every connection is busy', async () => {
+  await withTransactionPool('PoolSize=1;QueryWaitTimeout=3s', async (proxy) => {
+    await session(proxy, async (c) => c.query('select 1'), { application_name: 'seen' });
+    const holder = await connected(proxy);
+    await holder.query('begin');
+    try {
+      // The only connection is in the holder's transaction: a greeting that needed it would time out (53300).
+      const late = await connected(proxy, { application_name: 'seen' });
+      const answer = late.query('select 8 as v');
+      await holder.query('commit');
+      assert.equal((await answer).rows[0].v, 8);
+      assert.equal((await late.query('show application_name')).rows[0].application_name, 'seen');
+      await late.end();
+    } finally {
+      await holder.end();
+    }
+  });
+});

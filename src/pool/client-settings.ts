@@ -86,6 +86,11 @@ export class ClientSettings {
     this.unreported = unreported;
   }
 
+  /** A copy: another client with the same startup begins where this one began. */
+  copy(): ClientSettings {
+    return new ClientSettings(new Map(this.reported), new Map(this.unreported));
+  }
+
   /**
    * Before the greeting: the login's reported values with the startup's own in their place (the
    * server reports them in its own words once set, and the greeting then takes those).

@@ -99,6 +99,11 @@ export class Pool {
   /** PAUSE: idle connections close, and those released meanwhile too, until resume(). */
   #paused = false;
   readonly #janitor: NodeJS.Timeout;
+  /**
+   * Transaction mode: what a client's greeting was, by its startup settings, so that the next
+   * client with the same ones is greeted without a round trip (kept for the pool's life).
+   */
+  readonly greetings = new Map<string, unknown>();
 
   constructor(name: string, settings: PoolSettings, observer: PoolObserver) {
     this.name = name;

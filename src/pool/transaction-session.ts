@@ -57,6 +57,8 @@ export class StartupRefused extends Error {
 
 /** The largest message either side may send (Postgres' own limit for a client message is 1 GiB). */
 const MAX_MESSAGE = 1 << 30;
+/** Different startups whose greetings a pool remembers (more: it forgets them all and starts again). */
+const MAX_GREETINGS = 1000;
 /** How long a connection whose client left may take to finish what it was doing. */
 const DRAIN_MS = 10_000;
 
@@ -137,10 +139,23 @@ async function lease(context: TransactionContext, signal: AbortSignal): Promise<
 
 /**
  * The greeting for a new client: a connection of the pool takes its startup settings (the server
- * checks them, and reports them in its own words), and goes back. Throws StartupRefused, or what
- * the pool throws (PoolTimeoutError, a login's error).
+ * checks them, and reports them in its own words), and goes back; a later client with the same
+ * startup gets the same greeting without a round trip. Throws StartupRefused, or what the pool
+ * throws (PoolTimeoutError, a login's error).
  */
 export async function greet(context: TransactionContext, startup: ReadonlyMap<string, string>, signal: AbortSignal): Promise<{ settings: ClientSettings; greeting: Buffer[] }> {
+  const key = JSON.stringify([...startup]);
+  const known = context.pool.greetings.get(key) as ClientSettings | undefined;
+  const settings = known?.copy() ?? (await taken(context, startup, signal));
+  if (!known) {
+    if (context.pool.greetings.size >= MAX_GREETINGS) context.pool.greetings.clear();
+    context.pool.greetings.set(key, settings.copy());
+  }
+  return { settings, greeting: [...settings.reported].map(([name, value]) => parameterStatus(name, value)) };
+}
+
+/** The settings of a startup as a connection of the pool takes and reports them. */
+async function taken(context: TransactionContext, startup: ReadonlyMap<string, string>, signal: AbortSignal): Promise<ClientSettings> {
   const server = await lease(context, signal);
   const settings = ClientSettings.fromStartup(startup, server);
   const query = settings.landOn(server);
@@ -154,7 +169,7 @@ export async function greet(context: TransactionContext, startup: ReadonlyMap<st
   }
   for (const [name, value] of server.parameters) settings.reported.set(name, value);
   context.pool.giveBack(server, 'I', false);
-  return { settings, greeting: [...settings.reported].map(([name, value]) => parameterStatus(name, value)) };
+  return settings;
 }
 
 export class TransactionSession implements SessionRelay {
