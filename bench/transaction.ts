@@ -115,7 +115,7 @@ async function main(): Promise<void> {
   const db = await startTokenPostgres(token, { extraConf: { max_connections: '200', log_min_messages: 'warning' } });
   const stops: Array<() => Promise<unknown>> = [() => db.stop()];
   const runs: Run[] = [];
-  let idle: { clients: number; rssBeforeKiB: number; rssAfterKiB: number; perClientKiB: number; mostUpstream: number } | undefined;
+  let idle: { clients: number; rssBeforeKiB: number; rssAfterKiB: number; perClientKiB: number; secondHalfPerClientKiB: number; mostUpstream: number } | undefined;
   try {
     await db.setTokenPassword(token);
     const owner = { PGHOST: '127.0.0.1', PGPORT: String(db.port), PGUSER: db.tokenRole, PGPASSWORD: token, PGDATABASE: db.database, PGSSLMODE: 'verify-ca', PGSSLROOTCERT: db.ca.caFile };
@@ -169,13 +169,30 @@ async function main(): Promise<void> {
       for (const [path, port] of few) await measure(path, port, 'simple', options.poolSize);
       await session.stop();
     }
+    // RSS includes the heap's own growth steps: the second half's growth is the steadier figure.
     const before = transaction.rssKiB();
-    const [sockets, mostUpstream] = await watchingUpstream(db, db.tokenRole, () => openIdle(transaction.port, db.database, options.idle));
-    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const half = Math.floor(options.idle / 2);
+    const [sockets, mostUpstream] = await watchingUpstream(db, db.tokenRole, async () => {
+      const first = await openIdle(transaction.port, db.database, half);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      const middle = transaction.rssKiB();
+      const second = await openIdle(transaction.port, db.database, options.idle - half);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      return { all: [...first, ...second], middle };
+    });
     const after = transaction.rssKiB();
-    idle = { clients: sockets.length, rssBeforeKiB: before, rssAfterKiB: after, perClientKiB: (after - before) / sockets.length, mostUpstream };
-    process.stdout.write(`${sockets.length} idle clients in transaction mode: RSS ${before} KiB -> ${after} KiB, ${idle.perClientKiB.toFixed(1)} KiB per client; upstream at most ${mostUpstream}\n`);
-    for (const socket of sockets) socket.destroy();
+    idle = {
+      clients: sockets.all.length,
+      rssBeforeKiB: before,
+      rssAfterKiB: after,
+      perClientKiB: (after - before) / sockets.all.length,
+      secondHalfPerClientKiB: (after - sockets.middle) / (options.idle - half),
+      mostUpstream,
+    };
+    process.stdout.write(
+      `${sockets.all.length} idle clients in transaction mode: RSS ${before} KiB -> ${after} KiB, ${idle.perClientKiB.toFixed(1)} KiB per client (second half ${idle.secondHalfPerClientKiB.toFixed(1)}); upstream at most ${mostUpstream}\n`,
+    );
+    for (const socket of sockets.all) socket.destroy();
   } finally {
     for (const stop of stops.reverse()) await stop().catch(() => {});
   }

@@ -76,19 +76,36 @@ function splitOptions(options: string): string[] {
 
 /** What a client wants of the session it runs in, wherever that is. */
 export class ClientSettings {
-  /** Reported parameters as the server reported them to this client (its greeting, then ParameterStatus). */
-  readonly reported: Map<string, string>;
-  /** Settings of its startup the server does not report, as sent. */
-  readonly unreported: Map<string, string>;
+  #reported: Map<string, string>;
+  /** Whether `#reported` is another client's too (copied at this client's first change). */
+  #sharing: boolean;
+  /** Settings of its startup the server does not report, as sent (never changed: shared). */
+  readonly unreported: ReadonlyMap<string, string>;
 
-  private constructor(reported: Map<string, string>, unreported: Map<string, string>) {
-    this.reported = reported;
+  private constructor(reported: Map<string, string>, unreported: ReadonlyMap<string, string>, sharing: boolean) {
+    this.#reported = reported;
     this.unreported = unreported;
+    this.#sharing = sharing;
   }
 
-  /** A copy: another client with the same startup begins where this one began. */
+  /** Reported parameters as the server reported them to this client (its greeting, then ParameterStatus). */
+  get reported(): ReadonlyMap<string, string> {
+    return this.#reported;
+  }
+
+  report(name: string, value: string): void {
+    if (this.#reported.get(name) === value) return;
+    if (this.#sharing) {
+      this.#reported = new Map(this.#reported);
+      this.#sharing = false;
+    }
+    this.#reported.set(name, value);
+  }
+
+  /** For another client with the same startup: it begins where this one began (the maps are shared until one changes). */
   copy(): ClientSettings {
-    return new ClientSettings(new Map(this.reported), new Map(this.unreported));
+    this.#sharing = true;
+    return new ClientSettings(this.#reported, this.unreported, true);
   }
 
   /**
@@ -104,7 +121,7 @@ export class ClientSettings {
       if (reportedName !== undefined) reported.set(reportedName, value);
       else unreported.set(name.toLowerCase(), value);
     }
-    return new ClientSettings(reported, unreported);
+    return new ClientSettings(reported, unreported, false);
   }
 
   /**
@@ -114,7 +131,7 @@ export class ClientSettings {
    */
   landOn(server: ServerConnection): string | undefined {
     const calls: string[] = [];
-    for (const [name, value] of this.reported) {
+    for (const [name, value] of this.#reported) {
       if (SETTABLE.has(name.toLowerCase()) && server.parameters.get(name) !== value) calls.push(setConfig(name, value));
     }
     for (const [name, value] of this.unreported) {

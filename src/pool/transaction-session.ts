@@ -167,7 +167,7 @@ async function taken(context: TransactionContext, startup: ReadonlyMap<string, s
       throw result.error ? new StartupRefused(result.error) : new Error('the server connection failed while it took the startup settings');
     }
   }
-  for (const [name, value] of server.parameters) settings.reported.set(name, value);
+  for (const [name, value] of server.parameters) settings.report(name, value);
   context.pool.giveBack(server, 'I', false);
   return settings;
 }
@@ -180,9 +180,11 @@ export class TransactionSession implements SessionRelay {
   readonly #client: Duplex;
   readonly #context: TransactionContext;
   readonly #settings: ClientSettings;
-  readonly #abort = new AbortController();
+  /** Made at the first wait for a connection: an idle client holds none. */
+  #abort: AbortController | undefined;
   readonly #fromClient = new FrameReader(MAX_MESSAGE, true);
-  #fromServer = new FrameReader(MAX_MESSAGE, true);
+  /** Made at each attach: an idle client holds none. */
+  #fromServer: FrameReader | undefined;
   #server: ServerConnection | undefined;
   /** A client message that waits for a server connection (the client is paused meanwhile). */
   #held: { type: number; body: Buffer } | undefined;
@@ -214,11 +216,8 @@ export class TransactionSession implements SessionRelay {
   #ending = false;
   /** The client is gone: what the server still answers is dropped until its connection can go back. */
   #draining: NodeJS.Timeout | undefined;
-  readonly #onServerData = (chunk: Buffer): void => this.#serverData(chunk);
-  readonly #onServerGone = (): void => this.#serverLost();
-  readonly #onServerDrain = (): void => {
-    if (!this.#held) this.#client.resume();
-  };
+  /** Listeners on the server connection held (made at the first attach: an idle client holds none). */
+  #onServer: { data: (chunk: Buffer) => void; gone: () => void; drain: () => void } | undefined;
   readonly #onClientDrain = (): void => {
     this.#server?.upstream.resume();
   };
@@ -520,7 +519,7 @@ export class TransactionSession implements SessionRelay {
     this.#acquiring = true;
     let server: ServerConnection;
     try {
-      server = await lease(this.#context, this.#abort.signal);
+      server = await lease(this.#context, (this.#abort ??= new AbortController()).signal);
     } catch (error) {
       this.#acquiring = false;
       if (this.#end !== undefined) return;
@@ -540,10 +539,17 @@ export class TransactionSession implements SessionRelay {
     this.#server = server;
     this.#fromServer = new FrameReader(MAX_MESSAGE, true);
     this.#status = 'I';
-    server.upstream.on('data', this.#onServerData);
-    server.upstream.on('end', this.#onServerGone);
-    server.upstream.on('close', this.#onServerGone);
-    server.upstream.on('drain', this.#onServerDrain);
+    this.#onServer ??= {
+      data: (chunk) => this.#serverData(chunk),
+      gone: () => this.#serverLost(),
+      drain: () => {
+        if (!this.#held) this.#client.resume();
+      },
+    };
+    server.upstream.on('data', this.#onServer.data);
+    server.upstream.on('end', this.#onServer.gone);
+    server.upstream.on('close', this.#onServer.gone);
+    server.upstream.on('drain', this.#onServer.drain);
     server.upstream.resume();
     const query = this.#settings.landOn(server);
     if (query !== undefined) {
@@ -560,16 +566,15 @@ export class TransactionSession implements SessionRelay {
     if (!server) return;
     this.#server = undefined;
     this.#releaseDue = false;
-    server.upstream.off('data', this.#onServerData);
-    server.upstream.off('end', this.#onServerGone);
-    server.upstream.off('close', this.#onServerGone);
-    server.upstream.off('drain', this.#onServerDrain);
+    this.#unlisten(server);
     server.upstream.pause();
     if (this.#draining) clearTimeout(this.#draining);
     this.#draining = undefined;
     const leaked = this.#leaked;
     this.#leaked = false;
-    if (this.#fromServer.buffered > 0 || this.#queue.length > 0) {
+    const unread = this.#fromServer?.buffered ?? 0;
+    this.#fromServer = undefined;
+    if (unread > 0 || this.#queue.length > 0) {
       server.close(); // a message of its half read: nothing to give back
       return;
     }
@@ -577,10 +582,20 @@ export class TransactionSession implements SessionRelay {
     this.#context.pool.giveBack(server, this.#status, leaked);
   }
 
+  #unlisten(server: ServerConnection): void {
+    const on = this.#onServer;
+    if (!on) return;
+    server.upstream.off('data', on.data);
+    server.upstream.off('end', on.gone);
+    server.upstream.off('close', on.gone);
+    server.upstream.off('drain', on.drain);
+  }
+
   #serverData(chunk: Buffer): void {
-    this.#fromServer.push(chunk);
+    const reader = (this.#fromServer ??= new FrameReader(MAX_MESSAGE, true));
+    reader.push(chunk);
     try {
-      for (let frame = this.#fromServer.next(); frame; frame = this.#fromServer.next()) this.#serverMessage(frame.type, frame.body);
+      for (let frame = reader.next(); frame; frame = reader.next()) this.#serverMessage(frame.type, frame.body);
     } catch (error) {
       if (!(error instanceof FramingError)) throw error;
       (this.#server as ServerConnection).close(); // the 'close' that follows ends the client's session
@@ -603,7 +618,7 @@ export class TransactionSession implements SessionRelay {
       const [name = '', value = ''] = body.toString('utf8').split('\0');
       (this.#server as ServerConnection).parameters.set(name, value);
       if (head?.hidden) return;
-      this.#settings.reported.set(name, value);
+      this.#settings.report(name, value);
       this.#reports++;
       this.#emit(rawOf(body));
       return;
@@ -760,7 +775,7 @@ export class TransactionSession implements SessionRelay {
   #clientGone(end: RelayEnd): void {
     if (this.#end !== undefined) return;
     this.#finish(end);
-    this.#abort.abort();
+    this.#abort?.abort();
     this.#toClient = [];
     const server = this.#server;
     if (!server) return;
@@ -772,7 +787,7 @@ export class TransactionSession implements SessionRelay {
       // A statement may be running: cancelled, and the connection closed rather than reused (a
       // cancel may land late, and must not find another client's query there).
       this.#server = undefined;
-      server.upstream.off('data', this.#onServerData);
+      this.#unlisten(server);
       void this.#context.cancel(server).catch(() => {}).finally(() => server.close());
       return;
     }
@@ -780,6 +795,7 @@ export class TransactionSession implements SessionRelay {
     this.#draining = setTimeout(() => {
       this.#draining = undefined;
       this.#server = undefined;
+      this.#unlisten(server);
       server.close();
     }, DRAIN_MS);
     this.#serverSkipping = false;
@@ -797,7 +813,7 @@ export class TransactionSession implements SessionRelay {
     const server = this.#server;
     if (!server) return;
     this.#server = undefined;
-    server.upstream.off('data', this.#onServerData);
+    this.#unlisten(server);
     if (this.#draining) {
       clearTimeout(this.#draining);
       this.#draining = undefined;
@@ -817,10 +833,10 @@ export class TransactionSession implements SessionRelay {
     this.#toClient = [];
     this.#client.end(errorResponse({ severity: 'FATAL', code: sqlstate, message: text }));
     this.#finish(end);
-    this.#abort.abort();
+    this.#abort?.abort();
     if (server) {
       this.#server = undefined;
-      server.upstream.off('data', this.#onServerData);
+      this.#unlisten(server);
       server.close();
     }
   }
