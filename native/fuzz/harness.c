@@ -213,6 +213,7 @@ typedef struct {
   double counters[2];
   size_t farewell_at;       /* counters[1] when the farewell was asked for */
   bytes_t srv_cipher;       /* server ciphertext not yet on the socket */
+  size_t srv_flushed;       /* server ciphertext put on the socket */
   bytes_t srv_sent;         /* the server's plaintext, all of it */
   bytes_t srv_got;          /* plaintext the server read */
   size_t srv_checked;       /* how much of srv_got check_upstream() has seen */
@@ -363,7 +364,10 @@ static void srv_flush(size_t max) {
   if (S->srv_fd < 0 || S->srv_shut || S->srv_cipher.n == 0) return;
   size_t n = max < S->srv_cipher.n ? max : S->srv_cipher.n;
   ssize_t w = send(S->srv_fd, S->srv_cipher.d, n, MSG_DONTWAIT | MSG_NOSIGNAL);
-  if (w > 0) drop_front(&S->srv_cipher, (size_t)w);
+  if (w > 0) {
+    drop_front(&S->srv_cipher, (size_t)w);
+    S->srv_flushed += (size_t)w;
+  }
 }
 
 /* Reads the socket into the server, then what the server can make of it. */
@@ -703,26 +707,34 @@ static void step(void) {
   bytes_free(&b);
 }
 
+/* Bytes moved by the peers so far (each count only grows, and only as far as the input allows). */
+static size_t moved(void) { return S->srv_flushed + S->srv_got.n + S->cl_sent.n + S->cl_got.n + S->login_got.n; }
+
 /*
  * The end of every input. First both peers cooperate until the connection ends: every byte
- * moves, then each side closes, the way the input chose. A connection that something went
- * wrong with may still wait on a peer (one that stopped reading, say): then both peers close
- * their sockets, and the relay must end at once.
+ * moves, then each side closes, the way the input chose. That takes as many turns as the bytes
+ * need (megabytes through 4 KiB socket buffers take hundreds); the connection is stuck when
+ * nothing has moved for STALLED turns in a row. A connection that something went wrong with may
+ * still wait on a peer (one that stopped reading, say): then both peers close their sockets, and
+ * the relay must end at once.
  */
 static void drain(void) {
+  enum { STALLED = 300 };
   phase = "drain";
-  int turns = 0;
-  for (int i = 0; i < 300 && S->conn; i++, turns++) {
+  int turns = 0, stalled = 0;
+  for (; stalled < STALLED && S->conn; turns++) {
+    size_t before = moved();
     if (S->handshake_ok && !S->attached && !S->login_ended) attach();
     srv_flush(SIZE_MAX);
     srv_read(65536);
     cl_flush(SIZE_MAX);
     cl_read(65536);
     run_loop(1);
-    if (i > 200) usleep(1000); /* TCP's own timers (delayed ACKs, zero-window probes) get time */
-    if (i < 10) continue;
-    if (i > 100 && S->handshake_calls == 0) srv_fin(); /* a handshake that cannot end (the server broke) */
-    if (i > 100 && S->handshake_ok && !S->attached && S->conn) lp_conn_close(S->conn, LP_END_SHUTDOWN);
+    stalled = moved() == before ? stalled + 1 : 0;
+    if (stalled > 200) usleep(1000); /* TCP's own timers (delayed ACKs, zero-window probes) get time */
+    if (turns < 10) continue;
+    if (stalled > 100 && S->handshake_calls == 0) srv_fin(); /* a handshake that cannot end (the server broke) */
+    if (stalled > 100 && S->handshake_ok && !S->attached && S->conn) lp_conn_close(S->conn, LP_END_SHUTDOWN);
     /* Nothing more to send: the client leaves first, or the server, as the input chose. */
     int idle = S->srv_cipher.n == 0 && S->cl_pending.n == 0;
     if (idle && S->attached && S->server_first && !S->srv_broken && !(SSL_get_shutdown(S->srv) & SSL_SENT_SHUTDOWN)) srv_close_notify();
@@ -735,8 +747,8 @@ static void drain(void) {
       if (S->srv_cipher.n == 0 || S->srv_broken) srv_fin();
     }
   }
-  if (verbose) fprintf(stderr, "drain: %d turns\n", turns);
-  if (S->conn && !S->faults && !S->srv_broken) fail("the connection did not end after both peers closed (%d loop turns)", turns);
+  if (verbose) fprintf(stderr, "drain: %d turns, %zu bytes moved\n", turns, moved());
+  if (S->conn && !S->faults && !S->srv_broken) fail("the connection did not end: nothing moved for %d loop turns (%d in all)", STALLED, turns);
   if (S->conn) {
     phase = "both peers gone";
     srv_close(0);
