@@ -257,11 +257,16 @@ static void up_write(lp_conn *c);
 
 static void touch(lp_conn *c) { c->last_activity = uv_now(c->loop); }
 
-/* The first end decides how the session ended; after a Terminate the server closes first. */
+/*
+ * The first end decides how the session ended; after a Terminate the server closes first. A
+ * relay ended while a query runs, by anything but the upstream's own end (the client left, the
+ * caller closed or detached it), leaves that query to the caller to cancel: `abandoned` is
+ * called here and nowhere else, so once.
+ */
 static void decide(lp_conn *c, enum lp_end end) {
   if (c->end != LP_END_NONE) return;
   c->end = end == LP_END_UPSTREAM_CLOSED && c->client_terminated ? LP_END_CLIENT_CLOSED : end;
-  if ((end == LP_END_CLIENT_CLOSED || end == LP_END_CLIENT_ERROR) && !c->client_terminated && !c->upstream_idle) c->cb->abandoned(c, c->user);
+  if (c->state == S_RELAY && !c->up.read_done && !c->client_terminated && !c->upstream_idle) c->cb->abandoned(c, c->user);
 }
 
 static void conn_handle_closed(lp_conn *c) {
@@ -610,6 +615,7 @@ static void detach(lp_conn *c, enum lp_end end) {
   int reusable = at_boundary(&c->client_messages) && c->upstream_idle && at_boundary(&c->messages) && c->messages.last_type == 'Z' &&
                  !c->up.read_done && !c->up.write_shut && !c->up.want_shut && !c->tls_broken && pending(&c->up.out) == 0;
   decide(c, end);
+  if (c->closing) return; /* the caller closed it on hearing of the abandoned query: `end` follows */
   enum lp_end ended = c->end;
   double to_upstream = c->to_upstream, to_client = c->to_client;
   box_close(&c->cl, NULL);
@@ -638,6 +644,7 @@ static void client_ended(lp_conn *c, int error) {
   if (c->cl.read_done && (!error || c->cl.write_shut)) return;
   c->cl.read_done = 1;
   decide(c, error ? LP_END_CLIENT_ERROR : LP_END_CLIENT_CLOSED);
+  if (c->closing) return;
   if (error) {
     c->cl.write_shut = 1;
     buf_free(&c->cl.out);
@@ -971,8 +978,6 @@ void lp_conn_detach(lp_conn *c, enum lp_end end) {
 }
 
 void lp_conn_close(lp_conn *c, enum lp_end end) {
-  if (c->closing) return;
-  if (c->state == S_RELAY && c->end == LP_END_NONE && !c->upstream_idle) c->cb->abandoned(c, c->user);
   teardown(c, end);
 }
 

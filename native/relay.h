@@ -31,7 +31,8 @@ typedef struct {
   void (*handshake)(lp_conn *c, void *user, const char *error, long verify);
   /* Before the relay: plaintext from the upstream (n > 0), or its end (data NULL; error NULL for a clean end). */
   void (*data)(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
-  /* The relay: the client went away while a query may run upstream (the caller cancels it). */
+  /* The relay ended while a query may run upstream (the caller cancels it): the client went away,
+     or the caller closed or detached it. At most once a relay; the caller may close here. */
   void (*abandoned)(lp_conn *c, void *user);
   /* The relay: the ErrorResponse a client gets when the upstream goes away between two messages
      (reason NULL: it closed). Writes at most `cap` bytes to `out`; returns the length, 0 for none. */

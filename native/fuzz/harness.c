@@ -12,7 +12,8 @@
  * client's end (queries, a Terminate, messages cut short, garbage) and reads it. Either peer may
  * half-close, close (with unread bytes: the relay sees ECONNRESET; TCP may reset), or stop
  * reading. Callbacks react as the JavaScript side may: pause, write, close, even attach the
- * relay from inside the data callback; lp_conn_close comes at any point.
+ * relay from inside the data callback, close from inside `abandoned`; lp_conn_close comes at any
+ * point, with any end.
  *
  * When the input is used up, both peers cooperate to an orderly end; a connection still waiting
  * on something then sees both peers close their sockets, and must end at once (the relay's linger
@@ -305,6 +306,11 @@ static void on_abandoned(lp_conn *c, void *user) {
   if (user != S) fail("abandoned: wrong user pointer");
   if (!S->attached) fail("abandoned before the relay");
   if (++S->abandons > 1) fail("abandoned twice");
+  if (S->react_in_callbacks && in_u8() % 4 == 0) { /* the caller gives up on the connection as it hears of it */
+    if (verbose) fprintf(stderr, "abandoned: the caller closes\n");
+    S->faults = 1;
+    lp_conn_close(c, LP_END_SHUTDOWN);
+  }
 }
 
 static size_t on_farewell(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap) {
@@ -684,9 +690,11 @@ static void step(void) {
     default:
       if (S->conn && (op & 0xc0) == 0xc0) {
         S->faults = 1;
-        /* The ends addon.c passes: shutdown, idle_timeout, upstream_error. */
-        static const enum lp_end ends[] = { LP_END_SHUTDOWN, LP_END_IDLE, LP_END_UPSTREAM_ERROR };
-        lp_conn_close(S->conn, ends[in_u8() % 3]);
+        /* The ends NativeRelay passes (shutdown, idle_timeout, upstream_error), or with the high
+           bit any other addon.c accepts. */
+        static const enum lp_end ends[] = { LP_END_SHUTDOWN, LP_END_IDLE, LP_END_UPSTREAM_ERROR, LP_END_CLIENT_CLOSED, LP_END_CLIENT_ERROR, LP_END_UPSTREAM_CLOSED };
+        unsigned which = in_u8();
+        lp_conn_close(S->conn, ends[(which & 0x80 ? 3 : 0) + (which & 0x7f) % 3]);
       } else if (S->conn) {
         int running;
         double idle;

@@ -54,7 +54,7 @@ const step = {
   attach: (how = 1, ...rest) => [22, how, ...rest],
   attachEarly: () => [142, 1],
   state: () => [23],
-  close: (end) => [215, end], // 0 shutdown, 1 idle_timeout, 2 upstream_error
+  close: (end) => [215, end], // 0 shutdown, 1 idle_timeout, 2 upstream_error; 128 client_closed, 129 client_error, 130 upstream_closed
 };
 
 /** The TLS handshake, each flight whole. */
@@ -103,6 +103,11 @@ const seeds = {
     step.loop(2), step.clientRead()],
   'close-during-login': [0, UNIX, ...handshake, step.close(0), step.loop(3)],
   'close-during-query': [0, UNIX, ...handshake, ...login, step.attach(), ...query(3), step.close(2), step.loop(3), step.state()],
+  // A close that names the client as the end, while a query runs: `abandoned` once, not twice.
+  'close-during-query-client-end': [0, UNIX, ...handshake, ...login, step.attach(), ...query(3), step.close(128), step.loop(3)],
+  // The client leaves while a query runs; the caller closes the connection from inside `abandoned` (0).
+  'close-inside-abandoned': [REACT, UNIX, step.loop(), step.serverRead(), step.serverFlush(65536), step.loop(2), 0, step.serverRead(), step.serverFlush(65536), step.loop(2),
+    step.serverRead(), step.serverMessages(['N', 20], ['Z']), step.serverFlush(65536), step.loop(), 3, 1, ...query(3), step.clientClose(), step.loop(), 0, step.loop(3)],
   'relay-before-handshake': [0, UNIX, step.attachEarly(), ...handshake],
   'first-bytes-both-ways': [0, UNIX, ...handshake, ...login, step.attach(1 | 4 | 8, 1, 30), step.loop(2), step.serverRead(), step.clientRead()],
   // TLS 1.2 without verification (SSLMode=require): the server's flight, then FIN before its Finished. Not a certificate problem.
