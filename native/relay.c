@@ -609,7 +609,9 @@ static void cl_flush(lp_conn *c) {
 /*
  * A pooled relay lets the client go and keeps the upstream: the client's socket is closed, the
  * connection is back before the relay (reads go to the caller again), and the caller hears
- * whether it can serve another client as it is.
+ * whether it can serve another client as it is. Only while the upstream has not ended: else the
+ * connection would wait before the relay for an end that was already read, and only the linger
+ * timer would close it.
  */
 static void detach(lp_conn *c, enum lp_end end) {
   int reusable = at_boundary(&c->client_messages) && c->upstream_idle && at_boundary(&c->messages) && c->messages.last_type == 'Z' &&
@@ -672,7 +674,7 @@ static void from_client(lp_conn *c, const unsigned char *data, size_t n) {
   }
   if (forward < n && c->state == S_RELAY && !c->closing) {
     c->client_terminated = 1;
-    detach(c, LP_END_CLIENT_CLOSED);
+    client_ended(c, 0); /* a detach, unless the upstream has ended */
   }
 }
 
@@ -974,7 +976,8 @@ int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_firs
 
 void lp_conn_detach(lp_conn *c, enum lp_end end) {
   if (c->closing || c->state != S_RELAY || !c->pooled) return;
-  detach(c, end);
+  if (c->up.read_done) teardown(c, end); /* the upstream has ended: there is nothing to keep */
+  else detach(c, end);
 }
 
 void lp_conn_close(lp_conn *c, enum lp_end end) {

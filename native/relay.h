@@ -37,8 +37,9 @@ typedef struct {
   /* The relay: the ErrorResponse a client gets when the upstream goes away between two messages
      (reason NULL: it closed). Writes at most `cap` bytes to `out`; returns the length, 0 for none. */
   size_t (*farewell)(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap);
-  /* A pooled relay: the client left (Terminate, EOF, an error, or lp_conn_detach) and the
-     connection is back before the relay, reading for the caller again. `reusable`: the client
+  /* A pooled relay: the client left (Terminate, EOF, an error, or lp_conn_detach) while the
+     upstream had not ended (else the relay ends as an unpooled one does), and the connection is
+     back before the relay, reading for the caller again. `reusable`: the client
      left between two messages of its own, with the upstream at ReadyForQuery, whose status
      ('I', 'T' or 'E') is `status`. The byte counts are this client's. */
   void (*detached)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status);
@@ -77,7 +78,8 @@ int lp_conn_resumed(lp_conn *c);
  */
 int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_first, size_t to_client_len,
                   const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, int pooled, const char **error);
-/* A pooled relay: lets the client go now (idle timeout) and keeps the upstream; `detached` follows. */
+/* A pooled relay: lets the client go now (idle timeout) and keeps the upstream; `detached` follows.
+   When the upstream has ended already, the connection ends instead (`end` follows). */
 void lp_conn_detach(lp_conn *c, enum lp_end end);
 /* Ends the connection now (shutdown, idle timeout, a failed login): the `end` callback follows. */
 void lp_conn_close(lp_conn *c, enum lp_end end);
