@@ -373,6 +373,12 @@ static void up_shutdown_write(lp_conn *c) {
   c->shutdown_pending = 0;
   c->up.write_shut = 1;
   shutdown(c->up.fd, SHUT_WR);
+  /* Nothing may follow our close_notify, yet OpenSSL answers a TLS 1.3 KeyUpdate that asks for one
+     from inside SSL_read, and on the shut socket that write (EPIPE) would fail the read and lose
+     what the server still sends. Its writes go nowhere from now on (SSL_set_fd gave the socket BIO
+     one reference for reading and one for writing: this drops the second). */
+  BIO *sink = BIO_new(BIO_s_null());
+  if (sink) SSL_set0_wbio(c->ssl, sink);
 }
 
 static void up_failed(lp_conn *c, const char *reason);

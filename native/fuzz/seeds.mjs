@@ -80,6 +80,10 @@ const seeds = {
     step.loop(3), step.serverFlush(60000), step.loop(3), step.clientRead(1000), step.loop(3), step.serverFlush(65536), step.loop(3), step.clientRead(), step.loop(3)],
   'backpressure-client-copy': [SMALL_BUFFERS, UNIX, ...handshake, ...login, step.attach(), step.clientBig(128), step.loop(3), step.clientBig(64), step.loop(3),
     step.serverRead(5000), step.loop(3), step.serverRead(), step.loop(3)],
+  // The client half-closes, the relay sends close_notify and FIN; then the server asks twice for a KeyUpdate (OpenSSL writes the
+  // answer to the first from inside SSL_read when the second comes) and sends rows.
+  'key-update-requested-after-client-fin': [0, UNIX, ...handshake, ...login, step.attach(), step.loop(), step.clientFin(), step.loop(2), step.serverRead(), step.keyUpdate(true),
+    step.keyUpdate(true), step.serverMessages(['D', 30], ['C', 8], ['Z']), step.serverFlush(65536), step.loop(3), step.clientRead()],
   'key-update-both-kinds': [0, UNIX, ...handshake, ...login, step.attach(), step.keyUpdate(true), step.serverFlush(65536), step.loop(), ...query(5),
     step.keyUpdate(false), step.ticket(), ...rows, ...query(9)],
   'terminate-then-server-closes': [0, UNIX, ...handshake, ...login, step.attach(), ...query(3), ...rows, step.clientTerminate(), step.loop(), step.serverRead(),
