@@ -974,9 +974,12 @@ int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_firs
   touch(c);
   /* In the order it happened: the greeting and what the upstream sent after it, then the client's. */
   if (to_client_len > 0) to_client(c, to_client_first, to_client_len);
-  if (!c->closing && !c->cl.read_done && to_upstream_len > 0) from_client(c, to_upstream_first, to_upstream_len);
-  if (!c->closing) up_read(c, 0); /* plaintext OpenSSL read while the login's reader was paused */
-  if (!c->closing && !maybe_done(c)) update_polls(c);
+  /* A client gone already has ended the relay; a pooled one is detached, back before the relay
+     (detach() read and polled for the caller), and none of the client's bytes are the upstream's. */
+  if (c->closing || c->state != S_RELAY) return 0;
+  if (!c->cl.read_done && to_upstream_len > 0) from_client(c, to_upstream_first, to_upstream_len);
+  if (!c->closing && c->state == S_RELAY) up_read(c, 0); /* plaintext OpenSSL read while the login's reader was paused */
+  if (!c->closing && c->state == S_RELAY && !maybe_done(c)) update_polls(c);
   return 0;
 }
 

@@ -39,9 +39,9 @@ typedef struct {
   size_t (*farewell)(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap);
   /* A pooled relay: the client left (Terminate, EOF, an error, or lp_conn_detach) while the
      upstream had not ended (else the relay ends as an unpooled one does), and the connection is
-     back before the relay, reading for the caller again. `reusable`: the client
-     left between two messages of its own, with the upstream at ReadyForQuery, whose status
-     ('I', 'T' or 'E') is `status`. The byte counts are this client's. */
+     back before the relay, reading for the caller again. `reusable`: the client left between
+     two messages of its own, with the upstream at ReadyForQuery, whose status ('I', 'T' or 'E')
+     is `status`. The byte counts are this client's. */
   void (*detached)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status);
   /* Last call for this connection: every handle and descriptor is closed, `c` is about to be freed. */
   void (*end)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client);

@@ -134,6 +134,9 @@ const seeds = {
   // The caller lets a pooled relay's client go while rows are queued for it (an idle timeout's detach).
   'pooled-detach-mid-stream': [SMALL_BUFFERS, POOLED, ...handshake, ...login, step.attach(), ...query(3), step.serverBig(128), step.serverFlush(65536), step.loop(),
     step.detach(), step.loop(3), step.serverFlush(65536), step.loop(3)],
+  // The client is gone before a pooled relay starts: writing the greeting fails, the relay detaches at once, and the
+  // client's first bytes (a query) must not reach the upstream.
+  'pooled-client-gone-before-the-relay': [0, POOLED, ...handshake, ...login, step.clientClose(), step.attach(1 | 8, 1, 30), step.loop(3), step.serverRead()],
   // The server closes while a pooled relay runs; the client's Terminate comes after.
   'pooled-server-closes-then-terminate': [SERVER_FIRST, POOLED, ...handshake, ...login, step.attach(), ...query(3), ...rows, step.closeNotify(true), step.loop(2),
     step.clientTerminate(), step.loop(3), step.clientRead()],
