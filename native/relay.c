@@ -257,11 +257,16 @@ static void up_write(lp_conn *c);
 
 static void touch(lp_conn *c) { c->last_activity = uv_now(c->loop); }
 
-/* The first end decides how the session ended; after a Terminate the server closes first. */
+/*
+ * The first end decides how the session ended; after a Terminate the server closes first. A
+ * relay ended while a query runs, by anything but the upstream's own end (the client left, the
+ * caller closed or detached it), leaves that query to the caller to cancel: `abandoned` is
+ * called here and nowhere else, so once.
+ */
 static void decide(lp_conn *c, enum lp_end end) {
   if (c->end != LP_END_NONE) return;
   c->end = end == LP_END_UPSTREAM_CLOSED && c->client_terminated ? LP_END_CLIENT_CLOSED : end;
-  if ((end == LP_END_CLIENT_CLOSED || end == LP_END_CLIENT_ERROR) && !c->client_terminated && !c->upstream_idle) c->cb->abandoned(c, c->user);
+  if (c->state == S_RELAY && !c->up.read_done && !c->client_terminated && !c->upstream_idle) c->cb->abandoned(c, c->user);
 }
 
 static void conn_handle_closed(lp_conn *c) {
@@ -368,6 +373,12 @@ static void up_shutdown_write(lp_conn *c) {
   c->shutdown_pending = 0;
   c->up.write_shut = 1;
   shutdown(c->up.fd, SHUT_WR);
+  /* Nothing may follow our close_notify, yet OpenSSL answers a TLS 1.3 KeyUpdate that asks for one
+     from inside SSL_read, and on the shut socket that write (EPIPE) would fail the read and lose
+     what the server still sends. Its writes go nowhere from now on (SSL_set_fd gave the socket BIO
+     one reference for reading and one for writing: this drops the second). */
+  BIO *sink = BIO_new(BIO_s_null());
+  if (sink) SSL_set0_wbio(c->ssl, sink);
 }
 
 static void up_failed(lp_conn *c, const char *reason);
@@ -604,12 +615,15 @@ static void cl_flush(lp_conn *c) {
 /*
  * A pooled relay lets the client go and keeps the upstream: the client's socket is closed, the
  * connection is back before the relay (reads go to the caller again), and the caller hears
- * whether it can serve another client as it is.
+ * whether it can serve another client as it is. Only while the upstream has not ended: else the
+ * connection would wait before the relay for an end that was already read, and only the linger
+ * timer would close it.
  */
 static void detach(lp_conn *c, enum lp_end end) {
   int reusable = at_boundary(&c->client_messages) && c->upstream_idle && at_boundary(&c->messages) && c->messages.last_type == 'Z' &&
                  !c->up.read_done && !c->up.write_shut && !c->up.want_shut && !c->tls_broken && pending(&c->up.out) == 0;
   decide(c, end);
+  if (c->closing) return; /* the caller closed it on hearing of the abandoned query: `end` follows */
   enum lp_end ended = c->end;
   double to_upstream = c->to_upstream, to_client = c->to_client;
   box_close(&c->cl, NULL);
@@ -638,6 +652,7 @@ static void client_ended(lp_conn *c, int error) {
   if (c->cl.read_done && (!error || c->cl.write_shut)) return;
   c->cl.read_done = 1;
   decide(c, error ? LP_END_CLIENT_ERROR : LP_END_CLIENT_CLOSED);
+  if (c->closing) return;
   if (error) {
     c->cl.write_shut = 1;
     buf_free(&c->cl.out);
@@ -665,7 +680,7 @@ static void from_client(lp_conn *c, const unsigned char *data, size_t n) {
   }
   if (forward < n && c->state == S_RELAY && !c->closing) {
     c->client_terminated = 1;
-    detach(c, LP_END_CLIENT_CLOSED);
+    client_ended(c, 0); /* a detach, unless the upstream has ended */
   }
 }
 
@@ -959,20 +974,22 @@ int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_firs
   touch(c);
   /* In the order it happened: the greeting and what the upstream sent after it, then the client's. */
   if (to_client_len > 0) to_client(c, to_client_first, to_client_len);
-  if (!c->closing && !c->cl.read_done && to_upstream_len > 0) from_client(c, to_upstream_first, to_upstream_len);
-  if (!c->closing) up_read(c, 0); /* plaintext OpenSSL read while the login's reader was paused */
-  if (!c->closing && !maybe_done(c)) update_polls(c);
+  /* A client gone already has ended the relay; a pooled one is detached, back before the relay
+     (detach() read and polled for the caller), and none of the client's bytes are the upstream's. */
+  if (c->closing || c->state != S_RELAY) return 0;
+  if (!c->cl.read_done && to_upstream_len > 0) from_client(c, to_upstream_first, to_upstream_len);
+  if (!c->closing && c->state == S_RELAY) up_read(c, 0); /* plaintext OpenSSL read while the login's reader was paused */
+  if (!c->closing && c->state == S_RELAY && !maybe_done(c)) update_polls(c);
   return 0;
 }
 
 void lp_conn_detach(lp_conn *c, enum lp_end end) {
   if (c->closing || c->state != S_RELAY || !c->pooled) return;
-  detach(c, end);
+  if (c->up.read_done) teardown(c, end); /* the upstream has ended: there is nothing to keep */
+  else detach(c, end);
 }
 
 void lp_conn_close(lp_conn *c, enum lp_end end) {
-  if (c->closing) return;
-  if (c->state == S_RELAY && c->end == LP_END_NONE && !c->upstream_idle) c->cb->abandoned(c, c->user);
   teardown(c, end);
 }
 

@@ -31,15 +31,17 @@ typedef struct {
   void (*handshake)(lp_conn *c, void *user, const char *error, long verify);
   /* Before the relay: plaintext from the upstream (n > 0), or its end (data NULL; error NULL for a clean end). */
   void (*data)(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
-  /* The relay: the client went away while a query may run upstream (the caller cancels it). */
+  /* The relay ended while a query may run upstream (the caller cancels it): the client went away,
+     or the caller closed or detached it. At most once a relay; the caller may close here. */
   void (*abandoned)(lp_conn *c, void *user);
   /* The relay: the ErrorResponse a client gets when the upstream goes away between two messages
      (reason NULL: it closed). Writes at most `cap` bytes to `out`; returns the length, 0 for none. */
   size_t (*farewell)(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap);
-  /* A pooled relay: the client left (Terminate, EOF, an error, or lp_conn_detach) and the
-     connection is back before the relay, reading for the caller again. `reusable`: the client
-     left between two messages of its own, with the upstream at ReadyForQuery, whose status
-     ('I', 'T' or 'E') is `status`. The byte counts are this client's. */
+  /* A pooled relay: the client left (Terminate, EOF, an error, or lp_conn_detach) while the
+     upstream had not ended (else the relay ends as an unpooled one does), and the connection is
+     back before the relay, reading for the caller again. `reusable`: the client left between
+     two messages of its own, with the upstream at ReadyForQuery, whose status ('I', 'T' or 'E')
+     is `status`. The byte counts are this client's. */
   void (*detached)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status);
   /* Last call for this connection: every handle and descriptor is closed, `c` is about to be freed. */
   void (*end)(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client);
@@ -76,7 +78,8 @@ int lp_conn_resumed(lp_conn *c);
  */
 int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_first, size_t to_client_len,
                   const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, int pooled, const char **error);
-/* A pooled relay: lets the client go now (idle timeout) and keeps the upstream; `detached` follows. */
+/* A pooled relay: lets the client go now (idle timeout) and keeps the upstream; `detached` follows.
+   When the upstream has ended already, the connection ends instead (`end` follows). */
 void lp_conn_detach(lp_conn *c, enum lp_end end);
 /* Ends the connection now (shutdown, idle timeout, a failed login): the `end` callback follows. */
 void lp_conn_close(lp_conn *c, enum lp_end end);

@@ -12,7 +12,8 @@
  * client's end (queries, a Terminate, messages cut short, garbage) and reads it. Either peer may
  * half-close, close (with unread bytes: the relay sees ECONNRESET; TCP may reset), or stop
  * reading. Callbacks react as the JavaScript side may: pause, write, close, even attach the
- * relay from inside the data callback; lp_conn_close comes at any point.
+ * relay from inside the data callback, close from inside `abandoned`; lp_conn_close comes at any
+ * point, with any end.
  *
  * When the input is used up, both peers cooperate to an orderly end; a connection still waiting
  * on something then sees both peers close their sockets, and must end at once (the relay's linger
@@ -204,19 +205,29 @@ typedef struct {
   int srv_broken;           /* the server's SSL failed */
   int cl_eof, cl_shut;
   int handshake_calls, handshake_ok, ends, farewells, abandons, login_ended;
-  int attached;
+  int attached;             /* lp_conn_relay took the client (a detach does not undo it) */
+  int pooled;               /* the relay keeps the upstream when the client leaves */
+  int detached;             /* the pooled relay let its client go: before the relay again */
   int paused;               /* the login's reader asked for no more data */
   size_t login_written;     /* bytes lp_conn_write took before the relay */
+  bytes_t first_up;         /* the relay's first bytes for the upstream */
+  size_t first_cl_n;        /* and how many it had for the client */
+  size_t consumed;          /* login_got.n when the relay started */
+  double detach_up, detach_cl; /* the client's byte counts, as `detached` said them */
+  bytes_t after_got;        /* what the data callback got after the detach */
+  size_t after_from;        /* where in srv_sent that stream starts */
   int faults;               /* something was done that may lose bytes */
   enum lp_end end;
   double end_up, end_cl;
   double counters[2];
   size_t farewell_at;       /* counters[1] when the farewell was asked for */
   bytes_t srv_cipher;       /* server ciphertext not yet on the socket */
+  size_t srv_flushed;       /* server ciphertext put on the socket */
   bytes_t srv_sent;         /* the server's plaintext, all of it */
   bytes_t srv_got;          /* plaintext the server read */
   size_t srv_checked;       /* how much of srv_got check_upstream() has seen */
-  bytes_t up_expected;      /* what the server may read: login writes and the relay's first bytes, then cl_sent */
+  bytes_t up_expected;      /* what the server may read: login writes and the relay's first bytes, then cl_sent (after
+                               a detach: what the relay passed on of those, then the writes since) */
   bytes_t cl_sent;          /* what the client put on its socket (the relay reads it only once attached) */
   bytes_t login_got;        /* what the data callback got */
   bytes_t cl_expected;      /* what the client may read: the first bytes, then srv_sent after login_got */
@@ -224,7 +235,7 @@ typedef struct {
   bytes_t cl_got;
   int react_in_callbacks;
   int server_first;         /* in the drain, the server closes first */
-  unsigned sockets;         /* bit 0: the upstream over TCP, bit 1: the client over TCP */
+  unsigned sockets;         /* bit 0: the upstream over TCP, bit 1: the client over TCP, bit 2: a pooled relay */
   int verifying;            /* the lp_ctx checks the certificate */
   int wrong_host;           /* verify-full against a name the certificate lacks */
   int resumable;            /* a session was left by an earlier connection */
@@ -234,9 +245,12 @@ typedef struct {
 
 static session_t *S;
 
+/* The relay runs: lp_conn_relay took the client and has not let it go. */
+static int relaying(void) { return S->attached && !S->detached; }
+
 /* The server's plaintext so far; `up_expected` only grows before the relay, while the server has read none of the client's stream. */
 static void check_upstream(void) {
-  check_prefix_from("server plaintext vs what was sent upstream", &S->srv_got, S->srv_checked, S->srv_got.n, &S->up_expected, &S->cl_sent);
+  check_prefix_from("server plaintext vs what was sent upstream", &S->srv_got, S->srv_checked, S->srv_got.n, &S->up_expected, S->detached ? NULL : &S->cl_sent);
   S->srv_checked = S->srv_got.n;
 }
 
@@ -248,10 +262,10 @@ static void srv_collect(void) {
 
 static void attach(void);
 
-/* As NativeUpstream does: pausing counts once the handshake is done, until the relay starts. */
+/* As NativeUpstream does: pausing counts once the handshake is done, but not while the relay runs. */
 static void pause_login(int paused) {
   if (!S->conn) return;
-  if (S->handshake_ok && !S->attached) S->paused = paused;
+  if (S->handshake_ok && !relaying()) S->paused = paused;
   lp_conn_pause(S->conn, paused);
 }
 
@@ -274,7 +288,7 @@ static void on_handshake(lp_conn *c, void *user, const char *error, long verify)
 
 static void on_data(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error) {
   if (user != S) fail("data: wrong user pointer");
-  if (S->attached) fail("data callback after the relay started");
+  if (relaying()) fail("data callback while the relay runs");
   if (S->login_ended) fail("data callback after the end of the login's stream");
   if (!data) {
     S->login_ended = 1;
@@ -283,8 +297,14 @@ static void on_data(lp_conn *c, void *user, const unsigned char *data, size_t n,
   }
   if (n == 0) return; /* no bytes: what lp_conn_write queued is written (backpressure) */
   if (S->paused) fail("data callback while the login's reader is paused");
-  put(&S->login_got, data, n);
-  check_prefix("login reader vs server plaintext", &S->login_got, S->login_got.n, &S->srv_sent);
+  if (S->detached) { /* the server's stream goes on where the client's part of it ended */
+    put(&S->after_got, data, n);
+    if (S->after_from + S->after_got.n > S->srv_sent.n || memcmp(S->after_got.d, S->srv_sent.d + S->after_from, S->after_got.n) != 0)
+      fail("after the detach, the reader's %zu bytes are not the server's plaintext from byte %zu on (%zu sent)", S->after_got.n, S->after_from, S->srv_sent.n);
+  } else {
+    put(&S->login_got, data, n);
+    check_prefix("login reader vs server plaintext", &S->login_got, S->login_got.n, &S->srv_sent);
+  }
   if (!S->react_in_callbacks) return;
   switch (in_u8() % 8) {
     case 0: pause_login(1); break;
@@ -302,15 +322,20 @@ static void on_data(lp_conn *c, void *user, const unsigned char *data, size_t n,
 static void on_abandoned(lp_conn *c, void *user) {
   (void)c;
   if (user != S) fail("abandoned: wrong user pointer");
-  if (!S->attached) fail("abandoned before the relay");
+  if (!relaying()) fail("abandoned outside the relay");
   if (++S->abandons > 1) fail("abandoned twice");
+  if (S->react_in_callbacks && in_u8() % 4 == 0) { /* the caller gives up on the connection as it hears of it */
+    if (verbose) fprintf(stderr, "abandoned: the caller closes\n");
+    S->faults = 1;
+    lp_conn_close(c, LP_END_SHUTDOWN);
+  }
 }
 
 static size_t on_farewell(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap) {
   (void)c;
   (void)reason;
   if (user != S) fail("farewell: wrong user pointer");
-  if (!S->attached) fail("farewell before the relay");
+  if (!relaying()) fail("farewell outside the relay");
   if (++S->farewells > 1) fail("farewell asked for twice");
   S->farewell_at = (size_t)S->counters[1];
   if (cap < sizeof FAREWELL) fail("farewell: only %zu bytes of room", cap);
@@ -329,10 +354,57 @@ static void on_end(lp_conn *c, void *user, enum lp_end end, double to_upstream, 
   S->conn = NULL;
 }
 
-/* The harness relays unpooled: a pooled relay's detach never comes. */
+static int boundary_at(const bytes_t *stream, size_t at, int *last_type);
+
+/* Where a pooled relay stops the client's stream: at its first Terminate between two messages,
+   or nowhere (n) when there is none or the lengths go wrong before one (as boundaries_scan follows it). */
+static size_t terminate_at(const unsigned char *d, size_t n) {
+  for (size_t i = 0; i < n;) {
+    if (d[i] == 'X') return i;
+    if (n - i < 5) return n;
+    uint32_t length = ((uint32_t)d[i + 1] << 24) | ((uint32_t)d[i + 2] << 16) | ((uint32_t)d[i + 3] << 8) | d[i + 4];
+    if (length < 4 || length > INT32_MAX) return n;
+    i += 1 + (size_t)length;
+  }
+  return n;
+}
+
+/* The client's stream through the relay: its first bytes, then what the client sent (before a detach). */
+static void client_stream(bytes_t *out) {
+  put(out, S->first_up.d, S->first_up.n);
+  put(out, S->cl_sent.d, S->cl_sent.n);
+}
+
+/* A pooled relay let its client go: the connection is before the relay again, reading for the caller. */
 static void on_detached(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status) {
-  (void)c; (void)user; (void)end; (void)to_upstream; (void)to_client; (void)reusable; (void)status;
-  fail("detached without a pooled relay");
+  (void)c;
+  if (user != S) fail("detached: wrong user pointer");
+  if (verbose) fprintf(stderr, "detached: %s [%g, %g] reusable %d status 0x%02x\n", end > LP_END_NONE && end <= LP_END_IDLE ? LP_END_NAMES[end] : "?", to_upstream, to_client, reusable, status & 0xff);
+  if (!S->pooled) fail("detached without a pooled relay");
+  if (!relaying()) fail("detached outside the relay");
+  if (end <= LP_END_NONE || end > LP_END_IDLE) fail("detached: %d is no end", (int)end);
+  if (to_upstream != S->counters[0] || to_client != S->counters[1]) fail("detached says [%g, %g], the counters [%g, %g]", to_upstream, to_client, S->counters[0], S->counters[1]);
+  bytes_t stream = { 0 };
+  client_stream(&stream);
+  size_t up = (size_t)to_upstream, cl = (size_t)to_client;
+  if (up > stream.n) fail("detached: to_upstream %zu, the client's stream has %zu", up, stream.n);
+  if (up > terminate_at(stream.d, stream.n)) fail("detached: the client's Terminate (byte %zu) was passed on (%zu bytes)", terminate_at(stream.d, stream.n), up);
+  if (cl < S->first_cl_n || cl > S->cl_expected.n) fail("detached: to_client %zu, the client's stream has %zu (%zu first bytes)", cl, S->cl_expected.n, S->first_cl_n);
+  if (reusable) { /* the upstream at ReadyForQuery, between two messages of the client's */
+    int last;
+    if (!boundary_at(&stream, up, &last)) fail("reusable, but the client's stream is inside a message (%zu bytes)", up);
+    if (!boundary_at(&S->cl_expected, cl, &last) || last != 'Z') fail("reusable, but the server's last message (%zu bytes) is no whole ReadyForQuery", cl);
+    if (status != S->cl_expected.d[cl - 1]) fail("reusable with status 0x%02x, the ReadyForQuery says 0x%02x", status, S->cl_expected.d[cl - 1]);
+  }
+  /* What reaches the server now: the login's writes, what the relay passed on, then the caller's writes. */
+  S->up_expected.n = S->login_written;
+  put(&S->up_expected, stream.d, up);
+  bytes_free(&stream);
+  S->detached = 1;
+  S->detach_up = to_upstream;
+  S->detach_cl = to_client;
+  S->after_from = S->consumed + (cl - S->first_cl_n);
+  S->paused = 0;
 }
 
 static const lp_callbacks callbacks = { on_handshake, on_data, on_abandoned, on_farewell, on_detached, on_end };
@@ -363,7 +435,10 @@ static void srv_flush(size_t max) {
   if (S->srv_fd < 0 || S->srv_shut || S->srv_cipher.n == 0) return;
   size_t n = max < S->srv_cipher.n ? max : S->srv_cipher.n;
   ssize_t w = send(S->srv_fd, S->srv_cipher.d, n, MSG_DONTWAIT | MSG_NOSIGNAL);
-  if (w > 0) drop_front(&S->srv_cipher, (size_t)w);
+  if (w > 0) {
+    drop_front(&S->srv_cipher, (size_t)w);
+    S->srv_flushed += (size_t)w;
+  }
 }
 
 /* Reads the socket into the server, then what the server can make of it. */
@@ -418,7 +493,7 @@ static void srv_write(const bytes_t *plain) {
     return;
   }
   put(&S->srv_sent, plain->d, plain->n);
-  if (S->attached) put(&S->cl_expected, plain->d, plain->n);
+  if (relaying()) put(&S->cl_expected, plain->d, plain->n);
   srv_collect();
 }
 
@@ -566,7 +641,10 @@ static void attach(void) {
   S->attached = 1;
   S->paused = 0;
   S->login_written = up_before;
-  if (lp_conn_relay(S->conn, S->cl_relay_end, first_cl.d, first_cl.n, first_up.d, first_up.n, S->counters, 0, &error) != 0) {
+  put(&S->first_up, first_up.d, first_up.n);
+  S->first_cl_n = first_cl.n;
+  S->consumed = consumed;
+  if (lp_conn_relay(S->conn, S->cl_relay_end, first_cl.d, first_cl.n, first_up.d, first_up.n, S->counters, S->pooled, &error) != 0) {
     /* Refused: nothing was taken. */
     S->attached = 0;
     S->up_expected.n = up_before;
@@ -597,7 +675,7 @@ static void small_buffers(int fd, int size) {
 static void flood(void) {
   enum { FLOOD = 4 << 20 };
   int big = 4 * FLOOD;
-  if (S->flooded || !S->attached || S->srv_shut || S->srv_broken || S->srv_fd < 0 || S->cl_fd < 0 || S->relay_fd < 0 || S->sockets != 0) return;
+  if (S->flooded || !relaying() || S->srv_shut || S->srv_broken || S->srv_fd < 0 || S->cl_fd < 0 || S->relay_fd < 0 || (S->sockets & 3) != 0) return;
   S->flooded = 1; /* once a connection: it is slow */
   if (setsockopt(S->srv_fd, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) != 0 || setsockopt(S->up_fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) != 0 ||
       setsockopt(S->relay_fd, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) != 0 || setsockopt(S->cl_fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) != 0)
@@ -666,11 +744,17 @@ static void step(void) {
     case 18: if (op & 0x80) cl_close((op & 0x40) != 0); else cl_fin(); break;
     case 19: if (S->cl_fd >= 0 && !S->cl_eof) { S->faults = 1; shutdown(S->cl_fd, SHUT_RD); S->cl_eof = 1; } break;
     case 20:
-      if (S->conn && !S->attached) {
+      if (S->conn && !relaying() && (op & 0xc0) == 0xc0) {
+        S->faults = 1; /* a relay may start after it, with the upstream beyond writing */
+        lp_conn_end(S->conn);
+      } else if (S->conn && !relaying()) {
         make_client_bytes(&b);
         if (lp_conn_write(S->conn, b.d, b.n) >= 0) put(&S->up_expected, b.d, b.n);
       } else if (S->conn && (op & 0xc0) == 0xc0) {
         flood();
+      } else if (S->conn && (op & 0xc0) == 0x80 && S->pooled) {
+        S->faults = 1; /* what was queued for the client is dropped */
+        lp_conn_detach(S->conn, LP_END_IDLE);
       } else if (S->conn) {
         lp_conn_pause(S->conn, (int)(op & 0x80)); /* the relay ignores it */
       }
@@ -680,14 +764,16 @@ static void step(void) {
     default:
       if (S->conn && (op & 0xc0) == 0xc0) {
         S->faults = 1;
-        /* The ends addon.c passes: shutdown, idle_timeout, upstream_error. */
-        static const enum lp_end ends[] = { LP_END_SHUTDOWN, LP_END_IDLE, LP_END_UPSTREAM_ERROR };
-        lp_conn_close(S->conn, ends[in_u8() % 3]);
+        /* The ends NativeRelay passes (shutdown, idle_timeout, upstream_error), or with the high
+           bit any other addon.c accepts. */
+        static const enum lp_end ends[] = { LP_END_SHUTDOWN, LP_END_IDLE, LP_END_UPSTREAM_ERROR, LP_END_CLIENT_CLOSED, LP_END_CLIENT_ERROR, LP_END_UPSTREAM_CLOSED };
+        unsigned which = in_u8();
+        lp_conn_close(S->conn, ends[(which & 0x80 ? 3 : 0) + (which & 0x7f) % 3]);
       } else if (S->conn) {
         int running;
         double idle;
         lp_conn_state(S->conn, &running, &idle);
-        if (running && !S->attached) fail("a query runs before the relay");
+        if (running && !relaying()) fail("a query runs outside the relay");
         int n = lp_conn_certificate(S->conn, NULL, 0);
         if (n > 0) {
           unsigned char *der = malloc((size_t)n);
@@ -703,30 +789,43 @@ static void step(void) {
   bytes_free(&b);
 }
 
+/* Bytes moved by the peers so far (each count only grows, and only as far as the input allows). */
+static size_t moved(void) { return S->srv_flushed + S->srv_got.n + S->cl_sent.n + S->cl_got.n + S->login_got.n; }
+
 /*
  * The end of every input. First both peers cooperate until the connection ends: every byte
- * moves, then each side closes, the way the input chose. A connection that something went
- * wrong with may still wait on a peer (one that stopped reading, say): then both peers close
- * their sockets, and the relay must end at once.
+ * moves, then each side closes, the way the input chose. That takes as many turns as the bytes
+ * need (megabytes through 4 KiB socket buffers take hundreds); the connection is stuck when
+ * nothing has moved for STALLED turns in a row. A connection that something went wrong with may
+ * still wait on a peer (one that stopped reading, say): then both peers close their sockets, and
+ * the relay must end at once.
  */
 static void drain(void) {
+  enum { STALLED = 300 };
   phase = "drain";
-  int turns = 0;
-  for (int i = 0; i < 300 && S->conn; i++, turns++) {
+  int turns = 0, stalled = 0;
+  for (; stalled < STALLED && S->conn; turns++) {
+    size_t before = moved();
     if (S->handshake_ok && !S->attached && !S->login_ended) attach();
+    if (S->detached) {
+      S->cl_pending.n = 0; /* the client is gone: what it had not sent stays unsent */
+      if (S->paused) pause_login(0);
+    }
     srv_flush(SIZE_MAX);
     srv_read(65536);
     cl_flush(SIZE_MAX);
     cl_read(65536);
     run_loop(1);
-    if (i > 200) usleep(1000); /* TCP's own timers (delayed ACKs, zero-window probes) get time */
-    if (i < 10) continue;
-    if (i > 100 && S->handshake_calls == 0) srv_fin(); /* a handshake that cannot end (the server broke) */
-    if (i > 100 && S->handshake_ok && !S->attached && S->conn) lp_conn_close(S->conn, LP_END_SHUTDOWN);
+    stalled = moved() == before ? stalled + 1 : 0;
+    if (stalled > 200) usleep(1000); /* TCP's own timers (delayed ACKs, zero-window probes) get time */
+    if (turns < 10) continue;
+    if (stalled > 100 && S->handshake_calls == 0) srv_fin(); /* a handshake that cannot end (the server broke) */
+    if (stalled > 100 && S->handshake_ok && !S->attached && S->conn) lp_conn_close(S->conn, LP_END_SHUTDOWN);
     /* Nothing more to send: the client leaves first, or the server, as the input chose. */
     int idle = S->srv_cipher.n == 0 && S->cl_pending.n == 0;
     if (idle && S->attached && S->server_first && !S->srv_broken && !(SSL_get_shutdown(S->srv) & SSL_SENT_SHUTDOWN)) srv_close_notify();
     if (idle && S->attached && !S->server_first) cl_fin();
+    if (idle && S->detached && !S->server_first && S->conn) lp_conn_end(S->conn); /* the caller is done with the upstream */
     /* Each peer answers the other's end with its own. */
     if (S->cl_eof) cl_fin();
     if ((S->srv_eof || S->srv_got_close || S->srv_broken || (S->server_first && S->attached)) && !S->srv_shut) {
@@ -735,8 +834,8 @@ static void drain(void) {
       if (S->srv_cipher.n == 0 || S->srv_broken) srv_fin();
     }
   }
-  if (verbose) fprintf(stderr, "drain: %d turns\n", turns);
-  if (S->conn && !S->faults && !S->srv_broken) fail("the connection did not end after both peers closed (%d loop turns)", turns);
+  if (verbose) fprintf(stderr, "drain: %d turns, %zu bytes moved\n", turns, moved());
+  if (S->conn && !S->faults && !S->srv_broken) fail("the connection did not end: nothing moved for %d loop turns (%d in all)", STALLED, turns);
   if (S->conn) {
     phase = "both peers gone";
     srv_close(0);
@@ -773,8 +872,8 @@ static int boundary_at(const bytes_t *stream, size_t at, int *last_type) {
 static void verify_session(void) {
   phase = "checks";
   if (verbose)
-    fprintf(stderr, "session: handshake %d ok %d resumed %d attached %d end %s [%g, %g] server got %zu of %zu, client got %zu of %zu, farewells %d, abandoned %d, faults %d, server broken %d\n",
-            S->handshake_calls, S->handshake_ok, S->resumed, S->attached, S->ends ? LP_END_NAMES[S->end] : "-", S->end_up, S->end_cl, S->srv_got.n, S->up_expected.n + S->cl_sent.n,
+    fprintf(stderr, "session: handshake %d ok %d resumed %d attached %d pooled %d detached %d [%g, %g] end %s [%g, %g] server got %zu of %zu, client got %zu of %zu, farewells %d, abandoned %d, faults %d, server broken %d\n",
+            S->handshake_calls, S->handshake_ok, S->resumed, S->attached, S->pooled, S->detached, S->detach_up, S->detach_cl, S->ends ? LP_END_NAMES[S->end] : "-", S->end_up, S->end_cl, S->srv_got.n, S->up_expected.n + (S->detached ? 0 : S->cl_sent.n),
             S->cl_got.n, S->cl_expected.n, S->farewells, S->abandons, S->faults, S->srv_broken);
   int clean = !S->faults && !S->srv_broken;
   if (clean && S->handshake_calls == 0) fail("the connection ended without a handshake callback");
@@ -784,9 +883,11 @@ static void verify_session(void) {
   /* Descriptors: every one relay.c took is closed. */
   if (fd_open(S->up_fd)) fail("the upstream descriptor %d is still open", S->up_fd);
   if (S->relay_fd >= 0 && fd_open(S->relay_fd)) fail("the client descriptor %d is still open", S->relay_fd);
-  /* Counters: what the end callback says is what the Float64Array says. */
-  if (S->attached && (S->counters[0] != S->end_up || S->counters[1] != S->end_cl))
-    fail("counters [%g, %g] but end says [%g, %g]", S->counters[0], S->counters[1], S->end_up, S->end_cl);
+  /* Counters: what the end callback (for a client that was let go, `detached`) says is what the Float64Array says. */
+  double to_up = S->detached ? S->detach_up : S->end_up, to_cl = S->detached ? S->detach_cl : S->end_cl;
+  if (S->attached && (S->counters[0] != to_up || S->counters[1] != to_cl))
+    fail("counters [%g, %g] but %s says [%g, %g]", S->counters[0], S->counters[1], S->detached ? "detached" : "end", to_up, to_cl);
+  if (S->detached && (S->end_up != 0 || S->end_cl != 0)) fail("end says [%g, %g], with no client since the detach", S->end_up, S->end_cl);
   /* The server got a prefix of what went upstream (checked as it read), and the login's reader of the server's plaintext. */
   S->srv_checked = 0; /* all of it again: up_expected may have grown since a byte was checked */
   check_upstream();
@@ -795,7 +896,7 @@ static void verify_session(void) {
     if (S->cl_got.n > 0) fail("the client got %zu bytes without a relay", S->cl_got.n);
     return;
   }
-  if (S->end_cl > (double)S->cl_expected.n) fail("to_client %g is more than the %zu bytes the relay was given", S->end_cl, S->cl_expected.n);
+  if (to_cl > (double)S->cl_expected.n) fail("to_client %g is more than the %zu bytes the relay was given", to_cl, S->cl_expected.n);
   /* The client: a prefix of its stream, then at most the farewell, which comes between two messages after anything but an ErrorResponse. */
   size_t plain = S->cl_got.n;
   if (S->farewells) {
@@ -811,15 +912,26 @@ static void verify_session(void) {
     }
   }
   check_prefix("client bytes vs what the relay was given for it", &S->cl_got, plain, &S->cl_expected);
-  if ((double)plain > S->end_cl) fail("the client got %zu bytes, to_client says %g", plain, S->end_cl);
+  if ((double)plain > to_cl) fail("the client got %zu bytes, to_client says %g", plain, to_cl);
+  /* After a detach, up_expected holds no more of the client's stream than to_upstream: the prefix check covered it. */
   size_t relayed_up = S->srv_got.n > S->login_written ? S->srv_got.n - S->login_written : 0;
-  if ((double)relayed_up > S->end_up) fail("the server got %zu bytes from the relay, to_upstream says %g", relayed_up, S->end_up);
-  if (S->end_up > (double)(S->up_expected.n - S->login_written + S->cl_sent.n)) fail("to_upstream %g is more than the client sent", S->end_up);
+  if (!S->detached && (double)relayed_up > to_up) fail("the server got %zu bytes from the relay, to_upstream says %g", relayed_up, to_up);
+  if (to_up > (double)(S->first_up.n + S->cl_sent.n)) fail("to_upstream %g is more than the client sent", to_up);
   if (S->faults || S->srv_broken) return;
-  /* Nothing went wrong: everything arrived. */
-  if (S->srv_got.n != S->up_expected.n + S->cl_sent.n) fail("clean run: the server got %zu of %zu bytes", S->srv_got.n, S->up_expected.n + S->cl_sent.n);
+  /* Nothing went wrong: everything arrived; a pooled relay passes the client's stream on up to its Terminate. */
+  bytes_t stream = { 0 };
+  client_stream(&stream);
+  size_t relayable = S->pooled ? terminate_at(stream.d, stream.n) : stream.n;
+  bytes_free(&stream);
+  if (S->detached) {
+    if (to_up != (double)relayable) fail("clean run: the relay passed on %g bytes of the client's, not the %zu before its Terminate or end", to_up, relayable);
+    if (S->srv_got.n != S->up_expected.n) fail("clean run: the server got %zu of %zu bytes", S->srv_got.n, S->up_expected.n);
+    if (S->after_got.n != S->srv_sent.n - S->after_from) fail("clean run: after the detach the reader got %zu of the server's %zu bytes", S->after_got.n, S->srv_sent.n - S->after_from);
+    return; /* the client left: what was queued for it may have been dropped */
+  }
+  if (S->srv_got.n != S->login_written + relayable) fail("clean run: the server got %zu of %zu bytes", S->srv_got.n, S->login_written + relayable);
   if (plain != S->cl_expected.n) fail("clean run: the client got %zu of %zu bytes", plain, S->cl_expected.n);
-  if (S->end_cl != (double)S->cl_expected.n || S->end_up != (double)relayed_up) fail("clean run: counters [%g, %g], bytes moved [%zu, %zu]", S->end_up, S->end_cl, relayed_up, S->cl_expected.n);
+  if (to_cl != (double)S->cl_expected.n || to_up != (double)relayed_up) fail("clean run: counters [%g, %g], bytes moved [%zu, %zu]", to_up, to_cl, relayed_up, S->cl_expected.n);
   if (S->farewells && S->cl_got.n != S->farewell_at + sizeof FAREWELL) fail("clean run: the farewell did not arrive whole");
 }
 
@@ -849,6 +961,7 @@ static void run_session(lp_ctx *ctx, unsigned config, unsigned sockets, int resu
   s.react_in_callbacks = (config & 0x10) != 0;
   s.server_first = config & 0x01;
   s.sockets = sockets;
+  s.pooled = (sockets & 4) != 0;
   s.verifying = ((config >> 6) & 3) != 0;
   s.wrong_host = ((config >> 6) & 3) == 3;
   s.resumable = resumable;
@@ -903,6 +1016,8 @@ static void run_session(lp_ctx *ctx, unsigned config, unsigned sockets, int resu
   bytes_free(&s.cl_expected);
   bytes_free(&s.cl_pending);
   bytes_free(&s.cl_got);
+  bytes_free(&s.after_got);
+  bytes_free(&s.first_up);
   S = NULL;
 }
 
@@ -919,7 +1034,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   in_data = data;
   in_left = size;
   unsigned config = in_u8();
-  unsigned sockets = in_u8(); /* bit 0: the upstream over TCP, bit 1: the client over TCP */
+  unsigned sockets = in_u8(); /* bit 0: the upstream over TCP, bit 1: the client over TCP, bit 2: a pooled relay */
   const char *error = NULL;
   int verify = ((config >> 6) & 3) != 0;
   lp_ctx *ctx = lp_ctx_new(verify, 0, ca_pem, ca_len, &error);
