@@ -321,6 +321,8 @@ export class NativeRelay implements SessionRelay {
   readonly #pooled: boolean;
   readonly #addon: Addon;
   #conn: Handle | undefined;
+  /** The relay ended (its end callback ran). */
+  #finished = false;
   #idleTimer: NodeJS.Timeout | undefined;
   #resolve!: (end: RelayEnd) => void;
 
@@ -414,12 +416,15 @@ export class NativeRelay implements SessionRelay {
       if (fromClient.length > 0) client.unshift(fromClient);
       return { reason: refused };
     }
-    relay.#conn = taken.conn;
+    // A relay that ended inside the call (a pooled one that detached at once) holds nothing:
+    // its upstream went back to login mode, and a later close() must not reach it.
+    if (!relay.#finished) relay.#conn = taken.conn;
     client.destroy(); // Node's descriptor only: C has its own copy
     return relay;
   }
 
   #ended(end: RelayEnd, toUpstream: number, toClient: number): void {
+    this.#finished = true;
     this.stats.bytesToUpstream = toUpstream;
     this.stats.bytesToClient = toClient;
     this.#conn = undefined;
