@@ -74,8 +74,10 @@ export class Relay {
 
   /** Ends the session from outside (shutdown): both sockets are destroyed. */
   close(end: RelayEnd = 'shutdown'): void {
-    if (this.#end === undefined && !this.#upstreamIdle) this.#onAbandoned?.();
+    // A query still running is cancelled once: #finish asks for it itself on a client's end.
+    const running = this.#end === undefined && !this.#upstreamIdle && end !== 'client_closed' && end !== 'client_error';
     this.#finish(end);
+    if (running) this.#onAbandoned?.();
     this.#client.destroy();
     this.#upstream.destroy();
   }
