@@ -548,19 +548,21 @@ export class ProxyServer {
       void sent.then(() => this.#cancelsInFlight.delete(sent));
     };
     const upstreamName = `${target.host}:${target.port}`;
-    // A connection still being cleaned for its last client is a round trip from ready: the client
-    // is greeted now (what its reset brings back is known), and its first query waits for it.
-    let greeted = false;
-    if (ready) {
+    // A pooled client is greeted at once, with its AuthenticationOk (corked by the handshake) in
+    // the same write, and reads it while the relay starts. A connection still being cleaned for
+    // its last client is a round trip from ready: what its reset brings back is known, and the
+    // client's first query waits for it.
+    const greeted = server !== undefined;
+    if (greeted) {
       client.write(hello);
-      greeted = true;
-      if (!(await ready)) {
-        clientKey.release();
-        frames.detach();
-        this.#log.warn({ peer, database }, 'a pooled upstream connection failed its reset');
-        refuse(client, { sqlstate: '08006', message: `the pooled connection to upstream ${upstreamName} failed while it was being cleaned; connect again` });
-        return;
-      }
+      client.uncork();
+    }
+    if (ready && !(await ready)) {
+      clientKey.release();
+      frames.detach();
+      this.#log.warn({ peer, database }, 'a pooled upstream connection failed its reset');
+      refuse(client, { sqlstate: '08006', message: `the pooled connection to upstream ${upstreamName} failed while it was being cleaned; connect again` });
+      return;
     }
     const clientFirst = frames.detach();
     let relay: SessionRelay | undefined;
