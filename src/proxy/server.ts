@@ -779,7 +779,7 @@ function pooledSession(server: ServerConnection): UpstreamSession {
     processId: server.processId,
     secretKey: server.secretKey,
     leftover: Buffer.alloc(0),
-    tls: server.upstream.tlsInfo,
+    tls: server.tls,
   };
 }
 
