@@ -33,13 +33,18 @@ interface Options {
   delayMs: number;
   seconds: number;
   clients: number;
+  /** A folder for V8 CPU profiles of the pooled proxy (node --cpu-prof), one per upstream; see profile-summary.ts. */
+  cpuProf: string | undefined;
 }
 
 function parse(argv: readonly string[]): Options {
-  const options: Options = { connects: 200, delayMs: 10, seconds: 5, clients: 1000 };
+  const options: Options = { connects: 200, delayMs: 10, seconds: 5, clients: 1000, cpuProf: undefined };
   for (let i = 0; i < argv.length; i++) {
     const value = Number(argv[i + 1]);
     switch (argv[i]) {
+      case '--cpu-prof':
+        options.cpuProf = argv[i + 1];
+        break;
       case '--connects':
         options.connects = value;
         break;
@@ -154,9 +159,10 @@ async function main(): Promise<void> {
       const label = delayed ? `+${2 * options.delayMs} ms round trip` : 'loopback';
       const upstream = `Server=127.0.0.1;Port=${port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database}`;
       // The proxy logs a line per session (its default) to a file, as PgBouncer logs to its own.
-      const start = (env: Record<string, string>, log: string): Promise<BenchProxy> =>
-        startBenchProxy({ args: ['--connection', upstream, '--no-http'], env, logFile: join(logs, `${log}.log`) });
-      const pooled = await start({ LAKEBASE_PROXY_POOL_SIZE: '20' }, 'pooled');
+      const start = (env: Record<string, string>, log: string, nodeArgs?: string[]): Promise<BenchProxy> =>
+        startBenchProxy({ args: ['--connection', upstream, '--no-http'], env, logFile: join(logs, `${log}.log`), ...(nodeArgs ? { nodeArgs } : {}) });
+      const profile = options.cpuProf === undefined ? undefined : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProf}`, `--cpu-prof-name=pooled-${delayed ? 'delayed' : 'loopback'}.cpuprofile`];
+      const pooled = await start({ LAKEBASE_PROXY_POOL_SIZE: '20' }, 'pooled', profile);
       const unpooled = await start({ LAKEBASE_PROXY_POOL_MODE: 'none' }, 'unpooled');
       toStop.push(() => pooled.stop(), () => unpooled.stop());
       // PgBouncer at its default (a line per client connect and disconnect), and without a log.
