@@ -8,8 +8,8 @@
  * their default level (a line per session) to a file, as PgBouncer does, not to a pipe that this
  * process would have to drain while it measures.
  *
- * - connect latency: N sequential connect + SELECT 1 + close per path, interleaved, warm pools;
- *   median and p99 (node-postgres);
+ * - connect latency: N sequential connect + SELECT 1 + close per path, interleaved, warm pools
+ *   (and --warmup connects through each pooled path first); median and p99 (node-postgres);
  * - connects per second: pgbench -C with SELECT 1 (a new connection per transaction), 4 clients;
  * - upstream connections while 1,000 short-lived clients (50 at a time) go through the pooled
  *   proxy: the most seen in pg_stat_activity.
@@ -35,10 +35,12 @@ interface Options {
   clients: number;
   /** A folder for V8 CPU profiles of the pooled proxy (node --cpu-prof), one per upstream; see profile-summary.ts. */
   cpuProf: string | undefined;
+  /** Connects through each pooled path (the proxy's, PgBouncer's) before the measured ones. */
+  warmup: number;
 }
 
 function parse(argv: readonly string[]): Options {
-  const options: Options = { connects: 200, delayMs: 10, seconds: 5, clients: 1000, cpuProf: undefined };
+  const options: Options = { connects: 200, delayMs: 10, seconds: 5, clients: 1000, cpuProf: undefined, warmup: 1000 };
   for (let i = 0; i < argv.length; i++) {
     const value = Number(argv[i + 1]);
     switch (argv[i]) {
@@ -57,8 +59,11 @@ function parse(argv: readonly string[]): Options {
       case '--clients':
         options.clients = value;
         break;
+      case '--warmup':
+        options.warmup = value;
+        break;
       case '--quick':
-        Object.assign(options, { connects: 20, seconds: 1, clients: 100 });
+        Object.assign(options, { connects: 20, seconds: 1, clients: 100, warmup: 20 });
         continue;
       default:
         throw new Error(`unknown option ${argv[i]}`);
@@ -184,7 +189,13 @@ async function main(): Promise<void> {
           { PGHOST: '127.0.0.1', PGPORT: String(port), PGUSER: db.tokenRole, PGPASSWORD: token, PGDATABASE: db.database, PGSSLMODE: 'verify-ca', PGSSLROOTCERT: db.ca.caFile },
         ],
       ];
-      for (const [, config] of paths) await connectSelectClose(config); // warm: a pooled connection, a TLS session to resume
+      // Warm: a pooled connection, a TLS session to resume; and the pooled paths (the proxy's and
+      // PgBouncer's) --warmup connects more, as a proxy that has run a while has them: V8 runs the
+      // first few hundred through its interpreter and baseline compiler before it optimizes.
+      for (const [name, config] of paths) {
+        const warm = name === 'proxy pooled' || name.startsWith('pgbouncer') ? Math.max(1, options.warmup) : 1;
+        for (let i = 0; i < warm; i++) await connectSelectClose(config);
+      }
       // Round i starts with path i % n, so that machine noise lands on every path alike.
       const connects = paths.map(() => [] as number[]);
       const totals = paths.map(() => [] as number[]);
