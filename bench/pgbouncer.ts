@@ -33,6 +33,8 @@ export interface PgBouncerOptions {
   readonly maxSessions: number;
   /** Transaction pooling on this many server connections, instead of a session per client. */
   readonly transactionPool?: number;
+  /** A log line per client connect and disconnect (PgBouncer's default, and the proxy's one line per session); default off. */
+  readonly logSessions?: boolean;
 }
 
 const CANDIDATES = ['/usr/sbin/pgbouncer', '/usr/bin/pgbouncer', '/usr/local/bin/pgbouncer'];
@@ -83,8 +85,8 @@ export async function startPgBouncer(exe: string, options: PgBouncerOptions): Pr
     'ignore_startup_parameters = extra_float_digits,options,search_path',
     `logfile = ${logFile}`,
     `pidfile = ${join(dir, 'pgbouncer.pid')}`,
-    'log_connections = 0',
-    'log_disconnections = 0',
+    `log_connections = ${options.logSessions ? 1 : 0}`,
+    `log_disconnections = ${options.logSessions ? 1 : 0}`,
     'log_pooler_errors = 1',
     'stats_period = 3600',
     '',

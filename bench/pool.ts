@@ -1,18 +1,21 @@
 /**
  * `node dist/bench/pool.js` (or `npm run bench:pool`): what pooled upstream logins save, side by
  * side in one run. Paths: the proxy pooled (PoolMode=session, PoolSize 20), the proxy with
- * PoolMode=none, PgBouncer in session mode (when installed) and direct TLS, each measured with the
+ * PoolMode=none, PgBouncer in session mode (when installed; once at its default of a log line per
+ * client connect and disconnect, once with no log) and direct TLS, each measured with the
  * upstream on loopback and again behind a delaying TCP relay of this script's own (the same
- * delay each way for every path alike, so a round trip costs 2 x --delay-ms).
+ * delay each way for every path alike, so a round trip costs 2 x --delay-ms). The proxies log at
+ * their default level (a line per session) to a file, as PgBouncer does, not to a pipe that this
+ * process would have to drain while it measures.
  *
- * - connect latency: N sequential connect + SELECT 1 + close per path, interleaved, warm pools;
- *   median and p99 (node-postgres);
+ * - connect latency: N sequential connect + SELECT 1 + close per path, interleaved, warm pools
+ *   (and --warmup connects through each pooled path first); median and p99 (node-postgres);
  * - connects per second: pgbench -C with SELECT 1 (a new connection per transaction), 4 clients;
  * - upstream connections while 1,000 short-lived clients (50 at a time) go through the pooled
  *   proxy: the most seen in pg_stat_activity.
  */
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -30,13 +33,20 @@ interface Options {
   delayMs: number;
   seconds: number;
   clients: number;
+  /** A folder for V8 CPU profiles of the pooled proxy (node --cpu-prof), one per upstream; see profile-summary.ts. */
+  cpuProf: string | undefined;
+  /** Connects through each pooled path (the proxy's, PgBouncer's) before the measured ones. */
+  warmup: number;
 }
 
 function parse(argv: readonly string[]): Options {
-  const options: Options = { connects: 200, delayMs: 10, seconds: 5, clients: 1000 };
+  const options: Options = { connects: 200, delayMs: 10, seconds: 5, clients: 1000, cpuProf: undefined, warmup: 1000 };
   for (let i = 0; i < argv.length; i++) {
     const value = Number(argv[i + 1]);
     switch (argv[i]) {
+      case '--cpu-prof':
+        options.cpuProf = argv[i + 1];
+        break;
       case '--connects':
         options.connects = value;
         break;
@@ -49,8 +59,11 @@ function parse(argv: readonly string[]): Options {
       case '--clients':
         options.clients = value;
         break;
+      case '--warmup':
+        options.warmup = value;
+        break;
       case '--quick':
-        Object.assign(options, { connects: 20, seconds: 1, clients: 100 });
+        Object.assign(options, { connects: 20, seconds: 1, clients: 100, warmup: 20 });
         continue;
       default:
         throw new Error(`unknown option ${argv[i]}`);
@@ -138,6 +151,8 @@ async function main(): Promise<void> {
   const toStop: Array<() => Promise<unknown>> = [() => db.stop()];
   const rows: Row[] = [];
   let mostUpstream = 0;
+  const logs = mkdtempSync(join(tmpdir(), 'lbp-bench-pool-'));
+  process.once('exit', () => rmSync(logs, { recursive: true, force: true }));
   try {
     await db.setTokenPassword(token);
     const pgbench = findPgbench();
@@ -148,29 +163,39 @@ async function main(): Promise<void> {
       const port = relay?.port ?? db.port;
       const label = delayed ? `+${2 * options.delayMs} ms round trip` : 'loopback';
       const upstream = `Server=127.0.0.1;Port=${port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database}`;
-      const start = (env: Record<string, string>): Promise<BenchProxy> => startBenchProxy({ args: ['--connection', upstream, '--no-http'], env });
-      const pooled = await start({ LAKEBASE_PROXY_POOL_SIZE: '20' });
-      const unpooled = await start({ LAKEBASE_PROXY_POOL_MODE: 'none' });
+      // The proxy logs a line per session (its default) to a file, as PgBouncer logs to its own.
+      const start = (env: Record<string, string>, log: string, nodeArgs?: string[]): Promise<BenchProxy> =>
+        startBenchProxy({ args: ['--connection', upstream, '--no-http'], env, logFile: join(logs, `${log}.log`), ...(nodeArgs ? { nodeArgs } : {}) });
+      const profile = options.cpuProf === undefined ? undefined : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProf}`, `--cpu-prof-name=pooled-${delayed ? 'delayed' : 'loopback'}.cpuprofile`];
+      const pooled = await start({ LAKEBASE_PROXY_POOL_SIZE: '20' }, 'pooled', profile);
+      const unpooled = await start({ LAKEBASE_PROXY_POOL_MODE: 'none' }, 'unpooled');
       toStop.push(() => pooled.stop(), () => unpooled.stop());
-      let bouncer: PgBouncer | undefined;
-      if (bouncerExe) {
-        bouncer = await startPgBouncer(bouncerExe, { serverHost: '127.0.0.1', serverPort: port, database: db.database, user: db.tokenRole, password: token, caFile: db.ca.caFile, maxSessions: 20 });
-        toStop.push(() => (bouncer as PgBouncer).stop());
+      // PgBouncer at its default (a line per client connect and disconnect), and without a log.
+      const bouncers: Array<[string, PgBouncer]> = [];
+      for (const [name, logSessions] of bouncerExe ? ([['pgbouncer session', true], ['pgbouncer, no log', false]] as const) : []) {
+        const bouncer = await startPgBouncer(bouncerExe as string, { serverHost: '127.0.0.1', serverPort: port, database: db.database, user: db.tokenRole, password: token, caFile: db.ca.caFile, maxSessions: 20, logSessions });
+        bouncers.push([name, bouncer]);
+        toStop.push(() => bouncer.stop());
       }
       const plain = (p: number): pg.ClientConfig => ({ host: '127.0.0.1', port: p, user: 'bench', database: db.database });
+      const libpqPlain = (p: number): Record<string, string> => ({ PGHOST: '127.0.0.1', PGPORT: String(p), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' });
       const paths: Array<[string, pg.ClientConfig, Record<string, string>]> = [
-        ['proxy pooled', plain(pooled.port), { PGHOST: '127.0.0.1', PGPORT: String(pooled.port), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' }],
-        ['proxy PoolMode=none', plain(unpooled.port), { PGHOST: '127.0.0.1', PGPORT: String(unpooled.port), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' }],
-        ...(bouncer
-          ? [['pgbouncer session', plain(bouncer.port), { PGHOST: '127.0.0.1', PGPORT: String(bouncer.port), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' }] as [string, pg.ClientConfig, Record<string, string>]]
-          : []),
+        ['proxy pooled', plain(pooled.port), libpqPlain(pooled.port)],
+        ['proxy PoolMode=none', plain(unpooled.port), libpqPlain(unpooled.port)],
+        ...bouncers.map(([name, bouncer]): [string, pg.ClientConfig, Record<string, string>] => [name, plain(bouncer.port), libpqPlain(bouncer.port)]),
         [
           'direct TLS',
           { host: '127.0.0.1', port, user: db.tokenRole, password: token, database: db.database, ssl: { ca: db.ca.caPem } },
           { PGHOST: '127.0.0.1', PGPORT: String(port), PGUSER: db.tokenRole, PGPASSWORD: token, PGDATABASE: db.database, PGSSLMODE: 'verify-ca', PGSSLROOTCERT: db.ca.caFile },
         ],
       ];
-      for (const [, config] of paths) await connectSelectClose(config); // warm: a pooled connection, a TLS session to resume
+      // Warm: a pooled connection, a TLS session to resume; and the pooled paths (the proxy's and
+      // PgBouncer's) --warmup connects more, as a proxy that has run a while has them: V8 runs the
+      // first few hundred through its interpreter and baseline compiler before it optimizes.
+      for (const [name, config] of paths) {
+        const warm = name === 'proxy pooled' || name.startsWith('pgbouncer') ? Math.max(1, options.warmup) : 1;
+        for (let i = 0; i < warm; i++) await connectSelectClose(config);
+      }
       // Round i starts with path i % n, so that machine noise lands on every path alike.
       const connects = paths.map(() => [] as number[]);
       const totals = paths.map(() => [] as number[]);
@@ -213,14 +238,22 @@ async function main(): Promise<void> {
         watching = false;
         await watcher;
       }
-      for (const stop of [() => pooled.stop(), () => unpooled.stop(), ...(bouncer ? [() => (bouncer as PgBouncer).stop()] : []), ...(relay ? [relay.close] : [])]) await stop();
+      for (const stop of [() => pooled.stop(), () => unpooled.stop(), ...bouncers.map(([, bouncer]) => () => bouncer.stop()), ...(relay ? [relay.close] : [])]) await stop();
       toStop.length = 1;
     }
   } finally {
     for (const stop of toStop.reverse()) await stop().catch(() => {});
   }
   const table = rows.map((r) => `${r.upstream.padEnd(20)} ${r.path.padEnd(20)} connect ${r.connectMedianMs.toFixed(2).padStart(7)} ms (p99 ${r.connectP99Ms.toFixed(2).padStart(7)})  +SELECT 1 ${r.medianMs.toFixed(2).padStart(7)} ms (p99 ${r.p99Ms.toFixed(2).padStart(7)})  ${r.connectsPerSecond === undefined ? '' : `pgbench -C ${r.connectsPerSecond.toFixed(0)} connects/s`}`);
-  process.stdout.write(`${table.join('\n')}\nupstream connections during ${options.clients} short-lived clients (50 at a time, PoolSize 20): at most ${mostUpstream}\n`);
+  // The issue's targets compare the pooled proxy with PgBouncer: a ratio per upstream and PgBouncer row.
+  const ratios: string[] = [];
+  for (const pooled of rows.filter((r) => r.path === 'proxy pooled')) {
+    for (const bouncer of rows.filter((r) => r.upstream === pooled.upstream && r.path.startsWith('pgbouncer'))) {
+      const perSecond = pooled.connectsPerSecond !== undefined && bouncer.connectsPerSecond ? `, connects/s ${(pooled.connectsPerSecond / bouncer.connectsPerSecond).toFixed(2)}x` : '';
+      ratios.push(`${pooled.upstream.padEnd(20)} pooled against ${bouncer.path}: connect median ${(pooled.connectMedianMs / bouncer.connectMedianMs).toFixed(2)}x${perSecond}`);
+    }
+  }
+  process.stdout.write(`${table.join('\n')}\n${ratios.join('\n')}${ratios.length > 0 ? '\n' : ''}upstream connections during ${options.clients} short-lived clients (50 at a time, PoolSize 20): at most ${mostUpstream}\n`);
   const results = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bench', 'results');
   mkdirSync(results, { recursive: true });
   writeFileSync(join(results, 'pool-latest.json'), JSON.stringify({ at: new Date().toISOString(), options, rows, mostUpstream }, null, 2));

@@ -5,10 +5,12 @@
  *
  * The harness keeps every line the child writes and re-parses all of them at each chunk; over
  * thousands of sessions that costs the bench process (which shares the CPUs) quadratic time, so
- * once the proxy is listening its output goes to a bounded tail instead.
+ * once the proxy is listening its output goes to a bounded tail instead. With `logFile` its log
+ * goes to a file, as PgBouncer's does: a line then costs the proxy a write to a file, and the
+ * bench process (often the measuring client) nothing.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, readSync, readdirSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { BIN, startProxyProcess } from '../test/harness/proxy.js';
 
@@ -36,19 +38,21 @@ export interface ProxyLaunch {
   readonly nodeArgs?: string[];
   /** Another Node.js executable than the one running the benchmark. */
   readonly node?: string;
+  /** The program's log (its stderr) goes to this file instead of a pipe to the benchmark. */
+  readonly logFile?: string;
 }
 
 const TAIL_BYTES = 16 * 1024;
 
 export async function startBenchProxy(launch: ProxyLaunch): Promise<BenchProxy> {
-  if (launch.script === undefined && launch.nodeArgs === undefined && launch.node === undefined) {
+  if (launch.script === undefined && launch.nodeArgs === undefined && launch.node === undefined && launch.logFile === undefined) {
     const proc = await startProxyProcess(launch.args, launch.env ?? {});
     return wrap(proc.child, proc.port, proc.output());
   }
-  return spawnScript(launch.node ?? process.execPath, launch.script ?? BIN, launch.nodeArgs ?? [], launch.args, launch.env ?? {}, launch.listeningLines ?? 1);
+  return spawnScript(launch.node ?? process.execPath, launch.script ?? BIN, launch.nodeArgs ?? [], launch.args, launch.env ?? {}, launch.listeningLines ?? 1, launch.logFile);
 }
 
-function wrap(child: ChildProcess, port: number, initial: string): BenchProxy {
+function wrap(child: ChildProcess, port: number, initial: string, logFile?: string): BenchProxy {
   let tail = initial.slice(-TAIL_BYTES);
   const keep = (chunk: Buffer): void => {
     tail = (tail + chunk.toString('utf8')).slice(-TAIL_BYTES);
@@ -68,7 +72,7 @@ function wrap(child: ChildProcess, port: number, initial: string): BenchProxy {
     pid,
     rssKiB: () => treeRssKiB(pid),
     cpuSeconds: () => treeCpuSeconds(pid),
-    tail: () => tail,
+    tail: () => (logFile ? `${tail}${fileTail(logFile, TAIL_BYTES)}`.slice(-TAIL_BYTES) : tail),
     async stop(graceMs = 10_000) {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
@@ -85,22 +89,30 @@ function spawnScript(
   args: string[],
   env: NodeJS.ProcessEnv,
   listeningLines: number,
+  logFile: string | undefined,
 ): Promise<BenchProxy> {
   const withPort = args.includes('--port') ? args : ['--port', '0', ...args];
+  const logFd = logFile === undefined ? undefined : openSync(logFile, 'w');
   const child = spawn(node, [...nodeArgs, script, ...withPort, '--log-format', 'json'], {
     env: { ...process.env, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: ['ignore', 'pipe', logFd ?? 'pipe'],
   });
+  if (logFd !== undefined) closeSync(logFd); // the child has its own
   let pending = '';
   let output = '';
   let seen = 0;
+  let read = 0;
   return new Promise<BenchProxy>((resolve, reject) => {
+    let poll: NodeJS.Timeout | undefined;
     const timer = setTimeout(() => {
+      clearInterval(poll);
       child.kill('SIGKILL');
       reject(new Error(`${script} did not start in 20 s:\n${output}`));
     }, 20_000);
     const onExit = (code: number | null): void => {
       clearTimeout(timer);
+      clearInterval(poll);
+      if (logFile) output += fileTail(logFile, TAIL_BYTES);
       reject(new Error(`${script} exited with ${code} before listening:\n${output}`));
     };
     child.once('exit', onExit);
@@ -115,14 +127,52 @@ function spawnScript(
         const entry = JSON.parse(line) as { msg?: string; port?: number };
         if (entry.msg !== 'listening' || ++seen < listeningLines) continue;
         clearTimeout(timer);
+        clearInterval(poll);
         child.off('exit', onExit);
-        resolve(wrap(child, entry.port as number, output));
+        resolve(wrap(child, entry.port as number, logFile ? '' : output, logFile));
         return;
       }
     };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
+    child.stdout?.on('data', onData);
+    child.stderr?.on('data', onData);
+    if (logFile) {
+      // The log file is read as it grows until the program says it listens.
+      poll = setInterval(() => {
+        const chunk = readFrom(logFile, read);
+        read += chunk.length;
+        if (chunk.length > 0) onData(chunk);
+      }, 20);
+    }
   });
+}
+
+/** What `path` holds from byte `offset` on. */
+function readFrom(path: string, offset: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    if (size <= offset) return Buffer.alloc(0);
+    const buffer = Buffer.alloc(size - offset);
+    return buffer.subarray(0, readSync(fd, buffer, 0, buffer.length, offset));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The last `bytes` of the file at `path` ('' when unreadable). */
+function fileTail(path: string, bytes: number): string {
+  try {
+    const fd = openSync(path, 'r');
+    let size: number;
+    try {
+      size = fstatSync(fd).size;
+    } finally {
+      closeSync(fd);
+    }
+    return readFrom(path, Math.max(0, size - bytes)).toString('utf8');
+  } catch {
+    return '';
+  }
 }
 
 /** VmRSS of `pid` and every process below it, in KiB (0 for a process that is gone). */

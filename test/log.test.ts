@@ -43,3 +43,33 @@ test('every field that holds a secret is censored, at the top and one level down
     assert.ok(!JSON.stringify(line).includes(value), field);
   }
 });
+
+test('an error keeps its message and type, its secret fields censored, as err, under another name and as the line itself', () => {
+  const { logger, lines } = capture();
+  const secret = `secret-${Math.random().toString(36).slice(2)}`;
+  const error = Object.assign(new Error('token refresh failed'), { code: 'E_TOKEN', refreshToken: secret });
+  logger.warn({ err: error }, 'as err');
+  logger.warn({ failure: error }, 'under another name');
+  logger.warn(error);
+  const [asErr, other, itself] = lines();
+  for (const [name, line] of [['err', asErr?.['err']], ['itself', itself?.['err']]] as const) {
+    const logged = line as Record<string, unknown> | undefined;
+    assert.equal(logged?.['message'], 'token refresh failed', name);
+    assert.equal(logged?.['type'], 'Error', name);
+    assert.equal(logged?.['code'], 'E_TOKEN', name);
+    assert.equal(logged?.['refreshToken'], '[redacted]', name);
+  }
+  assert.deepEqual(other?.['failure'], { code: 'E_TOKEN', refreshToken: '[redacted]' });
+  for (const line of lines()) assert.ok(!JSON.stringify(line).includes(secret));
+});
+
+test("a child logger's bindings are censored, at the top and one level down", () => {
+  const { logger, lines } = capture();
+  const secret = `secret-${Math.random().toString(36).slice(2)}`;
+  logger.child({ target: 'default', clientSecret: secret, oauth: { accessToken: secret, host: 'h' } }).info('bound');
+  const [line] = lines();
+  assert.equal(line?.['target'], 'default');
+  assert.equal(line?.['clientSecret'], '[redacted]');
+  assert.deepEqual(line?.['oauth'], { accessToken: '[redacted]', host: 'h' });
+  assert.ok(!JSON.stringify(line).includes(secret));
+});

@@ -352,7 +352,7 @@ export class Pool {
     const queries = status === 'I' ? [] : ['ROLLBACK'];
     if (resetQuery && this.#settings.resetQuery.trim() !== '') queries.push(this.#settings.resetQuery);
     const result = queries.length === 0 ? { ok: true, parameters: [] } : await converse(server.upstream, queries, 30_000).catch(() => ({ ok: false, parameters: [] }));
-    for (const [name, value] of result.parameters) server.parameters.set(name, value);
+    for (const [name, value] of result.parameters) server.setParameter(name, value);
     if (resetQuery) server.forgetSessionState(this.#settings.resetQuery);
     this.#observer.reset();
     if (!result.ok || server.closed || this.#closed || this.#paused) {

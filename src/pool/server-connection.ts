@@ -44,8 +44,8 @@ export class ServerConnection {
   /** When it logged in. */
   readonly connectedAt = Date.now();
   lastUsedAt = Date.now();
-  /** The server's reported parameters now, in the order it first sent them. */
-  readonly parameters: Map<string, string>;
+  /** The server's reported parameters now, in the order it first sent them (setParameter changes them). */
+  readonly parameters: ReadonlyMap<string, string>;
   /** What the login reported: the values a client that asked for nothing else expects. */
   readonly loginParameters: ReadonlyMap<string, string>;
   /**
@@ -57,6 +57,8 @@ export class ServerConnection {
   readonly applied = new Map<string, string>();
   readonly #tokenExpiresAt: number;
   #idleListener: ((chunk: Buffer) => void) | undefined;
+  /** The greeting for these parameters, made at the first client that needs it after a change. */
+  #greeting: Buffer[] | undefined;
 
   private constructor(
     /** The plaintext: the native connection's Duplex (session mode needs it), or Node's TLS socket. */
@@ -88,7 +90,8 @@ export class ServerConnection {
     }
     const token = tokenExpiresAt?.getTime() ?? Number.POSITIVE_INFINITY;
     const lifetime = lifetimeMs > 0 ? Date.now() + jittered(lifetimeMs) : Number.POSITIVE_INFINITY;
-    return new ServerConnection(upstream, session.processId, session.secretKey, parameters, loginKey, session.tls, Math.min(token, lifetime), token);
+    const tls = { version: session.tls.version, cipher: session.tls.cipher };
+    return new ServerConnection(upstream, session.processId, session.secretKey, parameters, loginKey, tls, Math.min(token, lifetime), token);
   }
 
   get closed(): boolean {
@@ -99,9 +102,20 @@ export class ServerConnection {
     return now >= this.#tokenExpiresAt;
   }
 
-  /** What a fresh login with these parameters would have greeted with (BackendKeyData is the caller's). */
+  /** A ParameterStatus the server sent (a reset brings back what the login had). */
+  setParameter(name: string, value: string): void {
+    if (this.parameters.get(name) === value) return;
+    (this.parameters as Map<string, string>).set(name, value);
+    this.#greeting = undefined;
+  }
+
+  /**
+   * What a fresh login with these parameters would have greeted with (BackendKeyData is the
+   * caller's): its ParameterStatus messages in one buffer, then ReadyForQuery. Not to be changed.
+   */
   greeting(): Buffer[] {
-    return [...[...this.parameters].map(([name, value]) => parameterStatus(name, value)), READY_FOR_QUERY_IDLE];
+    this.#greeting ??= [Buffer.concat([...this.parameters].map(([name, value]) => parameterStatus(name, value))), READY_FOR_QUERY_IDLE];
+    return this.#greeting;
   }
 
   /**

@@ -161,7 +161,7 @@ async function taken(context: TransactionContext, startup: ReadonlyMap<string, s
   const query = settings.landOn(server);
   if (query !== undefined) {
     const result = await converse(server.upstream, [query], 30_000).catch(() => ({ ok: false, parameters: [], error: undefined }));
-    for (const [name, value] of result.parameters) server.parameters.set(name, value);
+    for (const [name, value] of result.parameters) server.setParameter(name, value);
     if (!result.ok) {
       context.pool.giveBack(server, 'I', true);
       throw result.error ? new StartupRefused(result.error) : new Error('the server connection failed while it took the startup settings');
@@ -616,7 +616,7 @@ export class TransactionSession implements SessionRelay {
     const head = this.#queue[0];
     if (type === BackendCode.ParameterStatus) {
       const [name = '', value = ''] = body.toString('utf8').split('\0');
-      (this.#server as ServerConnection).parameters.set(name, value);
+      (this.#server as ServerConnection).setParameter(name, value);
       if (head?.hidden) return;
       this.#settings.report(name, value);
       this.#reports++;

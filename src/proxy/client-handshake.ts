@@ -105,7 +105,11 @@ export async function clientHandshake(
           frames.reader.typed = true;
           frames.reader.maxLength = MAX_AUTH_MESSAGE;
           await authenticate(socket, frames, parameters.get('user') as string, options);
+          // AuthenticationOk goes out with what the session writes next in this turn of the event
+          // loop (a pooled session's greeting, when its uncork() comes first), else at the next.
+          socket.cork();
           socket.write(AUTHENTICATION_OK);
+          setImmediate(() => socket.uncork());
           return { kind: 'session', socket, parameters, frames };
         }
         default:

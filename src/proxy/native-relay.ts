@@ -433,18 +433,16 @@ export class NativeRelay implements SessionRelay {
   }
 }
 
+/**
+ * Once what the stream holds is written (or it failed). 'drain' would come only after a write
+ * that was told to wait; an empty write's callback comes after everything queued before it.
+ */
 function drained(stream: Socket): Promise<void> {
   if (stream.writableLength === 0 || stream.destroyed) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = (): void => {
-      stream.off('drain', done);
-      stream.off('close', done);
-      resolve();
-    };
-    stream.once('drain', done);
-    stream.once('close', done);
-  });
+  return new Promise((resolve) => stream.write(EMPTY, () => resolve()));
 }
+
+const EMPTY = Buffer.alloc(0);
 
 function readAll(stream: Duplex): Buffer {
   const chunks: Buffer[] = [];

@@ -566,19 +566,21 @@ export class ProxyServer {
       void sent.then(() => this.#cancelsInFlight.delete(sent));
     };
     const upstreamName = `${target.host}:${target.port}`;
-    // A connection still being cleaned for its last client is a round trip from ready: the client
-    // is greeted now (what its reset brings back is known), and its first query waits for it.
-    let greeted = false;
-    if (ready) {
+    // A pooled client is greeted at once, with its AuthenticationOk (corked by the handshake) in
+    // the same write, and reads it while the relay starts. A connection still being cleaned for
+    // its last client is a round trip from ready: what its reset brings back is known, and the
+    // client's first query waits for it.
+    const greeted = server !== undefined;
+    if (greeted) {
       client.write(hello);
-      greeted = true;
-      if (!(await ready)) {
-        clientKey.release();
-        frames.detach();
-        this.#log.warn({ peer, database }, 'a pooled upstream connection failed its reset');
-        refuse(client, { sqlstate: '08006', message: `the pooled connection to upstream ${upstreamName} failed while it was being cleaned; connect again` });
-        return;
-      }
+      client.uncork();
+    }
+    if (ready && !(await ready)) {
+      clientKey.release();
+      frames.detach();
+      this.#log.warn({ peer, database }, 'a pooled upstream connection failed its reset');
+      refuse(client, { sqlstate: '08006', message: `the pooled connection to upstream ${upstreamName} failed while it was being cleaned; connect again` });
+      return;
     }
     const clientFirst = frames.detach();
     let relay: SessionRelay | undefined;
@@ -688,6 +690,7 @@ export class ProxyServer {
     let relay: TransactionSession | undefined;
     const clientKey = this.#cancelKeys.register({ processId: 0, secretKey: Buffer.alloc(4), cancel: () => relay?.cancel() ?? Promise.resolve() });
     client.write(Buffer.concat([...greeted.greeting, backendKeyData(clientKey.processId, clientKey.secretKey), READY_FOR_QUERY_IDLE]));
+    client.uncork(); // with the AuthenticationOk the handshake held back: one write
     relay = new TransactionSession(client, frames.detach(), greeted.settings, context);
     if (this.options.idleTimeoutMs > 0) idleTimeout(raw, relay, this.options.idleTimeoutMs);
     session.relay = relay;
