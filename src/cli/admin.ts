@@ -95,12 +95,15 @@ export async function waitCommand(settings: Settings, rest: readonly string[]): 
   for (;;) {
     const left = deadline - Date.now();
     if (left <= 0) break;
+    const timeoutMs = Math.max(1, Math.min(left, 2000));
     try {
-      const { status, body } = await call(host, port, 'GET', '/startup', Math.max(1, Math.min(left, 2000)));
+      const { status, body } = await call(host, port, 'GET', '/startup', timeoutMs);
       if (status === 200) return 0;
       last = `${status} ${body}`;
     } catch (error) {
-      last = (error as Error).message;
+      // A request that --max itself cut short saw nothing: the answer before it stays the last.
+      const cutShort = timeoutMs < 2000 && (error as Error).message.startsWith('no answer in');
+      if (!cutShort || last === 'no answer yet') last = (error as Error).message;
     }
     await sleep(Math.min(250, Math.max(0, deadline - Date.now())));
   }
