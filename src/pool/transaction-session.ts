@@ -184,6 +184,8 @@ export class TransactionSession implements SessionRelay {
   #readyPending = 0;
   /** The server waits for the client's COPY data. */
   #copyIn = false;
+  /** The client has not ended the COPY FROM STDIN the server waits for: Postgres ignores its Syncs meanwhile. */
+  #clientCopying = false;
   readonly #statements = new Map<string, Statement>();
   /** This client left state on the connection it holds: reset before another client uses it. */
   #leaked = false;
@@ -311,6 +313,11 @@ export class TransactionSession implements SessionRelay {
         this.#send(rawOf(body));
         return;
       case FrontendCode.Sync:
+        if (this.#clientCopying) {
+          // Ignored by Postgres in copy-in mode (libpq sends one with the COPY, and another after CopyDone).
+          this.#send(rawOf(body));
+          return;
+        }
         this.#clientSkipping = false;
         this.#unsynced = false;
         this.#expect({ expect: Expect.Sync });
@@ -357,6 +364,11 @@ export class TransactionSession implements SessionRelay {
         this.#expect({ expect: Expect.Execute });
         return;
       case FrontendCode.Flush:
+        this.#send(rawOf(body));
+        return;
+      case FrontendCode.CopyDone:
+      case FrontendCode.CopyFail:
+        this.#clientCopying = false;
         this.#send(rawOf(body));
         return;
       default:
@@ -594,13 +606,13 @@ export class TransactionSession implements SessionRelay {
         this.#madeAnswers();
         return;
       }
-      if (type === 0x47 /* CopyInResponse */) this.#copyIn = true;
+      if (type === 0x47 /* CopyInResponse */) this.#copyInStarted();
       else if (type === 0x43 /* CommandComplete */) {
-        this.#copyIn = false;
+        this.#copyEnded();
         this.#commandComplete(body);
       }
       if (type === BackendCode.ErrorResponse) {
-        this.#copyIn = false;
+        this.#copyEnded();
         head.failed = true;
         this.#emit(rawOf(body)); // a hidden query's error too: the client's next answers depend on it
         return;
@@ -610,7 +622,7 @@ export class TransactionSession implements SessionRelay {
     }
     if (type === BackendCode.ErrorResponse) {
       // The server skips to the client's Sync: so do the answers expected until then.
-      this.#copyIn = false;
+      this.#copyEnded();
       this.#emit(rawOf(body));
       this.#skipToSync();
       return;
@@ -627,9 +639,9 @@ export class TransactionSession implements SessionRelay {
         complete = type === 0x54 /* RowDescription */ || type === 0x6e; /* NoData */
         break;
       case Expect.Execute:
-        if (type === 0x47) this.#copyIn = true;
+        if (type === 0x47) this.#copyInStarted();
         else if (type === 0x43) {
-          this.#copyIn = false;
+          this.#copyEnded();
           this.#commandComplete(body);
         }
         complete = type === 0x43 /* CommandComplete */ || type === 0x49 /* EmptyQueryResponse */ || type === 0x73; /* PortalSuspended */
@@ -643,6 +655,25 @@ export class TransactionSession implements SessionRelay {
       this.#queue.shift();
       this.#madeAnswers();
     }
+  }
+
+  /**
+   * CopyInResponse: Postgres reads nothing but COPY messages now and ignores a Sync, so the Syncs
+   * sent right behind the COPY (libpq sends Parse, Bind, Execute, Sync at once) get no answer.
+   */
+  #copyInStarted(): void {
+    this.#copyIn = true;
+    this.#clientCopying = true;
+    while (this.#queue[1]?.expect === Expect.Sync && !this.#queue[1].hidden) {
+      this.#queue.splice(1, 1);
+      this.#readyPending--;
+    }
+  }
+
+  /** The server left copy-in mode (CopyDone answered, or an error): a Sync counts again. */
+  #copyEnded(): void {
+    this.#copyIn = false;
+    this.#clientCopying = false;
   }
 
   /** Answers made here, sent as they reach the head of the queue. */
