@@ -122,7 +122,7 @@ test('COPY FROM STDIN over the extended protocol with its Sync sent first (libpq
   });
 });
 
-test('a Flush from a client with nothing running does not keep a connection from the others', { todo: 'review finding F2' }, async () => {
+test('a Flush from a client with nothing running does not keep a connection from the others', async () => {
   await withTransactionPool('PoolSize=1;QueryWaitTimeout=3s', async (proxy) => {
     const w = await wire(proxy.port);
     try {
@@ -135,7 +135,7 @@ test('a Flush from a client with nothing running does not keep a connection from
   });
 });
 
-test('COPY data a client still sends after its COPY failed does not take a connection', { todo: 'review finding F2' }, async () => {
+test('COPY data a client still sends after its COPY failed does not take a connection', async () => {
   await withTransactionPool('PoolSize=1;QueryWaitTimeout=3s', async (proxy) => {
     const w = await wire(proxy.port);
     try {

@@ -100,6 +100,11 @@ const BIND_UNNAMED = bindMessage('', '', Buffer.alloc(6));
 /** Execute of the unnamed portal, all rows. */
 const EXECUTE_UNNAMED = message(FrontendCode.Execute, Buffer.alloc(5));
 const CLOSE_COMPLETE = message(0x33, Buffer.alloc(0));
+/**
+ * Messages Postgres ignores outside an extended sequence and a COPY: a Flush, and COPY messages
+ * still on their way after a COPY failed (the server answered it, and went back to the pool).
+ */
+const IGNORED_WHEN_IDLE = new Set<number>([FrontendCode.Flush, FrontendCode.CopyData, FrontendCode.CopyDone, FrontendCode.CopyFail]);
 
 /** State a transaction leaves on its connection that the proxy cannot carry to the client's next one. */
 const LEAKY_TEXT = /\b(temp|temporary)\s+(table|view|sequence)\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
@@ -261,6 +266,10 @@ export class TransactionSession implements SessionRelay {
       }
       if (!frame) break;
       this.#held = undefined;
+      if (!this.#server && IGNORED_WHEN_IDLE.has(frame.type)) {
+        // Postgres answers none of these when it runs nothing: no connection is taken for them.
+        continue;
+      }
       if (!this.#server && frame.type !== FrontendCode.Terminate) {
         this.#held = frame;
         this.#client.pause();
