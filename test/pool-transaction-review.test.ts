@@ -153,7 +153,7 @@ test('COPY data a client still sends after its COPY failed does not take a conne
   });
 });
 
-test('search_path from the startup options is in force (Postgres 18 reports search_path)', { todo: 'review finding F3' }, async () => {
+test('search_path from the startup options is in force (Postgres 18 reports search_path)', async () => {
   await withDirect(async (direct) => {
     await withTransactionPool('PoolSize=1', async (proxy) => {
       const sql = "select current_setting('search_path') as v";
@@ -164,7 +164,7 @@ test('search_path from the startup options is in force (Postgres 18 reports sear
   });
 });
 
-test('SET search_path does not reach the next client of the connection', { todo: 'review finding F3' }, async () => {
+test('SET search_path does not reach the next client of the connection', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
     const a = await connected(proxy.port);
     await a.query('set search_path = rv_sa');

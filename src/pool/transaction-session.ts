@@ -31,7 +31,7 @@ import type { RelayEnd, RelayStats } from '../proxy/relay.js';
 import type { SessionRelay } from '../proxy/native-relay.js';
 import { converse, type Login, type Pool, type PoolObserver } from './pool.js';
 import type { ServerConnection } from './server-connection.js';
-import { ClientSettings } from './client-settings.js';
+import { carried, ClientSettings } from './client-settings.js';
 
 export interface TransactionContext {
   readonly pool: Pool;
@@ -594,7 +594,8 @@ export class TransactionSession implements SessionRelay {
       (this.#server as ServerConnection).parameters.set(name, value);
       if (head?.hidden) return;
       this.#settings.reported.set(name, value);
-      this.#reports++;
+      // Only a report of a setting carried to the next connection accounts for a SET (SET SESSION AUTHORIZATION does not).
+      if (carried(name)) this.#reports++;
       this.#emit(rawOf(body));
       return;
     }
