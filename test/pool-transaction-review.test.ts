@@ -247,7 +247,7 @@ test('SET LOCAL (what the NOTICE recommends) is not reported as leaked session s
   });
 });
 
-test('clients with different search_path share no plan: each reads its own schema through the same statement text', { todo: 'review finding F9' }, async () => {
+test('clients with different search_path share no plan: each reads its own schema through the same statement text', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
     const a = await connected(proxy.port, { options: '-c search_path=rv_sa' });
     const b = await connected(proxy.port, { options: '-c search_path=rv_sb' });

@@ -94,6 +94,14 @@ export class ClientSettings {
     this.unreported = unreported;
   }
 
+  /** The search_path the client's statements resolve names with ('' when it did not set one). */
+  get searchPath(): string {
+    for (const settings of [this.reported, this.unreported]) {
+      for (const [name, value] of settings) if (name.toLowerCase() === 'search_path') return value;
+    }
+    return '';
+  }
+
   /**
    * Before the greeting: the login's reported values with the startup's own in their place (the
    * server reports them in its own words once set, and the greeting then takes those).

@@ -122,9 +122,13 @@ function literal(text: string): string {
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "\\'")}'`;
 }
 
-/** The server-side name of a statement: the same text and parameter types share one on every connection. */
-function serverNameOf(query: string, types: Buffer): string {
-  return `lp_${createHash('sha256').update(query).update('\0').update(types).digest('hex').slice(0, 40)}`;
+/**
+ * The server-side name of a statement: the same text and parameter types share one on every
+ * connection, unless the clients' search_path differs (the same text may name other tables, and
+ * Postgres refuses a cached plan whose result type changed).
+ */
+function serverNameOf(query: string, types: Buffer, searchPath: string): string {
+  return `lp_${createHash('sha256').update(query).update('\0').update(types).update(searchPath).digest('hex').slice(0, 40)}`;
 }
 
 /** The whole message (type, length, body) that `body` is the body of: frames are views into one buffer. */
@@ -401,7 +405,7 @@ export class TransactionSession implements SessionRelay {
       return true;
     }
     const server = this.#server as ServerConnection;
-    const serverName = serverNameOf(parse.query, parse.types);
+    const serverName = serverNameOf(parse.query, parse.types, this.#settings.searchPath);
     if (this.#statements.has(parse.name)) {
       this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
       return true;
