@@ -202,7 +202,7 @@ test('temporary tables made without CREATE TEMP TABLE do not reach the next clie
   });
 });
 
-test('a statement name whose Parse failed may be parsed again later in the same pipeline', { todo: 'review finding F7' }, async () => {
+test('a statement name whose Parse failed may be parsed again later in the same pipeline', async () => {
   await withDirect(async (direct) => {
     await withTransactionPool('PoolSize=1', async (proxy) => {
       await differential(proxy.port, direct, [

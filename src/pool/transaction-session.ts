@@ -406,12 +406,13 @@ export class TransactionSession implements SessionRelay {
     }
     const server = this.#server as ServerConnection;
     const serverName = serverNameOf(parse.query, parse.types, this.#settings.searchPath);
+    // Answered here only where the server would answer ParseComplete: not in an aborted
+    // transaction, and not for a name whose own Parse may still fail in an earlier sequence.
+    if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#readyPending > 0) return false;
     if (this.#statements.has(parse.name)) {
       this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
       return true;
     }
-    // Answered here only where the server would answer ParseComplete: not in an aborted transaction.
-    if (server.prepared.has(serverName) && this.#readyPending > 0) return false;
     this.#watchText(parse.query);
     const answeredHere = server.prepared.has(serverName);
     if (answeredHere && this.#status === 'E' && !TRANSACTION_EXIT.test(parse.query)) {
