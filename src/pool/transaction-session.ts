@@ -107,7 +107,8 @@ const CLOSE_COMPLETE = message(0x33, Buffer.alloc(0));
 const IGNORED_WHEN_IDLE = new Set<number>([FrontendCode.Flush, FrontendCode.CopyData, FrontendCode.CopyDone, FrontendCode.CopyFail]);
 
 /** State a transaction leaves on its connection that the proxy cannot carry to the client's next one. */
-const LEAKY_TEXT = /\b(temp|temporary)\s+(table|view|sequence)\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
+const LEAKY_TEXT =
+  /\b(temp|temporary)\s+(recursive\s+)?(table|view|sequence)\b|\binto\s+(temp|temporary)\b|\bpg_temp(_\d+)?\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
 const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
 /** What Postgres still parses in an aborted transaction. */
 const TRANSACTION_EXIT = /^\s*(commit|rollback|end|abort)\b/i;
