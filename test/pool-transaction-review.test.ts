@@ -173,16 +173,24 @@ test('SET search_path does not reach the next client of the connection', async (
   });
 });
 
-test('set_config of an unreported setting does not reach the next client of the connection', { todo: 'review finding F5' }, async () => {
+test('set_config of an unreported setting does not reach the next client of the connection', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
     const a = await connected(proxy.port);
     await a.query("select set_config('work_mem', '1234kB', false)");
     await a.end();
     assert.notEqual(await one(proxy.port, "select current_setting('work_mem') as v"), '1234kB');
+    // One that is local leaves nothing: the connection is not reset (no NOTICE).
+    const b = await connected(proxy.port);
+    const notices: string[] = [];
+    b.on('notice', (n) => notices.push(n.message ?? ''));
+    await b.query("select set_config('rv.tenant', '42', true)");
+    await b.query('select 1');
+    await b.end();
+    assert.deepEqual(notices, []);
   });
 });
 
-test('a SET hidden behind RESET ALL (one command tag, several ParameterStatus) does not reach the next client', { todo: 'review finding F6' }, async () => {
+test('a SET hidden behind RESET ALL (one command tag, several ParameterStatus) does not reach the next client', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
     const a = await connected(proxy.port, { application_name: 'rv-a', options: '-c TimeZone=Asia/Tokyo' });
     await a.query("reset all; set work_mem = '1234kB'");

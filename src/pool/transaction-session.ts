@@ -110,11 +110,20 @@ const IGNORED_WHEN_IDLE = new Set<number>([FrontendCode.Flush, FrontendCode.Copy
 const LEAKY_TEXT =
   /\b(temp|temporary)\s+(recursive\s+)?(table|view|sequence)\b|\binto\s+(temp|temporary)\b|\bpg_temp(_\d+)?\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
 const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
+/**
+ * A set_config call that is not visibly local (is_local true): a setting for the session that no
+ * command tag shows (the way row-level security often takes the application's user).
+ */
+function setsSessionConfig(text: string): boolean {
+  const calls = text.match(/\bset_config\s*\(/gi)?.length ?? 0;
+  return calls > 0 && calls > (text.match(/\bset_config\s*\([^()]*,\s*true\s*\)/gi)?.length ?? 0);
+}
+
 /** What Postgres still parses in an aborted transaction. */
 const TRANSACTION_EXIT = /^\s*(commit|rollback|end|abort)\b/i;
 
 const LEAK_NOTICE =
-  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET of a setting the server does not report, LISTEN, PREPARE, LOAD, ' +
+  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET or set_config of a setting the server does not report, RESET, LISTEN, PREPARE, LOAD, ' +
   'a WITH HOLD cursor, a temporary table or a session advisory lock) is not carried to your next transaction, which may run on another server connection';
 const LEAK_DETAIL = 'Use SET LOCAL, pg_advisory_xact_lock and objects that end with the transaction, or PoolMode=session.';
 
@@ -491,7 +500,7 @@ export class TransactionSession implements SessionRelay {
 
   /** Text that makes session state the proxy cannot carry marks the connection. */
   #watchText(text: string): void {
-    if (LEAKY_TEXT.test(text)) this.#leak();
+    if (LEAKY_TEXT.test(text) || setsSessionConfig(text)) this.#leak();
   }
 
   #leak(): void {
@@ -716,9 +725,12 @@ export class TransactionSession implements SessionRelay {
   #commandComplete(body: Buffer): void {
     const tag = body.toString('utf8', 0, Math.max(0, body.length - 1));
     const server = this.#server as ServerConnection;
-    if (tag === 'SET' || tag === 'RESET') {
+    if (tag === 'SET') {
       this.#sets++;
-      if (tag === 'RESET') server.applied.clear(); // RESET ALL may have undone a startup's setting
+    } else if (tag === 'RESET') {
+      // RESET ALL may have undone a startup's setting, and its reports cannot be matched with a SET's.
+      server.applied.clear();
+      this.#leak();
     } else if (LEAKY_TAGS.has(tag)) {
       this.#leak();
     } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
