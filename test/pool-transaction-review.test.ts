@@ -298,3 +298,20 @@ test('malformed client messages: 08P01 for the client, the proxy goes on', async
     assert.equal(await one(proxy.port, 'select 1 as v'), 1);
   });
 });
+
+test('a client that leaves while the pool has no connection (all closed idle) does not end the pool of the clients still there', async () => {
+  await withTransactionPool('PoolSize=1;ServerIdleTimeout=1s', async (proxy) => {
+    const a = await connected(proxy.port);
+    const b = await connected(proxy.port);
+    try {
+      await a.query('select 1');
+      await b.query('select 1');
+      // ServerIdleTimeout closes the idle connection: the pool has none.
+      await waitUntil(async () => (await db.backendsOf(db.tokenRole)) === 0, 20_000, 'the idle connection closed');
+      await a.end();
+      assert.equal((await b.query('select 2 as v')).rows[0].v, 2);
+    } finally {
+      await b.end().catch(() => {});
+    }
+  });
+});
