@@ -11,6 +11,7 @@ import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.
 import { startTokenPostgres } from './harness/postgres.js';
 import { pgClient, sleep, waitUntil } from './reliability-support.js';
 import { serialize, summary, WireClient } from './harness/wire.js';
+import { createToken, TokenError, type Token, type TokenSource } from '../src/token/token-source.js';
 
 let db: TestPostgres;
 const token = 'tok-' + randomBytes(600).toString('base64url');
@@ -314,4 +315,46 @@ test('a client that leaves while the pool has no connection (all closed idle) do
       await b.end().catch(() => {});
     }
   });
+});
+
+/** The test token, except that the first request fails once `failFirst` is called. */
+class FirstFails implements TokenSource {
+  calls = 0;
+  failFirst!: () => void;
+  readonly #gate = new Promise<void>((resolve) => (this.failFirst = resolve));
+  async getToken(): Promise<Token> {
+    if (++this.calls === 1) {
+      await this.#gate;
+      throw new TokenError('token_missing', 'the first token request fails');
+    }
+    return createToken(token, undefined);
+  }
+  describe(): string {
+    return 'first request fails';
+  }
+  currentExpiry(): Date | undefined {
+    return undefined;
+  }
+  async close(): Promise<void> {}
+}
+
+test('a login that fails wakes a client waiting for the room it took: that client logs in at once, not after QueryWaitTimeout', async () => {
+  const tokens = new FirstFails();
+  const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=transaction;PoolSize=1;QueryWaitTimeout=120s')], { tokenSource: tokens });
+  try {
+    const first = connected(proxy.port).then(
+      () => 'logged in',
+      (error: Error) => error.message,
+    );
+    await waitUntil(() => tokens.calls === 1, 10_000, 'the first login asks for its token');
+    const started = Date.now();
+    const second = one(proxy.port, 'select 1 as v', { connectionTimeoutMillis: 120_000 });
+    await waitUntil(() => [...proxy.server.pools.values()].some((pool) => pool.stats.waiting === 1), 10_000, 'the second client waits');
+    tokens.failFirst();
+    assert.match(await first, /first token request fails/);
+    assert.equal(await second, 1);
+    assert.ok(Date.now() - started < 60_000, `the second client waited ${Date.now() - started} ms`);
+  } finally {
+    await proxy.close();
+  }
 });

@@ -177,9 +177,12 @@ export class Pool {
         let server: ServerConnection;
         try {
           server = await login();
-        } finally {
+        } catch (error) {
           this.#loggingIn--;
+          this.#wakeOne(); // the room this login held is free: a client waiting may log in
+          throw error;
         }
+        this.#loggingIn--;
         this.#observer.waited((Date.now() - started) / 1000);
         if (this.#closed) {
           server.close();
