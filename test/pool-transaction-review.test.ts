@@ -9,7 +9,7 @@ import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { startTokenPostgres } from './harness/postgres.js';
-import { pgClient, sleep, waitUntil } from './reliability-support.js';
+import { cancelRequest, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { serialize, summary, WireClient } from './harness/wire.js';
 import { createToken, TokenError, type Token, type TokenSource } from '../src/token/token-source.js';
 
@@ -357,4 +357,38 @@ test('a login that fails wakes a client waiting for the room it took: that clien
   } finally {
     await proxy.close();
   }
+});
+
+test('a cancel for a query that ends while the cancel is on its way does not reach the next client of the connection', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const locker = new pg.Client({ host: db.socketDir, port: db.port, user: db.superuser.user, database: db.database });
+    await locker.connect();
+    const hits: number[] = [];
+    try {
+      for (let round = 1; round <= 20; round++) {
+        await locker.query('select pg_advisory_lock(4377)');
+        const a = await wire(proxy.port);
+        const b = await wire(proxy.port);
+        try {
+          a.send(serialize.query('select pg_advisory_xact_lock_shared(4377)'));
+          await waitUntil(async () => (await db.query<{ n: number }>("select count(*)::int as n from pg_stat_activity where wait_event_type = 'Lock' and query like '%xact_lock_shared%'"))[0]?.n === 1, 10_000, 'a waits for the lock');
+          b.send(serialize.query('select pg_sleep(0.2)'));
+          await waitUntil(() => [...proxy.server.pools.values()].some((pool) => pool.stats.waiting === 1), 10_000, 'b waits for the connection');
+          // a's query ends as its client cancels it.
+          const unlocked = locker.query('select pg_advisory_unlock(4377)');
+          const cancelled = cancelRequest(proxy.port, a.processId, a.secretKey);
+          await Promise.all([unlocked, cancelled]);
+          await a.untilReady();
+          const answers = (await b.untilReady()).map(summary);
+          if (answers.includes('error 57014')) hits.push(round);
+        } finally {
+          a.end();
+          b.end();
+        }
+      }
+    } finally {
+      await locker.end();
+    }
+    assert.deepEqual(hits, [], 'rounds in which the other client was cancelled');
+  });
 });

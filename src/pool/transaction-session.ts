@@ -216,6 +216,11 @@ export class TransactionSession implements SessionRelay {
   #toServer: Buffer[] = [];
   #toClient: Buffer[] = [];
   #releaseDue = false;
+  /**
+   * A CancelRequest on its way to the connection the client holds: the connection goes back only
+   * once it arrived, or it could cancel the next client's query there.
+   */
+  #cancelling: Promise<void> | undefined;
   /** The client is gone: what the server still answers is dropped until its connection can go back. */
   #draining: NodeJS.Timeout | undefined;
   readonly #onServerData = (chunk: Buffer): void => this.#serverData(chunk);
@@ -259,7 +264,11 @@ export class TransactionSession implements SessionRelay {
   cancel(): Promise<void> {
     const server = this.#server;
     if (!server || this.#queue.length === 0 || this.#draining) return Promise.resolve();
-    return this.#context.cancel(server);
+    const sent: Promise<void> = this.#context.cancel(server).finally(() => {
+      if (this.#cancelling === sent) this.#cancelling = undefined;
+    });
+    this.#cancelling = sent.catch(() => {});
+    return sent;
   }
 
   close(end: RelayEnd = 'shutdown'): void {
@@ -580,7 +589,11 @@ export class TransactionSession implements SessionRelay {
       return;
     }
     this.#context.observer.transaction();
-    this.#context.pool.giveBack(server, this.#status, leaked);
+    const status = this.#status;
+    const cancelling = this.#cancelling;
+    this.#cancelling = undefined;
+    if (cancelling) void cancelling.then(() => this.#context.pool.giveBack(server, status, leaked));
+    else this.#context.pool.giveBack(server, status, leaked);
   }
 
   #serverData(chunk: Buffer): void {
