@@ -392,3 +392,23 @@ test('a cancel for a query that ends while the cancel is on its way does not rea
     assert.deepEqual(hits, [], 'rounds in which the other client was cancelled');
   });
 });
+
+test('a statement to prepare after an error, before the Sync, on a connection at MaxPreparedStatements: skipped as Postgres skips it (the proxy hung in a loop)', async () => {
+  await withTransactionPool('PoolSize=1;MaxPreparedStatements=1', async (proxy) => {
+    const w = await wire(proxy.port);
+    try {
+      w.send(serialize.parse({ name: 'a', text: 'select 1 as one' }), serialize.sync());
+      assert.deepEqual((await w.untilReady()).map(summary), ['parseComplete', 'ready I']);
+      // An error the client sees before it goes on: the server skips to the Sync from here.
+      w.send(serialize.execute({ portal: 'no_such_portal' }), serialize.flush());
+      assert.equal(summary(await w.next()), 'error 34000');
+      w.send(serialize.parse({ name: 'b', text: 'select 2 as two' }), serialize.bind({ statement: 'b' }), serialize.execute(), serialize.sync());
+      assert.deepEqual((await w.untilReady()).map(summary), ['ready I']);
+      w.send(serialize.bind({ statement: 'a' }), serialize.execute(), serialize.sync());
+      assert.deepEqual((await w.untilReady()).map(summary), ['bindComplete', 'row ["1"]', 'complete SELECT 1', 'ready I']);
+      assert.equal(await one(proxy.port, 'select 3 as v'), 3);
+    } finally {
+      w.end();
+    }
+  });
+});

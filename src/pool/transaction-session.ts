@@ -323,7 +323,9 @@ export class TransactionSession implements SessionRelay {
       this.#client.end();
       return true;
     }
-    if (this.#clientSkipping && type !== FrontendCode.Sync) return true;
+    // Skipped to the Sync: an error made here, or the server's (it ignores these messages; sent,
+    // a statement to prepare would evict one whose Close the skip undid, forever).
+    if ((this.#clientSkipping || this.#serverSkipping) && type !== FrontendCode.Sync) return true;
     if (type === FrontendCode.Parse) {
       this.#unsynced = true;
       return this.#parse(body);
@@ -483,7 +485,7 @@ export class TransactionSession implements SessionRelay {
   }
 
   #prepare(server: ServerConnection, statement: Statement, hidden: boolean, forget?: () => void): void {
-    while (server.prepared.size >= this.#context.maxPrepared) {
+    for (let excess = server.prepared.size - this.#context.maxPrepared + 1; excess > 0; excess--) {
       const oldest = server.prepared.keys().next().value as string;
       server.prepared.delete(oldest);
       this.#send(closeMessage('S', oldest));
