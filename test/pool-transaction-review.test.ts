@@ -412,3 +412,24 @@ test('a statement to prepare after an error, before the Sync, on a connection at
     }
   });
 });
+
+test('a Parse of a name in use, or of a statement the connection has, in an aborted transaction: answered as Postgres does', async () => {
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      const rollback = [serialize.parse({ text: 'rollback' }), serialize.bind({}), serialize.execute()];
+      await differential(proxy.port, direct, [
+        { send: [serialize.parse({ name: 'a', text: 'select 1 as one' }), serialize.sync()] },
+        { send: [serialize.query('begin; select 1/0')] },
+        // Postgres refuses all but COMMIT and ROLLBACK first (25P02), then a name in use (42P05).
+        { send: [serialize.parse({ name: 'a', text: 'select 3' }), serialize.sync()] },
+        { send: [serialize.parse({ name: 'a', text: 'commit' }), serialize.bind({}), serialize.execute(), serialize.flush()], until: 'error' },
+        { send: [serialize.sync()] },
+        // A ROLLBACK through Execute ends the aborted transaction: a Parse after it, answered by the proxy, is not refused.
+        { send: [...rollback, serialize.flush()], until: 'commandComplete' },
+        { send: [serialize.parse({ name: 'b', text: 'select 1 as one' }), serialize.bind({ statement: 'b' }), serialize.execute(), serialize.sync()] },
+        { send: [serialize.query('begin; select 1/0')] },
+        { send: [...rollback, serialize.parse({ name: 'c', text: 'select 1 as one' }), serialize.bind({ statement: 'c' }), serialize.execute(), serialize.sync()] },
+      ]);
+    });
+  });
+});

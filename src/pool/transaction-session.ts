@@ -25,7 +25,7 @@ import { createHash } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { BackendCode, errorResponse, message, noticeResponse, parameterStatus } from '../wire/backend-messages.js';
 import type { ErrorFields } from '../proxy/upstream.js';
-import { bindMessage, closeMessage, describeMessage, FrontendCode, MalformedMessage, parseMessage, queryMessage, readBind, readParse, readTarget, SYNC } from '../wire/client-messages.js';
+import { bindMessage, closeMessage, describeMessage, FrontendCode, MalformedMessage, parseMessage, queryMessage, readBind, readParse, readTarget, FLUSH, SYNC } from '../wire/client-messages.js';
 import { FrameReader, FramingError } from '../wire/frame-reader.js';
 import type { RelayEnd, RelayStats } from '../proxy/relay.js';
 import type { SessionRelay } from '../proxy/native-relay.js';
@@ -119,6 +119,7 @@ function setsSessionConfig(text: string): boolean {
   return calls > 0 && calls > (text.match(/\bset_config\s*\([^()]*,\s*true\s*\)/gi)?.length ?? 0);
 }
 
+const ABORTED = 'current transaction is aborted, commands ignored until end of transaction block';
 /** What Postgres still parses in an aborted transaction. */
 const TRANSACTION_EXIT = /^\s*(commit|rollback|end|abort)\b/i;
 
@@ -330,33 +331,33 @@ export class TransactionSession implements SessionRelay {
       this.#unsynced = true;
       return this.#parse(body);
     }
-    this.#otherMessage(type, body);
-    return true;
+    return this.#otherMessage(type, body);
   }
 
-  #otherMessage(type: number, body: Buffer): void {
+  /** The messages but Parse; false when one must wait until the fate of the statement it names is known. */
+  #otherMessage(type: number, body: Buffer): boolean {
     switch (type) {
       case FrontendCode.Query: {
         this.#watchText(body.toString('utf8', 0, Math.max(0, body.length - 1)));
         this.#expect({ expect: Expect.Query });
         this.#send(rawOf(body));
-        return;
+        return true;
       }
       case FrontendCode.FunctionCall:
         this.#expect({ expect: Expect.Query });
         this.#send(rawOf(body));
-        return;
+        return true;
       case FrontendCode.Sync:
         if (this.#clientCopying) {
           // Ignored by Postgres in copy-in mode (libpq sends one with the COPY, and another after CopyDone).
           this.#send(rawOf(body));
-          return;
+          return true;
         }
         this.#clientSkipping = false;
         this.#unsynced = false;
         this.#expect({ expect: Expect.Sync });
         this.#send(rawOf(body));
-        return;
+        return true;
       case FrontendCode.Bind: {
         this.#unsynced = true;
         const bind = readBind(body);
@@ -364,7 +365,7 @@ export class TransactionSession implements SessionRelay {
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
         this.#expect({ expect: Expect.Bind });
-        return;
+        return true;
       }
       case FrontendCode.Describe: {
         this.#unsynced = true;
@@ -373,7 +374,7 @@ export class TransactionSession implements SessionRelay {
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? describeMessage('S', statement.serverName) : rawOf(body));
         this.#expect({ expect: Expect.Describe });
-        return;
+        return true;
       }
       case FrontendCode.Close: {
         this.#unsynced = true;
@@ -386,28 +387,29 @@ export class TransactionSession implements SessionRelay {
             if (statement && !this.#statements.has(name)) this.#statements.set(name, statement);
           };
           this.#expect({ expect: Expect.Made, made: CLOSE_COMPLETE, onSkip: restore });
-          return;
+          return true;
         }
         this.#send(rawOf(body));
         this.#expect({ expect: Expect.Close });
-        return;
+        return true;
       }
       case FrontendCode.Execute:
         this.#unsynced = true;
         this.#send(rawOf(body));
         this.#expect({ expect: Expect.Execute });
-        return;
+        return true;
       case FrontendCode.Flush:
         this.#send(rawOf(body));
-        return;
+        return true;
       case FrontendCode.CopyDone:
       case FrontendCode.CopyFail:
         this.#clientCopying = false;
         this.#send(rawOf(body));
-        return;
+        return true;
       default:
         // CopyData, CopyDone, CopyFail; anything else, the server judges.
         this.#send(rawOf(body));
+        return true;
     }
   }
 
@@ -430,14 +432,21 @@ export class TransactionSession implements SessionRelay {
     // Answered here only where the server would answer ParseComplete: not in an aborted
     // transaction, and not for a name whose own Parse may still fail in an earlier sequence.
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#readyPending > 0) return false;
+    if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#status === 'E' && this.#queue.some((entry) => entry.expect === Expect.Execute)) {
+      // An Execute still to answer may end the aborted transaction (COMMIT, ROLLBACK): its answer decides, and a Flush brings it.
+      this.#send(FLUSH);
+      return false;
+    }
     if (this.#statements.has(parse.name)) {
-      this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
+      // In an aborted transaction Postgres refuses all but COMMIT and ROLLBACK before it looks at the name.
+      if (this.#status === 'E' && !TRANSACTION_EXIT.test(parse.query)) this.#fail('25P02', ABORTED);
+      else this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
       return true;
     }
     this.#watchText(parse.query);
     const answeredHere = server.prepared.has(serverName);
     if (answeredHere && this.#status === 'E' && !TRANSACTION_EXIT.test(parse.query)) {
-      this.#fail('25P02', 'current transaction is aborted, commands ignored until end of transaction block');
+      this.#fail('25P02', ABORTED);
       return true;
     }
     const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types) };
@@ -458,11 +467,20 @@ export class TransactionSession implements SessionRelay {
   /**
    * An error for the client's current sequence, raised by the server (a DO block) so that the
    * server's transaction fails with it as Postgres' own would (an implicit one is rolled back, a
-   * transaction block is aborted; in one aborted already, the server answers 25P02 itself). The
+   * transaction block is aborted; in one aborted already, it is made here). The
    * client's messages up to its Sync are dropped, as the server would skip them. The client's
    * unnamed statement is replaced by the DO block.
    */
   #fail(code: string, text: string): void {
+    if (this.#status === 'E') {
+      // The server would refuse the DO block with 25P02; Postgres checks a Parse's name first. It
+      // gets nothing more until the Sync, as it would skip it anyway, but a Flush: Postgres sends
+      // an error at once, with the answers before it.
+      this.#send(FLUSH);
+      this.#expect({ expect: Expect.Made, made: errorResponse({ severity: 'ERROR', code, message: text }) });
+      this.#clientSkipping = true;
+      return;
+    }
     const body = `BEGIN RAISE EXCEPTION USING ERRCODE = ${literal(code)}, MESSAGE = ${literal(text)}; END`;
     this.#send(parseMessage('', `DO ${literal(body)}`, NO_PARAMETER_TYPES));
     this.#expect({ expect: Expect.Parse, hidden: true });
@@ -740,6 +758,9 @@ export class TransactionSession implements SessionRelay {
   #commandComplete(body: Buffer): void {
     const tag = body.toString('utf8', 0, Math.max(0, body.length - 1));
     const server = this.#server as ServerConnection;
+    // An aborted transaction ended before the next ReadyForQuery (COMMIT or ROLLBACK through Execute):
+    // a Parse answered here is not refused with 25P02 any more.
+    if (this.#status === 'E' && (tag === 'ROLLBACK' || tag === 'COMMIT')) this.#status = 'T';
     if (tag === 'SET') {
       this.#sets++;
     } else if (tag === 'RESET') {

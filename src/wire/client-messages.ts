@@ -99,3 +99,5 @@ export function queryMessage(text: string): Buffer {
 }
 
 export const SYNC = frame(FrontendCode.Sync, []);
+
+export const FLUSH = frame(FrontendCode.Flush, []);
