@@ -413,6 +413,22 @@ test('a statement to prepare after an error, before the Sync, on a connection at
   });
 });
 
+test('a Close or an answered Parse that an earlier error skips, then a Sync, then a Bind of that name in the same pipeline: as Postgres answers', async () => {
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      const bad = serialize.describe({ type: 'S', name: 'no_such_statement' });
+      await differential(proxy.port, direct, [
+        { send: [serialize.parse({ name: 'a', text: 'select 1 as one' }), serialize.parse({ name: 'x', text: 'select 2 as two' }), serialize.sync()] },
+        // The Close is skipped: a still exists.
+        { send: [bad, serialize.close({ type: 'S', name: 'a' }), serialize.sync(), serialize.bind({ statement: 'a' }), serialize.execute(), serialize.sync()], readies: 2 },
+        // The Parse (its text prepared on the connection already, answered by the proxy) is skipped: b does not exist.
+        { send: [bad, serialize.parse({ name: 'b', text: 'select 2 as two' }), serialize.sync(), serialize.bind({ statement: 'b' }), serialize.execute(), serialize.sync()], readies: 2 },
+        { send: [serialize.describe({ type: 'S', name: 'b' }), serialize.sync()] },
+      ]);
+    });
+  });
+});
+
 test('a Parse of a name in use, or of a statement the connection has, in an aborted transaction: answered as Postgres does', async () => {
   await withDirect(async (direct) => {
     await withTransactionPool('PoolSize=1', async (proxy) => {
@@ -430,6 +446,215 @@ test('a Parse of a name in use, or of a statement the connection has, in an abor
         { send: [serialize.query('begin; select 1/0')] },
         { send: [...rollback, serialize.parse({ name: 'c', text: 'select 1 as one' }), serialize.bind({ statement: 'c' }), serialize.execute(), serialize.sync()] },
       ]);
+    });
+  });
+});
+
+/** A message of a fuzzed batch, and what its answer looks like. */
+interface Sent {
+  readonly bytes: Buffer;
+  readonly kind: 'P' | 'B' | 'DS' | 'DP' | 'E' | 'C' | 'S' | 'Q' | 'H';
+}
+
+/** Random pipelined batches: several Syncs, Query between extended messages, portals with row limits, Describe and Close of both kinds, failing Parse, Flush-only ends. */
+function* pipelines(seed: number, steps: number): Generator<Sent[]> {
+  let state = seed >>> 0 || 1;
+  const random = (n: number): number => {
+    state ^= state << 13;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    return (state >>> 0) % n;
+  };
+  const pick = <T>(items: readonly T[]): T => items[random(items.length)] as T;
+  const texts: ReadonlyArray<{ text: string; params: number }> = [
+    { text: 'select $1::int * 2 as v', params: 1 },
+    { text: 'select label from rv_items where id = $1::int', params: 1 },
+    // random() keeps the division from a custom plan's constant folding (the error then comes at Bind, or at Execute with a generic plan).
+    { text: 'select 10 / ($1::int + floor(random())::int) as q', params: 1 },
+    { text: 'select g from generate_series(1, 2 + $1::int) g', params: 1 },
+    { text: 'selec $1', params: 1 },
+    { text: 'begin', params: 0 },
+    { text: 'commit', params: 0 },
+    { text: "set application_name = 'fuzzed'", params: 0 },
+    { text: 'select 1 as one', params: 0 },
+  ];
+  const queries = ['begin', 'commit', 'rollback', 'select 42', 'select 1/0', 'select g from generate_series(1, 3) g'];
+  const names = ['s1', 's2', 's3'];
+  const params = new Map<string, number>();
+  /** An Execute since the last Sync (across batches: one may end with a Flush). */
+  let executed = false;
+  for (let i = 0; i < steps; i++) {
+    const batch: Sent[] = [];
+    const count = 1 + random(10);
+    for (let m = 0; m < count; m++) {
+      const values = (n: number): string[] => Array.from({ length: n }, () => String(random(4)));
+      switch (random(12)) {
+        case 0:
+        case 1: {
+          // Not the syntax error: Postgres reports it before a duplicate name (42P05), the proxy after.
+          // One parameter: in an aborted transaction, a statement the proxy must prepare on the
+          // connection first fails (25P02) before Postgres' own checks of a Bind or Describe
+          // (08P01 for a wrong count of values, none for a statement without rows).
+          const name = pick(names);
+          const t = pick(texts.filter((x) => !x.text.startsWith('selec ') && x.params === 1));
+          params.set(name, t.params);
+          batch.push({ bytes: serialize.parse({ name, text: t.text }), kind: 'P' });
+          break;
+        }
+        case 2:
+        case 3: {
+          const portal = random(3) === 0 ? 'p1' : '';
+          if (random(3) === 0) {
+            const t = pick(texts);
+            batch.push({ bytes: serialize.parse({ text: t.text }), kind: 'P' });
+            batch.push({ bytes: serialize.bind({ portal, values: values(t.params) }), kind: 'B' });
+          } else {
+            const name = pick(names);
+            batch.push({ bytes: serialize.bind({ portal, statement: name, values: values(params.get(name) ?? 1) }), kind: 'B' });
+          }
+          if (random(2) === 0) batch.push({ bytes: serialize.describe({ type: 'P', name: portal }), kind: 'DP' });
+          batch.push({ bytes: serialize.execute({ portal, rows: pick([0, 0, 1, 2]) }), kind: 'E' });
+          break;
+        }
+        case 4:
+          // Not the unnamed portal: the proxy's own error for a duplicate name (a DO block) binds it.
+          batch.push({ bytes: serialize.execute({ portal: 'p1', rows: pick([0, 1]) }), kind: 'E' });
+          break;
+        case 5:
+          batch.push({ bytes: serialize.describe({ type: 'S', name: pick(names) }), kind: 'DS' });
+          break;
+        case 6:
+          batch.push({ bytes: serialize.close({ type: 'S', name: pick(names) }), kind: 'C' });
+          break;
+        case 7:
+          batch.push({ bytes: serialize.close({ type: 'P', name: pick(['', 'p1']) }), kind: 'C' });
+          break;
+        case 8:
+          // Postgres 18 itself fails the next command (XX000) after Execute, Query, Sync: not that.
+          const kinds = batch.map((x) => x.kind);
+          const lastSync = kinds.lastIndexOf('S');
+          if ((lastSync < 0 && executed) || kinds.slice(lastSync + 1).includes('E')) batch.push({ bytes: serialize.sync(), kind: 'S' });
+          batch.push({ bytes: serialize.query(pick(queries)), kind: 'Q' });
+          break;
+        case 9:
+          batch.push({ bytes: serialize.flush(), kind: 'H' });
+          break;
+        default:
+          batch.push({ bytes: serialize.sync(), kind: 'S' });
+      }
+    }
+    batch.push(random(6) === 0 ? { bytes: serialize.flush(), kind: 'H' } : { bytes: serialize.sync(), kind: 'S' });
+    for (const { kind } of batch) {
+      if (kind === 'E') executed = true;
+      else if (kind === 'S') executed = false;
+    }
+    yield batch;
+  }
+}
+
+/**
+ * The answers to `batch`, read message by message as Postgres gives them (ignoring notices and
+ * reports). `session.skipping`: an error left the server skipping to the next Sync (a batch may end
+ * with a Flush).
+ */
+async function answersTo(w: WireClient, batch: readonly Sent[], session: { skipping: boolean }): Promise<string[]> {
+  const out: string[] = [];
+  const next = async (): Promise<string> => {
+    for (;;) {
+      const m = await w.next(15_000).catch((error: Error) => {
+        throw new Error(`${error.message} after ${out.join(', ')}`);
+      });
+      if (m.name === 'notice' || m.name === 'parameterStatus') continue;
+      const s = summary(m);
+      out.push(s);
+      return s;
+    }
+  };
+  let skipping = session.skipping;
+  for (const { kind } of batch) {
+    if (skipping && kind !== 'S') continue;
+    let s: string;
+    switch (kind) {
+      case 'H':
+        break;
+      case 'S':
+      case 'Q':
+        skipping = false;
+        while (!(await next()).startsWith('ready')) {
+          /* rows, completions, an error */
+        }
+        break;
+      case 'DS':
+        s = await next();
+        if (s.startsWith('error')) skipping = true;
+        else await next();
+        break;
+      case 'E':
+        do s = await next();
+        while (!/^(error|complete|emptyQuery|portalSuspended)/.test(s));
+        if (s.startsWith('error')) skipping = true;
+        break;
+      default:
+        if ((await next()).startsWith('error')) skipping = true;
+    }
+  }
+  session.skipping = skipping;
+  return out;
+}
+
+test('random pipelined batches on a pool shared with busy clients: answered exactly as one Postgres session answers them', async () => {
+  const seeds = (process.env['REVIEW_FUZZ_SEEDS'] ?? '1-8').split('-').map(Number) as [number, number];
+  const steps = Number(process.env['REVIEW_FUZZ_STEPS'] ?? 30);
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=2;MaxPreparedStatements=2', async (proxy) => {
+      let busy = true;
+      const noiseErrors: string[] = [];
+      const noise = Array.from({ length: 3 }, async () => {
+        while (busy) {
+          const c = await connected(proxy.port, { query_timeout: 20_000 });
+          try {
+            await c.query('begin');
+            await c.query({ name: 's1', text: 'select $1::int + 1 as other', values: [1] });
+            await sleep(3);
+            await c.query('commit');
+          } catch (error) {
+            noiseErrors.push((error as Error).message);
+            if (process.env['REVIEW_FUZZ_LOG']) console.log(`noise: ${(error as Error).message}`);
+          } finally {
+            await c.end().catch(() => {});
+          }
+        }
+      });
+      try {
+        for (let seed = seeds[0]; seed <= (seeds[1] ?? seeds[0]); seed++) {
+          const pooled = await wire(proxy.port);
+          const alone = await wire(direct);
+          try {
+            let step = 0;
+            const states = { pooled: { skipping: false }, alone: { skipping: false } };
+            for (const batch of pipelines(seed, steps)) {
+              step++;
+              const bytes = batch.map((m) => m.bytes);
+              pooled.send(...bytes);
+              alone.send(...bytes);
+              const want = await answersTo(alone, batch, states.alone).catch((error: Error) => {
+                throw new Error(`seed ${seed}, step ${step}: ${batch.map((m) => m.kind).join(' ')}: direct: ${error.message}`);
+              });
+              if (process.env['REVIEW_FUZZ_LOG']) console.log(`seed ${seed} step ${step}: ${batch.map((m) => m.kind).join(' ')} => ${want.join(', ')}`);
+              const got = await answersTo(pooled, batch, states.pooled).catch((error: Error) => [`(${error.message})`]);
+              if (process.env['REVIEW_FUZZ_LOG']) console.log(`   pooled: ${got.join(', ')}`);
+              assert.deepEqual(got, want, `seed ${seed}, step ${step}: ${batch.map((m) => m.kind).join(' ')}`);
+            }
+          } finally {
+            pooled.end();
+            alone.end();
+          }
+        }
+      } finally {
+        busy = false;
+        await Promise.all(noise);
+      }
+      assert.deepEqual(noiseErrors, [], 'the busy clients next to the fuzzed one');
     });
   });
 });

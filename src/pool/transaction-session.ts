@@ -207,6 +207,10 @@ export class TransactionSession implements SessionRelay {
   /** The client has not ended the COPY FROM STDIN the server waits for: Postgres ignores its Syncs meanwhile. */
   #clientCopying = false;
   readonly #statements = new Map<string, Statement>();
+  /** Statements a Parse, a Close or an eviction changed (see #unsettle), with the count of `#boundaries` sent before that change. */
+  readonly #unsettled = new Map<string, number>();
+  /** Syncs and Queries sent (the ends of sequences). */
+  #boundaries = 0;
   /** This client left state on the connection it holds: reset before another client uses it. */
   #leaked = false;
   #noticeDue = false;
@@ -362,6 +366,7 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         const bind = readBind(body);
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
+        if (this.#unsettledBefore(bind.statement, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
         this.#expect({ expect: Expect.Bind });
@@ -371,6 +376,7 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         const { kind, name } = readTarget(body, 'Describe');
         const statement = kind === 'S' && name !== '' ? this.#statements.get(name) : undefined;
+        if (kind === 'S' && this.#unsettledBefore(name, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? describeMessage('S', statement.serverName) : rawOf(body));
         this.#expect({ expect: Expect.Describe });
@@ -380,9 +386,12 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         const { kind, name } = readTarget(body, 'Close');
         if (kind === 'S' && name !== '') {
+          // After the answer to an earlier change of the name: an undo of that change must not come after this one.
+          if (this.#unsettledBefore(name, undefined)) return false;
           // The statement stays prepared on the server for others; this client's name goes.
           const statement = this.#statements.get(name);
           this.#statements.delete(name);
+          this.#unsettle(`c:${name}`);
           const restore = (): void => {
             if (statement && !this.#statements.has(name)) this.#statements.set(name, statement);
           };
@@ -432,6 +441,7 @@ export class TransactionSession implements SessionRelay {
     // Answered here only where the server would answer ParseComplete: not in an aborted
     // transaction, and not for a name whose own Parse may still fail in an earlier sequence.
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#readyPending > 0) return false;
+    if (this.#unsettledBefore(parse.name, { serverName })) return false;
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#status === 'E' && this.#queue.some((entry) => entry.expect === Expect.Execute)) {
       // An Execute still to answer may end the aborted transaction (COMMIT, ROLLBACK): its answer decides, and a Flush brings it.
       this.#send(FLUSH);
@@ -451,6 +461,7 @@ export class TransactionSession implements SessionRelay {
     }
     const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types) };
     this.#statements.set(parse.name, statement);
+    this.#unsettle(`c:${parse.name}`);
     const forget = (): void => {
       if (this.#statements.get(parse.name) === statement) this.#statements.delete(parse.name);
     };
@@ -506,10 +517,12 @@ export class TransactionSession implements SessionRelay {
     for (let excess = server.prepared.size - this.#context.maxPrepared + 1; excess > 0; excess--) {
       const oldest = server.prepared.keys().next().value as string;
       server.prepared.delete(oldest);
+      this.#unsettle(`s:${oldest}`);
       this.#send(closeMessage('S', oldest));
       this.#expect({ expect: Expect.Close, hidden: true, onSkip: () => server.prepared.set(oldest, true) });
     }
     server.prepared.set(statement.serverName, true);
+    this.#unsettle(`s:${statement.serverName}`);
     this.#send(parseMessage(statement.serverName, statement.query, statement.types));
     this.#context.observer.prepared(false);
     this.#expect({
@@ -520,6 +533,25 @@ export class TransactionSession implements SessionRelay {
         forget?.();
       },
     });
+  }
+
+  /**
+   * A client's statement name (`c:`) or a statement on the server (`s:`) that a Parse, a Close or
+   * an eviction changes: an error before it in its sequence makes the server skip that change.
+   */
+  #unsettle(key: string): void {
+    this.#unsettled.set(key, this.#boundaries);
+  }
+
+  /**
+   * The client's statement `name`, or the server's statement for it, was changed before a Sync (or
+   * Query) whose answer is still to come: until it comes, a message naming it cannot know whether
+   * the change stood.
+   */
+  #unsettledBefore(name: string, statement: { readonly serverName: string } | undefined): boolean {
+    if (this.#readyPending === 0) return false;
+    const before = (key: string): boolean => (this.#unsettled.get(key) ?? Number.POSITIVE_INFINITY) < this.#boundaries;
+    return (name !== '' && before(`c:${name}`)) || (statement !== undefined && before(`s:${statement.serverName}`));
   }
 
   #touch(server: ServerConnection, name: string): void {
@@ -543,7 +575,10 @@ export class TransactionSession implements SessionRelay {
       return;
     }
     if (entry.expect === Expect.Sync) this.#serverSkipping = false;
-    if (entry.expect === Expect.Sync || entry.expect === Expect.Query) this.#readyPending++;
+    if (entry.expect === Expect.Sync || entry.expect === Expect.Query) {
+      this.#readyPending++;
+      this.#boundaries++;
+    }
     this.#queue.push(entry);
     if (this.#queue.length === 1) this.#madeAnswers();
   }
@@ -778,6 +813,10 @@ export class TransactionSession implements SessionRelay {
   #ready(body: Buffer, head: Entry): void {
     this.#status = String.fromCharCode(body[0] ?? 0x49);
     this.#readyPending--;
+    if (this.#readyPending === 0) {
+      // Every sequence sent so far is answered: what they changed stood (those of the open one are still unsettled).
+      for (const [name, at] of this.#unsettled) if (at < this.#boundaries) this.#unsettled.delete(name);
+    }
     if (head.hidden) {
       head.onDone?.(!head.failed);
       return;
