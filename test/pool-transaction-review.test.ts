@@ -450,6 +450,27 @@ test('a Parse of a name in use, or of a statement the connection has, in an abor
   });
 });
 
+test('a named statement whose text is not UTF-8 (client_encoding LATIN1) reaches the server byte for byte', async () => {
+  /** A Parse with the text's bytes as given (pg-protocol writes UTF-8). */
+  const parseBytes = (name: string, text: Buffer): Buffer => {
+    const body = Buffer.concat([Buffer.from(`${name}\0`), text, Buffer.from([0, 0, 0])]);
+    const head = Buffer.alloc(5);
+    head.write('P');
+    head.writeInt32BE(4 + body.length, 1);
+    return Buffer.concat([head, body]);
+  };
+  const text = Buffer.from("select length('caf\u00e9') as n", 'latin1');
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      await differential(proxy.port, direct, [
+        // (WireClient's startup says UTF8: pg-protocol adds it.)
+        { send: [serialize.query("set client_encoding = 'LATIN1'")] },
+        { send: [parseBytes('l1', text), serialize.bind({ statement: 'l1' }), serialize.execute(), serialize.sync()] },
+      ]);
+    });
+  });
+});
+
 /** A message of a fuzzed batch, and what its answer looks like. */
 interface Sent {
   readonly bytes: Buffer;
