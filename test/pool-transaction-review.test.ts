@@ -471,6 +471,60 @@ test('a named statement whose text is not UTF-8 (client_encoding LATIN1) reaches
   });
 });
 
+/** Bytes of Buffers held by this process (the proxy runs in it) once garbage is collected, when --expose-gc allows. */
+function heldBytes(): number {
+  (globalThis as { gc?: () => void }).gc?.();
+  return process.memoryUsage().arrayBuffers;
+}
+
+test('a client that does not read a large result: the proxy holds a bounded amount of it, and the client gets all of it once it reads', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const w = await wire(proxy.port);
+    try {
+      const before = heldBytes();
+      w.socket.pause();
+      // 200 rows of 1 MB.
+      w.send(serialize.query("select repeat('x', 1000000) as big from generate_series(1, 200)"));
+      // The server waits until it can write more: everything the proxy would take, it has.
+      await waitUntil(
+        async () => (await db.query<{ n: number }>("select count(*)::int as n from pg_stat_activity where wait_event = 'ClientWrite' and query like 'select repeat%'"))[0]?.n === 1,
+        30_000,
+        'the server waits to write',
+      );
+      await sleep(200);
+      const held = heldBytes() - before;
+      w.socket.resume();
+      const answers = await w.untilReady(1, 60_000);
+      assert.equal(answers.filter((m) => m.name === 'dataRow').length, 200);
+      assert.ok(held < 64 * 1024 * 1024, `the proxy held ${Math.round(held / 1048576)} MiB of a result its client did not read`);
+    } finally {
+      w.end();
+    }
+  });
+});
+
+test('a client message of hundreds of MiB is not held whole by the proxy', { todo: 'review finding: transaction mode frames every message, up to 1 GiB, in memory' }, async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const w = await wire(proxy.port);
+    try {
+      const before = heldBytes();
+      const head = Buffer.alloc(5);
+      head.write('Q');
+      head.writeInt32BE(4 + 300 * 1048576, 1);
+      w.socket.write(Buffer.concat([head, Buffer.from('select length(\'')]));
+      const chunk = Buffer.alloc(1048576, 0x78);
+      for (let i = 0; i < 200; i++) {
+        if (!w.socket.write(chunk)) await new Promise((resolve) => w.socket.once('drain', resolve));
+      }
+      await sleep(1000);
+      const held = heldBytes() - before;
+      assert.ok(held < 64 * 1024 * 1024, `the proxy holds ${Math.round(held / 1048576)} MiB of a message not yet complete`);
+    } finally {
+      w.socket.destroy();
+    }
+  });
+});
+
 /** A message of a fuzzed batch, and what its answer looks like. */
 interface Sent {
   readonly bytes: Buffer;
