@@ -192,7 +192,6 @@ export class Pool {
         server.state = 'active';
         server.watchClose(() => this.#forget(server, 'server_closed'));
         this.#observer.login();
-        this.#wakeOne(); // the size did not change, but a failed login elsewhere may have freed room
         return { server, reused: false };
       }
       const handed = await this.#wait(loginKey, started, signal);
@@ -419,7 +418,9 @@ export class Pool {
         reject(new Error('the client went away'));
       };
       signal.addEventListener('abort', onAbort, { once: true });
-      this.#waiters.push(waiter);
+      // In the order the clients came: one woken to look again, that found nothing, keeps its place.
+      const behind = this.#waiters.findIndex((other) => other.since > started);
+      this.#waiters.splice(behind < 0 ? this.#waiters.length : behind, 0, waiter);
     });
   }
 
