@@ -525,6 +525,90 @@ test('a client message of hundreds of MiB is not held whole by the proxy', { tod
   });
 });
 
+test('clients that vanish at each point: nothing of theirs stays on a connection, no listener stays behind, the pool serves the next client', async () => {
+  await withTransactionPool('PoolSize=2;MaxPreparedStatements=4', async (proxy) => {
+    const backends = async (): Promise<string[]> =>
+      (await db.query<{ s: string }>(`select state || ':' || left(query, 40) as s from pg_stat_activity where usename = '${db.tokenRole}' and state <> 'idle'`)).map((r) => r.s);
+    const prepared = async (w: WireClient): Promise<void> => {
+      w.send(serialize.parse({ name: 'p', text: 'select 1 as one' }), serialize.sync());
+      await w.untilReady();
+    };
+    const cases: Array<[string, (w: WireClient) => Promise<void>]> = [
+      ['while waiting for a connection', async (w) => {
+        w.send(serialize.query('select 1'));
+        await waitUntil(() => [...proxy.server.pools.values()].some((pool) => pool.stats.waiting === 1), 10_000, 'it waits');
+      }],
+      ['in a transaction', async (w) => {
+        w.send(serialize.query("begin; insert into rv_items values (7001, 'vanished')"));
+        await w.untilReady();
+      }],
+      ['in COPY FROM STDIN', async (w) => {
+        w.send(serialize.query('copy rv_copy from stdin'));
+        await until(w, 'copyInResponse');
+        w.send(serialize.copyData(Buffer.from('7\n')));
+      }],
+      ['in COPY FROM STDIN over the extended protocol', async (w) => {
+        w.send(serialize.parse({ text: 'copy rv_copy from stdin' }), serialize.bind({}), serialize.execute(), serialize.sync());
+        await until(w, 'copyInResponse');
+      }],
+      ['in COPY TO STDOUT', async (w) => {
+        w.send(serialize.query('copy (select g, repeat(\'x\', 1000) from generate_series(1, 200000) g) to stdout'));
+        await until(w, 'copyOutResponse');
+      }],
+      ['in an extended sequence without its Sync', async (w) => {
+        await prepared(w);
+        w.send(serialize.bind({ statement: 'p' }), serialize.flush());
+        await until(w, 'bindComplete');
+      }],
+      ['after an error, before the Sync', async (w) => {
+        w.send(serialize.execute({ portal: 'none' }), serialize.flush());
+        await w.next();
+      }],
+      ['with a Parse waiting for the answer before it', async (w) => {
+        await prepared(w);
+        w.send(serialize.query('select pg_sleep(0.3)'), serialize.parse({ name: 'q', text: 'select 1 as one' }), serialize.sync());
+      }],
+      ['with Terminate behind a query', async (w) => {
+        w.send(serialize.query('select pg_sleep(0.3)'), serialize.end());
+      }],
+    ];
+    const holder = await connected(proxy.port);
+    for (const [when, leave] of cases) {
+      const w = await wire(proxy.port);
+      // The first case needs the pool busy: two transactions hold both connections.
+      const busy = when === 'while waiting for a connection' ? [holder, await connected(proxy.port)] : [];
+      for (const c of busy) await c.query('begin');
+      await leave(w);
+      w.socket.destroy();
+      for (const c of busy) await c.query('commit');
+      if (busy[1]) await busy[1].end();
+      await waitUntil(async () => (await backends()).length === 0, 20_000, `${when}: nothing runs upstream (${(await backends()).join(', ')})`);
+      assert.equal(await one(proxy.port, 'select count(*)::int as n from rv_items where id = 7001'), 0, when);
+    }
+    await holder.end();
+    // Many clients, many transactions on the same two connections.
+    await Promise.all(
+      Array.from({ length: 40 }, async (_, i) => {
+        const c = await connected(proxy.port);
+        try {
+          for (let n = 0; n < 3; n++) await c.query({ name: `n${n}`, text: `select ${n} + $1::int as v`, values: [i] });
+        } finally {
+          await c.end();
+        }
+      }),
+    );
+    // Listeners on the pooled connections: those of an idle connection only, however many clients used them.
+    for (const pool of proxy.server.pools.values()) {
+      for (const server of pool.servers) {
+        const counts = ['data', 'end', 'close', 'drain', 'error'].map((event) => `${event} ${server.upstream.listenerCount(event)}`);
+        assert.ok(server.upstream.listenerCount('data') <= 1 && server.upstream.listenerCount('drain') <= 1, `${server.processId}: ${counts.join(', ')}`);
+      }
+      assert.equal(pool.size, 2);
+    }
+    await waitUntil(() => proxy.server.clients().length === 0, 10_000, 'every session ended');
+  });
+});
+
 /** A message of a fuzzed batch, and what its answer looks like. */
 interface Sent {
   readonly bytes: Buffer;
