@@ -609,6 +609,62 @@ test('clients that vanish at each point: nothing of theirs stays on a connection
   });
 });
 
+test('a server connection that dies idle in the pool, mid-query, mid-COPY or under a held Parse: its client (if any) gets an error and ends, the others go on', async () => {
+  await withTransactionPool('PoolSize=2', async (proxy) => {
+    const pidOf = async (w: WireClient): Promise<number> => {
+      w.send(serialize.query('select pg_backend_pid()'));
+      return Number(((await w.untilReady()).find((m) => m.name === 'dataRow') as unknown as { fields: string[] }).fields[0]);
+    };
+    const terminate = (pid: number): Promise<unknown> => db.query(`select pg_terminate_backend(${pid})`);
+    const running = (text: string): Promise<void> =>
+      waitUntil(async () => (await db.query<{ n: number }>(`select count(*)::int as n from pg_stat_activity where query like '${text}%' and state = 'active'`))[0]?.n === 1, 10_000, text);
+    const other = await connected(proxy.port);
+    try {
+      // Idle in the pool.
+      const idle = await wire(proxy.port);
+      const idlePid = await pidOf(idle);
+      await terminate(idlePid);
+      await waitUntil(async () => (await db.query<{ n: number }>(`select count(*)::int as n from pg_stat_activity where pid = ${idlePid}`))[0]?.n === 0, 10_000, 'the idle backend ended');
+      assert.notEqual(await pidOf(idle), idlePid);
+      idle.end();
+      assert.equal((await other.query('select 1 as v')).rows[0].v, 1);
+      const cases: Array<[string, (w: WireClient) => Promise<void>]> = [
+        ['mid-query', async (w) => {
+          w.send(serialize.query('select pg_sleep(20)'));
+          await running('select pg_sleep(20)');
+        }],
+        ['mid-COPY', async (w) => {
+          w.send(serialize.query('begin'), serialize.query('copy rv_copy from stdin'));
+          await until(w, 'copyInResponse');
+        }],
+        ['under a held Parse', async (w) => {
+          w.send(serialize.parse({ name: 'h', text: 'select 1 as one' }), serialize.sync());
+          await w.untilReady();
+          w.send(serialize.query('select pg_sleep(19)'), serialize.parse({ name: 'g', text: 'select 1 as one' }), serialize.sync());
+          await running('select pg_sleep(19)');
+        }],
+      ];
+      for (const [when, start] of cases) {
+        const w = await wire(proxy.port);
+        await start(w);
+        const pid = (await db.query<{ pid: number }>(`select pid from pg_stat_activity where usename = '${db.tokenRole}' and state <> 'idle' and query not like '%pg_stat_activity%' and pid <> pg_backend_pid() order by backend_start desc limit 1`))[0]?.pid;
+        await terminate(pid as number);
+        const seen: string[] = [];
+        for (;;) {
+          const m = await w.next().catch(() => undefined);
+          if (!m) break;
+          seen.push(summary(m));
+        }
+        assert.ok(seen.some((m) => m === 'error 08006' || m === 'error 57P01'), `${when}: ${seen.join(', ')}`);
+        assert.ok(w.closed, `${when}: the client's session ended`);
+        assert.equal((await other.query('select 2 as v')).rows[0].v, 2, when);
+      }
+    } finally {
+      await other.end();
+    }
+  });
+});
+
 /** A message of a fuzzed batch, and what its answer looks like. */
 interface Sent {
   readonly bytes: Buffer;
