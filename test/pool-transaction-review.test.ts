@@ -665,6 +665,35 @@ test('a server connection that dies idle in the pool, mid-query, mid-COPY or und
   });
 });
 
+test('FunctionCall in and out of a transaction, and a message waiting for a connection past QueryWaitTimeout', async () => {
+  // int4pl(20, 22), arguments and result in text.
+  const args = [Buffer.from('20'), Buffer.from('22')];
+  const body = Buffer.concat([
+    Buffer.from([0, 0, 0, 177, 0, 1, 0, 0, 0, 2]),
+    ...args.map((arg) => Buffer.concat([Buffer.from([0, 0, 0, arg.length]), arg])),
+    Buffer.from([0, 0]),
+  ]);
+  const call = Buffer.concat([Buffer.from('F'), Buffer.from([0, 0, 0, 0]), body]);
+  call.writeInt32BE(4 + body.length, 1);
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1;QueryWaitTimeout=2s', async (proxy) => {
+      await differential(proxy.port, direct, [{ send: [call] }, { send: [serialize.query('begin')] }, { send: [call] }, { send: [serialize.query('commit')] }]);
+      const w = await wire(proxy.port);
+      const holder = await connected(proxy.port);
+      await holder.query('begin');
+      try {
+        w.send(serialize.parse({ name: 'late', text: 'select 1' }), serialize.sync());
+        const m = await w.next();
+        assert.equal(summary(m), 'error 53300');
+        await waitUntil(() => w.closed, 10_000, 'the late client is let go');
+        assert.equal((await holder.query('select 3 as v')).rows[0].v, 3);
+      } finally {
+        await holder.end();
+      }
+    });
+  });
+});
+
 /** A message of a fuzzed batch, and what its answer looks like. */
 interface Sent {
   readonly bytes: Buffer;
