@@ -694,6 +694,24 @@ test('FunctionCall in and out of a transaction, and a message waiting for a conn
   });
 });
 
+test('Execute, Query, Sync (which leaves Postgres failing its next command with XX000) does not reach the next client of the connection', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const a = await wire(proxy.port);
+    a.send(serialize.parse({ text: 'select 1' }), serialize.bind({}), serialize.execute(), serialize.query('select 2'), serialize.sync());
+    assert.deepEqual((await a.untilReady(2)).map(summary).slice(-2), ['ready T', 'ready I']);
+    const b = await wire(proxy.port);
+    try {
+      b.send(serialize.query('begin'));
+      assert.deepEqual((await b.untilReady()).map(summary), ['complete BEGIN', 'ready T']);
+      b.send(serialize.query('rollback'));
+      await b.untilReady();
+    } finally {
+      a.end();
+      b.end();
+    }
+  });
+});
+
 /** A message of a fuzzed batch, and what its answer looks like. */
 interface Sent {
   readonly bytes: Buffer;

@@ -197,6 +197,13 @@ export class TransactionSession implements SessionRelay {
   #unsynced = false;
   /** The server skips messages until the next Sync (an error in an extended sequence). */
   #serverSkipping = false;
+  /** An Execute went since the last Sync. */
+  #executed = false;
+  /**
+   * Postgres fails the next command on the connection (XX000 "StartTransactionCommand: unexpected
+   * state STARTED") after Execute, Query, Sync: the connection is closed rather than given to another client.
+   */
+  #spoiled = false;
   /** The client's sequence failed here (an answer made here): its messages are dropped until its Sync. */
   #clientSkipping = false;
   #status = 'I';
@@ -342,6 +349,7 @@ export class TransactionSession implements SessionRelay {
   #otherMessage(type: number, body: Buffer): boolean {
     switch (type) {
       case FrontendCode.Query: {
+        if (this.#executed) this.#spoiled = true;
         this.#watchText(body.toString('utf8', 0, Math.max(0, body.length - 1)));
         this.#expect({ expect: Expect.Query });
         this.#send(rawOf(body));
@@ -359,6 +367,7 @@ export class TransactionSession implements SessionRelay {
         }
         this.#clientSkipping = false;
         this.#unsynced = false;
+        this.#executed = false;
         this.#expect({ expect: Expect.Sync });
         this.#send(rawOf(body));
         return true;
@@ -404,6 +413,7 @@ export class TransactionSession implements SessionRelay {
       }
       case FrontendCode.Execute:
         this.#unsynced = true;
+        this.#executed = true;
         this.#send(rawOf(body));
         this.#expect({ expect: Expect.Execute });
         return true;
@@ -639,8 +649,10 @@ export class TransactionSession implements SessionRelay {
     this.#draining = undefined;
     const leaked = this.#leaked;
     this.#leaked = false;
-    if (this.#fromServer.buffered > 0 || this.#queue.length > 0) {
-      server.close(); // a message of its half read: nothing to give back
+    const spoiled = this.#spoiled;
+    this.#spoiled = false;
+    if (this.#fromServer.buffered > 0 || this.#queue.length > 0 || spoiled) {
+      server.close(); // a message of its half read, or a session Postgres spoiled: nothing to give back
       return;
     }
     this.#context.observer.transaction();
