@@ -712,6 +712,26 @@ test('Execute, Query, Sync (which leaves Postgres failing its next command with 
   });
 });
 
+test('startups the transaction pool refuses: a bad setting value (the server says why), an unsupported option, replication; the pool goes on', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const refused = async (extra: Partial<pg.ClientConfig>): Promise<string> => {
+      const c = pgClient(proxy.port, db, extra);
+      try {
+        await c.connect();
+        return 'connected';
+      } catch (error) {
+        return (error as { code?: string }).code ?? (error as Error).message;
+      } finally {
+        await c.end().catch(() => {});
+      }
+    };
+    assert.equal(await refused({ options: '-c work_mem=bogus' }), '22023');
+    assert.equal(await refused({ options: '-X' }), '0A000');
+    assert.equal(await refused({ replication: 'database' } as Partial<pg.ClientConfig>), '0A000');
+    assert.equal(await one(proxy.port, "select current_setting('work_mem') as v"), (await db.query<{ v: string }>("select current_setting('work_mem') as v"))[0]?.v);
+  });
+});
+
 /** A message of a fuzzed batch, and what its answer looks like. */
 interface Sent {
   readonly bytes: Buffer;
