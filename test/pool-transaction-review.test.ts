@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import { busyClients, seeded, withPoolMode } from './pool-transaction-support.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { cancelRequest, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { serialize, summary, WireClient } from './harness/wire.js';
@@ -33,24 +34,10 @@ before(async () => {
 });
 after(() => db?.stop());
 
-async function withTransactionPool<T>(extra: string, fn: (proxy: InProcessProxy) => Promise<T>): Promise<T> {
-  const proxy = await startProxy(['--connection', connectionFor(db, token, `PoolMode=transaction;${extra}`)]);
-  try {
-    return await fn(proxy);
-  } finally {
-    await proxy.close();
-  }
-}
+const withTransactionPool = <T>(extra: string, fn: (proxy: InProcessProxy) => Promise<T>): Promise<T> => withPoolMode(db, token, 'transaction', extra, fn);
 
 /** A proxy that logs in once per client: what one Postgres session answers. */
-async function withDirect<T>(fn: (port: number) => Promise<T>): Promise<T> {
-  const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=none')]);
-  try {
-    return await fn(proxy.port);
-  } finally {
-    await proxy.close();
-  }
-}
+const withDirect = <T>(fn: (port: number) => Promise<T>): Promise<T> => withPoolMode(db, token, 'none', '', (proxy) => fn(proxy.port));
 
 const wire = (port: number, startup: Record<string, string> = {}): Promise<WireClient> => WireClient.open(port, { user: 'anyone', database: db.database, ...startup });
 
@@ -758,13 +745,7 @@ interface Sent {
 
 /** Random pipelined batches: several Syncs, Query between extended messages, portals with row limits, Describe and Close of both kinds, failing Parse, Flush-only ends. */
 function* pipelines(seed: number, steps: number): Generator<Sent[]> {
-  let state = seed >>> 0 || 1;
-  const random = (n: number): number => {
-    state ^= state << 13;
-    state ^= state >>> 17;
-    state ^= state << 5;
-    return (state >>> 0) % n;
-  };
+  const random = seeded(seed);
   const pick = <T>(items: readonly T[]): T => items[random(items.length)] as T;
   const texts: ReadonlyArray<{ text: string; params: number }> = [
     { text: 'select $1::int * 2 as v', params: 1 },
@@ -907,24 +888,7 @@ test('random pipelined batches on a pool shared with busy clients: answered exac
   const steps = Number(process.env['REVIEW_FUZZ_STEPS'] ?? 30);
   await withDirect(async (direct) => {
     await withTransactionPool('PoolSize=2;MaxPreparedStatements=2', async (proxy) => {
-      let busy = true;
-      const noiseErrors: string[] = [];
-      const noise = Array.from({ length: 3 }, async () => {
-        while (busy) {
-          const c = await connected(proxy.port, { query_timeout: 20_000 });
-          try {
-            await c.query('begin');
-            await c.query({ name: 's1', text: 'select $1::int + 1 as other', values: [1] });
-            await sleep(3);
-            await c.query('commit');
-          } catch (error) {
-            noiseErrors.push((error as Error).message);
-            if (process.env['REVIEW_FUZZ_LOG']) console.log(`noise: ${(error as Error).message}`);
-          } finally {
-            await c.end().catch(() => {});
-          }
-        }
-      });
+      const noise = busyClients(proxy.port, db);
       try {
         for (let seed = seeds[0]; seed <= (seeds[1] ?? seeds[0]); seed++) {
           const pooled = await wire(proxy.port);
@@ -951,10 +915,8 @@ test('random pipelined batches on a pool shared with busy clients: answered exac
           }
         }
       } finally {
-        busy = false;
-        await Promise.all(noise);
+        assert.deepEqual(await noise.stop(), [], 'the busy clients next to the fuzzed one');
       }
-      assert.deepEqual(noiseErrors, [], 'the busy clients next to the fuzzed one');
     });
   });
 });
