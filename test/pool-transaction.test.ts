@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import { busyClients, seeded, withPoolMode } from './pool-transaction-support.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { cancelRequest, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { findTool, run } from './harness/tools.js';
@@ -33,14 +34,7 @@ before(async () => {
 });
 after(() => db?.stop());
 
-async function withTransactionPool<T>(extra: string, fn: (proxy: InProcessProxy) => Promise<T>): Promise<T> {
-  const proxy = await startProxy(['--connection', connectionFor(db, token, `PoolMode=transaction;${extra}`)]);
-  try {
-    return await fn(proxy);
-  } finally {
-    await proxy.close();
-  }
-}
+const withTransactionPool = <T>(extra: string, fn: (proxy: InProcessProxy) => Promise<T>): Promise<T> => withPoolMode(db, token, 'transaction', extra, fn);
 
 async function connected(proxy: InProcessProxy, extra: Partial<pg.ClientConfig> = {}): Promise<pg.Client> {
   const c = pgClient(proxy.port, db, extra);
@@ -372,13 +366,7 @@ public class Switch {
 
 /** A random extended-protocol workload, the same for a given seed. */
 function* workload(seed: number, steps: number): Generator<Buffer[]> {
-  let state = seed >>> 0 || 1;
-  const random = (n: number): number => {
-    state ^= state << 13;
-    state ^= state >>> 17;
-    state ^= state << 5;
-    return (state >>> 0) % n;
-  };
+  const random = seeded(seed);
   const texts = ['select $1::int * 2 as v', 'select label from tx_items where id = $1::int', 'select 10 / ($1::int + floor(random())::int) as q', "select $1::int as v, 'x' || $1::text as t"];
   const names = ['s1', 's2', 's3'];
   for (let i = 0; i < steps; i++) {
@@ -422,17 +410,7 @@ test('random extended-protocol sequences on a pool shared with busy clients: ans
   const alone = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=none')]);
   try {
     await withTransactionPool('PoolSize=2;MaxPreparedStatements=2', async (proxy) => {
-      let busy = true;
-      const noise = Array.from({ length: 3 }, async () => {
-        while (busy) {
-          await session(proxy, async (c) => {
-            await c.query('begin');
-            await c.query({ name: 's1', text: 'select $1::int + 1 as other', values: [1] });
-            await sleep(5);
-            await c.query('commit');
-          });
-        }
-      });
+      const noise = busyClients(proxy.port, db);
       try {
         for (let seed = 1; seed <= 6; seed++) {
           const pooled = await WireClient.open(proxy.port, { user: 'anyone', database: db.database });
@@ -454,8 +432,7 @@ test('random extended-protocol sequences on a pool shared with busy clients: ans
           }
         }
       } finally {
-        busy = false;
-        await Promise.all(noise);
+        assert.deepEqual(await noise.stop(), [], 'the busy clients');
       }
     });
   } finally {

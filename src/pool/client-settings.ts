@@ -12,8 +12,16 @@ export class UnsupportedStartup extends Error {
   readonly sqlstate = '0A000';
 }
 
-/** Reported parameters a session may change with set_config; the others (server_version...) are the server's. */
-const SETTABLE = new Set(['application_name', 'client_encoding', 'datestyle', 'intervalstyle', 'timezone', 'standard_conforming_strings', 'default_transaction_read_only']);
+/**
+ * Reported parameters a session may change with set_config; the others (server_version,
+ * is_superuser, session_authorization...) are the server's. Postgres 18 reports search_path.
+ */
+const SETTABLE = new Set(['application_name', 'client_encoding', 'datestyle', 'intervalstyle', 'timezone', 'standard_conforming_strings', 'default_transaction_read_only', 'search_path', 'scram_iterations']);
+
+/** A reported parameter whose value follows the client to each connection it lands on. */
+export function carried(name: string): boolean {
+  return SETTABLE.has(name.toLowerCase());
+}
 
 /** A setting's name as set_config and pg_settings take it: letters, digits, _ and $, one dot for a custom one. */
 const SETTING_NAME = /^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$/;
@@ -108,6 +116,14 @@ export class ClientSettings {
     return new ClientSettings(this.#reported, this.unreported, true);
   }
 
+  /** The search_path the client's statements resolve names with ('' when it did not set one). */
+  get searchPath(): string {
+    for (const settings of [this.reported, this.unreported]) {
+      for (const [name, value] of settings) if (name.toLowerCase() === 'search_path') return value;
+    }
+    return '';
+  }
+
   /**
    * Before the greeting: the login's reported values with the startup's own in their place (the
    * server reports them in its own words once set, and the greeting then takes those).
@@ -132,7 +148,7 @@ export class ClientSettings {
   landOn(server: ServerConnection): string | undefined {
     const calls: string[] = [];
     for (const [name, value] of this.#reported) {
-      if (SETTABLE.has(name.toLowerCase()) && server.parameters.get(name) !== value) calls.push(setConfig(name, value));
+      if (carried(name) && server.parameters.get(name) !== value) calls.push(setConfig(name, value));
     }
     for (const [name, value] of this.unreported) {
       if (server.applied.get(name) !== value) {

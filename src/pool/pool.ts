@@ -182,9 +182,12 @@ export class Pool {
         let server: ServerConnection;
         try {
           server = await login();
-        } finally {
+        } catch (error) {
           this.#loggingIn--;
+          this.#wakeOne(); // the room this login held is free: a client waiting may log in
+          throw error;
         }
+        this.#loggingIn--;
         this.#observer.waited((Date.now() - started) / 1000);
         if (this.#closed) {
           server.close();
@@ -194,7 +197,6 @@ export class Pool {
         server.state = 'active';
         server.watchClose(() => this.#forget(server, 'server_closed'));
         this.#observer.login();
-        this.#wakeOne(); // the size did not change, but a failed login elsewhere may have freed room
         return { server, reused: false };
       }
       const handed = await this.#wait(loginKey, started, signal);
@@ -421,7 +423,9 @@ export class Pool {
         reject(new Error('the client went away'));
       };
       signal.addEventListener('abort', onAbort, { once: true });
-      this.#waiters.push(waiter);
+      // In the order the clients came: one woken to look again, that found nothing, keeps its place.
+      const behind = this.#waiters.findIndex((other) => other.since > started);
+      this.#waiters.splice(behind < 0 ? this.#waiters.length : behind, 0, waiter);
     });
   }
 

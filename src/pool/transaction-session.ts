@@ -25,13 +25,13 @@ import { createHash } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { BackendCode, errorResponse, message, noticeResponse, parameterStatus } from '../wire/backend-messages.js';
 import type { ErrorFields } from '../proxy/upstream.js';
-import { bindMessage, closeMessage, describeMessage, FrontendCode, MalformedMessage, parseMessage, queryMessage, readBind, readParse, readTarget, SYNC } from '../wire/client-messages.js';
+import { bindMessage, closeMessage, describeMessage, FrontendCode, MalformedMessage, parseMessage, queryMessage, readBind, readParse, readTarget, FLUSH, SYNC } from '../wire/client-messages.js';
 import { FrameReader, FramingError } from '../wire/frame-reader.js';
 import type { RelayEnd, RelayStats } from '../proxy/relay.js';
 import type { SessionRelay } from '../proxy/native-relay.js';
 import { converse, type Login, type Pool, type PoolObserver } from './pool.js';
 import type { ServerConnection } from './server-connection.js';
-import { ClientSettings } from './client-settings.js';
+import { carried, ClientSettings } from './client-settings.js';
 
 export interface TransactionContext {
   readonly pool: Pool;
@@ -102,15 +102,31 @@ const BIND_UNNAMED = bindMessage('', '', Buffer.alloc(6));
 /** Execute of the unnamed portal, all rows. */
 const EXECUTE_UNNAMED = message(FrontendCode.Execute, Buffer.alloc(5));
 const CLOSE_COMPLETE = message(0x33, Buffer.alloc(0));
+/**
+ * Messages Postgres ignores outside an extended sequence and a COPY: a Flush, and COPY messages
+ * still on their way after a COPY failed (the server answered it, and went back to the pool).
+ */
+const IGNORED_WHEN_IDLE = new Set<number>([FrontendCode.Flush, FrontendCode.CopyData, FrontendCode.CopyDone, FrontendCode.CopyFail]);
 
 /** State a transaction leaves on its connection that the proxy cannot carry to the client's next one. */
-const LEAKY_TEXT = /\b(temp|temporary)\s+(table|view|sequence)\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
+const LEAKY_TEXT =
+  /\b(temp|temporary)\s+(recursive\s+)?(table|view|sequence)\b|\binto\s+(temp|temporary)\b|\bpg_temp(_\d+)?\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
 const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
+/**
+ * A set_config call that is not visibly local (is_local true): a setting for the session that no
+ * command tag shows (the way row-level security often takes the application's user).
+ */
+function setsSessionConfig(text: string): boolean {
+  const calls = text.match(/\bset_config\s*\(/gi)?.length ?? 0;
+  return calls > 0 && calls > (text.match(/\bset_config\s*\([^()]*,\s*true\s*\)/gi)?.length ?? 0);
+}
+
+const ABORTED = 'current transaction is aborted, commands ignored until end of transaction block';
 /** What Postgres still parses in an aborted transaction. */
 const TRANSACTION_EXIT = /^\s*(commit|rollback|end|abort)\b/i;
 
 const LEAK_NOTICE =
-  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET of a setting the server does not report, LISTEN, PREPARE, LOAD, ' +
+  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET or set_config of a setting the server does not report, RESET, LISTEN, PREPARE, LOAD, ' +
   'a WITH HOLD cursor, a temporary table or a session advisory lock) is not carried to your next transaction, which may run on another server connection';
 const LEAK_DETAIL = 'Use SET LOCAL, pg_advisory_xact_lock and objects that end with the transaction, or PoolMode=session.';
 
@@ -119,9 +135,13 @@ function literal(text: string): string {
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "\\'")}'`;
 }
 
-/** The server-side name of a statement: the same text and parameter types share one on every connection. */
-function serverNameOf(query: string, types: Buffer): string {
-  return `lp_${createHash('sha256').update(query).update('\0').update(types).digest('hex').slice(0, 40)}`;
+/**
+ * The server-side name of a statement: the same text and parameter types share one on every
+ * connection, unless the clients' search_path differs (the same text may name other tables, and
+ * Postgres refuses a cached plan whose result type changed).
+ */
+function serverNameOf(query: string, types: Buffer, searchPath: string): string {
+  return `lp_${createHash('sha256').update(query).update('\0').update(types).update(searchPath).digest('hex').slice(0, 40)}`;
 }
 
 /** The whole message (type, length, body) that `body` is the body of: frames are views into one buffer. */
@@ -194,6 +214,13 @@ export class TransactionSession implements SessionRelay {
   #unsynced = false;
   /** The server skips messages until the next Sync (an error in an extended sequence). */
   #serverSkipping = false;
+  /** An Execute went since the last Sync. */
+  #executed = false;
+  /**
+   * Postgres fails the next command on the connection (XX000 "StartTransactionCommand: unexpected
+   * state STARTED") after Execute, Query, Sync: the connection is closed rather than given to another client.
+   */
+  #spoiled = false;
   /** The client's sequence failed here (an answer made here): its messages are dropped until its Sync. */
   #clientSkipping = false;
   #status = 'I';
@@ -201,7 +228,13 @@ export class TransactionSession implements SessionRelay {
   #readyPending = 0;
   /** The server waits for the client's COPY data. */
   #copyIn = false;
+  /** The client has not ended the COPY FROM STDIN the server waits for: Postgres ignores its Syncs meanwhile. */
+  #clientCopying = false;
   readonly #statements = new Map<string, Statement>();
+  /** Statements a Parse, a Close or an eviction changed (see #unsettle), with the count of `#boundaries` sent before that change. */
+  readonly #unsettled = new Map<string, number>();
+  /** Syncs and Queries sent (the ends of sequences). */
+  #boundaries = 0;
   /** This client left state on the connection it holds: reset before another client uses it. */
   #leaked = false;
   #noticeDue = false;
@@ -214,6 +247,11 @@ export class TransactionSession implements SessionRelay {
   #releaseDue = false;
   /** Set by endAfterTransaction(). */
   #ending = false;
+  /**
+   * A CancelRequest on its way to the connection the client holds: the connection goes back only
+   * once it arrived, or it could cancel the next client's query there.
+   */
+  #cancelling: Promise<void> | undefined;
   /** The client is gone: what the server still answers is dropped until its connection can go back. */
   #draining: NodeJS.Timeout | undefined;
   /** Listeners on the server connection held (made at the first attach: an idle client holds none). */
@@ -254,7 +292,11 @@ export class TransactionSession implements SessionRelay {
   cancel(): Promise<void> {
     const server = this.#server;
     if (!server || this.#queue.length === 0 || this.#draining) return Promise.resolve();
-    return this.#context.cancel(server);
+    const sent: Promise<void> = this.#context.cancel(server).finally(() => {
+      if (this.#cancelling === sent) this.#cancelling = undefined;
+    });
+    this.#cancelling = sent.catch(() => {});
+    return sent;
   }
 
   /**
@@ -284,6 +326,10 @@ export class TransactionSession implements SessionRelay {
       }
       if (!frame) break;
       this.#held = undefined;
+      if (!this.#server && IGNORED_WHEN_IDLE.has(frame.type)) {
+        // Postgres answers none of these when it runs nothing: no connection is taken for them.
+        continue;
+      }
       if (!this.#server && frame.type !== FrontendCode.Terminate) {
         this.#held = frame;
         this.#client.pause();
@@ -314,79 +360,100 @@ export class TransactionSession implements SessionRelay {
       this.#client.end();
       return true;
     }
-    if (this.#clientSkipping && type !== FrontendCode.Sync) return true;
+    // Skipped to the Sync: an error made here, or the server's (it ignores these messages; sent,
+    // a statement to prepare would evict one whose Close the skip undid, forever).
+    if ((this.#clientSkipping || this.#serverSkipping) && type !== FrontendCode.Sync) return true;
     if (type === FrontendCode.Parse) {
       this.#unsynced = true;
       return this.#parse(body);
     }
-    this.#otherMessage(type, body);
-    return true;
+    return this.#otherMessage(type, body);
   }
 
-  #otherMessage(type: number, body: Buffer): void {
+  /** The messages but Parse; false when one must wait until the fate of the statement it names is known. */
+  #otherMessage(type: number, body: Buffer): boolean {
     switch (type) {
       case FrontendCode.Query: {
+        if (this.#executed) this.#spoiled = true;
         this.#watchText(body.toString('utf8', 0, Math.max(0, body.length - 1)));
         this.#expect({ expect: Expect.Query });
         this.#send(rawOf(body));
-        return;
+        return true;
       }
       case FrontendCode.FunctionCall:
         this.#expect({ expect: Expect.Query });
         this.#send(rawOf(body));
-        return;
+        return true;
       case FrontendCode.Sync:
+        if (this.#clientCopying) {
+          // Ignored by Postgres in copy-in mode (libpq sends one with the COPY, and another after CopyDone).
+          this.#send(rawOf(body));
+          return true;
+        }
         this.#clientSkipping = false;
         this.#unsynced = false;
+        this.#executed = false;
         this.#expect({ expect: Expect.Sync });
         this.#send(rawOf(body));
-        return;
+        return true;
       case FrontendCode.Bind: {
         this.#unsynced = true;
         const bind = readBind(body);
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
+        if (this.#unsettledBefore(bind.statement, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
         this.#expect({ expect: Expect.Bind });
-        return;
+        return true;
       }
       case FrontendCode.Describe: {
         this.#unsynced = true;
         const { kind, name } = readTarget(body, 'Describe');
         const statement = kind === 'S' && name !== '' ? this.#statements.get(name) : undefined;
+        if (kind === 'S' && this.#unsettledBefore(name, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? describeMessage('S', statement.serverName) : rawOf(body));
         this.#expect({ expect: Expect.Describe });
-        return;
+        return true;
       }
       case FrontendCode.Close: {
         this.#unsynced = true;
         const { kind, name } = readTarget(body, 'Close');
         if (kind === 'S' && name !== '') {
+          // After the answer to an earlier change of the name: an undo of that change must not come after this one.
+          if (this.#unsettledBefore(name, undefined)) return false;
           // The statement stays prepared on the server for others; this client's name goes.
           const statement = this.#statements.get(name);
           this.#statements.delete(name);
+          this.#unsettle(`c:${name}`);
           const restore = (): void => {
             if (statement && !this.#statements.has(name)) this.#statements.set(name, statement);
           };
           this.#expect({ expect: Expect.Made, made: CLOSE_COMPLETE, onSkip: restore });
-          return;
+          return true;
         }
         this.#send(rawOf(body));
         this.#expect({ expect: Expect.Close });
-        return;
+        return true;
       }
       case FrontendCode.Execute:
         this.#unsynced = true;
+        this.#executed = true;
         this.#send(rawOf(body));
         this.#expect({ expect: Expect.Execute });
-        return;
+        return true;
       case FrontendCode.Flush:
         this.#send(rawOf(body));
-        return;
+        return true;
+      case FrontendCode.CopyDone:
+      case FrontendCode.CopyFail:
+        this.#clientCopying = false;
+        this.#send(rawOf(body));
+        return true;
       default:
         // CopyData, CopyDone, CopyFail; anything else, the server judges.
         this.#send(rawOf(body));
+        return true;
     }
   }
 
@@ -405,21 +472,31 @@ export class TransactionSession implements SessionRelay {
       return true;
     }
     const server = this.#server as ServerConnection;
-    const serverName = serverNameOf(parse.query, parse.types);
+    const serverName = serverNameOf(parse.query, parse.types, this.#settings.searchPath);
+    // Answered here only where the server would answer ParseComplete: not in an aborted
+    // transaction, and not for a name whose own Parse may still fail in an earlier sequence.
+    if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#readyPending > 0) return false;
+    if (this.#unsettledBefore(parse.name, { serverName })) return false;
+    if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#status === 'E' && this.#queue.some((entry) => entry.expect === Expect.Execute)) {
+      // An Execute still to answer may end the aborted transaction (COMMIT, ROLLBACK): its answer decides, and a Flush brings it.
+      this.#send(FLUSH);
+      return false;
+    }
     if (this.#statements.has(parse.name)) {
-      this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
+      // In an aborted transaction Postgres refuses all but COMMIT and ROLLBACK before it looks at the name.
+      if (this.#status === 'E' && !TRANSACTION_EXIT.test(parse.query)) this.#fail('25P02', ABORTED);
+      else this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
       return true;
     }
-    // Answered here only where the server would answer ParseComplete: not in an aborted transaction.
-    if (server.prepared.has(serverName) && this.#readyPending > 0) return false;
     this.#watchText(parse.query);
     const answeredHere = server.prepared.has(serverName);
     if (answeredHere && this.#status === 'E' && !TRANSACTION_EXIT.test(parse.query)) {
-      this.#fail('25P02', 'current transaction is aborted, commands ignored until end of transaction block');
+      this.#fail('25P02', ABORTED);
       return true;
     }
     const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types) };
     this.#statements.set(parse.name, statement);
+    this.#unsettle(`c:${parse.name}`);
     const forget = (): void => {
       if (this.#statements.get(parse.name) === statement) this.#statements.delete(parse.name);
     };
@@ -436,11 +513,20 @@ export class TransactionSession implements SessionRelay {
   /**
    * An error for the client's current sequence, raised by the server (a DO block) so that the
    * server's transaction fails with it as Postgres' own would (an implicit one is rolled back, a
-   * transaction block is aborted; in one aborted already, the server answers 25P02 itself). The
+   * transaction block is aborted; in one aborted already, it is made here). The
    * client's messages up to its Sync are dropped, as the server would skip them. The client's
    * unnamed statement is replaced by the DO block.
    */
   #fail(code: string, text: string): void {
+    if (this.#status === 'E') {
+      // The server would refuse the DO block with 25P02; Postgres checks a Parse's name first. It
+      // gets nothing more until the Sync, as it would skip it anyway, but a Flush: Postgres sends
+      // an error at once, with the answers before it.
+      this.#send(FLUSH);
+      this.#expect({ expect: Expect.Made, made: errorResponse({ severity: 'ERROR', code, message: text }) });
+      this.#clientSkipping = true;
+      return;
+    }
     const body = `BEGIN RAISE EXCEPTION USING ERRCODE = ${literal(code)}, MESSAGE = ${literal(text)}; END`;
     this.#send(parseMessage('', `DO ${literal(body)}`, NO_PARAMETER_TYPES));
     this.#expect({ expect: Expect.Parse, hidden: true });
@@ -463,13 +549,15 @@ export class TransactionSession implements SessionRelay {
   }
 
   #prepare(server: ServerConnection, statement: Statement, hidden: boolean, forget?: () => void): void {
-    while (server.prepared.size >= this.#context.maxPrepared) {
+    for (let excess = server.prepared.size - this.#context.maxPrepared + 1; excess > 0; excess--) {
       const oldest = server.prepared.keys().next().value as string;
       server.prepared.delete(oldest);
+      this.#unsettle(`s:${oldest}`);
       this.#send(closeMessage('S', oldest));
       this.#expect({ expect: Expect.Close, hidden: true, onSkip: () => server.prepared.set(oldest, true) });
     }
     server.prepared.set(statement.serverName, true);
+    this.#unsettle(`s:${statement.serverName}`);
     this.#send(parseMessage(statement.serverName, statement.query, statement.types));
     this.#context.observer.prepared(false);
     this.#expect({
@@ -482,6 +570,25 @@ export class TransactionSession implements SessionRelay {
     });
   }
 
+  /**
+   * A client's statement name (`c:`) or a statement on the server (`s:`) that a Parse, a Close or
+   * an eviction changes: an error before it in its sequence makes the server skip that change.
+   */
+  #unsettle(key: string): void {
+    this.#unsettled.set(key, this.#boundaries);
+  }
+
+  /**
+   * The client's statement `name`, or the server's statement for it, was changed before a Sync (or
+   * Query) whose answer is still to come: until it comes, a message naming it cannot know whether
+   * the change stood.
+   */
+  #unsettledBefore(name: string, statement: { readonly serverName: string } | undefined): boolean {
+    if (this.#readyPending === 0) return false;
+    const before = (key: string): boolean => (this.#unsettled.get(key) ?? Number.POSITIVE_INFINITY) < this.#boundaries;
+    return (name !== '' && before(`c:${name}`)) || (statement !== undefined && before(`s:${statement.serverName}`));
+  }
+
   #touch(server: ServerConnection, name: string): void {
     server.prepared.delete(name);
     server.prepared.set(name, true);
@@ -489,7 +596,7 @@ export class TransactionSession implements SessionRelay {
 
   /** Text that makes session state the proxy cannot carry marks the connection. */
   #watchText(text: string): void {
-    if (LEAKY_TEXT.test(text)) this.#leak();
+    if (LEAKY_TEXT.test(text) || setsSessionConfig(text)) this.#leak();
   }
 
   #leak(): void {
@@ -503,7 +610,10 @@ export class TransactionSession implements SessionRelay {
       return;
     }
     if (entry.expect === Expect.Sync) this.#serverSkipping = false;
-    if (entry.expect === Expect.Sync || entry.expect === Expect.Query) this.#readyPending++;
+    if (entry.expect === Expect.Sync || entry.expect === Expect.Query) {
+      this.#readyPending++;
+      this.#boundaries++;
+    }
     this.#queue.push(entry);
     if (this.#queue.length === 1) this.#madeAnswers();
   }
@@ -572,14 +682,20 @@ export class TransactionSession implements SessionRelay {
     this.#draining = undefined;
     const leaked = this.#leaked;
     this.#leaked = false;
+    const spoiled = this.#spoiled;
+    this.#spoiled = false;
     const unread = this.#fromServer?.buffered ?? 0;
     this.#fromServer = undefined;
-    if (unread > 0 || this.#queue.length > 0) {
-      server.close(); // a message of its half read: nothing to give back
+    if (unread > 0 || this.#queue.length > 0 || spoiled) {
+      server.close(); // a message of its half read, or a session Postgres spoiled: nothing to give back
       return;
     }
     this.#context.observer.transaction();
-    this.#context.pool.giveBack(server, this.#status, leaked);
+    const status = this.#status;
+    const cancelling = this.#cancelling;
+    this.#cancelling = undefined;
+    if (cancelling) void cancelling.then(() => this.#context.pool.giveBack(server, status, leaked));
+    else this.#context.pool.giveBack(server, status, leaked);
   }
 
   #unlisten(server: ServerConnection): void {
@@ -619,7 +735,8 @@ export class TransactionSession implements SessionRelay {
       (this.#server as ServerConnection).setParameter(name, value);
       if (head?.hidden) return;
       this.#settings.report(name, value);
-      this.#reports++;
+      // Only a report of a setting carried to the next connection accounts for a SET (SET SESSION AUTHORIZATION does not).
+      if (carried(name)) this.#reports++;
       this.#emit(rawOf(body));
       return;
     }
@@ -640,13 +757,13 @@ export class TransactionSession implements SessionRelay {
         this.#madeAnswers();
         return;
       }
-      if (type === 0x47 /* CopyInResponse */) this.#copyIn = true;
+      if (type === 0x47 /* CopyInResponse */) this.#copyInStarted();
       else if (type === 0x43 /* CommandComplete */) {
-        this.#copyIn = false;
+        this.#copyEnded();
         this.#commandComplete(body);
       }
       if (type === BackendCode.ErrorResponse) {
-        this.#copyIn = false;
+        this.#copyEnded();
         head.failed = true;
         this.#emit(rawOf(body)); // a hidden query's error too: the client's next answers depend on it
         return;
@@ -656,7 +773,7 @@ export class TransactionSession implements SessionRelay {
     }
     if (type === BackendCode.ErrorResponse) {
       // The server skips to the client's Sync: so do the answers expected until then.
-      this.#copyIn = false;
+      this.#copyEnded();
       this.#emit(rawOf(body));
       this.#skipToSync();
       return;
@@ -673,9 +790,9 @@ export class TransactionSession implements SessionRelay {
         complete = type === 0x54 /* RowDescription */ || type === 0x6e; /* NoData */
         break;
       case Expect.Execute:
-        if (type === 0x47) this.#copyIn = true;
+        if (type === 0x47) this.#copyInStarted();
         else if (type === 0x43) {
-          this.#copyIn = false;
+          this.#copyEnded();
           this.#commandComplete(body);
         }
         complete = type === 0x43 /* CommandComplete */ || type === 0x49 /* EmptyQueryResponse */ || type === 0x73; /* PortalSuspended */
@@ -689,6 +806,25 @@ export class TransactionSession implements SessionRelay {
       this.#queue.shift();
       this.#madeAnswers();
     }
+  }
+
+  /**
+   * CopyInResponse: Postgres reads nothing but COPY messages now and ignores a Sync, so the Syncs
+   * sent right behind the COPY (libpq sends Parse, Bind, Execute, Sync at once) get no answer.
+   */
+  #copyInStarted(): void {
+    this.#copyIn = true;
+    this.#clientCopying = true;
+    while (this.#queue[1]?.expect === Expect.Sync && !this.#queue[1].hidden) {
+      this.#queue.splice(1, 1);
+      this.#readyPending--;
+    }
+  }
+
+  /** The server left copy-in mode (CopyDone answered, or an error): a Sync counts again. */
+  #copyEnded(): void {
+    this.#copyIn = false;
+    this.#clientCopying = false;
   }
 
   /** Answers made here, sent as they reach the head of the queue. */
@@ -715,9 +851,15 @@ export class TransactionSession implements SessionRelay {
   #commandComplete(body: Buffer): void {
     const tag = body.toString('utf8', 0, Math.max(0, body.length - 1));
     const server = this.#server as ServerConnection;
-    if (tag === 'SET' || tag === 'RESET') {
+    // An aborted transaction ended before the next ReadyForQuery (COMMIT or ROLLBACK through Execute):
+    // a Parse answered here is not refused with 25P02 any more.
+    if (this.#status === 'E' && (tag === 'ROLLBACK' || tag === 'COMMIT')) this.#status = 'T';
+    if (tag === 'SET') {
       this.#sets++;
-      if (tag === 'RESET') server.applied.clear(); // RESET ALL may have undone a startup's setting
+    } else if (tag === 'RESET') {
+      // RESET ALL may have undone a startup's setting, and its reports cannot be matched with a SET's.
+      server.applied.clear();
+      this.#leak();
     } else if (LEAKY_TAGS.has(tag)) {
       this.#leak();
     } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
@@ -729,6 +871,10 @@ export class TransactionSession implements SessionRelay {
   #ready(body: Buffer, head: Entry): void {
     this.#status = String.fromCharCode(body[0] ?? 0x49);
     this.#readyPending--;
+    if (this.#readyPending === 0) {
+      // Every sequence sent so far is answered: what they changed stood (those of the open one are still unsettled).
+      for (const [name, at] of this.#unsettled) if (at < this.#boundaries) this.#unsettled.delete(name);
+    }
     if (head.hidden) {
       head.onDone?.(!head.failed);
       return;

@@ -125,6 +125,8 @@ export class ProxyServer {
   #socketPath: string | undefined;
   /** Pooled upstream logins, by database. */
   readonly #pools = new Map<string, Pool>();
+  /** Transaction-mode sessions by database: they use its pool between transactions, with or without a connection in it. */
+  readonly #transactionClients = new Map<string, number>();
   /** The unix socket file while it is ours to remove (see listenOnUnixSocket). */
   #socketFile: SocketFile | undefined;
   /** false from refuseNewClients() on: new clients are answered 57P03 while the listeners stay open. */
@@ -362,10 +364,10 @@ export class ProxyServer {
     this.#pools.get(database)?.release(server, { reusable: true, status: 'I' }, false);
   }
 
-  /** A pool with no connection and no client waiting goes (a client may name any database). */
+  /** A pool with no connection, no client waiting and no transaction-mode client goes (a client may name any database). */
   #dropIfEmpty(database: string): void {
     const pool = this.#pools.get(database);
-    if (pool && pool.size === 0 && pool.stats.waiting === 0) {
+    if (pool && pool.size === 0 && pool.stats.waiting === 0 && !this.#transactionClients.get(database)) {
       pool.close();
       this.#pools.delete(database);
     }
@@ -692,12 +694,16 @@ export class ProxyServer {
     client.write(Buffer.concat([...greeted.greeting, backendKeyData(clientKey.processId, clientKey.secretKey), READY_FOR_QUERY_IDLE]));
     client.uncork(); // with the AuthenticationOk the handshake held back: one write
     relay = new TransactionSession(client, frames.detach(), greeted.settings, context);
+    this.#transactionClients.set(database, (this.#transactionClients.get(database) ?? 0) + 1);
     if (this.options.idleTimeoutMs > 0) idleTimeout(raw, relay, this.options.idleTimeoutMs);
     session.relay = relay;
     Object.assign(session.state, { state: 'active', since: Date.now(), relay: 'js' });
     this.#observer.sessionStarted('js');
     const release = (): void => {
       clientKey.release();
+      const left = (this.#transactionClients.get(database) ?? 1) - 1;
+      if (left > 0) this.#transactionClients.set(database, left);
+      else this.#transactionClients.delete(database);
       this.#dropIfEmpty(database);
     };
     this.#whenEnded(session, relay, release, { peer, user: c.user, database, started: c.started, relay: 'js', pooled: true, reused: true });

@@ -26,12 +26,20 @@ export class MalformedMessage extends Error {
   readonly sqlstate = '08P01';
 }
 
-/** The NUL-terminated string at `at`, and where the next field starts. */
+/**
+ * The NUL-terminated string at `at`, and where the next field starts. Names and query texts are in
+ * the client's encoding, which need not be UTF-8 (LATIN1, SJIS...): they are read as latin1, one
+ * character per byte, and written back the same way (`clientString`), so that they reach the
+ * server byte for byte.
+ */
 function cstringAt(body: Buffer, at: number, what: string): [string, number] {
   const end = body.indexOf(0, at);
   if (end < 0) throw new MalformedMessage(`${what}: a string without its terminating zero byte`);
-  return [body.toString('utf8', at, end), end + 1];
+  return [body.toString('latin1', at, end), end + 1];
 }
+
+/** A string read by cstringAt, as the bytes it was read from, NUL-terminated. */
+const clientString = (s: string): Buffer => Buffer.from(`${s}\0`, 'latin1');
 
 export interface ParseMessage {
   readonly name: string;
@@ -78,12 +86,14 @@ function frame(code: number, parts: readonly Buffer[]): Buffer {
 
 const zeroTerminated = (s: string): Buffer => Buffer.from(`${s}\0`, 'utf8');
 
+/** A Parse of `name` and `query` as read from a client's message (see cstringAt), or ASCII. */
 export function parseMessage(name: string, query: string, types: Buffer): Buffer {
-  return frame(FrontendCode.Parse, [zeroTerminated(name), zeroTerminated(query), types]);
+  return frame(FrontendCode.Parse, [clientString(name), clientString(query), types]);
 }
 
+/** A Bind to `portal` as read from a client's message (see cstringAt), or ASCII. */
 export function bindMessage(portal: string, statement: string, rest: Buffer): Buffer {
-  return frame(FrontendCode.Bind, [zeroTerminated(portal), zeroTerminated(statement), rest]);
+  return frame(FrontendCode.Bind, [clientString(portal), clientString(statement), rest]);
 }
 
 export function describeMessage(kind: 'S' | 'P', name: string): Buffer {
@@ -99,3 +109,5 @@ export function queryMessage(text: string): Buffer {
 }
 
 export const SYNC = frame(FrontendCode.Sync, []);
+
+export const FLUSH = frame(FrontendCode.Flush, []);

@@ -33,6 +33,8 @@ export class WireClient {
   #closed = false;
   processId = 0;
   secretKey = 0;
+  /** What the server greeted with (ParameterStatus, BackendKeyData, ReadyForQuery). */
+  greeting: BackendMessage[] = [];
 
   private constructor(socket: Socket) {
     this.socket = socket;
@@ -60,6 +62,7 @@ export class WireClient {
     const key = greeting.find((m) => m.name === 'backendKeyData') as (BackendMessage & { processID: number; secretKey: number }) | undefined;
     const failed = greeting.find((m) => m.name === 'error');
     if (failed) throw failed;
+    client.greeting = greeting;
     client.processId = key?.processID ?? 0;
     client.secretKey = key?.secretKey ?? 0;
     return client;
