@@ -721,7 +721,11 @@ export class TransactionSession implements SessionRelay {
     if (this.#releaseDue && this.#server) {
       this.#detach();
       if (this.#ending) this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
-      else if (this.#end === undefined) this.#pump();
+      else if (this.#end === undefined) {
+        // Paused for the server's backpressure, the client waits for no 'drain' of a connection it gave back.
+        if (!this.#held) this.#client.resume();
+        this.#pump();
+      }
     } else if (this.#held && this.#server && this.#readyPending === 0) {
       this.#client.resume();
       this.#pump();
