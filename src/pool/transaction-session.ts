@@ -7,7 +7,7 @@
  * Both directions are read message by message here, because what a client means depends on the
  * connection it lands on:
  * - Named prepared statements: each client's Parse is kept by name; the server gets one statement
- *   per text and parameter types (`lp_` and a hash), prepared on whichever connection the client
+ *   per text, parameter types and search_path (`lp_` and a hash), prepared on whichever connection the client
  *   is on before the Bind or Describe that needs it, at most MaxPreparedStatements per connection
  *   (least recently used closed first). A Parse the connection has already, and every Close of a
  *   statement, is answered here. Unnamed statements and portals pass unchanged.
