@@ -173,6 +173,6 @@ function setConfig(name: string, value: string): string {
 }
 
 /** An escape string literal: the same text whatever standard_conforming_strings says. */
-function literal(text: string): string {
+export function literal(text: string): string {
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "\\'")}'`;
 }

@@ -31,7 +31,7 @@ import type { RelayEnd, RelayStats } from '../proxy/relay.js';
 import type { SessionRelay } from '../proxy/native-relay.js';
 import { converse, type Login, type Pool, type PoolObserver } from './pool.js';
 import type { ServerConnection } from './server-connection.js';
-import { carried, ClientSettings } from './client-settings.js';
+import { carried, ClientSettings, literal } from './client-settings.js';
 
 export interface TransactionContext {
   readonly pool: Pool;
@@ -129,11 +129,6 @@ const LEAK_NOTICE =
   'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET or set_config of a setting the server does not report, RESET, LISTEN, PREPARE, LOAD, ' +
   'a WITH HOLD cursor, a temporary table or a session advisory lock) is not carried to your next transaction, which may run on another server connection';
 const LEAK_DETAIL = 'Use SET LOCAL, pg_advisory_xact_lock and objects that end with the transaction, or PoolMode=session.';
-
-/** An escape string literal: the same text whatever standard_conforming_strings says. */
-function literal(text: string): string {
-  return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "\\'")}'`;
-}
 
 /**
  * The server-side name of a statement: the same text and parameter types share one on every
@@ -305,7 +300,7 @@ export class TransactionSession implements SessionRelay {
    */
   endAfterTransaction(): void {
     this.#ending = true;
-    if (!this.#server && !this.#acquiring) this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
+    if (!this.#server && !this.#acquiring) this.#shutDown();
   }
 
   close(end: RelayEnd = 'shutdown'): void {
@@ -634,7 +629,7 @@ export class TransactionSession implements SessionRelay {
       this.#acquiring = false;
       if (this.#end !== undefined) return;
       if (this.#ending) {
-        this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
+        this.#shutDown();
         return;
       }
       const facing = error as { sqlstate?: string; message: string };
@@ -720,7 +715,7 @@ export class TransactionSession implements SessionRelay {
     this.#flush();
     if (this.#releaseDue && this.#server) {
       this.#detach();
-      if (this.#ending) this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
+      if (this.#ending) this.#shutDown();
       else if (this.#end === undefined) {
         // Paused for the server's backpressure, the client waits for no 'drain' of a connection it gave back.
         if (!this.#held) this.#client.resume();
@@ -970,6 +965,11 @@ export class TransactionSession implements SessionRelay {
       return;
     }
     this.#refuse('08006', `the server connection to ${this.#context.upstreamName} running this transaction was lost`, 'upstream_closed');
+  }
+
+  /** The proxy shuts down: 57P01, as Postgres says it to its own clients then. */
+  #shutDown(): void {
+    this.#refuse('57P01', 'terminating connection: the proxy is shutting down', 'shutdown');
   }
 
   #protocolViolation(reason: string): void {
