@@ -971,6 +971,11 @@ int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_firs
   c->paused = 0;
   c->counters = counters;
   c->upstream_idle = 1;
+  /* The caller starts a relay at the upstream's ReadyForQuery, idle (its login's or its reset's,
+     which C did not read): a client that leaves before its first query leaves it reusable. */
+  boundaries_reset(&c->messages);
+  c->messages.last_type = 'Z';
+  c->messages.last_status = 'I';
   touch(c);
   /* In the order it happened: the greeting and what the upstream sent after it, then the client's. */
   if (to_client_len > 0) to_client(c, to_client_first, to_client_len);

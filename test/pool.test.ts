@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import { WireClient } from './harness/wire.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { cancelRequest, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { native } from '../src/proxy/native-relay.js';
@@ -100,6 +101,21 @@ test('a second client reuses the first one\'s connection and sees none of its st
     // The advisory lock is free for anyone now.
     assert.equal((await db.query<{ ok: boolean }>('select pg_try_advisory_lock(4242) as ok'))[0]?.ok, true);
     await db.query('select pg_advisory_unlock(4242)');
+  });
+});
+
+test('clients that leave right after their greeting (Terminate and FIN at once, as a connection check does) leave the connection in the pool', async (t) => {
+  if (!requireNative(t)) return;
+  await withPool('', async (proxy) => {
+    for (let i = 0; i < 5; i++) {
+      const client = await WireClient.open(proxy.port, { user: 'app', database: db.database, application_name: 'pool-greet-leave' });
+      client.end();
+      await waitUntil(() => client.closed, 5000, 'the proxy closed the client');
+    }
+    await sleep(200); // the reset's round trip
+    const backends = await db.query<{ pid: number }>("select pid from pg_stat_activity where application_name = 'pool-greet-leave' and backend_type = 'client backend'");
+    assert.equal(backends.length, 1, 'one login served all five clients');
+    assert.equal(await session(proxy, pidOf, { application_name: 'pool-greet-leave' }), backends[0]?.pid, 'and the next client reuses it');
   });
 });
 

@@ -424,8 +424,10 @@ export class Pool {
       };
       signal.addEventListener('abort', onAbort, { once: true });
       // In the order the clients came: one woken to look again, that found nothing, keeps its place.
-      const behind = this.#waiters.findIndex((other) => other.since > started);
-      this.#waiters.splice(behind < 0 ? this.#waiters.length : behind, 0, waiter);
+      // Almost always the newest: appended without a look at the others (the queue may be thousands long).
+      const last = this.#waiters[this.#waiters.length - 1];
+      if (!last || last.since <= started) this.#waiters.push(waiter);
+      else this.#waiters.splice(this.#waiters.findIndex((other) => other.since > started), 0, waiter);
     });
   }
 

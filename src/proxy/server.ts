@@ -604,6 +604,12 @@ export class ProxyServer {
       if (raw.destroyed || upstream.socket.destroyed) {
         // A side went away before the relay started: nothing to relay.
         clientKey.release();
+        if (server && !upstream.socket.destroyed) {
+          // The client left after its greeting (a Terminate and FIN at once, as a connection
+          // check does): nothing it sent reached the server, whose connection goes back clean.
+          void this.#giveBackUnused(database, server, undefined);
+          return;
+        }
         if (server) this.#pools.get(database)?.release(server, undefined, false);
         upstream.socket.destroy();
         if (!raw.destroyed) refuse(client, { sqlstate: '08006', message: `upstream ${upstreamName} closed the connection during login` });
