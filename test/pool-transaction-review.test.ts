@@ -226,7 +226,7 @@ test('a query sent with Terminate right behind it still runs (as Postgres runs i
   });
 });
 
-test('SET LOCAL (what the NOTICE recommends) is not reported as leaked session state', { todo: 'review finding F8' }, async () => {
+test('SET LOCAL (what the NOTICE recommends) is not reported as leaked session state; a SET hidden behind one is', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
     const c = await connected(proxy.port);
     const notices: string[] = [];
@@ -234,9 +234,15 @@ test('SET LOCAL (what the NOTICE recommends) is not reported as leaked session s
     try {
       await c.query('begin');
       await c.query("set local work_mem = '2MB'");
+      await c.query({ text: "set local statement_timeout = '5s'", queryMode: 'extended' } as pg.QueryConfig); // extended protocol: its Parse text
       await c.query('commit');
       await c.query('select 1');
       assert.deepEqual(notices, []);
+      // One text, a SET LOCAL and a SET: the SET leaves session state, and is told.
+      await c.query("set local work_mem = '3MB'; set work_mem = '5MB'");
+      await c.query('select 1');
+      assert.equal(notices.length, 1);
+      assert.match(notices[0] ?? '', /PoolMode=transaction/);
     } finally {
       await c.end();
     }

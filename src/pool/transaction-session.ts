@@ -113,6 +113,11 @@ const LEAKY_TEXT =
   /\b(temp|temporary)\s+(recursive\s+)?(table|view|sequence)\b|\binto\s+(temp|temporary)\b|\bpg_temp(_\d+)?\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
 const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
 /**
+ * A text that is one SET LOCAL and nothing else (no semicolon inside): its SET tag leaves nothing
+ * behind. Any other text's SET tags count, so a SET LOCAL in a longer text still draws the notice.
+ */
+const SET_LOCAL_ALONE = /^\s*set\s+local\s[^;]*;?\s*$/i;
+/**
  * A set_config call that is not visibly local (is_local true): a setting for the session that no
  * command tag shows (the way row-level security often takes the application's user).
  */
@@ -234,8 +239,9 @@ export class TransactionSession implements SessionRelay {
   #leaked = false;
   #noticeDue = false;
   #noticed = false;
-  /** SET commands and ParameterStatus messages since the last ReadyForQuery. */
+  /** SET commands, texts that are a SET LOCAL alone, and ParameterStatus messages since the last ReadyForQuery. */
   #sets = 0;
+  #localSets = 0;
   #reports = 0;
   #toServer: Buffer[] = [];
   #toClient: Buffer[] = [];
@@ -592,6 +598,7 @@ export class TransactionSession implements SessionRelay {
   /** Text that makes session state the proxy cannot carry marks the connection. */
   #watchText(text: string): void {
     if (LEAKY_TEXT.test(text) || setsSessionConfig(text)) this.#leak();
+    if (SET_LOCAL_ALONE.test(text)) this.#localSets++;
   }
 
   #leak(): void {
@@ -879,8 +886,9 @@ export class TransactionSession implements SessionRelay {
       return;
     }
     // A SET that the server reported nothing for set what only this connection remembers.
-    if (this.#sets > this.#reports) this.#leak();
+    if (this.#sets - this.#localSets > this.#reports) this.#leak();
     this.#sets = 0;
+    this.#localSets = 0;
     this.#reports = 0;
     if (this.#noticeDue) {
       this.#noticeDue = false;
