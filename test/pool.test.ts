@@ -119,6 +119,23 @@ test('clients that leave right after their greeting (Terminate and FIN at once, 
   });
 });
 
+test('a client greeted while its connection is still being reset, gone before its relay starts, gives the connection back', async (t) => {
+  if (!requireNative(t)) return;
+  await withPool('PoolSize=1;ServerResetQuery=select pg_sleep(0.5)', async (proxy) => {
+    const app = { user: 'app', database: db.database, application_name: 'pool-gone-early' };
+    const first = await WireClient.open(proxy.port, app);
+    first.end(); // its reset (half a second) starts
+    await waitUntil(() => first.closed, 5000, 'the first client closed');
+    await sleep(50);
+    const second = await WireClient.open(proxy.port, app); // greeted at once; its relay waits for the reset
+    second.socket.resetAndDestroy();
+    await sleep(1500); // the reset, and the second client's own
+    const backends = await db.query<{ pid: number }>("select pid from pg_stat_activity where application_name = 'pool-gone-early' and backend_type = 'client backend'");
+    assert.equal(backends.length, 1, 'the connection stayed in the pool');
+    assert.equal(await session(proxy, pidOf, { application_name: 'pool-gone-early' }), backends[0]?.pid);
+  });
+});
+
 test('startup parameters per client: each sees what it asked for, and a reuse only among equal ones', async (t) => {
   if (!requireNative(t)) return;
   await withPool('PoolSize=1', async (proxy) => {

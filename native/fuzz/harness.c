@@ -393,8 +393,13 @@ static void on_detached(lp_conn *c, void *user, enum lp_end end, double to_upstr
   if (reusable) { /* the upstream at ReadyForQuery, between two messages of the client's */
     int last;
     if (!boundary_at(&stream, up, &last)) fail("reusable, but the client's stream is inside a message (%zu bytes)", up);
-    if (!boundary_at(&S->cl_expected, cl, &last) || last != 'Z') fail("reusable, but the server's last message (%zu bytes) is no whole ReadyForQuery", cl);
-    if (status != S->cl_expected.d[cl - 1]) fail("reusable with status 0x%02x, the ReadyForQuery says 0x%02x", status, S->cl_expected.d[cl - 1]);
+    /* A relay starts at the upstream's ReadyForQuery, idle (the caller's promise, relay.c assumes it). */
+    bytes_t seen = { 0 };
+    put(&seen, "Z\0\0\0\5I", 6);
+    put(&seen, S->cl_expected.d, cl);
+    if (!boundary_at(&seen, seen.n, &last) || last != 'Z') fail("reusable, but the server's last message (%zu bytes) is no whole ReadyForQuery", cl);
+    if (status != seen.d[seen.n - 1]) fail("reusable with status 0x%02x, the ReadyForQuery says 0x%02x", status, seen.d[seen.n - 1]);
+    bytes_free(&seen);
   }
   /* What reaches the server now: the login's writes, what the relay passed on, then the caller's writes. */
   S->up_expected.n = S->login_written;

@@ -604,7 +604,7 @@ export class ProxyServer {
       if (raw.destroyed || upstream.socket.destroyed) {
         // A side went away before the relay started: nothing to relay.
         clientKey.release();
-        if (server && !upstream.socket.destroyed) {
+        if (server && !upstream.socket.destroyed && upstream.leftover.length === 0) {
           // The client left after its greeting (a Terminate and FIN at once, as a connection
           // check does): nothing it sent reached the server, whose connection goes back clean.
           void this.#giveBackUnused(database, server, undefined);
