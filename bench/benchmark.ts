@@ -15,7 +15,7 @@ import { spawnSync } from 'node:child_process';
 import type pg from 'pg';
 import { quoteIdent, startPostgres, type TestPostgres } from '../test/harness/postgres.js';
 import { findPgBouncer, startPgBouncer, type PgBouncer } from './pgbouncer.js';
-import { startBenchProxy, type BenchProxy, type ProxyLaunch } from './proxy-process.js';
+import { startBenchProxy, wakeUps, type BenchProxy, type ProxyLaunch } from './proxy-process.js';
 import { captureCopy, copyIn, copyOut, type CopyClient } from './measure/copy.js';
 import { connectSelectClose } from './measure/connect.js';
 import { findPgbench, pgbenchInit, pgbenchSelect, pgbenchVersion } from './measure/pgbench.js';
@@ -98,6 +98,8 @@ interface Path {
   readonly libpq: Readonly<Record<string, string>>;
   /** CPU seconds used so far by the process in the middle (proxy, PgBouncer); none for direct. */
   readonly cpuSeconds?: () => number;
+  /** Times its main thread has been woken so far (see wakeUps). */
+  readonly wakeUps?: () => number;
 }
 
 interface Settings {
@@ -218,7 +220,7 @@ export async function runBenchmark(options: BenchOptions = {}): Promise<BenchRes
     ];
 
     const paths: Path[] = [
-      plainPath('proxy', 'proxy', proxy.port, db.database, proxy.cpuSeconds),
+      plainPath('proxy', 'proxy', proxy.port, db.database, proxy.cpuSeconds, proxy.pid),
       {
         name: 'direct',
         kind: 'direct',
@@ -233,8 +235,8 @@ export async function runBenchmark(options: BenchOptions = {}): Promise<BenchRes
           PGSSLROOTCERT: db.ca.caFile,
         },
       },
-      ...(bouncer ? [plainPath('pgbouncer', 'pgbouncer', bouncer.port, db.database, bouncer.cpuSeconds)] : []),
-      ...variants.map(([variant, running]) => plainPath(variant.name, 'variant', running.port, db.database, running.cpuSeconds)),
+      ...(bouncer ? [plainPath('pgbouncer', 'pgbouncer', bouncer.port, db.database, bouncer.cpuSeconds, bouncer.pid)] : []),
+      ...variants.map(([variant, running]) => plainPath(variant.name, 'variant', running.port, db.database, running.cpuSeconds, running.pid)),
     ];
     const direct = paths[1] as Path;
     const metrics: Metric[] = [];
@@ -246,6 +248,15 @@ export async function runBenchmark(options: BenchOptions = {}): Promise<BenchRes
         throw new Error(`path ${path.name} does not work: ${(error as Error).message}${path.kind === 'pgbouncer' && bouncer ? `\n${bouncer.logTail()}` : ''}`);
       });
     }
+
+    // Idle: each process in the middle, one connection made and closed, nothing else to do.
+    const idleSeconds = options.quick ? 2 : 10;
+    const sleepers = paths.filter((p) => p.wakeUps);
+    const before = sleepers.map((p) => (p.wakeUps as () => number)());
+    await new Promise((resolve) => setTimeout(resolve, idleSeconds * 1000));
+    const woken = Object.fromEntries(sleepers.map((p, i) => [p.name, [((p.wakeUps as () => number)() - (before[i] as number)) / idleSeconds]]));
+    metrics.push(summary('idle_wakeups', `wake-ups per second while idle (${idleSeconds} s)`, '/s', 'lower', woken, median));
+    log(`idle wake-ups per second: ${sleepers.map((p) => `${p.name} ${woken[p.name]?.[0]?.toFixed(1)}`).join(', ')}`);
 
     if (pgbench) {
       log(`pgbench -i -s ${settings.pgbenchScale}`);
@@ -404,11 +415,12 @@ export async function runBenchmark(options: BenchOptions = {}): Promise<BenchRes
   }
 }
 
-function plainPath(name: string, kind: PathKind, port: number, database: string, cpuSeconds?: () => number): Path {
+function plainPath(name: string, kind: PathKind, port: number, database: string, cpuSeconds?: () => number, pid?: number): Path {
   return {
     name,
     kind,
     ...(cpuSeconds ? { cpuSeconds } : {}),
+    ...(pid !== undefined ? { wakeUps: () => wakeUps(pid) } : {}),
     client: { host: '127.0.0.1', port, user: 'bench', database },
     libpq: { PGHOST: '127.0.0.1', PGPORT: String(port), PGUSER: 'bench', PGDATABASE: database, PGSSLMODE: 'disable' },
   };
@@ -494,10 +506,12 @@ export function smokeProblems(result: BenchResult): string[] {
   const problems: string[] = [];
   if (result.metrics.length === 0) problems.push('no measurement ran');
   for (const metric of result.metrics) {
-    const paths = metric.id.startsWith('scale_') ? Object.keys(result.scale) : metric.id.startsWith('pgbench_cpu_') ? Object.keys(metric.values) : result.paths;
+    // CPU and wake-ups are measured on the processes in the middle only; an idle one may not wake at all.
+    const perProcess = metric.id.startsWith('pgbench_cpu_') || metric.id === 'idle_wakeups';
+    const paths = metric.id.startsWith('scale_') ? Object.keys(result.scale) : perProcess ? Object.keys(metric.values) : result.paths;
     for (const path of paths) {
       const value = metric.values[path];
-      if (value === undefined || !Number.isFinite(value) || (value <= 0 && !metric.id.startsWith('scale_'))) {
+      if (value === undefined || !Number.isFinite(value) || (value <= 0 && !metric.id.startsWith('scale_') && metric.id !== 'idle_wakeups') || value < 0) {
         problems.push(`${metric.label}: ${path} gave ${value}`);
       }
     }

@@ -189,6 +189,18 @@ export function treeCpuSeconds(pid: number): number {
   return total;
 }
 
+/**
+ * How often the process's main thread (its event loop) has gone to sleep and been woken so far:
+ * voluntary_ctxt_switches of /proc/<pid>/status; 0 when unreadable.
+ */
+export function wakeUps(pid: number): number {
+  try {
+    return Number(/^voluntary_ctxt_switches:\s*(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
 /** Clock ticks per second of /proc/<pid>/stat; 100 on every Linux that Node.js runs on. */
 const TICKS = 100;
 

@@ -309,7 +309,9 @@ export class Metrics {
         }
       },
     });
-    collectDefaultMetrics({ register: this.#registry, prefix: METRIC_PREFIX });
+    // The event loop delay histogram samples once a second, not prom-client's default of every
+    // 10 ms: that woke an idle proxy (a desktop service at login, a sidecar) about 90 times a second.
+    collectDefaultMetrics({ register: this.#registry, prefix: METRIC_PREFIX, eventLoopMonitoringPrecision: 1000 });
   }
 
   /** The observer for one target's `ProxyServer`; the same one for the same name. */
