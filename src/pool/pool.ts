@@ -55,8 +55,14 @@ export interface PoolObserver {
 
 /** A client that waited longer than QueryWaitTimeout for a server connection. */
 export class PoolTimeoutError extends Error {
-  override readonly name = 'PoolTimeoutError';
-  readonly sqlstate = '53300';
+  override readonly name: string = 'PoolTimeoutError';
+  readonly sqlstate: string = '53300';
+}
+
+/** A client that waited in a pool the proxy's shutdown closed: 57P01, as Postgres says it then. */
+export class PoolClosedError extends PoolTimeoutError {
+  override readonly name = 'PoolClosedError';
+  override readonly sqlstate = '57P01';
 }
 
 interface Waiter {
@@ -154,7 +160,7 @@ export class Pool {
   async acquire(loginKey: string, login: Login, signal: AbortSignal): Promise<Lease> {
     const started = Date.now();
     for (;;) {
-      if (this.#closed) throw new PoolTimeoutError(`pool ${this.name} is closed: the proxy is shutting down`);
+      if (this.#closed) throw new PoolClosedError(`pool ${this.name} is closed: the proxy is shutting down`);
       if (signal.aborted) throw new Error('the client went away');
       const idle = this.#takeIdle(loginKey);
       if (idle) {
@@ -191,7 +197,7 @@ export class Pool {
         this.#observer.waited((Date.now() - started) / 1000);
         if (this.#closed) {
           server.close();
-          throw new PoolTimeoutError(`pool ${this.name} is closed: the proxy is shutting down`);
+          throw new PoolClosedError(`pool ${this.name} is closed: the proxy is shutting down`);
         }
         this.#all.add(server);
         server.state = 'active';
