@@ -12,6 +12,7 @@ import { busyClients, seeded, withPoolMode } from './pool-transaction-support.js
 import { startTokenPostgres } from './harness/postgres.js';
 import { cancelRequest, LONG, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { serialize, summary, WireClient } from './harness/wire.js';
+import type { BackendMessage } from 'pg-protocol/dist/messages.js';
 import { createToken, TokenError, type Token, type TokenSource } from '../src/token/token-source.js';
 
 let db: TestPostgres;
@@ -725,7 +726,7 @@ test('startups the transaction pool refuses: a bad setting value (the server say
   });
 });
 
-test('DISCARD ALL (what client-side pools run on return) brings back the client\'s own startup settings, as Postgres does', { todo: 'review finding: it brings back the pooled login\'s' }, async () => {
+test('DISCARD ALL (what client-side pools run on return) brings back the client\'s own startup settings, and reports them, as Postgres does', async () => {
   await withDirect(async (direct) => {
     await withTransactionPool('PoolSize=1', async (proxy) => {
       const after = async (port: number): Promise<string> => {
@@ -739,6 +740,28 @@ test('DISCARD ALL (what client-side pools run on return) brings back the client\
       };
       assert.equal(await after(direct), 'Asia/Tokyo');
       assert.equal(await after(proxy.port), 'Asia/Tokyo');
+      // What the client is told: a SET's report, then DISCARD ALL's of the startup's value, as Postgres sends them.
+      const told = async (port: number): Promise<string[]> => {
+        const w = await wire(port, { options: '-c TimeZone=Asia/Tokyo', application_name: 'discarding' });
+        try {
+          const seen: string[] = [];
+          for (const text of ["set timezone = 'UTC'", "set application_name = 'renamed'", 'discard all', "select current_setting('TimeZone') as tz, current_setting('application_name') as app"]) {
+            w.send(serialize.query(text));
+            const step: string[] = [];
+            for (const m of (await w.untilReady()) as Array<BackendMessage & { parameterName?: string; parameterValue?: string; fields?: unknown[] }>) {
+              if (m.name === 'parameterStatus') step.push(`${m.parameterName}=${m.parameterValue}`);
+              else if (m.name === 'dataRow') step.push(`row ${JSON.stringify(m.fields)}`);
+            }
+            seen.push(`${text}: ${step.sort().join(' ')}`); // reports in any order within a step
+          }
+          return seen;
+        } finally {
+          w.end();
+        }
+      };
+      const want = await told(direct);
+      assert.equal(want[2], 'discard all: TimeZone=Asia/Tokyo application_name=discarding', want.join(', '));
+      assert.deepEqual(await told(proxy.port), want);
     });
   });
 });

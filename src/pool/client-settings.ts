@@ -89,11 +89,34 @@ export class ClientSettings {
   #sharing: boolean;
   /** Settings of its startup the server does not report, as sent (never changed: shared). */
   readonly unreported: ReadonlyMap<string, string>;
+  /** What its greeting reported: what DISCARD ALL brings back, as its own startup would (never changed: shared). */
+  #greeting: ReadonlyMap<string, string> | undefined;
 
-  private constructor(reported: Map<string, string>, unreported: ReadonlyMap<string, string>, sharing: boolean) {
+  private constructor(reported: Map<string, string>, unreported: ReadonlyMap<string, string>, sharing: boolean, greeting?: ReadonlyMap<string, string>) {
     this.#reported = reported;
     this.unreported = unreported;
     this.#sharing = sharing;
+    this.#greeting = greeting;
+  }
+
+  /** The greeting is made of what is reported now. */
+  greeted(): void {
+    this.#greeting = this.#reported;
+    this.#sharing = true;
+  }
+
+  /**
+   * DISCARD ALL (RESET ALL): Postgres brings back the session's defaults, which for a client are
+   * its startup's; the pooled connection brought back its login's. The client's values go back to
+   * its greeting's (landed on the next connection it takes); returns those that changed for it.
+   */
+  resetToGreeting(): Array<[string, string]> {
+    const greeting = this.#greeting;
+    if (!greeting) return [];
+    const changed = [...greeting].filter(([name, value]) => this.#reported.get(name) !== value);
+    this.#reported = greeting as Map<string, string>;
+    this.#sharing = true;
+    return changed;
   }
 
   /** Reported parameters as the server reported them to this client (its greeting, then ParameterStatus). */
@@ -113,7 +136,7 @@ export class ClientSettings {
   /** For another client with the same startup: it begins where this one began (the maps are shared until one changes). */
   copy(): ClientSettings {
     this.#sharing = true;
-    return new ClientSettings(this.#reported, this.unreported, true);
+    return new ClientSettings(this.#reported, this.unreported, true, this.#greeting);
   }
 
   /** The search_path the client's statements resolve names with ('' when it did not set one). */

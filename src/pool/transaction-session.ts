@@ -188,6 +188,7 @@ async function taken(context: TransactionContext, startup: ReadonlyMap<string, s
     }
   }
   for (const [name, value] of server.parameters) settings.report(name, value);
+  settings.greeted();
   context.pool.giveBack(server, 'I', false);
   return settings;
 }
@@ -242,6 +243,11 @@ export class TransactionSession implements SessionRelay {
   /** SET commands, texts that are a SET LOCAL alone, and ParameterStatus messages since the last ReadyForQuery. */
   #sets = 0;
   #localSets = 0;
+  /**
+   * The client's DISCARD ALL ran: until its ReadyForQuery the server's reports of its login's
+   * defaults are not the client's; these values (back to its greeting's) are reported instead.
+   */
+  #discarded: Array<[string, string]> | undefined;
   #reports = 0;
   #toServer: Buffer[] = [];
   #toClient: Buffer[] = [];
@@ -739,7 +745,7 @@ export class TransactionSession implements SessionRelay {
     if (type === BackendCode.ParameterStatus) {
       const [name = '', value = ''] = body.toString('utf8').split('\0');
       (this.#server as ServerConnection).setParameter(name, value);
-      if (head?.hidden) return;
+      if (head?.hidden || this.#discarded) return;
       this.#settings.report(name, value);
       // Only a report of a setting carried to the next connection accounts for a SET (SET SESSION AUTHORIZATION does not).
       if (carried(name)) this.#reports++;
@@ -870,7 +876,10 @@ export class TransactionSession implements SessionRelay {
       this.#leak();
     } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
       server.prepared.clear();
-      if (tag === 'DISCARD ALL') server.applied.clear();
+      if (tag === 'DISCARD ALL') {
+        server.applied.clear();
+        if (!this.#queue[0]?.hidden) this.#discarded = [...(this.#discarded ?? []), ...this.#settings.resetToGreeting()];
+      }
     }
   }
 
@@ -890,6 +899,10 @@ export class TransactionSession implements SessionRelay {
     this.#sets = 0;
     this.#localSets = 0;
     this.#reports = 0;
+    if (this.#discarded) {
+      for (const [name, value] of this.#discarded) this.#emit(parameterStatus(name, value));
+      this.#discarded = undefined;
+    }
     if (this.#noticeDue) {
       this.#noticeDue = false;
       this.#noticed = true;
