@@ -87,12 +87,15 @@ interface Entry {
   /** Hidden queries: called at their ReadyForQuery with whether they succeeded. */
   readonly onDone?: (ok: boolean) => void;
   failed?: boolean;
+  /** A Query or Execute of a text that is one SET LOCAL alone. */
+  readonly setLocal?: boolean;
 }
 
 interface Statement {
   readonly serverName: string;
   readonly query: string;
   readonly types: Buffer;
+  readonly setLocal?: boolean;
 }
 
 const PARSE_COMPLETE = message(0x31, Buffer.alloc(0));
@@ -242,7 +245,13 @@ export class TransactionSession implements SessionRelay {
   #noticed = false;
   /** SET commands, texts that are a SET LOCAL alone, and ParameterStatus messages since the last ReadyForQuery. */
   #sets = 0;
-  #localSets = 0;
+  /** A SET LOCAL alone completed since the last ReadyForQuery: reports there do not account for SETs. */
+  #localSet = false;
+  /** Whether the unnamed statement, and each portal, is one SET LOCAL alone (portals end with their transaction). */
+  #unnamedSetLocal = false;
+  readonly #portalSetLocal = new Map<string, boolean>();
+  /** A DISCARD ALL is on its way: what the client sends behind it waits, then lands on a connection with its settings. */
+  #discardAhead = false;
   /**
    * The client's DISCARD ALL ran: until its ReadyForQuery the server's reports of its login's
    * defaults are not the client's; these values (back to its greeting's) are reported instead.
@@ -370,6 +379,10 @@ export class TransactionSession implements SessionRelay {
     // Skipped to the Sync: an error made here, or the server's (it ignores these messages; sent,
     // a statement to prepare would evict one whose Close the skip undid, forever).
     if ((this.#clientSkipping || this.#serverSkipping) && type !== FrontendCode.Sync) return true;
+    if (this.#discardAhead) {
+      if (this.#readyPending > 0) return false;
+      this.#discardAhead = false;
+    }
     if (type === FrontendCode.Parse) {
       this.#unsynced = true;
       return this.#parse(body);
@@ -382,8 +395,10 @@ export class TransactionSession implements SessionRelay {
     switch (type) {
       case FrontendCode.Query: {
         if (this.#executed) this.#spoiled = true;
-        this.#watchText(body.toString('utf8', 0, Math.max(0, body.length - 1)));
-        this.#expect({ expect: Expect.Query });
+        const text = body.toString('utf8', 0, Math.max(0, body.length - 1));
+        this.#watchText(text);
+        if (/^\s*discard\s+all\s*;?\s*$/i.test(text)) this.#discardAhead = true;
+        this.#expect({ expect: Expect.Query, setLocal: SET_LOCAL_ALONE.test(text) });
         this.#send(rawOf(body));
         return true;
       }
@@ -409,6 +424,7 @@ export class TransactionSession implements SessionRelay {
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
         if (this.#unsettledBefore(bind.statement, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
+        this.#portalSetLocal.set(bind.portal, bind.statement === '' ? this.#unnamedSetLocal : statement?.setLocal === true);
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
         this.#expect({ expect: Expect.Bind });
         return true;
@@ -447,7 +463,7 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         this.#executed = true;
         this.#send(rawOf(body));
-        this.#expect({ expect: Expect.Execute });
+        this.#expect({ expect: Expect.Execute, setLocal: this.#portalSetLocal.get(body.toString('utf8', 0, Math.max(0, body.indexOf(0)))) === true });
         return true;
       case FrontendCode.Flush:
         this.#send(rawOf(body));
@@ -474,6 +490,7 @@ export class TransactionSession implements SessionRelay {
     const parse = readParse(body);
     if (parse.name === '') {
       this.#watchText(parse.query);
+      this.#unnamedSetLocal = SET_LOCAL_ALONE.test(parse.query);
       this.#send(rawOf(body));
       this.#expect({ expect: Expect.Parse });
       return true;
@@ -501,7 +518,7 @@ export class TransactionSession implements SessionRelay {
       this.#fail('25P02', ABORTED);
       return true;
     }
-    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types) };
+    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types), setLocal: SET_LOCAL_ALONE.test(parse.query) };
     this.#statements.set(parse.name, statement);
     this.#unsettle(`c:${parse.name}`);
     const forget = (): void => {
@@ -604,7 +621,6 @@ export class TransactionSession implements SessionRelay {
   /** Text that makes session state the proxy cannot carry marks the connection. */
   #watchText(text: string): void {
     if (LEAKY_TEXT.test(text) || setsSessionConfig(text)) this.#leak();
-    if (SET_LOCAL_ALONE.test(text)) this.#localSets++;
   }
 
   #leak(): void {
@@ -745,10 +761,17 @@ export class TransactionSession implements SessionRelay {
     if (type === BackendCode.ParameterStatus) {
       const [name = '', value = ''] = body.toString('utf8').split('\0');
       (this.#server as ServerConnection).setParameter(name, value);
-      if (head?.hidden || this.#discarded) return;
+      if (head?.hidden) return;
+      if (this.#discarded) {
+        // Reports come at ReadyForQuery, with final values: the login's default is DISCARD ALL's
+        // doing (the client gets its greeting's value instead); another value, a SET's behind it
+        // in the same sequence. (A SET back to exactly the login's default there reads as the former.)
+        if ((this.#server as ServerConnection).loginParameters.get(name) === value) return;
+        this.#discarded = this.#discarded.filter(([discarded]) => discarded !== name);
+      }
       this.#settings.report(name, value);
       // Only a report of a setting carried to the next connection accounts for a SET (SET SESSION AUTHORIZATION does not).
-      if (carried(name)) this.#reports++;
+      if (carried(name) && !this.#localSet) this.#reports++;
       this.#emit(rawOf(body));
       return;
     }
@@ -867,7 +890,9 @@ export class TransactionSession implements SessionRelay {
     // a Parse answered here is not refused with 25P02 any more.
     if (this.#status === 'E' && (tag === 'ROLLBACK' || tag === 'COMMIT')) this.#status = 'T';
     if (tag === 'SET') {
-      this.#sets++;
+      // A SET LOCAL's report, if any, cannot be told from a SET's: in its window reports account for none.
+      if (this.#queue[0]?.setLocal) this.#localSet = true;
+      else this.#sets++;
     } else if (tag === 'RESET') {
       // RESET ALL may have undone a startup's setting, and its reports cannot be matched with a SET's.
       server.applied.clear();
@@ -886,6 +911,7 @@ export class TransactionSession implements SessionRelay {
   #ready(body: Buffer, head: Entry): void {
     this.#status = String.fromCharCode(body[0] ?? 0x49);
     this.#readyPending--;
+    if (this.#status === 'I') this.#portalSetLocal.clear(); // no portal outlives its transaction
     if (this.#readyPending === 0) {
       // Every sequence sent so far is answered: what they changed stood (those of the open one are still unsettled).
       for (const [name, at] of this.#unsettled) if (at < this.#boundaries) this.#unsettled.delete(name);
@@ -895,9 +921,9 @@ export class TransactionSession implements SessionRelay {
       return;
     }
     // A SET that the server reported nothing for set what only this connection remembers.
-    if (this.#sets - this.#localSets > this.#reports) this.#leak();
+    if (this.#sets > this.#reports) this.#leak();
     this.#sets = 0;
-    this.#localSets = 0;
+    this.#localSet = false;
     this.#reports = 0;
     if (this.#discarded) {
       for (const [name, value] of this.#discarded) this.#emit(parameterStatus(name, value));

@@ -16,7 +16,7 @@ import { Relay, type RelayEnd } from './relay.js';
 import { native, NativeRelay, type NativeUpstream, type SessionRelay } from './native-relay.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamSession, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
-import { Pool, PoolTimeoutError, type PoolSettings } from '../pool/pool.js';
+import { Pool, PoolClosedError, PoolTimeoutError, type PoolSettings } from '../pool/pool.js';
 import { loginKeyOf, ServerConnection } from '../pool/server-connection.js';
 import { greet, StartupRefused, TransactionSession, type TransactionContext } from '../pool/transaction-session.js';
 import { startupSettings, UnsupportedStartup } from '../pool/client-settings.js';
@@ -857,6 +857,9 @@ export class ProxyServer {
       facing = { sqlstate: error.sqlstate, message: `could not obtain a token for ${this.options.identity}: ${error.message}` };
     } else if (error instanceof UpstreamError) {
       reason = error.fields ? 'upstream_auth' : 'upstream_connect';
+      facing = error;
+    } else if (error instanceof PoolClosedError) {
+      reason = 'shutting_down';
       facing = error;
     } else if (error instanceof PoolTimeoutError) {
       reason = 'pool_timeout';

@@ -1,0 +1,176 @@
+/**
+ * PoolMode=transaction: SET LOCAL, DISCARD ALL and shutdown, as a review of session 5's changes
+ * probed them (each of these failed once): what one client SETs never reaches the next, what a
+ * client is told matches what Postgres tells it, and a refusal at shutdown is counted as one.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import type { TestPostgres } from './harness/postgres.js';
+import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
+import { withPoolMode } from './pool-transaction-support.js';
+import { startTokenPostgres } from './harness/postgres.js';
+import { pgClient, waitUntil } from './reliability-support.js';
+import { serialize, WireClient } from './harness/wire.js';
+import type { BackendMessage } from 'pg-protocol/dist/messages.js';
+import { Metrics } from '../src/ops/metrics.js';
+
+let db: TestPostgres;
+const token = 'tok-' + randomBytes(600).toString('base64url');
+
+before(async () => {
+  db = await startTokenPostgres(token);
+});
+after(() => db?.stop());
+
+const withTransactionPool = <T>(extra: string, fn: (proxy: InProcessProxy) => Promise<T>): Promise<T> => withPoolMode(db, token, 'transaction', extra, fn);
+const withDirect = <T>(fn: (port: number) => Promise<T>): Promise<T> => withPoolMode(db, token, 'none', '', (proxy) => fn(proxy.port));
+const wire = (port: number, startup: Record<string, string> = {}): Promise<WireClient> => WireClient.open(port, { user: 'anyone', database: db.database, ...startup });
+
+async function one<T = unknown>(port: number, sql: string): Promise<T> {
+  const c = pgClient(port, db, {});
+  await c.connect();
+  try {
+    return Object.values((await c.query(sql)).rows[0] as Record<string, unknown>)[0] as T;
+  } finally {
+    await c.end().catch(() => {});
+  }
+}
+
+/** Sends `messages` on a fresh wire client, reads `readies` ReadyForQuery, ends it; whether a leak NOTICE came. */
+async function noticed(port: number, batches: Array<{ send: Buffer[]; readies?: number }>): Promise<boolean> {
+  const w = await wire(port);
+  let notice = false;
+  try {
+    for (const batch of batches) {
+      w.send(...batch.send);
+      for (const m of await w.untilReady(batch.readies ?? 1)) if (m.name === 'notice' && /PoolMode=transaction/.test((m as { message?: string }).message ?? '')) notice = true;
+    }
+  } finally {
+    w.end();
+  }
+  return notice;
+}
+
+const pbe = (text: string): Buffer[] => [serialize.parse({ text }), serialize.bind({}), serialize.execute()];
+
+test('a SET is reset before the next client although a SET LOCAL Parse that never runs shares its Sync', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const told = await noticed(proxy.port, [{ send: [serialize.parse({ name: 'later', text: "set local work_mem = '1MB'" }), ...pbe("set work_mem = '7777kB'"), serialize.sync()] }]);
+    const next = await one(proxy.port, "select current_setting('work_mem') as v");
+    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
+  });
+});
+
+test('a SET is reset before the next client although a failing SET LOCAL is pipelined behind it', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const told = await noticed(proxy.port, [{ send: [serialize.query("set work_mem = '7778kB'"), serialize.query("set local work_mem = 'bogus'")], readies: 2 }]);
+    const next = await one(proxy.port, "select current_setting('work_mem') as v");
+    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
+  });
+});
+
+test('a SET LOCAL of a reported setting hides no SET in its Sync (it is not counted twice, alone and by its report)', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const told = await noticed(proxy.port, [
+      { send: [serialize.query('begin')] },
+      { send: [...pbe("set local application_name = 'briefly'"), ...pbe("set work_mem = '7779kB'"), serialize.sync()] },
+      { send: [serialize.query('commit')] },
+    ]);
+    const next = await one(proxy.port, "select current_setting('work_mem') as v");
+    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
+  });
+});
+
+test('a named SET LOCAL statement used again (Bind and Execute, no Parse) draws no NOTICE', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const c = pgClient(proxy.port, db, {});
+    await c.connect();
+    const notices: string[] = [];
+    c.on('notice', (n) => notices.push(n.message ?? ''));
+    try {
+      for (let i = 0; i < 2; i++) {
+        await c.query('begin');
+        await c.query({ name: 'local_wm', text: "set local work_mem = '2MB'" });
+        await c.query('commit');
+      }
+      await c.query('select 1');
+      assert.deepEqual(notices, []);
+    } finally {
+      await c.end();
+    }
+  });
+});
+
+test('a client refused because shutdown closed the pool is counted as shutting_down, not as a pool timeout', async () => {
+  const metrics = new Metrics();
+  const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=transaction;PoolSize=1')], { observer: metrics.observerFor('tx') });
+  try {
+    const holder = pgClient(proxy.port, db, {});
+    await holder.connect();
+    await holder.query('begin');
+    const waiting = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'anyone', database: db.database, application_name: 'never-seen' });
+    const refused = waiting.connect().then(
+      () => 'connected',
+      (error: { code?: string; message: string }) => error.code ?? error.message,
+    );
+    await waitUntil(() => [...proxy.server.pools.values()].some((pool) => pool.stats.waiting === 1), 10_000, 'it waits for a connection');
+    proxy.server.refuseNewClients();
+    assert.equal(await refused, '57P01');
+    await holder.query('commit').catch(() => {});
+    await holder.end().catch(() => {});
+    const sample = async (reason: string): Promise<number> => {
+      const line = (await metrics.text()).split('\n').find((l) => l.startsWith('lakebase_proxy_login_failures_total{') && l.includes(`reason="${reason}"`));
+      return Number(line?.split(' ').at(-1) ?? 0);
+    };
+    assert.deepEqual({ timeout: await sample('pool_timeout'), shutdown: await sample('shutting_down') }, { timeout: 0, shutdown: 1 });
+  } finally {
+    await proxy.close();
+  }
+});
+
+/** Rows and ParameterStatus of `batches`, each batch read to its readies. */
+async function seen(port: number, batches: Array<{ send: Buffer[]; readies?: number }>): Promise<string[]> {
+  const w = await wire(port, { options: '-c TimeZone=Asia/Tokyo' });
+  const out: string[] = [];
+  try {
+    for (const batch of batches) {
+      w.send(...batch.send);
+      const step: string[] = [];
+      for (const m of (await w.untilReady(batch.readies ?? 1)) as Array<BackendMessage & { parameterName?: string; parameterValue?: string; fields?: unknown[]; code?: string }>) {
+        if (m.name === 'parameterStatus' && m.parameterName === 'TimeZone') step.push(`${m.parameterName}=${m.parameterValue}`);
+        else if (m.name === 'dataRow') step.push(`row ${JSON.stringify(m.fields)}`);
+        else if (m.name === 'error') step.push(`error ${m.code}`);
+      }
+      out.push(step.join(' '));
+    }
+  } finally {
+    w.end();
+  }
+  return out;
+}
+
+test('a query pipelined behind DISCARD ALL runs with the client\'s startup settings, as Postgres runs it', async () => {
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      const batches = [{ send: [serialize.query('select 1'), serialize.query('discard all'), serialize.query("select current_setting('TimeZone')")], readies: 3 }];
+      const want = await seen(direct, batches);
+      assert.deepEqual(await seen(proxy.port, batches), want);
+    });
+  });
+});
+
+test('a SET behind DISCARD ALL in one Sync is reported and kept, as Postgres keeps it', async () => {
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      const batches = [
+        { send: [serialize.query("set timezone = 'UTC'")] },
+        { send: [...pbe('discard all'), ...pbe("set timezone = 'Europe/Paris'"), serialize.sync()] },
+        { send: [serialize.query("select current_setting('TimeZone')")] },
+      ];
+      const want = await seen(direct, batches);
+      assert.deepEqual(await seen(proxy.port, batches), want);
+    });
+  });
+});
