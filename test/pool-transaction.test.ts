@@ -492,26 +492,6 @@ test('shutdown: a client between transactions is told and closed at once; one in
   }
 });
 
-test('shutdown: a client still waiting for its greeting (a startup the pool has not seen, every connection busy) gets 57P01', async () => {
-  const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=transaction;PoolSize=1')]);
-  try {
-    const holder = await connected(proxy);
-    await holder.query('begin');
-    const waiting = new pg.Client({ host: '127.0.0.1', port: proxy.port, user: 'anyone', database: db.database, application_name: 'never-seen' });
-    const refused = waiting.connect().then(
-      () => 'connected',
-      (error: { code?: string; message: string }) => error.code ?? error.message,
-    );
-    await waitUntil(() => [...proxy.server.pools.values()].some((pool) => pool.stats.waiting === 1), 10_000, 'it waits for a connection');
-    proxy.server.refuseNewClients();
-    assert.equal(await refused, '57P01');
-    await holder.query('commit').catch(() => {});
-    await holder.end().catch(() => {});
-  } finally {
-    await proxy.close();
-  }
-});
-
 test('a client whose startup the pool has seen is greeted without a connection: it connects while every connection is busy', async () => {
   await withTransactionPool('PoolSize=1;QueryWaitTimeout=3s', async (proxy) => {
     await session(proxy, async (c) => c.query('select 1'), { application_name: 'seen' });
