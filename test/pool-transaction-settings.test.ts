@@ -174,3 +174,20 @@ test('a SET behind DISCARD ALL in one Sync is reported and kept, as Postgres kee
     });
   });
 });
+
+test('DISCARD ALL and DEALLOCATE ALL drop the client\'s named statements, as Postgres does: the name can be parsed again, a name not parsed again is gone', async () => {
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      for (const command of ['discard all', 'deallocate all']) {
+        const batches = [
+          { send: [serialize.parse({ name: 'a', text: 'select 1 as v' }), serialize.parse({ name: 'b', text: 'select 2 as v' }), serialize.sync()] },
+          { send: [serialize.query(command), serialize.parse({ name: 'a', text: 'select 3 as v' }), serialize.bind({ statement: 'a' }), serialize.execute(), serialize.sync()], readies: 2 },
+          { send: [serialize.bind({ statement: 'b' }), serialize.execute(), serialize.sync()] },
+        ];
+        const want = await seen(direct, batches);
+        assert.deepEqual(want, ['', 'row ["3"]', 'error 26000'], command);
+        assert.deepEqual(await seen(proxy.port, batches), want, command);
+      }
+    });
+  });
+});

@@ -397,7 +397,7 @@ export class TransactionSession implements SessionRelay {
         if (this.#executed) this.#spoiled = true;
         const text = body.toString('utf8', 0, Math.max(0, body.length - 1));
         this.#watchText(text);
-        if (/^\s*discard\s+all\s*;?\s*$/i.test(text)) this.#discardAhead = true;
+        if (/^\s*(discard\s+all|deallocate\s+(prepare\s+)?all)\s*;?\s*$/i.test(text)) this.#discardAhead = true;
         this.#expect({ expect: Expect.Query, setLocal: SET_LOCAL_ALONE.test(text) });
         this.#send(rawOf(body));
         return true;
@@ -901,6 +901,8 @@ export class TransactionSession implements SessionRelay {
       this.#leak();
     } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
       server.prepared.clear();
+      // The client's own statements go too, as Postgres drops them (a driver that sees the tag parses its names again).
+      if (!this.#queue[0]?.hidden) this.#statements.clear();
       if (tag === 'DISCARD ALL') {
         server.applied.clear();
         if (!this.#queue[0]?.hidden) this.#discarded = [...(this.#discarded ?? []), ...this.#settings.resetToGreeting()];
