@@ -12,7 +12,7 @@ import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.
 import { withPoolMode } from './pool-transaction-support.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { pgClient, waitUntil } from './reliability-support.js';
-import { serialize, WireClient } from './harness/wire.js';
+import { serialize, summary, WireClient } from './harness/wire.js';
 import type { BackendMessage } from 'pg-protocol/dist/messages.js';
 import { Metrics } from '../src/ops/metrics.js';
 
@@ -66,6 +66,29 @@ test('a SET is reset before the next client although a SET LOCAL Parse that neve
 test('a SET is reset before the next client although a failing SET LOCAL is pipelined behind it', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
     const told = await noticed(proxy.port, [{ send: [serialize.query("set work_mem = '7778kB'"), serialize.query("set local work_mem = 'bogus'")], readies: 2 }]);
+    const next = await one(proxy.port, "select current_setting('work_mem') as v");
+    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
+  });
+});
+
+test('a portal is taken for a SET LOCAL only once the server bound it: a refused re-Bind leaves it the SET it was, and that SET is reset before the next client', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const told = await noticed(proxy.port, [
+      { send: [serialize.query('begin')] },
+      {
+        send: [
+          serialize.parse({ name: 'w', text: "set work_mem = '7780kB'" }),
+          serialize.parse({ name: 'l', text: 'set local statement_timeout = 0' }),
+          serialize.bind({ portal: 'p', statement: 'w' }),
+          serialize.sync(),
+        ],
+      },
+      { send: [serialize.query('savepoint a')] },
+      { send: [serialize.bind({ portal: 'p', statement: 'l' }), serialize.sync()] }, // 42P03: p is bound already
+      { send: [serialize.query('rollback to savepoint a')] },
+      { send: [serialize.execute({ portal: 'p' }), serialize.sync()] }, // runs the SET of w
+      { send: [serialize.query('commit')] },
+    ]);
     const next = await one(proxy.port, "select current_setting('work_mem') as v");
     assert.deepEqual({ told, next }, { told: true, next: '4MB' });
   });
@@ -188,6 +211,34 @@ test('DISCARD ALL and DEALLOCATE ALL drop the client\'s named statements, as Pos
         assert.deepEqual(want, ['', 'row ["3"]', 'error 26000'], command);
         assert.deepEqual(await seen(proxy.port, batches), want, command);
       }
+    });
+  });
+});
+
+test('a DISCARD ALL sent in the middle of a COPY FROM STDIN: the proxy answers as Postgres does (it ends the session), nothing waits behind it', async () => {
+  await db.query('create table if not exists settings_copy (x int)');
+  await db.query(`grant insert on settings_copy to "${db.tokenRole}"`);
+  const run = async (port: number): Promise<string[]> => {
+    const w = await wire(port);
+    const seen: string[] = [];
+    try {
+      w.send(serialize.query('copy settings_copy from stdin'));
+      for (let m = await w.next(); m.name !== 'copyInResponse'; m = await w.next()) seen.push(summary(m));
+      w.send(serialize.query('discard all'));
+      seen.push(...(await w.untilReady()).map(summary));
+      w.send(serialize.query('select 1 as one'));
+      seen.push(...(await w.untilReady(1, 10_000)).map(summary));
+    } catch (error) {
+      seen.push(`(${(error as Error).message})`);
+    } finally {
+      w.end();
+    }
+    return seen;
+  };
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      const want = await run(direct);
+      assert.deepEqual(await run(proxy.port), want);
     });
   });
 });

@@ -87,8 +87,16 @@ interface Entry {
   /** Hidden queries: called at their ReadyForQuery with whether they succeeded. */
   readonly onDone?: (ok: boolean) => void;
   failed?: boolean;
-  /** A Query or Execute of a text that is one SET LOCAL alone. */
+  /** A Query whose text is one SET LOCAL alone. */
   readonly setLocal?: boolean;
+  /** A Query whose text is one DISCARD ALL or DEALLOCATE ALL alone (the client's messages behind it wait for its answer). */
+  readonly discards?: boolean;
+  /** Bind and Execute: the portal. */
+  readonly portal?: string;
+  /** Bind of a named statement: whether it is one SET LOCAL alone (the unnamed statement's is known at its ParseComplete). */
+  readonly statementSetLocal?: boolean;
+  /** Parse of the unnamed statement: whether it is one SET LOCAL alone, once the server has it. */
+  readonly unnamedSetLocal?: boolean;
 }
 
 interface Statement {
@@ -120,6 +128,8 @@ const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
  * behind. Any other text's SET tags count, so a SET LOCAL in a longer text still draws the notice.
  */
 const SET_LOCAL_ALONE = /^\s*set\s+local\s[^;]*;?\s*$/i;
+/** A text that is one DISCARD ALL or DEALLOCATE ALL and nothing else. */
+const DISCARDS_ALONE = /^\s*(discard\s+all|deallocate\s+(prepare\s+)?all)\s*;?\s*$/i;
 /**
  * A set_config call that is not visibly local (is_local true): a setting for the session that no
  * command tag shows (the way row-level security often takes the application's user).
@@ -247,7 +257,11 @@ export class TransactionSession implements SessionRelay {
   #sets = 0;
   /** A SET LOCAL alone completed since the last ReadyForQuery: reports there do not account for SETs. */
   #localSet = false;
-  /** Whether the unnamed statement, and each portal, is one SET LOCAL alone (portals end with their transaction). */
+  /**
+   * Whether the server's unnamed statement, and each of its portals, is one SET LOCAL alone: set
+   * at ParseComplete and BindComplete, so that a Parse or Bind the server refused or skipped
+   * changes nothing (portals end with their transaction).
+   */
   #unnamedSetLocal = false;
   readonly #portalSetLocal = new Map<string, boolean>();
   /** A DISCARD ALL is on its way: what the client sends behind it waits, then lands on a connection with its settings. */
@@ -397,8 +411,10 @@ export class TransactionSession implements SessionRelay {
         if (this.#executed) this.#spoiled = true;
         const text = body.toString('utf8', 0, Math.max(0, body.length - 1));
         this.#watchText(text);
-        if (/^\s*(discard\s+all|deallocate\s+(prepare\s+)?all)\s*;?\s*$/i.test(text)) this.#discardAhead = true;
-        this.#expect({ expect: Expect.Query, setLocal: SET_LOCAL_ALONE.test(text) });
+        // Not in a COPY: Postgres answers a Query there with an error alone, and nothing behind it would go.
+        const discards = !this.#clientCopying && DISCARDS_ALONE.test(text);
+        if (discards) this.#discardAhead = true;
+        this.#expect({ expect: Expect.Query, setLocal: SET_LOCAL_ALONE.test(text), discards });
         this.#send(rawOf(body));
         return true;
       }
@@ -424,9 +440,8 @@ export class TransactionSession implements SessionRelay {
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
         if (this.#unsettledBefore(bind.statement, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
-        this.#portalSetLocal.set(bind.portal, bind.statement === '' ? this.#unnamedSetLocal : statement?.setLocal === true);
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
-        this.#expect({ expect: Expect.Bind });
+        this.#expect({ expect: Expect.Bind, portal: bind.portal, ...(bind.statement === '' ? {} : { statementSetLocal: statement?.setLocal === true }) });
         return true;
       }
       case FrontendCode.Describe: {
@@ -463,7 +478,7 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         this.#executed = true;
         this.#send(rawOf(body));
-        this.#expect({ expect: Expect.Execute, setLocal: this.#portalSetLocal.get(body.toString('utf8', 0, Math.max(0, body.indexOf(0)))) === true });
+        this.#expect({ expect: Expect.Execute, portal: body.toString('utf8', 0, Math.max(0, body.indexOf(0))) });
         return true;
       case FrontendCode.Flush:
         this.#send(rawOf(body));
@@ -490,9 +505,8 @@ export class TransactionSession implements SessionRelay {
     const parse = readParse(body);
     if (parse.name === '') {
       this.#watchText(parse.query);
-      this.#unnamedSetLocal = SET_LOCAL_ALONE.test(parse.query);
       this.#send(rawOf(body));
-      this.#expect({ expect: Expect.Parse });
+      this.#expect({ expect: Expect.Parse, unnamedSetLocal: SET_LOCAL_ALONE.test(parse.query) });
       return true;
     }
     const server = this.#server as ServerConnection;
@@ -553,9 +567,9 @@ export class TransactionSession implements SessionRelay {
     }
     const body = `BEGIN RAISE EXCEPTION USING ERRCODE = ${literal(code)}, MESSAGE = ${literal(text)}; END`;
     this.#send(parseMessage('', `DO ${literal(body)}`, NO_PARAMETER_TYPES));
-    this.#expect({ expect: Expect.Parse, hidden: true });
+    this.#expect({ expect: Expect.Parse, hidden: true, unnamedSetLocal: false });
     this.#send(BIND_UNNAMED);
-    this.#expect({ expect: Expect.Bind, hidden: true });
+    this.#expect({ expect: Expect.Bind, hidden: true, portal: '', statementSetLocal: false });
     this.#send(EXECUTE_UNNAMED);
     this.#expect({ expect: Expect.Execute, hidden: true });
     this.#clientSkipping = true;
@@ -817,9 +831,11 @@ export class TransactionSession implements SessionRelay {
     switch (head.expect) {
       case Expect.Parse:
         complete = type === 0x31; // ParseComplete
+        if (complete && head.unnamedSetLocal !== undefined) this.#unnamedSetLocal = head.unnamedSetLocal;
         break;
       case Expect.Bind:
         complete = type === 0x32; // BindComplete
+        if (complete && head.portal !== undefined) this.#portalSetLocal.set(head.portal, head.statementSetLocal ?? this.#unnamedSetLocal);
         break;
       case Expect.Describe:
         complete = type === 0x54 /* RowDescription */ || type === 0x6e; /* NoData */
@@ -891,7 +907,9 @@ export class TransactionSession implements SessionRelay {
     if (this.#status === 'E' && (tag === 'ROLLBACK' || tag === 'COMMIT')) this.#status = 'T';
     if (tag === 'SET') {
       // A SET LOCAL's report, if any, cannot be told from a SET's: in its window reports account for none.
-      if (this.#queue[0]?.setLocal) this.#localSet = true;
+      const head = this.#queue[0];
+      const local = head?.expect === Expect.Query ? head.setLocal === true : head?.expect === Expect.Execute && this.#portalSetLocal.get(head.portal ?? '') === true;
+      if (local) this.#localSet = true;
       else this.#sets++;
     } else if (tag === 'RESET') {
       // RESET ALL may have undone a startup's setting, and its reports cannot be matched with a SET's.
@@ -901,8 +919,10 @@ export class TransactionSession implements SessionRelay {
       this.#leak();
     } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
       server.prepared.clear();
-      // The client's own statements go too, as Postgres drops them (a driver that sees the tag parses its names again).
-      if (!this.#queue[0]?.hidden) this.#statements.clear();
+      // The client's own statements go too, as Postgres drops them (a driver that sees the tag
+      // parses its names again): where nothing was sent behind the command, a Query alone that
+      // the client's next messages wait for. (Otherwise a Parse behind it may have run after it.)
+      if (this.#queue[0]?.discards) this.#statements.clear();
       if (tag === 'DISCARD ALL') {
         server.applied.clear();
         if (!this.#queue[0]?.hidden) this.#discarded = [...(this.#discarded ?? []), ...this.#settings.resetToGreeting()];
