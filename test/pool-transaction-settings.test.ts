@@ -215,6 +215,33 @@ test('DISCARD ALL and DEALLOCATE ALL drop the client\'s named statements, as Pos
   });
 });
 
+test('DISCARD ALL through the extended protocol (as pgjdbc sends it), with Parses pipelined behind it in the same Sync, as Postgres runs them', async () => {
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1', async (proxy) => {
+      const batches = [
+        { send: [serialize.parse({ name: 'a', text: 'select 1 as v' }), serialize.parse({ name: 'b', text: 'select 2 as v' }), serialize.sync()] },
+        {
+          send: [
+            ...pbe('discard all'),
+            serialize.parse({ name: 'a', text: 'select 3 as v' }), // the name is free again by then
+            serialize.parse({ name: 'n', text: 'select 4 as v' }), // made behind it: stays
+            serialize.bind({ statement: 'a' }),
+            serialize.execute(),
+            serialize.sync(),
+          ],
+        },
+        { send: [serialize.bind({ statement: 'n' }), serialize.execute(), serialize.sync()] },
+        { send: [serialize.bind({ statement: 'b' }), serialize.execute(), serialize.sync()] },
+        // The same texts again, on the connection that ran the DISCARD ALL: prepared there anew.
+        { send: [serialize.parse({ name: 'c', text: 'select 1 as v' }), serialize.bind({ statement: 'c' }), serialize.execute(), serialize.sync()] },
+      ];
+      const want = await seen(direct, batches);
+      assert.deepEqual(want, ['', 'row ["3"]', 'row ["4"]', 'error 26000', 'row ["1"]']);
+      assert.deepEqual(await seen(proxy.port, batches), want);
+    });
+  });
+});
+
 test('a DISCARD ALL sent in the middle of a COPY FROM STDIN: the proxy answers as Postgres does (it ends the session), nothing waits behind it', async () => {
   await db.query('create table if not exists settings_copy (x int)');
   await db.query(`grant insert on settings_copy to "${db.tokenRole}"`);

@@ -50,9 +50,9 @@ export class ServerConnection {
   readonly loginParameters: ReadonlyMap<string, string>;
   /**
    * Transaction mode: the prepared statements this connection holds for clients, by their
-   * server-side name, least recently used first.
+   * server-side name, least recently used first, with when each was prepared (transaction-session.ts' `handled`).
    */
-  readonly prepared = new Map<string, true>();
+  readonly prepared = new Map<string, number>();
   /** Transaction mode: settings the server does not report that a client's startup had set here. */
   readonly applied = new Map<string, string>();
   readonly #tokenExpiresAt: number;

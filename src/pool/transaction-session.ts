@@ -55,6 +55,12 @@ export class StartupRefused extends Error {
   }
 }
 
+/**
+ * Client messages handled, across every session: statements made before a DISCARD ALL or
+ * DEALLOCATE ALL (a lower number) are those it drops; one made behind it in a pipeline stays.
+ */
+let handled = 0;
+
 /** The largest message either side may send (Postgres' own limit for a client message is 1 GiB). */
 const MAX_MESSAGE = 1 << 30;
 /** Different startups whose greetings a pool remembers (more: it forgets them all and starts again). */
@@ -89,14 +95,16 @@ interface Entry {
   failed?: boolean;
   /** A Query whose text is one SET LOCAL alone. */
   readonly setLocal?: boolean;
-  /** A Query whose text is one DISCARD ALL or DEALLOCATE ALL alone (the client's messages behind it wait for its answer). */
-  readonly discards?: boolean;
   /** Bind and Execute: the portal. */
   readonly portal?: string;
   /** Bind of a named statement: whether it is one SET LOCAL alone (the unnamed statement's is known at its ParseComplete). */
   readonly statementSetLocal?: boolean;
   /** Parse of the unnamed statement: whether it is one SET LOCAL alone, once the server has it. */
   readonly unnamedSetLocal?: boolean;
+  /** Query or Execute of a text that may be DISCARD ALL or DEALLOCATE: a Parse of a known name behind it waits for its answer. */
+  readonly deallocates?: boolean;
+  /** Query and Execute: when it was sent (see `handled`). */
+  readonly at?: number;
 }
 
 interface Statement {
@@ -104,6 +112,9 @@ interface Statement {
   readonly query: string;
   readonly types: Buffer;
   readonly setLocal?: boolean;
+  readonly deallocates?: boolean;
+  /** When its Parse came (see `handled`). */
+  readonly at: number;
 }
 
 const PARSE_COMPLETE = message(0x31, Buffer.alloc(0));
@@ -130,6 +141,8 @@ const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
 const SET_LOCAL_ALONE = /^\s*set\s+local\s[^;]*;?\s*$/i;
 /** A text that is one DISCARD ALL or DEALLOCATE ALL and nothing else. */
 const DISCARDS_ALONE = /^\s*(discard\s+all|deallocate\s+(prepare\s+)?all)\s*;?\s*$/i;
+/** A text that may drop prepared statements (DISCARD ALL, DEALLOCATE). */
+const DEALLOCATES = /\b(discard\s+all|deallocate)\b/i;
 /**
  * A set_config call that is not visibly local (is_local true): a setting for the session that no
  * command tag shows (the way row-level security often takes the application's user).
@@ -264,6 +277,9 @@ export class TransactionSession implements SessionRelay {
    */
   #unnamedSetLocal = false;
   readonly #portalSetLocal = new Map<string, boolean>();
+  /** As sent (it only makes a Parse wait): whether the unnamed statement, and each portal, may drop prepared statements. */
+  #unnamedDeallocates = false;
+  readonly #portalDeallocates = new Map<string, boolean>();
   /** A DISCARD ALL is on its way: what the client sends behind it waits, then lands on a connection with its settings. */
   #discardAhead = false;
   /**
@@ -393,6 +409,7 @@ export class TransactionSession implements SessionRelay {
     // Skipped to the Sync: an error made here, or the server's (it ignores these messages; sent,
     // a statement to prepare would evict one whose Close the skip undid, forever).
     if ((this.#clientSkipping || this.#serverSkipping) && type !== FrontendCode.Sync) return true;
+    handled++;
     if (this.#discardAhead) {
       if (this.#readyPending > 0) return false;
       this.#discardAhead = false;
@@ -412,9 +429,8 @@ export class TransactionSession implements SessionRelay {
         const text = body.toString('utf8', 0, Math.max(0, body.length - 1));
         this.#watchText(text);
         // Not in a COPY: Postgres answers a Query there with an error alone, and nothing behind it would go.
-        const discards = !this.#clientCopying && DISCARDS_ALONE.test(text);
-        if (discards) this.#discardAhead = true;
-        this.#expect({ expect: Expect.Query, setLocal: SET_LOCAL_ALONE.test(text), discards });
+        if (!this.#clientCopying && DISCARDS_ALONE.test(text)) this.#discardAhead = true;
+        this.#expect({ expect: Expect.Query, setLocal: SET_LOCAL_ALONE.test(text), deallocates: DEALLOCATES.test(text), at: handled });
         this.#send(rawOf(body));
         return true;
       }
@@ -440,6 +456,7 @@ export class TransactionSession implements SessionRelay {
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
         if (this.#unsettledBefore(bind.statement, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
+        this.#portalDeallocates.set(bind.portal, bind.statement === '' ? this.#unnamedDeallocates : statement?.deallocates === true);
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
         this.#expect({ expect: Expect.Bind, portal: bind.portal, ...(bind.statement === '' ? {} : { statementSetLocal: statement?.setLocal === true }) });
         return true;
@@ -478,7 +495,8 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         this.#executed = true;
         this.#send(rawOf(body));
-        this.#expect({ expect: Expect.Execute, portal: body.toString('utf8', 0, Math.max(0, body.indexOf(0))) });
+        const portal = body.toString('utf8', 0, Math.max(0, body.indexOf(0)));
+        this.#expect({ expect: Expect.Execute, portal, deallocates: this.#portalDeallocates.get(portal) === true, at: handled });
         return true;
       case FrontendCode.Flush:
         this.#send(rawOf(body));
@@ -505,6 +523,7 @@ export class TransactionSession implements SessionRelay {
     const parse = readParse(body);
     if (parse.name === '') {
       this.#watchText(parse.query);
+      this.#unnamedDeallocates = DEALLOCATES.test(parse.query);
       this.#send(rawOf(body));
       this.#expect({ expect: Expect.Parse, unnamedSetLocal: SET_LOCAL_ALONE.test(parse.query) });
       return true;
@@ -515,6 +534,11 @@ export class TransactionSession implements SessionRelay {
     // transaction, and not for a name whose own Parse may still fail in an earlier sequence.
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#readyPending > 0) return false;
     if (this.#unsettledBefore(parse.name, { serverName })) return false;
+    if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#queue.some((entry) => entry.deallocates)) {
+      // A DISCARD ALL or DEALLOCATE ahead in the pipeline may drop the name or the statement first, as Postgres runs them: its answer decides, and a Flush brings it.
+      this.#send(FLUSH);
+      return false;
+    }
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#status === 'E' && this.#queue.some((entry) => entry.expect === Expect.Execute)) {
       // An Execute still to answer may end the aborted transaction (COMMIT, ROLLBACK): its answer decides, and a Flush brings it.
       this.#send(FLUSH);
@@ -532,7 +556,7 @@ export class TransactionSession implements SessionRelay {
       this.#fail('25P02', ABORTED);
       return true;
     }
-    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types), setLocal: SET_LOCAL_ALONE.test(parse.query) };
+    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types), setLocal: SET_LOCAL_ALONE.test(parse.query), deallocates: DEALLOCATES.test(parse.query), at: handled };
     this.#statements.set(parse.name, statement);
     this.#unsettle(`c:${parse.name}`);
     const forget = (): void => {
@@ -588,13 +612,13 @@ export class TransactionSession implements SessionRelay {
 
   #prepare(server: ServerConnection, statement: Statement, hidden: boolean, forget?: () => void): void {
     for (let excess = server.prepared.size - this.#context.maxPrepared + 1; excess > 0; excess--) {
-      const oldest = server.prepared.keys().next().value as string;
+      const [oldest, preparedAt] = server.prepared.entries().next().value as [string, number];
       server.prepared.delete(oldest);
       this.#unsettle(`s:${oldest}`);
       this.#send(closeMessage('S', oldest));
-      this.#expect({ expect: Expect.Close, hidden: true, onSkip: () => server.prepared.set(oldest, true) });
+      this.#expect({ expect: Expect.Close, hidden: true, onSkip: () => server.prepared.set(oldest, preparedAt) });
     }
-    server.prepared.set(statement.serverName, true);
+    server.prepared.set(statement.serverName, handled);
     this.#unsettle(`s:${statement.serverName}`);
     this.#send(parseMessage(statement.serverName, statement.query, statement.types));
     this.#context.observer.prepared(false);
@@ -628,8 +652,9 @@ export class TransactionSession implements SessionRelay {
   }
 
   #touch(server: ServerConnection, name: string): void {
+    const preparedAt = server.prepared.get(name) as number;
     server.prepared.delete(name);
-    server.prepared.set(name, true);
+    server.prepared.set(name, preparedAt);
   }
 
   /** Text that makes session state the proxy cannot carry marks the connection. */
@@ -918,11 +943,12 @@ export class TransactionSession implements SessionRelay {
     } else if (LEAKY_TAGS.has(tag)) {
       this.#leak();
     } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
-      server.prepared.clear();
-      // The client's own statements go too, as Postgres drops them (a driver that sees the tag
-      // parses its names again): where nothing was sent behind the command, a Query alone that
-      // the client's next messages wait for. (Otherwise a Parse behind it may have run after it.)
-      if (this.#queue[0]?.discards) this.#statements.clear();
+      // What existed when the command was sent goes, on the server and among the client's names
+      // (a driver that sees the tag parses its names again); what a pipeline made behind it stays.
+      const head = this.#queue[0];
+      const at = head?.at ?? Number.POSITIVE_INFINITY;
+      for (const [name, preparedAt] of server.prepared) if (preparedAt < at) server.prepared.delete(name);
+      if (!head?.hidden) for (const [name, statement] of this.#statements) if (statement.at < at) this.#statements.delete(name);
       if (tag === 'DISCARD ALL') {
         server.applied.clear();
         if (!this.#queue[0]?.hidden) this.#discarded = [...(this.#discarded ?? []), ...this.#settings.resetToGreeting()];
@@ -933,7 +959,11 @@ export class TransactionSession implements SessionRelay {
   #ready(body: Buffer, head: Entry): void {
     this.#status = String.fromCharCode(body[0] ?? 0x49);
     this.#readyPending--;
-    if (this.#status === 'I') this.#portalSetLocal.clear(); // no portal outlives its transaction
+    if (this.#status === 'I') {
+      // No portal outlives its transaction.
+      this.#portalSetLocal.clear();
+      this.#portalDeallocates.clear();
+    }
     if (this.#readyPending === 0) {
       // Every sequence sent so far is answered: what they changed stood (those of the open one are still unsettled).
       for (const [name, at] of this.#unsettled) if (at < this.#boundaries) this.#unsettled.delete(name);
