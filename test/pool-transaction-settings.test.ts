@@ -242,6 +242,26 @@ test('DISCARD ALL through the extended protocol (as pgjdbc sends it), with Parse
   });
 });
 
+test('an undo after an error behind a DISCARD ALL or DEALLOCATE ALL brings back nothing it dropped: not an evicted statement (for the next client), not a closed name', async () => {
+  await withTransactionPool('PoolSize=1;MaxPreparedStatements=1', async (proxy) => {
+    const evicting = await seen(proxy.port, [
+      { send: [serialize.parse({ name: 'y', text: 'select 7 as v' }), serialize.sync()] },
+      // DISCARD ALL drops lp_y; the division fails, and the Close that evicted lp_y for q is skipped with the rest.
+      { send: [...pbe('discard all'), ...pbe('select 1/0'), serialize.parse({ name: 'q', text: 'select 8 as v' }), serialize.sync()] },
+    ]);
+    assert.deepEqual(evicting, ['', 'error 22012']);
+    // The next client's statement of y's text is prepared again, not taken for one the server has.
+    assert.deepEqual(await seen(proxy.port, [{ send: [serialize.parse({ name: 'z', text: 'select 7 as v' }), serialize.bind({ statement: 'z' }), serialize.execute(), serialize.sync()] }]), ['row ["7"]']);
+    const closing = await seen(proxy.port, [
+      { send: [serialize.parse({ name: 'a', text: 'select 5 as v' }), serialize.sync()] },
+      // DEALLOCATE ALL drops a; the Close of a behind the failure is skipped, and its undo must not bring a back.
+      { send: [...pbe('deallocate all'), ...pbe('select 1/0'), serialize.close({ type: 'S', name: 'a' }), serialize.sync()] },
+      { send: [serialize.parse({ name: 'a', text: 'select 9 as v' }), serialize.bind({ statement: 'a' }), serialize.execute(), serialize.sync()] },
+    ]);
+    assert.deepEqual(closing, ['', 'error 22012', 'row ["9"]']);
+  });
+});
+
 test('a DISCARD ALL sent in the middle of a COPY FROM STDIN: the proxy answers as Postgres does (it ends the session), nothing waits behind it', async () => {
   await db.query('create table if not exists settings_copy (x int)');
   await db.query(`grant insert on settings_copy to "${db.tokenRole}"`);

@@ -53,6 +53,8 @@ export class ServerConnection {
    * server-side name, least recently used first, with when each was prepared (transaction-session.ts' `handled`).
    */
   readonly prepared = new Map<string, number>();
+  /** Statements prepared before this (see `prepared`) are gone: a DISCARD ALL or DEALLOCATE ALL dropped them. */
+  droppedBefore = 0;
   /** Transaction mode: settings the server does not report that a client's startup had set here. */
   readonly applied = new Map<string, string>();
   readonly #tokenExpiresAt: number;

@@ -279,6 +279,8 @@ export class TransactionSession implements SessionRelay {
   readonly #portalSetLocal = new Map<string, boolean>();
   /** As sent (it only makes a Parse wait): whether the unnamed statement, and each portal, may drop prepared statements. */
   #unnamedDeallocates = false;
+  /** Client statements made before this are gone (see ServerConnection.droppedBefore). */
+  #droppedBefore = 0;
   readonly #portalDeallocates = new Map<string, boolean>();
   /** A DISCARD ALL is on its way: what the client sends behind it waits, then lands on a connection with its settings. */
   #discardAhead = false;
@@ -482,7 +484,8 @@ export class TransactionSession implements SessionRelay {
           this.#statements.delete(name);
           this.#unsettle(`c:${name}`);
           const restore = (): void => {
-            if (statement && !this.#statements.has(name)) this.#statements.set(name, statement);
+            // Not when a DISCARD ALL or DEALLOCATE ALL ahead of the Close dropped it anyway.
+            if (statement && !this.#statements.has(name) && statement.at >= this.#droppedBefore) this.#statements.set(name, statement);
           };
           this.#expect({ expect: Expect.Made, made: CLOSE_COMPLETE, onSkip: restore });
           return true;
@@ -616,7 +619,7 @@ export class TransactionSession implements SessionRelay {
       server.prepared.delete(oldest);
       this.#unsettle(`s:${oldest}`);
       this.#send(closeMessage('S', oldest));
-      this.#expect({ expect: Expect.Close, hidden: true, onSkip: () => server.prepared.set(oldest, preparedAt) });
+      this.#expect({ expect: Expect.Close, hidden: true, onSkip: () => void (preparedAt >= server.droppedBefore && server.prepared.set(oldest, preparedAt)) });
     }
     server.prepared.set(statement.serverName, handled);
     this.#unsettle(`s:${statement.serverName}`);
@@ -945,10 +948,15 @@ export class TransactionSession implements SessionRelay {
     } else if (tag === 'DISCARD ALL' || tag === 'DEALLOCATE ALL') {
       // What existed when the command was sent goes, on the server and among the client's names
       // (a driver that sees the tag parses its names again); what a pipeline made behind it stays.
+      // An undo of a skipped Close or eviction behind it restores none of these.
       const head = this.#queue[0];
-      const at = head?.at ?? Number.POSITIVE_INFINITY;
+      const at = head?.at ?? handled + 1;
       for (const [name, preparedAt] of server.prepared) if (preparedAt < at) server.prepared.delete(name);
-      if (!head?.hidden) for (const [name, statement] of this.#statements) if (statement.at < at) this.#statements.delete(name);
+      server.droppedBefore = Math.max(server.droppedBefore, at);
+      if (!head?.hidden) {
+        for (const [name, statement] of this.#statements) if (statement.at < at) this.#statements.delete(name);
+        this.#droppedBefore = Math.max(this.#droppedBefore, at);
+      }
       if (tag === 'DISCARD ALL') {
         server.applied.clear();
         if (!this.#queue[0]?.hidden) this.#discarded = [...(this.#discarded ?? []), ...this.#settings.resetToGreeting()];
