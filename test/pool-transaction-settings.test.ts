@@ -262,6 +262,28 @@ test('an undo after an error behind a DISCARD ALL or DEALLOCATE ALL brings back 
   });
 });
 
+test('a client that DEALLOCATEs one of the proxy\'s own statements by name does not break it for the next client', async () => {
+  await withTransactionPool('PoolSize=1', async (proxy) => {
+    const a = pgClient(proxy.port, db, {});
+    await a.connect();
+    try {
+      assert.equal((await a.query({ name: 'q', text: 'select 11 as v' })).rows[0].v, 11);
+      const name = (await a.query<{ name: string }>("select name from pg_prepared_statements where statement = 'select 11 as v'")).rows[0]?.name;
+      assert.match(name ?? '', /^lp_/);
+      await a.query(`deallocate "${name}"`);
+    } finally {
+      await a.end();
+    }
+    const b = pgClient(proxy.port, db, {});
+    await b.connect();
+    try {
+      assert.equal((await b.query({ name: 'other', text: 'select 11 as v' })).rows[0].v, 11);
+    } finally {
+      await b.end();
+    }
+  });
+});
+
 test('a DISCARD ALL sent in the middle of a COPY FROM STDIN: the proxy answers as Postgres does (it ends the session), nothing waits behind it', async () => {
   await db.query('create table if not exists settings_copy (x int)');
   await db.query(`grant insert on settings_copy to "${db.tokenRole}"`);

@@ -17,7 +17,7 @@
  *   An error makes the server skip to the next Sync; the entries up to it are dropped as the
  *   server drops their messages (a statement's Parse that never ran is forgotten again).
  * - Settings: see client-settings.ts. Session state the proxy cannot carry (a SET of a setting the
- *   server does not report, LISTEN, PREPARE, LOAD, DECLARE ... WITH HOLD, temporary tables,
+ *   server does not report, LISTEN, PREPARE, DEALLOCATE, LOAD, DECLARE ... WITH HOLD, temporary tables,
  *   session advisory locks) marks the connection: ServerResetQuery runs on it before another
  *   client uses it, and the client is told once in a NOTICE.
  */
@@ -133,7 +133,11 @@ const IGNORED_WHEN_IDLE = new Set<number>([FrontendCode.Flush, FrontendCode.Copy
 /** State a transaction leaves on its connection that the proxy cannot carry to the client's next one. */
 const LEAKY_TEXT =
   /\b(temp|temporary)\s+(recursive\s+)?(table|view|sequence)\b|\binto\s+(temp|temporary)\b|\bpg_temp(_\d+)?\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
-const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD']);
+/**
+ * DEALLOCATE by name may have dropped a statement the proxy prepared for clients (`lp_...`): the
+ * reset before the next client puts the connection's statements and the proxy's list in step again.
+ */
+const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD', 'DEALLOCATE']);
 /**
  * A text that is one SET LOCAL and nothing else (no semicolon inside): its SET tag leaves nothing
  * behind. Any other text's SET tags count, so a SET LOCAL in a longer text still draws the notice.
@@ -157,7 +161,7 @@ const ABORTED = 'current transaction is aborted, commands ignored until end of t
 const TRANSACTION_EXIT = /^\s*(commit|rollback|end|abort)\b/i;
 
 const LEAK_NOTICE =
-  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET or set_config of a setting the server does not report, RESET, LISTEN, PREPARE, LOAD, ' +
+  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET or set_config of a setting the server does not report, RESET, LISTEN, PREPARE, DEALLOCATE, LOAD, ' +
   'a WITH HOLD cursor, a temporary table or a session advisory lock) is not carried to your next transaction, which may run on another server connection';
 const LEAK_DETAIL = 'Use SET LOCAL, pg_advisory_xact_lock and objects that end with the transaction, or PoolMode=session.';
 
