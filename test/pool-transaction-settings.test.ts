@@ -53,27 +53,33 @@ async function noticed(port: number, batches: Array<{ send: Buffer[]; readies?: 
   return notice;
 }
 
+/**
+ * A client's `batches` leave a session SET of work_mem on the connection: the client must be told,
+ * and the next client (PoolSize 1: on the same connection) must see the default.
+ */
+async function assertSetReset(port: number, batches: Array<{ send: Buffer[]; readies?: number }>): Promise<void> {
+  const told = await noticed(port, batches);
+  const next = await one(port, "select current_setting('work_mem') as v");
+  assert.deepEqual({ told, next }, { told: true, next: '4MB' });
+}
+
 const pbe = (text: string): Buffer[] => [serialize.parse({ text }), serialize.bind({}), serialize.execute()];
 
 test('a SET is reset before the next client although a SET LOCAL Parse that never runs shares its Sync', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
-    const told = await noticed(proxy.port, [{ send: [serialize.parse({ name: 'later', text: "set local work_mem = '1MB'" }), ...pbe("set work_mem = '7777kB'"), serialize.sync()] }]);
-    const next = await one(proxy.port, "select current_setting('work_mem') as v");
-    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
+    await assertSetReset(proxy.port, [{ send: [serialize.parse({ name: 'later', text: "set local work_mem = '1MB'" }), ...pbe("set work_mem = '7777kB'"), serialize.sync()] }]);
   });
 });
 
 test('a SET is reset before the next client although a failing SET LOCAL is pipelined behind it', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
-    const told = await noticed(proxy.port, [{ send: [serialize.query("set work_mem = '7778kB'"), serialize.query("set local work_mem = 'bogus'")], readies: 2 }]);
-    const next = await one(proxy.port, "select current_setting('work_mem') as v");
-    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
+    await assertSetReset(proxy.port, [{ send: [serialize.query("set work_mem = '7778kB'"), serialize.query("set local work_mem = 'bogus'")], readies: 2 }]);
   });
 });
 
 test('a portal is taken for a SET LOCAL only once the server bound it: a refused re-Bind leaves it the SET it was, and that SET is reset before the next client', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
-    const told = await noticed(proxy.port, [
+    await assertSetReset(proxy.port, [
       { send: [serialize.query('begin')] },
       {
         send: [
@@ -89,20 +95,16 @@ test('a portal is taken for a SET LOCAL only once the server bound it: a refused
       { send: [serialize.execute({ portal: 'p' }), serialize.sync()] }, // runs the SET of w
       { send: [serialize.query('commit')] },
     ]);
-    const next = await one(proxy.port, "select current_setting('work_mem') as v");
-    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
   });
 });
 
 test('a SET LOCAL of a reported setting hides no SET in its Sync (it is not counted twice, alone and by its report)', async () => {
   await withTransactionPool('PoolSize=1', async (proxy) => {
-    const told = await noticed(proxy.port, [
+    await assertSetReset(proxy.port, [
       { send: [serialize.query('begin')] },
       { send: [...pbe("set local application_name = 'briefly'"), ...pbe("set work_mem = '7779kB'"), serialize.sync()] },
       { send: [serialize.query('commit')] },
     ]);
-    const next = await one(proxy.port, "select current_setting('work_mem') as v");
-    assert.deepEqual({ told, next }, { told: true, next: '4MB' });
   });
 });
 

@@ -93,26 +93,32 @@ interface Entry {
   /** Hidden queries: called at their ReadyForQuery with whether they succeeded. */
   readonly onDone?: (ok: boolean) => void;
   failed?: boolean;
-  /** A Query whose text is one SET LOCAL alone. */
-  readonly setLocal?: boolean;
+  /**
+   * The kind of text it runs or names. Query: its own. Parse of the unnamed statement: the
+   * statement's, once the server has it. Bind: the bound statement's (none: the unnamed
+   * statement's, read at BindComplete). Execute: its portal's as sent, which only makes a Parse
+   * wait (a SET LOCAL is judged by the portal the server bound).
+   */
+  readonly kind?: TextKind;
   /** Bind and Execute: the portal. */
   readonly portal?: string;
-  /** Bind of a named statement: whether it is one SET LOCAL alone (the unnamed statement's is known at its ParseComplete). */
-  readonly statementSetLocal?: boolean;
-  /** Parse of the unnamed statement: whether it is one SET LOCAL alone, once the server has it. */
-  readonly unnamedSetLocal?: boolean;
-  /** Query or Execute of a text that may be DISCARD ALL or DEALLOCATE: a Parse of a known name behind it waits for its answer. */
-  readonly deallocates?: boolean;
   /** Query and Execute: when it was sent (see `handled`). */
   readonly at?: number;
+}
+
+/** What the proxy must know of a statement's text. */
+interface TextKind {
+  /** One SET LOCAL alone: its SET leaves nothing behind. */
+  readonly setLocal: boolean;
+  /** It may drop prepared statements (DISCARD ALL, DEALLOCATE): a Parse of a known name behind it waits for its answer. */
+  readonly deallocates: boolean;
 }
 
 interface Statement {
   readonly serverName: string;
   readonly query: string;
   readonly types: Buffer;
-  readonly setLocal?: boolean;
-  readonly deallocates?: boolean;
+  readonly kind: TextKind;
   /** When its Parse came (see `handled`). */
   readonly at: number;
 }
@@ -147,6 +153,18 @@ const SET_LOCAL_ALONE = /^\s*set\s+local\s[^;]*;?\s*$/i;
 const DISCARDS_ALONE = /^\s*(discard\s+all|deallocate\s+(prepare\s+)?all)\s*;?\s*$/i;
 /** A text that may drop prepared statements (DISCARD ALL, DEALLOCATE). */
 const DEALLOCATES = /\b(discard\s+all|deallocate)\b/i;
+const PLAIN: TextKind = { setLocal: false, deallocates: false };
+
+/** A Query or Execute still to answer that may drop prepared statements. */
+function dropsAhead(entry: Entry): boolean {
+  return (entry.expect === Expect.Query || entry.expect === Expect.Execute) && entry.kind?.deallocates === true;
+}
+
+function kindOf(text: string): TextKind {
+  const setLocal = SET_LOCAL_ALONE.test(text);
+  const deallocates = DEALLOCATES.test(text);
+  return setLocal || deallocates ? { setLocal, deallocates } : PLAIN;
+}
 /**
  * A set_config call that is not visibly local (is_local true): a setting for the session that no
  * command tag shows (the way row-level security often takes the application's user).
@@ -275,17 +293,16 @@ export class TransactionSession implements SessionRelay {
   /** A SET LOCAL alone completed since the last ReadyForQuery: reports there do not account for SETs. */
   #localSet = false;
   /**
-   * Whether the server's unnamed statement, and each of its portals, is one SET LOCAL alone: set
-   * at ParseComplete and BindComplete, so that a Parse or Bind the server refused or skipped
-   * changes nothing (portals end with their transaction).
+   * The kind of the server's unnamed statement and of each of its portals: taken at ParseComplete
+   * and BindComplete, so that a Parse or Bind the server refused or skipped changes nothing
+   * (portals end with their transaction). As sent, for what only makes a Parse wait.
    */
-  #unnamedSetLocal = false;
-  readonly #portalSetLocal = new Map<string, boolean>();
-  /** As sent (it only makes a Parse wait): whether the unnamed statement, and each portal, may drop prepared statements. */
-  #unnamedDeallocates = false;
+  #unnamed = PLAIN;
+  readonly #portals = new Map<string, TextKind>();
+  #unnamedSent = PLAIN;
+  readonly #portalsSent = new Map<string, TextKind>();
   /** Client statements made before this are gone (see ServerConnection.droppedBefore). */
   #droppedBefore = 0;
-  readonly #portalDeallocates = new Map<string, boolean>();
   /** A DISCARD ALL is on its way: what the client sends behind it waits, then lands on a connection with its settings. */
   #discardAhead = false;
   /**
@@ -436,7 +453,7 @@ export class TransactionSession implements SessionRelay {
         this.#watchText(text);
         // Not in a COPY: Postgres answers a Query there with an error alone, and nothing behind it would go.
         if (!this.#clientCopying && DISCARDS_ALONE.test(text)) this.#discardAhead = true;
-        this.#expect({ expect: Expect.Query, setLocal: SET_LOCAL_ALONE.test(text), deallocates: DEALLOCATES.test(text), at: handled });
+        this.#expect({ expect: Expect.Query, kind: kindOf(text), at: handled });
         this.#send(rawOf(body));
         return true;
       }
@@ -462,9 +479,9 @@ export class TransactionSession implements SessionRelay {
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
         if (this.#unsettledBefore(bind.statement, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
-        this.#portalDeallocates.set(bind.portal, bind.statement === '' ? this.#unnamedDeallocates : statement?.deallocates === true);
+        this.#portalsSent.set(bind.portal, bind.statement === '' ? this.#unnamedSent : (statement?.kind ?? PLAIN));
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
-        this.#expect({ expect: Expect.Bind, portal: bind.portal, ...(bind.statement === '' ? {} : { statementSetLocal: statement?.setLocal === true }) });
+        this.#expect({ expect: Expect.Bind, portal: bind.portal, ...(bind.statement === '' ? {} : { kind: statement?.kind ?? PLAIN }) });
         return true;
       }
       case FrontendCode.Describe: {
@@ -503,7 +520,7 @@ export class TransactionSession implements SessionRelay {
         this.#executed = true;
         this.#send(rawOf(body));
         const portal = body.toString('utf8', 0, Math.max(0, body.indexOf(0)));
-        this.#expect({ expect: Expect.Execute, portal, deallocates: this.#portalDeallocates.get(portal) === true, at: handled });
+        this.#expect({ expect: Expect.Execute, portal, kind: this.#portalsSent.get(portal) ?? PLAIN, at: handled });
         return true;
       case FrontendCode.Flush:
         this.#send(rawOf(body));
@@ -530,9 +547,9 @@ export class TransactionSession implements SessionRelay {
     const parse = readParse(body);
     if (parse.name === '') {
       this.#watchText(parse.query);
-      this.#unnamedDeallocates = DEALLOCATES.test(parse.query);
+      this.#unnamedSent = kindOf(parse.query);
       this.#send(rawOf(body));
-      this.#expect({ expect: Expect.Parse, unnamedSetLocal: SET_LOCAL_ALONE.test(parse.query) });
+      this.#expect({ expect: Expect.Parse, kind: this.#unnamedSent });
       return true;
     }
     const server = this.#server as ServerConnection;
@@ -541,7 +558,7 @@ export class TransactionSession implements SessionRelay {
     // transaction, and not for a name whose own Parse may still fail in an earlier sequence.
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#readyPending > 0) return false;
     if (this.#unsettledBefore(parse.name, { serverName })) return false;
-    if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#queue.some((entry) => entry.deallocates)) {
+    if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#queue.some(dropsAhead)) {
       // A DISCARD ALL or DEALLOCATE ahead in the pipeline may drop the name or the statement first, as Postgres runs them: its answer decides, and a Flush brings it.
       this.#send(FLUSH);
       return false;
@@ -563,7 +580,7 @@ export class TransactionSession implements SessionRelay {
       this.#fail('25P02', ABORTED);
       return true;
     }
-    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types), setLocal: SET_LOCAL_ALONE.test(parse.query), deallocates: DEALLOCATES.test(parse.query), at: handled };
+    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types), kind: kindOf(parse.query), at: handled };
     this.#statements.set(parse.name, statement);
     this.#unsettle(`c:${parse.name}`);
     const forget = (): void => {
@@ -598,9 +615,9 @@ export class TransactionSession implements SessionRelay {
     }
     const body = `BEGIN RAISE EXCEPTION USING ERRCODE = ${literal(code)}, MESSAGE = ${literal(text)}; END`;
     this.#send(parseMessage('', `DO ${literal(body)}`, NO_PARAMETER_TYPES));
-    this.#expect({ expect: Expect.Parse, hidden: true, unnamedSetLocal: false });
+    this.#expect({ expect: Expect.Parse, hidden: true, kind: PLAIN });
     this.#send(BIND_UNNAMED);
-    this.#expect({ expect: Expect.Bind, hidden: true, portal: '', statementSetLocal: false });
+    this.#expect({ expect: Expect.Bind, hidden: true, portal: '', kind: PLAIN });
     this.#send(EXECUTE_UNNAMED);
     this.#expect({ expect: Expect.Execute, hidden: true });
     this.#clientSkipping = true;
@@ -863,11 +880,11 @@ export class TransactionSession implements SessionRelay {
     switch (head.expect) {
       case Expect.Parse:
         complete = type === 0x31; // ParseComplete
-        if (complete && head.unnamedSetLocal !== undefined) this.#unnamedSetLocal = head.unnamedSetLocal;
+        if (complete && head.kind) this.#unnamed = head.kind; // only Parses of the unnamed statement carry one
         break;
       case Expect.Bind:
         complete = type === 0x32; // BindComplete
-        if (complete && head.portal !== undefined) this.#portalSetLocal.set(head.portal, head.statementSetLocal ?? this.#unnamedSetLocal);
+        if (complete && head.portal !== undefined) this.#portals.set(head.portal, head.kind ?? this.#unnamed);
         break;
       case Expect.Describe:
         complete = type === 0x54 /* RowDescription */ || type === 0x6e; /* NoData */
@@ -940,8 +957,8 @@ export class TransactionSession implements SessionRelay {
     if (tag === 'SET') {
       // A SET LOCAL's report, if any, cannot be told from a SET's: in its window reports account for none.
       const head = this.#queue[0];
-      const local = head?.expect === Expect.Query ? head.setLocal === true : head?.expect === Expect.Execute && this.#portalSetLocal.get(head.portal ?? '') === true;
-      if (local) this.#localSet = true;
+      const kind = head?.expect === Expect.Query ? head.kind : head?.expect === Expect.Execute ? this.#portals.get(head.portal ?? '') : undefined;
+      if (kind?.setLocal) this.#localSet = true;
       else this.#sets++;
     } else if (tag === 'RESET') {
       // RESET ALL may have undone a startup's setting, and its reports cannot be matched with a SET's.
@@ -973,8 +990,8 @@ export class TransactionSession implements SessionRelay {
     this.#readyPending--;
     if (this.#status === 'I') {
       // No portal outlives its transaction.
-      this.#portalSetLocal.clear();
-      this.#portalDeallocates.clear();
+      this.#portals.clear();
+      this.#portalsSent.clear();
     }
     if (this.#readyPending === 0) {
       // Every sequence sent so far is answered: what they changed stood (those of the open one are still unsettled).
