@@ -484,19 +484,8 @@ export class ProxyServer {
     // native connections outlive their client, so only they are pooled.
     const inC = this.#nativeUpstream && client === raw;
     const pooled = inC && this.options.pool.mode === 'session';
-    const login = async (): Promise<UpstreamSession & { tokenExpiresAt: Date | undefined }> => {
-      const token = await this.#deps.tokenSource.getToken({
-        notice: (message) => client.write(noticeResponse(message)),
-        signal: abort.signal,
-      });
-      const connectStarted = process.hrtime.bigint();
-      const session = await withWakeUp(() => connectUpstream(this.options.upstream, this.options.identity, token.value, forwarded, abort.signal, { native: inC }), this.#wakeUp, {
-        signal: abort.signal,
-        notice: (message) => client.write(noticeResponse(message)),
-      });
-      this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
-      return { ...session, tokenExpiresAt: token.expiresAt };
-    };
+    const login = (): Promise<UpstreamSession & { tokenExpiresAt: Date | undefined }> =>
+      this.#login(forwarded, inC, abort.signal, (message) => void client.write(noticeResponse(message)));
 
     let upstream: UpstreamSession;
     let server: ServerConnection | undefined;
@@ -639,6 +628,23 @@ export class ProxyServer {
   }
 
   /**
+   * One upstream login with `parameters`: a token, then TCP, TLS (native when asked and possible)
+   * and the startup, waking a suspended compute on the way. `notice` tells the waiting client.
+   */
+  async #login(
+    parameters: ReadonlyMap<string, string>,
+    native: boolean,
+    signal: AbortSignal,
+    notice: (text: string) => void,
+  ): Promise<UpstreamSession & { tokenExpiresAt: Date | undefined }> {
+    const token = await this.#deps.tokenSource.getToken({ notice, signal });
+    const connectStarted = process.hrtime.bigint();
+    const session = await withWakeUp(() => connectUpstream(this.options.upstream, this.options.identity, token.value, parameters, signal, { native }), this.#wakeUp, { signal, notice });
+    this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
+    return { ...session, tokenExpiresAt: token.expiresAt };
+  }
+
+  /**
    * PoolMode=transaction: the client is greeted with what a connection of the pool reports once
    * it took the client's startup settings, and holds a connection only while a transaction runs.
    * Logins (with the database alone) are made for whichever client needs one when the pool has room.
@@ -664,15 +670,8 @@ export class ProxyServer {
       onBytes: this.#observer.bytes,
       cancel: (server) => sendCancel(target, server.processId, server.secretKey),
       login: async () => {
-        const token = await this.#deps.tokenSource.getToken({ notice, signal: abort.signal });
-        const connectStarted = process.hrtime.bigint();
-        const upstream = await withWakeUp(
-          () => connectUpstream(target, this.options.identity, token.value, loginParameters, abort.signal, { native: this.#nativeUpstream }),
-          this.#wakeUp,
-          { signal: abort.signal, notice },
-        );
-        this.#observer.upstreamConnected(Number(process.hrtime.bigint() - connectStarted) / 1e9);
-        return ServerConnection.fromLogin(upstream, loginKey, token.expiresAt, this.options.pool.lifetimeMs, true);
+        const upstream = await this.#login(loginParameters, this.#nativeUpstream, abort.signal, notice);
+        return ServerConnection.fromLogin(upstream, loginKey, upstream.tokenExpiresAt, this.options.pool.lifetimeMs, true);
       },
     };
     let greeted: Awaited<ReturnType<typeof greet>>;
