@@ -55,14 +55,14 @@ export interface PoolObserver {
 
 /** A client that waited longer than QueryWaitTimeout for a server connection. */
 export class PoolTimeoutError extends Error {
-  override readonly name: string = 'PoolTimeoutError';
-  readonly sqlstate: string = '53300';
+  override readonly name = 'PoolTimeoutError';
+  readonly sqlstate = '53300';
 }
 
 /** A client that waited in a pool the proxy's shutdown closed: 57P01, as Postgres says it then. */
-export class PoolClosedError extends PoolTimeoutError {
+export class PoolClosedError extends Error {
   override readonly name = 'PoolClosedError';
-  override readonly sqlstate = '57P01';
+  readonly sqlstate = '57P01';
 }
 
 interface Waiter {
@@ -155,7 +155,7 @@ export class Pool {
   /**
    * A logged-in connection for a client whose startup parameters make `loginKey`: an idle one
    * that logged in with the same, else a new login, else the first to come free within
-   * QueryWaitTimeout. Rejects with PoolTimeoutError, or with the login's error.
+   * QueryWaitTimeout. Rejects with PoolTimeoutError, PoolClosedError (shutdown), or the login's error.
    */
   async acquire(loginKey: string, login: Login, signal: AbortSignal): Promise<Lease> {
     const started = Date.now();

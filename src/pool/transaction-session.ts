@@ -209,7 +209,7 @@ async function lease(context: TransactionContext, signal: AbortSignal): Promise<
  * The greeting for a new client: a connection of the pool takes its startup settings (the server
  * checks them, and reports them in its own words), and goes back; a later client with the same
  * startup gets the same greeting without a round trip. Throws StartupRefused, or what the pool
- * throws (PoolTimeoutError, a login's error).
+ * throws (PoolTimeoutError, PoolClosedError, a login's error).
  */
 export async function greet(context: TransactionContext, startup: ReadonlyMap<string, string>, signal: AbortSignal): Promise<{ settings: ClientSettings; greeting: Buffer[] }> {
   const key = JSON.stringify([...startup]);
