@@ -38,7 +38,7 @@ addon="$PWD/$out/lakebase_relay.node"
 gcc -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
   -Wall -Wextra -Werror=implicit-function-declaration -Werror=incompatible-pointer-types -Wl,-z,now \
   -DNAPI_VERSION=8 -DOPENSSL_API_COMPAT=30000 -DOPENSSL_NO_DEPRECATED -DNODE_GYP_MODULE_NAME=lakebase_relay \
-  -I"$nodedir" native/relay.c native/addon.c -o "$addon"
+  -I"$nodedir" native/relay.c native/txclient.c native/addon.c -o "$addon"
 nm -D "$addon" | grep ' U __asan_report_load' >/dev/null || { echo "sanitize: $addon is not instrumented" >&2; exit 1; }
 
 npx tsc -p tsconfig.json

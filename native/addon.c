@@ -13,6 +13,14 @@
  *        -> undefined | string (refused; the connection is unchanged)
  *   detach(conn, end);  close(conn, end);  state(conn) -> [queryRunning 0|1, idleMs]
  *
+ * A transaction-mode client (txclient.h):
+ *   client(fd, counters: Float64Array(2), onData(buffer|null, error|null), onNeed(),
+ *          onBack(how, status, flags, running, reports|null, rest|null, reason|null), onEnd()) -> client | string
+ *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
+ *   clientEnd(client);  clientClose(client);  clientPause(client, paused)
+ *   clientFast(client, first) -> boolean;  clientAttach(client, conn, unread) -> undefined | string
+ *   clientJs(client) -> Buffer (the unread bytes);  clientState(client) -> [lent 0|1, running 0|1, idleMs]
+ *
  * Descriptors are taken as copies (dup): the caller closes its own.
  */
 #include <fcntl.h>
@@ -22,6 +30,7 @@
 #include <unistd.h>
 
 #include "relay.h"
+#include "txclient.h"
 
 typedef struct {
   napi_env env;
@@ -35,6 +44,7 @@ static napi_async_context async_context;
 /* Handles are tagged: a context passed where a connection belongs is refused, not misread. */
 static const napi_type_tag CTX_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d31ULL };
 static const napi_type_tag CONN_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d32ULL };
+static const napi_type_tag CLIENT_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d33ULL };
 
 static int tagged(napi_env env, napi_value value, const napi_type_tag *tag) {
   bool ok = false;
@@ -474,6 +484,252 @@ static napi_value state(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* ---------- transaction-mode clients (txclient.h) ---------- */
+
+typedef struct {
+  napi_env env;
+  lp_client *client; /* NULL once ended */
+  int js_released;
+  napi_ref on_data, on_need, on_back, on_end, counters;
+} kbinding_t;
+
+static void kbinding_release(kbinding_t *b) {
+  if (b->client || !b->js_released) return;
+  free(b);
+}
+
+static napi_value buffer_or_null(napi_env env, const unsigned char *data, size_t n) {
+  napi_value value = NULL;
+  if (data && n > 0) napi_create_buffer_copy(env, n, data, NULL, &value);
+  else napi_get_null(env, &value);
+  return value;
+}
+
+static void k_on_data(lp_client *k, void *user, const unsigned char *data, size_t n, const char *error) {
+  (void)k;
+  kbinding_t *b = user;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  napi_value argv[2];
+  if (data) napi_create_buffer_copy(b->env, n, data, NULL, &argv[0]);
+  else napi_get_null(b->env, &argv[0]);
+  if (error) argv[1] = string(b->env, error);
+  else napi_get_null(b->env, &argv[1]);
+  call_js(b->env, b->on_data, 2, argv);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static void k_on_need(lp_client *k, void *user) {
+  (void)k;
+  kbinding_t *b = user;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  call_js(b->env, b->on_need, 0, NULL);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static void k_on_back(lp_client *k, void *user, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
+                      const unsigned char *rest, size_t rest_len, const char *reason) {
+  (void)k;
+  kbinding_t *b = user;
+  napi_env env = b->env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value argv[7];
+  argv[0] = string(env, LP_BACK_NAMES[how]);
+  char letter[2] = { status > 0 && status < 128 ? (char)status : '?', 0 };
+  argv[1] = string(env, letter);
+  napi_create_int32(env, flags, &argv[2]);
+  napi_get_boolean(env, running, &argv[3]);
+  argv[4] = buffer_or_null(env, reports, reports_len);
+  argv[5] = buffer_or_null(env, rest, rest_len);
+  if (reason) argv[6] = string(env, reason);
+  else napi_get_null(env, &argv[6]);
+  call_js(env, b->on_back, 7, argv);
+  napi_close_handle_scope(env, scope);
+}
+
+static void k_on_end(lp_client *k, void *user) {
+  (void)k;
+  kbinding_t *b = user;
+  napi_env env = b->env;
+  b->client = NULL;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  call_js(env, b->on_end, 0, NULL);
+  napi_close_handle_scope(env, scope);
+  delete_ref(env, &b->on_data);
+  delete_ref(env, &b->on_need);
+  delete_ref(env, &b->on_back);
+  delete_ref(env, &b->on_end);
+  delete_ref(env, &b->counters);
+  kbinding_release(b);
+}
+
+static const lp_client_callbacks client_callbacks = { k_on_data, k_on_need, k_on_back, k_on_end };
+
+static void client_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  kbinding_t *b = data;
+  b->js_released = 1;
+  kbinding_release(b);
+}
+
+/* The client behind a handle; NULL once it ended. */
+static kbinding_t *kbinding_of(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (!tagged(env, value, &CLIENT_TAG) || napi_get_value_external(env, value, &data) != napi_ok) return NULL;
+  return data;
+}
+
+static napi_value open_client(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  if (get_args(env, info, 6, argv)) return NULL;
+  int32_t fd;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  napi_typedarray_type counters_type;
+  size_t counters_len;
+  void *counters;
+  CHECK(napi_get_typedarray_info(env, argv[1], &counters_type, &counters_len, &counters, NULL, NULL));
+  if (counters_type != napi_float64_array || counters_len < 2) {
+    napi_throw_type_error(env, NULL, "client: counters must be a Float64Array(2)");
+    return NULL;
+  }
+  kbinding_t *b = calloc(1, sizeof *b);
+  if (!b) return string(env, "out of memory");
+  b->env = env;
+  napi_value handle = NULL;
+  const char *error = NULL;
+  int copy = -1;
+  if (napi_create_reference(env, argv[1], 1, &b->counters) != napi_ok || napi_create_reference(env, argv[2], 1, &b->on_data) != napi_ok ||
+      napi_create_reference(env, argv[3], 1, &b->on_need) != napi_ok || napi_create_reference(env, argv[4], 1, &b->on_back) != napi_ok ||
+      napi_create_reference(env, argv[5], 1, &b->on_end) != napi_ok || napi_create_external(env, b, client_finalize, NULL, &handle) != napi_ok ||
+      napi_type_tag_object(env, handle, &CLIENT_TAG) != napi_ok) {
+    error = "client: could not keep the callbacks";
+  } else if ((copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+    error = "could not take the client socket over (dup failed)";
+  } else {
+    uv_loop_t *loop;
+    if (napi_get_uv_event_loop(env, &loop) != napi_ok) error = "client: no event loop";
+    else b->client = lp_client_open(loop, copy, &client_callbacks, b, counters, &error);
+  }
+  if (!b->client) {
+    if (copy >= 0) close(copy);
+    delete_ref(env, &b->on_data);
+    delete_ref(env, &b->on_need);
+    delete_ref(env, &b->on_back);
+    delete_ref(env, &b->on_end);
+    delete_ref(env, &b->counters);
+    if (!handle) free(b); /* else the finalizer frees it */
+    return string(env, error ? error : "client: could not open");
+  }
+  return handle;
+}
+
+static napi_value client_write(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  kbinding_t *b = kbinding_of(env, argv[0]);
+  void *data;
+  size_t length;
+  if (get_buffer(env, argv[1], &data, &length)) {
+    napi_throw_type_error(env, NULL, "clientWrite: a Buffer expected");
+    return NULL;
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, b && b->client ? (double)lp_client_write(b->client, data, length) : -1, &result));
+  return result;
+}
+
+static napi_value client_end(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  kbinding_t *b = kbinding_of(env, argv[0]);
+  if (b && b->client) lp_client_end(b->client);
+  return undefined(env);
+}
+
+static napi_value client_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  kbinding_t *b = kbinding_of(env, argv[0]);
+  if (b && b->client) lp_client_close(b->client);
+  return undefined(env);
+}
+
+static napi_value client_pause(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  kbinding_t *b = kbinding_of(env, argv[0]);
+  bool paused;
+  CHECK(napi_get_value_bool(env, argv[1], &paused));
+  if (b && b->client) lp_client_pause(b->client, paused);
+  return undefined(env);
+}
+
+static napi_value client_fast(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  kbinding_t *b = kbinding_of(env, argv[0]);
+  void *data;
+  size_t length;
+  if (get_buffer(env, argv[1], &data, &length)) {
+    napi_throw_type_error(env, NULL, "clientFast: a Buffer expected");
+    return NULL;
+  }
+  napi_value result;
+  CHECK(napi_get_boolean(env, b && b->client && lp_client_fast(b->client, data, length) == 0, &result));
+  return result;
+}
+
+static napi_value client_attach(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  if (get_args(env, info, 3, argv)) return NULL;
+  kbinding_t *k = kbinding_of(env, argv[0]);
+  binding_t *c = binding_of(env, argv[1]);
+  void *data;
+  size_t length;
+  if (get_buffer(env, argv[2], &data, &length)) {
+    napi_throw_type_error(env, NULL, "clientAttach: a Buffer expected");
+    return NULL;
+  }
+  if (!k || !k->client) return string(env, "the client has ended");
+  if (!c || !c->conn) return string(env, "the upstream connection has ended");
+  if (c->farewell) return string(env, "the upstream connection is relaying");
+  if (lp_client_attach(k->client, c->conn, data, length) != 0) return string(env, "the client waits for no connection, or the connection cannot be lent");
+  return undefined(env);
+}
+
+static napi_value client_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  kbinding_t *b = kbinding_of(env, argv[0]);
+  size_t n = 0;
+  const unsigned char *rest = b && b->client ? lp_client_js(b->client, &n) : NULL;
+  napi_value result;
+  CHECK(napi_create_buffer_copy(env, n, n ? rest : (const unsigned char *)"", NULL, &result));
+  return result;
+}
+
+static napi_value client_state(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  kbinding_t *b = kbinding_of(env, argv[0]);
+  int lent = 0, running = 0;
+  double idle = 0;
+  if (b && b->client) lp_client_state(b->client, &lent, &running, &idle);
+  napi_value result, v;
+  CHECK(napi_create_array_with_length(env, 3, &result));
+  CHECK(napi_create_int32(env, lent, &v));
+  CHECK(napi_set_element(env, result, 0, v));
+  CHECK(napi_create_int32(env, running, &v));
+  CHECK(napi_set_element(env, result, 1, v));
+  CHECK(napi_create_double(env, idle, &v));
+  CHECK(napi_set_element(env, result, 2, v));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   CHECK(napi_async_init(env, NULL, string(env, "lakebase-proxy relay"), &async_context));
   napi_property_descriptor methods[] = {
@@ -488,6 +744,15 @@ static napi_value init(napi_env env, napi_value exports) {
     { "detach", NULL, detach_conn, NULL, NULL, NULL, napi_default, NULL },
     { "close", NULL, close_conn, NULL, NULL, NULL, napi_default, NULL },
     { "state", NULL, state, NULL, NULL, NULL, napi_default, NULL },
+    { "client", NULL, open_client, NULL, NULL, NULL, napi_default, NULL },
+    { "clientWrite", NULL, client_write, NULL, NULL, NULL, napi_default, NULL },
+    { "clientEnd", NULL, client_end, NULL, NULL, NULL, napi_default, NULL },
+    { "clientClose", NULL, client_close, NULL, NULL, NULL, napi_default, NULL },
+    { "clientPause", NULL, client_pause, NULL, NULL, NULL, napi_default, NULL },
+    { "clientFast", NULL, client_fast, NULL, NULL, NULL, napi_default, NULL },
+    { "clientAttach", NULL, client_attach, NULL, NULL, NULL, napi_default, NULL },
+    { "clientJs", NULL, client_js, NULL, NULL, NULL, napi_default, NULL },
+    { "clientState", NULL, client_state, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));
   return exports;

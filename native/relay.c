@@ -13,6 +13,7 @@
  * every call that may fail and after every failure is read, so no error of ours reaches Node.
  */
 #include "relay.h"
+#include "buffer.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -37,11 +38,6 @@ const char *const LP_END_NAMES[] = { "", "client_closed", "upstream_closed", "cl
 
 enum state { S_HANDSHAKE, S_LOGIN, S_RELAY };
 
-/* Bytes waiting to be written; the memory exists only while something waits. */
-typedef struct {
-  unsigned char *data;
-  size_t off, len, cap;
-} buf_t;
 
 /* Follows the message boundaries of the upstream's stream, as src/wire/message-boundaries.ts does. */
 typedef struct {
@@ -93,6 +89,8 @@ struct lp_conn {
   int shutdown_pending;  /* close_notify to send once the socket takes it */
   int tls_broken;        /* a fatal TLS or socket error: no close_notify at the end */
   int paused;            /* before the relay: the reader asked for no more data */
+  lp_sink sink;          /* before the relay: where plaintext goes instead of cb->data (a lent connection) */
+  void *sink_user;
   int want_drain;        /* before the relay: the writer waits for up.out to empty */
   boundaries_t messages; /* the upstream's, as the client gets them */
   boundaries_t client_messages; /* the client's, for a pooled relay: where its Terminate is */
@@ -111,48 +109,6 @@ struct lp_conn {
 };
 
 static unsigned char scratch[READ_SIZE];
-
-/* ---------- buffers ---------- */
-
-static size_t pending(const buf_t *b) { return b->len - b->off; }
-
-static int buf_append(buf_t *b, const unsigned char *data, size_t n) {
-  if (n == 0) return 0;
-  if (b->off > 0 && b->off == b->len) b->off = b->len = 0;
-  if (b->len + n > b->cap) {
-    if (b->off > 0) {
-      memmove(b->data, b->data + b->off, b->len - b->off);
-      b->len -= b->off;
-      b->off = 0;
-    }
-    if (b->len + n > b->cap) {
-      size_t cap = b->cap ? b->cap : 4096;
-      while (cap < b->len + n) cap *= 2;
-      unsigned char *grown = realloc(b->data, cap);
-      if (!grown) return -1;
-      b->data = grown;
-      b->cap = cap;
-    }
-  }
-  memcpy(b->data + b->len, data, n);
-  b->len += n;
-  return 0;
-}
-
-static void buf_consumed(buf_t *b, size_t n) {
-  b->off += n;
-  if (b->off == b->len) { /* an idle session holds no buffer */
-    free(b->data);
-    b->data = NULL;
-    b->off = b->len = b->cap = 0;
-  }
-}
-
-static void buf_free(buf_t *b) {
-  free(b->data);
-  b->data = NULL;
-  b->off = b->len = b->cap = 0;
-}
 
 /* ---------- message boundaries ---------- */
 
@@ -256,6 +212,12 @@ static void up_read(lp_conn *c, int force);
 static void up_write(lp_conn *c);
 
 static void touch(lp_conn *c) { c->last_activity = uv_now(c->loop); }
+
+/* Before the relay: plaintext, a drained queue (n == 0) or the end, to the sink or the caller. */
+static void deliver(lp_conn *c, const unsigned char *data, size_t n, const char *error) {
+  if (c->sink) c->sink(c, c->sink_user, data, n, error);
+  else c->cb->data(c, c->user, data, n, error);
+}
 
 /*
  * The first end decides how the session ended; after a Terminate the server closes first. A
@@ -420,7 +382,7 @@ static void up_write(lp_conn *c) {
   if (c->shutdown_pending || (c->up.want_shut && pending(&c->up.out) == 0)) up_shutdown_write(c);
   if (c->want_drain && c->state == S_LOGIN && pending(&c->up.out) == 0) {
     c->want_drain = 0;
-    c->cb->data(c, c->user, (const unsigned char *)"", 0, NULL); /* empty data: the queue drained */
+    deliver(c, (const unsigned char *)"", 0, NULL); /* empty data: the queue drained */
   }
 }
 
@@ -448,7 +410,7 @@ static void up_ended(lp_conn *c, const char *reason) {
   if (c->up.read_done) return;
   c->up.read_done = 1;
   if (c->state != S_RELAY) {
-    c->cb->data(c, c->user, NULL, 0, reason);
+    deliver(c, NULL, 0, reason);
     teardown(c, reason ? LP_END_UPSTREAM_ERROR : LP_END_UPSTREAM_CLOSED);
     return;
   }
@@ -477,7 +439,7 @@ static void up_failed(lp_conn *c, const char *reason) {
   if (c->state == S_RELAY) {
     up_ended(c, reason);
   } else {
-    c->cb->data(c, c->user, NULL, 0, reason);
+    deliver(c, NULL, 0, reason);
     teardown(c, LP_END_UPSTREAM_ERROR);
   }
 }
@@ -540,7 +502,7 @@ static void up_read(lp_conn *c, int force) {
     if (have > 0) {
       touch(c);
       if (c->state == S_RELAY) to_client(c, scratch, have);
-      else c->cb->data(c, c->user, scratch, have, NULL);
+      else deliver(c, scratch, have, NULL);
       if (c->closing) return;
     }
     if (code == SSL_ERROR_NONE) continue;
@@ -915,6 +877,15 @@ long lp_conn_write(lp_conn *c, const unsigned char *data, size_t n) {
   update_polls(c);
   c->want_drain = pending(&c->up.out) > 0;
   return (long)pending(&c->up.out);
+}
+
+void lp_conn_sink(lp_conn *c, lp_sink sink, void *user) {
+  c->sink = sink;
+  c->sink_user = user;
+}
+
+int lp_conn_lendable(const lp_conn *c) {
+  return !c->closing && c->state == S_LOGIN && !c->up.read_done && !c->up.write_shut && !c->up.want_shut && !c->tls_broken;
 }
 
 void lp_conn_end(lp_conn *c) {

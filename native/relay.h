@@ -81,6 +81,15 @@ int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_firs
 /* A pooled relay: lets the client go now (idle timeout) and keeps the upstream; `detached` follows.
    When the upstream has ended already, the connection ends instead (`end` follows). */
 void lp_conn_detach(lp_conn *c, enum lp_end end);
+/*
+ * Before the relay: plaintext, a drained write queue (n == 0) and the end (data NULL) go to
+ * `sink` instead of the `data` callback, until lp_conn_sink(c, NULL, NULL). C code lends a
+ * logged-in connection this way (txclient.c); lp_conn_write and lp_conn_pause work as before.
+ */
+typedef void (*lp_sink)(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
+void lp_conn_sink(lp_conn *c, lp_sink sink, void *user);
+/* Logged in, open both ways, not relaying: it can be lent. */
+int lp_conn_lendable(const lp_conn *c);
 /* Ends the connection now (shutdown, idle timeout, a failed login): the `end` callback follows. */
 void lp_conn_close(lp_conn *c, enum lp_end end);
 /* Whether a query runs (the client sent something not yet answered by ReadyForQuery), and ms since the last byte. */

@@ -59,6 +59,8 @@ interface TargetCounts {
   resets: number;
   /** Transaction mode: transactions served, prepared statements [prepared, reused], resets for leaked state. */
   transactions: number;
+  /** Of those, carried from start to end by the native fast path (native/txclient.h). */
+  fastTransactions: number;
   prepared: number;
   preparedReused: number;
   leaked: number;
@@ -209,6 +211,15 @@ export class Metrics {
       },
     });
     new Counter({
+      name: `${METRIC_PREFIX}pool_fast_path_transactions_total`,
+      help: 'Of pool_transactions_total, those the native fast path carried from start to end (the client socket and the transaction in C, no JavaScript per message).',
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.fastTransactions));
+      },
+    });
+    new Counter({
       name: `${METRIC_PREFIX}prepared_statements_total`,
       help: "PoolMode=transaction: uses of clients' named prepared statements (Parse, Bind, Describe), by outcome (prepared: the connection had to prepare it; reused: it had it already).",
       labelNames: ['target', 'outcome'],
@@ -332,6 +343,7 @@ export class Metrics {
       reuses: 0,
       resets: 0,
       transactions: 0,
+      fastTransactions: 0,
       prepared: 0,
       preparedReused: 0,
       leaked: 0,
@@ -365,7 +377,10 @@ export class Metrics {
         reuse: () => void counts.reuses++,
         reset: () => void counts.resets++,
         closed: (reason) => void counts.serverCloses[reason]++,
-        transaction: () => void counts.transactions++,
+        transaction: (fast) => {
+          counts.transactions++;
+          if (fast) counts.fastTransactions++;
+        },
         prepared: (reused) => void (reused ? counts.preparedReused++ : counts.prepared++),
         leaked: () => void counts.leaked++,
         waited: (seconds) => {

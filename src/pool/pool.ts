@@ -45,8 +45,8 @@ export interface PoolObserver {
   reset(): void;
   closed(reason: ServerCloseReason): void;
   waited(seconds: number): void;
-  /** Transaction mode: a transaction ended and its client gave the connection back. */
-  transaction(): void;
+  /** Transaction mode: a transaction ended and its client gave the connection back; `fast`: the native fast path carried it. */
+  transaction(fast?: boolean): void;
   /** Transaction mode: a client's prepared statement was prepared on a server, or found there already. */
   prepared(reused: boolean): void;
   /** Transaction mode: a connection was reset because a client left session state on it. */

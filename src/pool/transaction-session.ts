@@ -22,13 +22,13 @@
  *   client uses it, and the client is told once in a NOTICE.
  */
 import { createHash } from 'node:crypto';
-import type { Duplex } from 'node:stream';
 import { BackendCode, errorResponse, message, noticeResponse, parameterStatus } from '../wire/backend-messages.js';
 import type { ErrorFields } from '../proxy/upstream.js';
 import { bindMessage, closeMessage, describeMessage, FrontendCode, MalformedMessage, parseMessage, queryMessage, readBind, readParse, readTarget, FLUSH, SYNC } from '../wire/client-messages.js';
 import { FrameReader, FramingError } from '../wire/frame-reader.js';
 import type { RelayEnd, RelayStats } from '../proxy/relay.js';
-import type { SessionRelay } from '../proxy/native-relay.js';
+import { NativeUpstream, type SessionRelay } from '../proxy/native-relay.js';
+import { NativeClient, type Back, type ClientStream } from '../proxy/native-client.js';
 import { converse, type Login, type Pool, type PoolObserver } from './pool.js';
 import type { ServerConnection } from './server-connection.js';
 import { carried, ClientSettings, literal } from './client-settings.js';
@@ -246,7 +246,15 @@ export class TransactionSession implements SessionRelay {
   readonly done: Promise<RelayEnd>;
   #resolve!: (end: RelayEnd) => void;
   #end: RelayEnd | undefined;
-  readonly #client: Duplex;
+  readonly #client: ClientStream;
+  /**
+   * The client's socket in C (native-client.ts): between transactions the fast path there
+   * carries what needs no bookkeeping of this engine, on a connection lent to it (`#lent`).
+   */
+  readonly #native: NativeClient | undefined;
+  #lent: ServerConnection | undefined;
+  /** The fast path's bytes counted so far (its counters are C's). */
+  readonly #fastCounted = [0, 0];
   readonly #context: TransactionContext;
   readonly #settings: ClientSettings;
   /** Made at the first wait for a connection: an idle client holds none. */
@@ -329,8 +337,13 @@ export class TransactionSession implements SessionRelay {
     this.#server?.upstream.resume();
   };
 
-  constructor(client: Duplex, clientFirst: Buffer, settings: ClientSettings, context: TransactionContext) {
+  constructor(client: ClientStream, clientFirst: Buffer, settings: ClientSettings, context: TransactionContext) {
     this.#client = client;
+    if (client instanceof NativeClient) {
+      this.#native = client;
+      client.onNeed = () => void this.#lend();
+      client.onBack = (back) => this.#back(back);
+    }
     this.#context = context;
     this.#settings = settings;
     this.done = new Promise((resolve) => (this.#resolve = resolve));
@@ -349,18 +362,20 @@ export class TransactionSession implements SessionRelay {
 
   /** Something sent that the server has not answered yet. */
   get queryRunning(): boolean {
+    if (this.#lent) return this.#native?.state.running === true;
     return this.#server !== undefined && (this.#queue.length > 0 || this.#unsynced);
   }
 
   /** The server connection the client holds now, if any (the console's SHOW CLIENTS). */
   get server(): ServerConnection | undefined {
-    return this.#server;
+    return this.#server ?? this.#lent;
   }
 
   /** The client's CancelRequest: to the connection running its query, else dropped. */
   cancel(): Promise<void> {
-    const server = this.#server;
-    if (!server || this.#queue.length === 0 || this.#draining) return Promise.resolve();
+    const server = this.#server ?? this.#lent;
+    const running = this.#server ? this.#queue.length > 0 && !this.#draining : this.#native?.state.running === true;
+    if (!server || !running) return Promise.resolve();
     const sent: Promise<void> = this.#context.cancel(server).finally(() => {
       if (this.#cancelling === sent) this.#cancelling = undefined;
     });
@@ -374,7 +389,7 @@ export class TransactionSession implements SessionRelay {
    */
   endAfterTransaction(): void {
     this.#ending = true;
-    if (!this.#server && !this.#acquiring) this.#shutDown();
+    if (!this.#server && !this.#acquiring && !this.#lent) this.#shutDown();
   }
 
   close(end: RelayEnd = 'shutdown'): void {
@@ -419,6 +434,97 @@ export class TransactionSession implements SessionRelay {
       }
     }
     this.#flush();
+    this.#goFast();
+  }
+
+  /** Between transactions, with nothing held or pending: the client's next units go to the fast path. */
+  #goFast(): void {
+    const native = this.#native;
+    if (!native || this.#server || this.#lent || this.#acquiring || this.#held || this.#queue.length > 0 || this.#end !== undefined || this.#ending) return;
+    if (this.#unsynced || this.#clientSkipping || this.#serverSkipping || this.#draining || this.#discardAhead || this.#toClient.length > 0) return;
+    native.resume();
+    native.fast(this.#fromClient.takeRemaining());
+  }
+
+  /** The fast path waits with a unit: a connection is lent to it, or, where it cannot be, the unit comes here. */
+  async #lend(): Promise<void> {
+    const native = this.#native as NativeClient;
+    const server = await this.#take();
+    if (!server) return;
+    const query = this.#settings.landOn(server);
+    if (query === undefined && server.upstream instanceof NativeUpstream && native.attach(server.upstream) === undefined) {
+      this.#lent = server;
+      return;
+    }
+    // Settings to set first, or a connection C cannot take: this transaction runs here.
+    this.#fromClient.push(native.takeBack());
+    this.#use(server, query, 'I');
+  }
+
+  /** The lent connection is back from the fast path (see native/txclient.h). */
+  #back(back: Back): void {
+    const server = this.#lent;
+    if (!server) return;
+    this.#lent = undefined;
+    (server.upstream as NativeUpstream).reclaim();
+    this.#countFast();
+    if (back.reports) {
+      for (let at = 0; at + 5 <= back.reports.length; at += 1 + back.reports.readUInt32BE(at + 1)) {
+        const [name = '', value = ''] = back.reports.toString('utf8', at + 5, at + 1 + back.reports.readUInt32BE(at + 1)).split('\0');
+        server.setParameter(name, value);
+        this.#settings.report(name, value);
+      }
+    }
+    // Its texts were plain (native/txclient.c, lp_text_plain): so are the unnamed statement and portal it made.
+    if (back.parsed) this.#unnamed = this.#unnamedSent = PLAIN;
+    if (back.bound) {
+      this.#portals.set('', PLAIN);
+      this.#portalsSent.set('', PLAIN);
+    }
+    switch (back.how) {
+      case 'released': {
+        this.#portals.clear();
+        this.#portalsSent.clear();
+        this.#context.observer.transaction(true);
+        const cancelling = this.#cancelling;
+        this.#cancelling = undefined;
+        if (cancelling) void cancelling.then(() => this.#context.pool.giveBack(server, 'I', back.reportsLost));
+        else this.#context.pool.giveBack(server, 'I', back.reportsLost);
+        if (this.#ending) this.#shutDown();
+        return;
+      }
+      case 'handover':
+        // A unit the fast path does not carry, inside the transaction: the rest of it runs here.
+        if (back.reportsLost) this.#leak();
+        if (back.rest) this.#fromClient.push(back.rest);
+        this.#use(server, undefined, back.status);
+        return;
+      case 'client_gone':
+        this.#cancelling = undefined;
+        // A statement may run: cancelled, and the connection closed rather than reused (a cancel
+        // may land late). Else it goes back as it is: the pool rolls back a transaction left open.
+        if (back.running) void this.#context.cancel(server).catch(() => {}).finally(() => server.close());
+        else this.#context.pool.giveBack(server, back.status, back.reportsLost);
+        return;
+      case 'upstream_gone':
+        server.close();
+        this.#refuse('08006', `the server connection to ${this.#context.upstreamName} running this transaction was lost${back.reason ? `: ${back.reason}` : ''}`, 'upstream_closed');
+        return;
+    }
+  }
+
+  /** What the fast path moved since the last count, into the session's stats and the metrics. */
+  #countFast(): void {
+    const counters = this.#native?.counters;
+    if (!counters) return;
+    const up = (counters[0] ?? 0) - (this.#fastCounted[0] ?? 0);
+    const down = (counters[1] ?? 0) - (this.#fastCounted[1] ?? 0);
+    if (up === 0 && down === 0) return;
+    this.#fastCounted[0] = counters[0] ?? 0;
+    this.#fastCounted[1] = counters[1] ?? 0;
+    this.stats.bytesToUpstream += up;
+    this.stats.bytesToClient += down;
+    this.#context.onBytes(up, down);
   }
 
   /** Handles one client message; false when it must wait until the server's status is known. */
@@ -712,30 +818,41 @@ export class TransactionSession implements SessionRelay {
   // ---- server connections
 
   async #attach(): Promise<void> {
-    if (this.#acquiring) return;
+    const server = await this.#take();
+    if (server) this.#use(server, this.#settings.landOn(server), 'I');
+  }
+
+  /** A connection of the pool for the client's next transaction; undefined when there is none to use (the client is told why). */
+  async #take(): Promise<ServerConnection | undefined> {
+    if (this.#acquiring) return undefined;
     this.#acquiring = true;
     let server: ServerConnection;
     try {
       server = await lease(this.#context, (this.#abort ??= new AbortController()).signal);
     } catch (error) {
       this.#acquiring = false;
-      if (this.#end !== undefined) return;
+      if (this.#end !== undefined) return undefined;
       if (this.#ending) {
         this.#shutDown();
-        return;
+        return undefined;
       }
       const facing = error as { sqlstate?: string; message: string };
       this.#refuse(facing.sqlstate ?? '08006', facing.message, 'upstream_error');
-      return;
+      return undefined;
     }
     this.#acquiring = false;
     if (this.#end !== undefined) {
       this.#context.pool.giveBack(server, 'I', false);
-      return;
+      return undefined;
     }
+    return server;
+  }
+
+  /** The client holds `server` (at a ReadyForQuery of `status`); `query` sets its settings there first. */
+  #use(server: ServerConnection, query: string | undefined, status: string): void {
     this.#server = server;
     this.#fromServer = new FrameReader(MAX_MESSAGE, true);
-    this.#status = 'I';
+    this.#status = status;
     this.#onServer ??= {
       data: (chunk) => this.#serverData(chunk),
       gone: () => this.#serverLost(),
@@ -748,7 +865,6 @@ export class TransactionSession implements SessionRelay {
     server.upstream.on('close', this.#onServer.gone);
     server.upstream.on('drain', this.#onServer.drain);
     server.upstream.resume();
-    const query = this.#settings.landOn(server);
     if (query !== undefined) {
       this.#send(queryMessage(query));
       this.#expect({ expect: Expect.Query, hidden: true, onDone: (ok) => void (ok || this.#leak()) });
@@ -1121,6 +1237,7 @@ export class TransactionSession implements SessionRelay {
 
   #finish(end: RelayEnd): void {
     if (this.#end !== undefined) return;
+    this.#countFast();
     this.#end = end;
     this.#held = undefined;
     this.#resolve(end);

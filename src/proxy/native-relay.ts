@@ -18,7 +18,7 @@ import { readFileSync } from 'node:fs';
 import { errorResponse } from '../wire/backend-messages.js';
 import type { RelayEnd, RelayStats } from './relay.js';
 
-type Handle = object;
+export type Handle = object;
 
 interface Addon {
   context(verify: boolean, systemStore: boolean, caPem: Buffer | null): Handle | string;
@@ -51,7 +51,27 @@ interface Addon {
   detach(conn: Handle, end: RelayEnd): void;
   close(conn: Handle, end: RelayEnd): void;
   state(conn: Handle): [number, number];
+  /** A transaction-mode client (native/txclient.h; src/proxy/native-client.ts). */
+  client(
+    fd: number,
+    counters: Float64Array,
+    onData: (data: Buffer | null, error: string | null) => void,
+    onNeed: () => void,
+    onBack: (how: LentBack, status: string, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null) => void,
+    onEnd: () => void,
+  ): Handle | string;
+  clientWrite(client: Handle, data: Buffer): number;
+  clientEnd(client: Handle): void;
+  clientClose(client: Handle): void;
+  clientPause(client: Handle, paused: boolean): void;
+  clientFast(client: Handle, first: Buffer): boolean;
+  clientAttach(client: Handle, conn: Handle, unread: Buffer): string | undefined;
+  clientJs(client: Handle): Buffer;
+  clientState(client: Handle): [number, number, number];
 }
+
+/** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back). */
+export type LentBack = 'released' | 'handover' | 'client_gone' | 'upstream_gone';
 
 /** Where the addon is: LAKEBASE_PROXY_NATIVE_ADDON names another build (the sanitizer run, tests of a broken one). */
 const ADDON_PATH = process.env['LAKEBASE_PROXY_NATIVE_ADDON'] || '../../../build/Release/lakebase_relay.node';
@@ -63,7 +83,7 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
   try {
     // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
     const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
+    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.clientAttach !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };
@@ -224,7 +244,18 @@ export class NativeUpstream extends Duplex {
     return { conn: this.#conn, unread: readAll(this) };
   }
 
-  /** The relay let its client go (a pooled relay): the connection's plaintext comes here again. */
+  /**
+   * Lends the connection to a transaction-mode client's fast path in C (native-client.ts): its
+   * data goes there until reclaim(). Returns what Node.js had read of it and not consumed.
+   */
+  lend(): { conn: Handle; unread: Buffer } | undefined {
+    if (!this.#conn || this.#ended || this.#onRelayEnd) return undefined;
+    this.#paused = true;
+    this.#addon.pause(this.#conn, true);
+    return { conn: this.#conn, unread: readAll(this) };
+  }
+
+  /** The relay let its client go (a pooled relay), or a lending ended: the connection's plaintext comes here again. */
   reclaim(): void {
     this.#onRelayEnd = undefined;
     this._read();

@@ -14,6 +14,7 @@ import { clientHandshake, HandshakeError, type ClientHandshakeOptions, type Hand
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
 import { native, NativeRelay, type NativeUpstream, type SessionRelay } from './native-relay.js';
+import { NativeClient, type ClientStream } from './native-client.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamSession, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
 import { Pool, PoolClosedError, PoolTimeoutError, type PoolSettings } from '../pool/pool.js';
@@ -698,12 +699,31 @@ export class ProxyServer {
     const clientKey = this.#cancelKeys.register({ processId: 0, secretKey: Buffer.alloc(4), cancel: () => relay?.cancel() ?? Promise.resolve() });
     client.write(Buffer.concat([...greeted.greeting, backendKeyData(clientKey.processId, clientKey.secretKey), READY_FOR_QUERY_IDLE]));
     client.uncork(); // with the AuthenticationOk the handshake held back: one write
-    relay = new TransactionSession(client, frames.detach(), greeted.settings, context);
+    let first = frames.detach();
+    // A plain client's socket goes to C, whose fast path carries the commonest transactions (native/txclient.h).
+    let stream: ClientStream = client;
+    const adopted = this.#nativeUpstream && client === raw ? await NativeClient.adopt(raw) : undefined;
+    if (adopted) {
+      stream = adopted.client;
+      if (adopted.unread.length > 0) first = Buffer.concat([first, adopted.unread]);
+    }
+    if (!adopted && raw.destroyed) {
+      // Gone while its greeting was written: nothing of the session began.
+      clientKey.release();
+      this.#dropIfEmpty(database);
+      return;
+    }
+    const relayName = adopted ? 'native' : 'js';
+    relay = new TransactionSession(stream, first, greeted.settings, context);
     this.#transactionClients.set(database, (this.#transactionClients.get(database) ?? 0) + 1);
-    if (this.options.idleTimeoutMs > 0) idleTimeout(raw, relay, this.options.idleTimeoutMs);
+    const session$ = relay;
+    if (this.options.idleTimeoutMs > 0) {
+      if (adopted) adopted.client.idleTimeout(this.options.idleTimeoutMs, () => session$.queryRunning, () => session$.close('idle_timeout'));
+      else idleTimeout(raw, relay, this.options.idleTimeoutMs);
+    }
     session.relay = relay;
-    Object.assign(session.state, { state: 'active', since: Date.now(), relay: 'js' });
-    this.#observer.sessionStarted('js');
+    Object.assign(session.state, { state: 'active', since: Date.now(), relay: relayName });
+    this.#observer.sessionStarted(relayName);
     const release = (): void => {
       clientKey.release();
       const left = (this.#transactionClients.get(database) ?? 1) - 1;
@@ -711,7 +731,7 @@ export class ProxyServer {
       else this.#transactionClients.delete(database);
       this.#dropIfEmpty(database);
     };
-    this.#whenEnded(session, relay, release, { peer, user: c.user, database, started: c.started, relay: 'js', pooled: true, reused: true });
+    this.#whenEnded(session, relay, release, { peer, user: c.user, database, started: c.started, relay: relayName, pooled: true, reused: true });
   }
 
   /**

@@ -1,0 +1,601 @@
+/*
+ * A transaction-mode client and the fast path (see txclient.h). One libuv loop thread; nothing
+ * here blocks. The lent connection's plaintext comes through relay.c's sink; what goes to it,
+ * through lp_conn_write, which queues and reports the queue's drain to the sink (n == 0).
+ *
+ * Every callback may call back into this client (write, end, close, attach): after each, the
+ * code checks `closing` and whether the state it was in still holds. The struct is freed only
+ * from libuv's close callbacks, never inside a callback to the caller.
+ */
+#include "txclient.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "buffer.h"
+
+#define READ_SIZE 65536
+/* A unit longer than this goes to the engine (which streams nothing either, but has its own limits). */
+#define UNIT_LIMIT (1u << 20)
+/* The client's queue above which the lent connection is not read, and the connection's above which the client is not. */
+#define HIGH_WATER (256u << 10)
+/* ParameterStatus messages kept for the engine per lending. */
+#define REPORTS_LIMIT 65536
+#define LINGER_MS 5000
+
+const char *const LP_BACK_NAMES[] = { "", "released", "handover", "client_gone", "upstream_gone" };
+
+/* Follows the upstream's messages during a lending. */
+typedef struct {
+  unsigned char header[5];
+  int have;            /* header bytes read of the current message */
+  uint32_t remaining;  /* body bytes still to come */
+  int type;
+  int status_due;      /* a ReadyForQuery whose status byte is next */
+} scan_t;
+
+struct lp_client {
+  uv_loop_t *loop;
+  const lp_client_callbacks *cb;
+  void *user;
+  uv_poll_t *poll;    /* allocated apart: freed by its close callback */
+  uv_timer_t *linger; /* while the socket waits for the client's end after our FIN */
+  int fd;
+  int polling;
+  int fast;
+  int js_paused;
+  int read_done;  /* the client's end (or an error) was read */
+  int write_shut; /* our FIN went, or writing failed */
+  int want_shut;  /* FIN once `out` is written */
+  int want_drain; /* the engine was told to wait for the queue */
+  int closing;
+  int open_handles;
+  int needing;    /* `need` was called: a unit waits for a connection */
+  int up_full;    /* the lent connection's queue is over HIGH_WATER: the client is not read */
+  buf_t in;       /* fast mode: the client's bytes not yet sent */
+  buf_t out;      /* for the client */
+  lp_conn *conn;  /* lent */
+  int outstanding;/* units sent whose ReadyForQuery has not come */
+  int status;
+  int flags;      /* LP_LENT_* */
+  int broken;     /* the upstream sent what the fast path cannot follow */
+  scan_t scan;
+  buf_t reports;
+  double *counters;
+  uint64_t last_activity;
+};
+
+static unsigned char scratch[READ_SIZE];
+
+static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+/* ---------- what the fast path carries ---------- */
+
+static int lower(int c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
+static int letter(int c) { c = lower(c); return c >= 'a' && c <= 'z'; }
+static int space(int c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+
+static int has_word(const unsigned char *text, size_t n, size_t at, const char *word) {
+  size_t len = strlen(word);
+  if (at + len > n) return 0;
+  for (size_t i = 0; i < len; i++) if (lower(text[at + i]) != word[i]) return 0;
+  return 1;
+}
+
+/*
+ * Words whose commands leave session state or drop statements (the engine's LEAKY_TEXT,
+ * LEAKY_TAGS, set_config, DISCARD, DEALLOCATE), or that the engine follows (COPY), anywhere in
+ * the text: in a name or a string too, which only sends that text the engine's way.
+ */
+static const char *const NOT_PLAIN[] = { "temp", "hold", "advisory", "set_config", "discard", "deallocate", "listen", "prepare", "load", "declare", "copy", "reset", NULL };
+
+int lp_text_plain(const unsigned char *text, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    for (const char *const *word = NOT_PLAIN; *word; word++) {
+      if (lower(text[i]) == (*word)[0] && has_word(text, n, i, *word)) return 0;
+    }
+  }
+  /* Each command must begin with a letter (no comment, no parenthesis before it), and not be a SET. */
+  for (size_t i = 0; i <= n;) {
+    while (i < n && space(text[i])) i++;
+    if (i == n) return 1;
+    if (!letter(text[i]) || has_word(text, n, i, "set")) return 0;
+    while (i < n && text[i] != ';') i++;
+    i++; /* past the ';' (or the end) */
+  }
+  return 1;
+}
+
+/* A NUL-terminated string at body[at]: the offset past its NUL, or 0 when there is none. */
+static size_t string_end(const unsigned char *body, size_t len, size_t at) {
+  if (at >= len) return 0;
+  const unsigned char *nul = memchr(body + at, 0, len - at);
+  return nul ? (size_t)(nul - body) + 1 : 0;
+}
+
+size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound, size_t limit) {
+  size_t off = 0;
+  for (;;) {
+    if (n - off < 5) return off + 5 > limit ? LP_NOT_FAST : 0;
+    int type = data[off];
+    uint32_t len = be32(data + off + 1);
+    if (len < 4 || len > limit || off + 1 + (size_t)len > limit) return LP_NOT_FAST;
+    if (n - off < 1 + (size_t)len) return 0;
+    const unsigned char *body = data + off + 5;
+    size_t blen = len - 4;
+    size_t end = off + 1 + len;
+    switch (type) {
+      case 'Q':
+        if (off != 0 || blen < 1 || body[blen - 1] != 0 || !lp_text_plain(body, blen - 1)) return LP_NOT_FAST;
+        return end;
+      case 'P': {
+        if (blen < 1 || body[0] != 0) return LP_NOT_FAST; /* a named statement: the engine's */
+        size_t query_end = string_end(body, blen, 1);
+        if (query_end == 0 || !lp_text_plain(body + 1, query_end - 2)) return LP_NOT_FAST;
+        parsed = 1;
+        break;
+      }
+      case 'B':
+        if (blen < 2 || body[0] != 0 || body[1] != 0 || !parsed) return LP_NOT_FAST;
+        bound = 1;
+        break;
+      case 'D':
+        if (blen < 2 || body[1] != 0 || !(body[0] == 'S' ? parsed : body[0] == 'P' ? bound : 0)) return LP_NOT_FAST;
+        break;
+      case 'E':
+        if (blen < 1 || body[0] != 0 || !bound) return LP_NOT_FAST;
+        break;
+      case 'H':
+        break;
+      case 'S':
+        return end;
+      default:
+        return LP_NOT_FAST;
+    }
+    off = end;
+  }
+}
+
+/* The flags a unit leaves (its Parse and Bind of the unnamed statement and portal). */
+static int unit_flags(const unsigned char *data, size_t n) {
+  int flags = 0;
+  for (size_t off = 0; off + 5 <= n; off += 1 + be32(data + off + 1)) {
+    if (data[off] == 'P') flags |= LP_LENT_PARSED;
+    else if (data[off] == 'B') flags |= LP_LENT_BOUND;
+  }
+  return flags;
+}
+
+/* ---------- the socket ---------- */
+
+static void update_poll(lp_client *k);
+static void process(lp_client *k);
+static void give_back(lp_client *k, enum lp_back how, const char *reason);
+
+static void touch(lp_client *k) { k->last_activity = uv_now(k->loop); }
+
+static void handle_closed(uv_handle_t *handle) {
+  lp_client *k = uv_handle_get_data(handle);
+  free(handle);
+  if (--k->open_handles > 0) return;
+  buf_free(&k->in);
+  buf_free(&k->out);
+  buf_free(&k->reports);
+  k->cb->end(k, k->user);
+  free(k);
+}
+
+/* Closes the socket and the handles; `end` follows from libuv's close callbacks. */
+static void teardown(lp_client *k) {
+  if (k->closing) return;
+  k->closing = 1;
+  if (k->conn) give_back(k, LP_BACK_CLIENT_GONE, NULL);
+  k->open_handles = 1 + (k->linger != NULL);
+  close(k->fd);
+  k->fd = -1;
+  uv_close((uv_handle_t *)k->poll, handle_closed);
+  if (k->linger) uv_close((uv_handle_t *)k->linger, handle_closed);
+}
+
+static void linger_done(uv_timer_t *timer) { teardown(uv_handle_get_data((uv_handle_t *)timer)); }
+
+/* Our FIN; the socket closes at the client's end, or after LINGER_MS. */
+static void shut(lp_client *k) {
+  if (k->write_shut) return;
+  k->write_shut = 1;
+  buf_free(&k->out);
+  shutdown(k->fd, SHUT_WR);
+  if (k->read_done) {
+    teardown(k);
+    return;
+  }
+  k->linger = malloc(sizeof *k->linger);
+  if (!k->linger) {
+    teardown(k);
+    return;
+  }
+  uv_timer_init(k->loop, k->linger);
+  uv_handle_set_data((uv_handle_t *)k->linger, k);
+  uv_timer_start(k->linger, linger_done, LINGER_MS, 0);
+}
+
+/* Writes what `out` holds; -1 when the client cannot take it any more. */
+static int flush_out(lp_client *k) {
+  while (pending(&k->out) > 0 && !k->write_shut) {
+    ssize_t w;
+    do w = send(k->fd, k->out.data + k->out.off, pending(&k->out), MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+    if (w <= 0) {
+      k->write_shut = 1;
+      buf_free(&k->out);
+      return -1;
+    }
+    buf_consumed(&k->out, (size_t)w);
+  }
+  return 0;
+}
+
+static void client_ended(lp_client *k, const char *error);
+
+/* Bytes for the client: sent now when nothing waits before them, else queued. */
+static void to_client(lp_client *k, const unsigned char *data, size_t n) {
+  if (k->write_shut || n == 0) return;
+  if (buf_append(&k->out, data, n) != 0) {
+    client_ended(k, "out of memory");
+    return;
+  }
+  if (pending(&k->out) == n && flush_out(k) != 0) client_ended(k, "write failed");
+}
+
+/* The client's end (error NULL: its FIN). What it sent before still counts, in JS mode. */
+static void client_ended(lp_client *k, const char *error) {
+  if (k->read_done || k->closing) return;
+  k->read_done = 1;
+  if (error) {
+    k->write_shut = 1;
+    buf_free(&k->out);
+  }
+  if (k->conn) give_back(k, LP_BACK_CLIENT_GONE, NULL);
+  if (k->closing) return;
+  if (k->fast) {
+    /* A unit that waited for a connection goes nowhere: the engine ends the client's session. */
+    k->fast = 0;
+    k->needing = 0;
+    buf_free(&k->in);
+  }
+  k->cb->data(k, k->user, NULL, 0, error);
+  if (!k->closing && k->write_shut) teardown(k);
+}
+
+static int may_read(const lp_client *k) {
+  if (k->read_done || k->closing) return 0;
+  if (!k->fast) return !k->js_paused;
+  /* Fast mode reads while units can go: not while one waits for a connection, the connection's
+     queue is full, or the head of `in` waits for the answers to come. */
+  return !k->needing && !k->up_full && pending(&k->in) < UNIT_LIMIT;
+}
+
+static void on_poll(uv_poll_t *handle, int status, int events);
+
+static void update_poll(lp_client *k) {
+  if (k->closing) return;
+  int events = 0;
+  if (may_read(k) || (k->write_shut && !k->read_done)) events |= UV_READABLE;
+  if (pending(&k->out) > 0 && !k->write_shut) events |= UV_WRITABLE;
+  if (events == k->polling) return;
+  k->polling = events;
+  if (events) uv_poll_start(k->poll, events, on_poll);
+  else uv_poll_stop(k->poll);
+}
+
+/* One read; returns whether to read again. */
+static int read_once(lp_client *k) {
+  ssize_t n;
+  do n = recv(k->fd, scratch, READ_SIZE, 0);
+  while (n < 0 && errno == EINTR);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+  if (n <= 0) {
+    if (k->write_shut) {
+      teardown(k); /* lingering after our FIN: the client's end closes the socket */
+      return 0;
+    }
+    client_ended(k, n < 0 ? strerror(errno) : NULL);
+    return 0;
+  }
+  touch(k);
+  if (k->write_shut) return 1; /* after our FIN: read to the client's end, dropped */
+  if (!k->fast) {
+    k->cb->data(k, k->user, scratch, (size_t)n, NULL);
+    return 0;
+  }
+  if (buf_append(&k->in, scratch, (size_t)n) != 0) {
+    client_ended(k, "out of memory");
+    return 0;
+  }
+  process(k);
+  return 0;
+}
+
+static void on_poll(uv_poll_t *handle, int status, int events) {
+  lp_client *k = uv_handle_get_data((uv_handle_t *)handle);
+  if (k->closing) return;
+  if (status < 0) {
+    k->polling = 0;
+    if (k->write_shut) teardown(k);
+    else client_ended(k, "socket error");
+    return;
+  }
+  if (events & UV_WRITABLE) {
+    if (flush_out(k) != 0) {
+      client_ended(k, "write failed");
+      if (k->closing) return;
+    }
+    if (pending(&k->out) == 0) {
+      if (k->want_shut) shut(k);
+      if (k->closing) return;
+      if (k->conn) lp_conn_pause(k->conn, 0); /* the client took it: the lent connection is read again */
+      else if (k->want_drain && !k->fast) {
+        k->want_drain = 0;
+        k->cb->data(k, k->user, (const unsigned char *)"", 0, NULL);
+      }
+    }
+  }
+  if (!k->closing && (events & (UV_READABLE | UV_DISCONNECT)) && (may_read(k) || k->write_shut)) read_once(k);
+  if (!k->closing) update_poll(k);
+}
+
+/* ---------- lending ---------- */
+
+static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
+
+/* The rest of `in` to the engine, in JS mode. */
+static void to_js(lp_client *k) {
+  k->fast = 0;
+  k->needing = 0;
+  if (pending(&k->in) == 0) return;
+  /* The bytes leave `in` before the call: the engine may call back in. */
+  buf_t rest = k->in;
+  memset(&k->in, 0, sizeof k->in);
+  k->cb->data(k, k->user, rest.data + rest.off, pending(&rest), NULL);
+  buf_free(&rest);
+}
+
+/* The lent connection goes back to the caller, with what the lending learnt. */
+static void give_back(lp_client *k, enum lp_back how, const char *reason) {
+  lp_conn *conn = k->conn;
+  k->conn = NULL;
+  k->up_full = 0;
+  lp_conn_sink(conn, NULL, NULL);
+  /* The caller's reader starts paused: it resumes when it reads (NativeUpstream._read). */
+  if (how != LP_BACK_UPSTREAM_GONE) lp_conn_pause(conn, 1);
+  buf_t reports = k->reports, rest = { 0 };
+  memset(&k->reports, 0, sizeof k->reports);
+  int running = k->outstanding > 0 || k->scan.have != 0; /* answers to come, or one cut short */
+  if (how == LP_BACK_HANDOVER) {
+    k->fast = 0;
+    k->needing = 0;
+    rest = k->in;
+    memset(&k->in, 0, sizeof k->in);
+  }
+  k->outstanding = 0;
+  memset(&k->scan, 0, sizeof k->scan);
+  int flags = k->flags;
+  k->flags = 0;
+  k->cb->back(k, k->user, how, k->status, flags, running, reports.data ? reports.data + reports.off : NULL, pending(&reports),
+              rest.data ? rest.data + rest.off : NULL, pending(&rest), reason);
+  buf_free(&reports);
+  buf_free(&rest);
+}
+
+/*
+ * Fast mode: sends the whole units at the head of `in` while a connection is lent; asks for one
+ * when a unit waits and none is; goes to JS mode at a unit the fast path does not carry.
+ */
+static void process(lp_client *k) {
+  while (!k->closing && k->fast && !k->needing && !k->up_full) {
+    size_t n = pending(&k->in);
+    if (n == 0) break;
+    const unsigned char *head = k->in.data + k->in.off;
+    size_t unit = lp_unit_length(head, n, (k->flags & LP_LENT_PARSED) != 0, (k->flags & LP_LENT_BOUND) != 0, UNIT_LIMIT);
+    if (unit == 0) break; /* the rest has yet to come */
+    if (unit == LP_NOT_FAST) {
+      if (!k->conn) to_js(k);
+      else if (k->outstanding == 0 && k->scan.have == 0 && k->scan.remaining == 0) give_back(k, LP_BACK_HANDOVER, NULL);
+      break; /* else at the answer that settles the transaction */
+    }
+    if (!k->conn) {
+      k->needing = 1;
+      k->cb->need(k, k->user);
+      break;
+    }
+    k->flags |= unit_flags(head, unit);
+    k->outstanding++;
+    if (k->counters) k->counters[0] += (double)unit;
+    touch(k);
+    long queued = lp_conn_write(k->conn, head, unit);
+    buf_consumed(&k->in, unit);
+    if (queued < 0) {
+      give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
+      break;
+    }
+    if ((size_t)queued > HIGH_WATER) k->up_full = 1;
+  }
+  if (!k->closing) update_poll(k);
+}
+
+/* Follows the upstream's messages: ReadyForQuery settles a unit; ParameterStatus is kept for the engine. */
+static void scan(lp_client *k, const unsigned char *data, size_t n) {
+  scan_t *s = &k->scan;
+  for (size_t i = 0; i < n && !k->broken;) {
+    if (s->have < 5) {
+      s->header[s->have++] = data[i++];
+      if (s->have < 5) continue;
+      s->type = s->header[0];
+      uint32_t len = be32(s->header + 1);
+      if (len < 4) {
+        k->broken = 1;
+        break;
+      }
+      s->remaining = len - 4;
+      /* COPY FROM STDIN or COPY BOTH would wait for the client's COPY messages, which go the engine's way. */
+      if (s->type == 'G' || s->type == 'W') k->broken = 1;
+      s->status_due = s->type == 'Z';
+      if (s->type == 'S') {
+        if (pending(&k->reports) + 5 + s->remaining > REPORTS_LIMIT || buf_append(&k->reports, s->header, 5) != 0) k->flags |= LP_LENT_REPORTS_LOST;
+      }
+    } else {
+      size_t take = n - i < s->remaining ? n - i : s->remaining;
+      if (s->type == 'S' && !(k->flags & LP_LENT_REPORTS_LOST) && buf_append(&k->reports, data + i, take) != 0) k->flags |= LP_LENT_REPORTS_LOST;
+      if (s->status_due && take > 0) {
+        k->status = data[i];
+        s->status_due = 0;
+      }
+      s->remaining -= (uint32_t)take;
+      i += take;
+    }
+    if (s->have == 5 && s->remaining == 0) {
+      if (s->type == 'Z') k->outstanding--;
+      s->have = 0;
+    }
+  }
+  if (k->outstanding < 0) k->broken = 1;
+}
+
+static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error) {
+  lp_client *k = user;
+  if (k->conn != c) return;
+  if (!data) {
+    give_back(k, LP_BACK_UPSTREAM_GONE, error);
+    return;
+  }
+  if (n == 0) { /* the connection's queue was written */
+    if (k->up_full) {
+      k->up_full = 0;
+      process(k);
+    }
+    return;
+  }
+  touch(k);
+  scan(k, data, n);
+  if (k->counters) k->counters[1] += (double)n;
+  to_client(k, data, n);
+  if (k->closing || k->conn != c) return;
+  if (k->broken) {
+    give_back(k, LP_BACK_UPSTREAM_GONE, "the server sent what the fast path cannot relay");
+    return;
+  }
+  if (pending(&k->out) > HIGH_WATER) lp_conn_pause(c, 1);
+  if (k->outstanding == 0 && k->scan.have == 0) {
+    if (k->status == 'I') give_back(k, LP_BACK_RELEASED, NULL);
+    if (!k->closing) process(k);
+  }
+  if (!k->closing) update_poll(k); /* what the client did not take waits for its socket */
+}
+
+/* ---------- the API ---------- */
+
+lp_client *lp_client_open(uv_loop_t *loop, int fd, const lp_client_callbacks *cb, void *user, double *counters, const char **error) {
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    *error = "could not make the client socket non-blocking";
+    return NULL;
+  }
+  lp_client *k = calloc(1, sizeof *k);
+  uv_poll_t *poll = malloc(sizeof *poll);
+  if (!k || !poll || uv_poll_init_socket(loop, poll, fd) != 0) {
+    free(k);
+    free(poll);
+    *error = "could not poll the client socket";
+    return NULL;
+  }
+  k->loop = loop;
+  k->cb = cb;
+  k->user = user;
+  k->poll = poll;
+  k->fd = fd;
+  k->counters = counters;
+  k->status = 'I';
+  uv_handle_set_data((uv_handle_t *)poll, k);
+  touch(k);
+  update_poll(k);
+  return k;
+}
+
+long lp_client_write(lp_client *k, const unsigned char *data, size_t n) {
+  if (k->closing || k->write_shut || k->want_shut) return -1;
+  touch(k);
+  to_client(k, data, n);
+  if (k->closing || k->write_shut) return -1;
+  k->want_drain = pending(&k->out) > 0;
+  update_poll(k);
+  return (long)pending(&k->out);
+}
+
+void lp_client_end(lp_client *k) {
+  if (k->closing || k->want_shut) return;
+  k->want_shut = 1;
+  if (k->conn) give_back(k, LP_BACK_CLIENT_GONE, NULL);
+  if (k->closing) return;
+  k->fast = 0;
+  k->needing = 0;
+  buf_free(&k->in);
+  if (pending(&k->out) == 0) shut(k);
+  if (!k->closing) update_poll(k);
+}
+
+void lp_client_close(lp_client *k) { teardown(k); }
+
+void lp_client_pause(lp_client *k, int paused) {
+  if (k->closing) return;
+  k->js_paused = !!paused;
+  update_poll(k);
+}
+
+int lp_client_fast(lp_client *k, const unsigned char *first, size_t n) {
+  if (k->closing || k->fast || k->read_done || k->want_shut) return -1;
+  if (buf_append(&k->in, first, n) != 0) return -1;
+  k->fast = 1;
+  process(k);
+  return 0;
+}
+
+int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n) {
+  if (k->closing || !k->fast || !k->needing || k->conn || !lp_conn_lendable(conn)) return -1;
+  k->needing = 0;
+  k->conn = conn;
+  k->outstanding = 0;
+  k->status = 'I';
+  k->flags = 0;
+  k->broken = 0;
+  memset(&k->scan, 0, sizeof k->scan);
+  lp_conn_sink(conn, sink, k);
+  lp_conn_pause(conn, 0); /* reads what OpenSSL holds, into the sink */
+  if (k->conn == conn && n > 0) sink(conn, k, unread, n, NULL);
+  if (!k->closing && k->conn == conn) process(k);
+  return 0;
+}
+
+const unsigned char *lp_client_js(lp_client *k, size_t *n) {
+  /* What the last call handed over: kept until the next call (one loop thread). */
+  static buf_t handed;
+  buf_free(&handed);
+  *n = 0;
+  if (k->closing || !k->fast || k->conn) return NULL;
+  k->fast = 0;
+  k->needing = 0;
+  handed = k->in;
+  memset(&k->in, 0, sizeof k->in);
+  *n = pending(&handed);
+  update_poll(k);
+  return *n ? handed.data + handed.off : NULL;
+}
+
+void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms) {
+  *lent = k->conn != NULL;
+  *running = k->conn != NULL && k->outstanding > 0;
+  *idle_ms = (double)(uv_now(k->loop) - k->last_activity);
+}

@@ -1,0 +1,188 @@
+/**
+ * A transaction-mode client socket owned by C (native/txclient.c): to the engine
+ * (transaction-session.ts) it is the client stream it reads and writes, and it carries the
+ * commonest transactions itself, on a server connection the engine lends it (`fast()`, `onNeed`,
+ * `attach()`, `onBack`). See native/txclient.h for what the fast path carries.
+ */
+import { EventEmitter } from 'node:events';
+import type { Socket } from 'node:net';
+import { native, type Handle, type LentBack, type NativeUpstream } from './native-relay.js';
+
+/** What the engine needs of a client stream: net.Socket and NativeClient both are one. */
+export interface ClientStream {
+  on(event: 'data', listener: (chunk: Buffer) => void): this;
+  on(event: 'end' | 'close' | 'drain', listener: () => void): this;
+  on(event: 'error', listener: (error: Error) => void): this;
+  write(data: Buffer): boolean;
+  end(data?: Buffer): unknown;
+  pause(): unknown;
+  resume(): unknown;
+  destroy(): unknown;
+}
+
+/** What came back with a lent connection. */
+export interface Back {
+  readonly how: LentBack;
+  /** Its last ReadyForQuery's transaction status. */
+  readonly status: string;
+  /** The lending made the unnamed statement, and the unnamed portal. */
+  readonly parsed: boolean;
+  readonly bound: boolean;
+  /** ParameterStatus messages the server sent meanwhile (relayed to the client already). */
+  readonly reports: Buffer | null;
+  /** Some did not fit: the client's settings are not known. */
+  readonly reportsLost: boolean;
+  /** client_gone: answers were still to come. */
+  readonly running: boolean;
+  /** handover: the client's bytes the engine reads next. */
+  readonly rest: Buffer | null;
+  /** upstream_gone: why (null: it closed). */
+  readonly reason: string | null;
+}
+
+const LENT_PARSED = 1;
+const LENT_BOUND = 2;
+const LENT_REPORTS_LOST = 4;
+
+function fdOf(socket: Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return fd === undefined || fd < 0 ? undefined : fd;
+}
+
+export class NativeClient extends EventEmitter implements ClientStream {
+  /** [to upstream, to client]: bytes the fast path moved, added to by C. */
+  readonly counters: Float64Array;
+  /** Set by the engine: a unit waits for a connection. */
+  onNeed: () => void = () => {};
+  /** Set by the engine: the lent connection is back. */
+  onBack: (back: Back) => void = () => {};
+  readonly #addon: NonNullable<typeof native.addon>;
+  readonly #client: Handle;
+  #closed = false;
+  #ended = false;
+
+  private constructor(addon: NonNullable<typeof native.addon>, client: Handle, counters: Float64Array) {
+    super();
+    this.#addon = addon;
+    this.#client = client;
+    this.counters = counters;
+  }
+
+  /**
+   * Takes over a plain client socket (Node's handle is closed; C keeps a copy of the descriptor)
+   * once what Node.js still queues for it is written. Returns undefined when C cannot take it
+   * (then `socket` is untouched), or the client's bytes Node.js read beside it.
+   */
+  static async adopt(socket: Socket): Promise<{ client: NativeClient; unread: Buffer } | undefined> {
+    const addon = native.addon;
+    if (!addon) return undefined;
+    socket.pause(); // what the client sends meanwhile stays in Node's buffer, read below
+    if (socket.writableLength > 0) await new Promise<void>((resolve) => socket.write(Buffer.alloc(0), () => resolve()));
+    const fd = fdOf(socket);
+    if (fd === undefined || socket.destroyed) return undefined;
+    let made!: NativeClient;
+    const counters = new Float64Array(2);
+    const handle = addon.client(
+      fd,
+      counters,
+      (data, error) => made.#data(data, error),
+      () => made.onNeed(),
+      (how, status, flags, running, reports, rest, reason) =>
+        made.onBack({ how, status, parsed: (flags & LENT_PARSED) !== 0, bound: (flags & LENT_BOUND) !== 0, reportsLost: (flags & LENT_REPORTS_LOST) !== 0, reports, running, rest, reason }),
+      () => made.#closedByC(),
+    );
+    if (typeof handle === 'string') {
+      socket.resume();
+      return undefined;
+    }
+    made = new NativeClient(addon, handle, counters);
+    const chunks: Buffer[] = [];
+    for (let chunk = socket.read() as Buffer | null; chunk !== null; chunk = socket.read() as Buffer | null) chunks.push(chunk);
+    socket.destroy(); // Node's descriptor only
+    return { client: made, unread: Buffer.concat(chunks) };
+  }
+
+  write(data: Buffer): boolean {
+    return this.#addon.clientWrite(this.#client, data) === 0;
+  }
+
+  end(data?: Buffer): this {
+    if (data && data.length > 0) this.#addon.clientWrite(this.#client, data);
+    this.#addon.clientEnd(this.#client);
+    return this;
+  }
+
+  pause(): this {
+    this.#addon.clientPause(this.#client, true);
+    return this;
+  }
+
+  resume(): this {
+    this.#addon.clientPause(this.#client, false);
+    return this;
+  }
+
+  destroy(): this {
+    this.#addon.clientClose(this.#client);
+    return this;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** To the fast path, with the bytes the engine read and left. False when C refused (the client ended). */
+  fast(first: Buffer): boolean {
+    return this.#addon.clientFast(this.#client, first);
+  }
+
+  /** Lends `upstream` to the unit that waits (after onNeed); a string says why not (nothing changed). */
+  attach(upstream: NativeUpstream): string | undefined {
+    const lent = upstream.lend();
+    if (!lent) return 'the upstream connection has ended';
+    const refused = this.#addon.clientAttach(this.#client, lent.conn, lent.unread);
+    if (refused !== undefined) upstream.giveBack(lent.unread);
+    return refused;
+  }
+
+  /** Back to the engine, with nothing lent: the bytes it reads next. */
+  takeBack(): Buffer {
+    return this.#addon.clientJs(this.#client);
+  }
+
+  /** Whether a query runs on the lent connection, and ms since the last byte either way. */
+  get state(): { lent: boolean; running: boolean; idleMs: number } {
+    const [lent = 0, running = 0, idleMs = 0] = this.#addon.clientState(this.#client);
+    return { lent: lent === 1, running: running === 1, idleMs };
+  }
+
+  /** Closes the session after `ms` with no byte either way and no query running (as server.ts' idleTimeout does for sockets). */
+  idleTimeout(ms: number, queryRunning: () => boolean, onIdle: () => void): void {
+    const check = (): void => {
+      if (this.#closed) return;
+      const idleFor = this.state.idleMs;
+      if (!queryRunning() && idleFor >= ms) onIdle();
+      else setTimeout(check, queryRunning() ? ms : Math.max(1, ms - idleFor)).unref();
+    };
+    setTimeout(check, ms).unref();
+  }
+
+  #data(data: Buffer | null, error: string | null): void {
+    if (data === null) {
+      if (this.#ended) return;
+      this.#ended = true;
+      if (error !== null) this.emit('error', new Error(error));
+      else this.emit('end');
+      this.#addon.clientEnd(this.#client); // no half-open session: our FIN, then the socket closes
+    } else if (data.length === 0) {
+      this.emit('drain');
+    } else {
+      this.emit('data', data);
+    }
+  }
+
+  #closedByC(): void {
+    this.#closed = true;
+    this.emit('close');
+  }
+}
