@@ -30,6 +30,8 @@
 #define READ_SIZE 65536
 /* Buffers read from the upstream per event at most (1 MiB): a server faster than the relay must not hold the loop. */
 #define READS_PER_EVENT 16
+/* Plaintext below this, with nothing buffered in OpenSSL, ends a read (see up_read). */
+#define SMALL_READ 16384
 #define LINGER_MS 5000
 /* RFC 8446 section 5.5: AES-GCM keys must change well before 2^24.5 records; we update at 2^23. */
 #define KEY_UPDATE_RECORDS (1u << 23)
@@ -489,11 +491,18 @@ static void up_read(lp_conn *c, int force) {
     }
     size_t have = 0;
     int r = 0;
+    /* A small answer with nothing more buffered: the poll says when more comes, instead of a read
+       that finds nothing (a system call per query). Large ones read on to READ_SIZE. */
+    int settled = 0;
     while (have < want) {
       ERR_clear_error();
       r = SSL_read(c->ssl, scratch + have, (int)(want - have));
       if (r <= 0) break;
       have += (size_t)r;
+      if (!force && have < SMALL_READ && !SSL_has_pending(c->ssl)) {
+        settled = 1;
+        break;
+      }
     }
     int code = r > 0 ? SSL_ERROR_NONE : SSL_get_error(c->ssl, r);
     const char *why = NULL;
@@ -505,6 +514,7 @@ static void up_read(lp_conn *c, int force) {
       else deliver(c, scratch, have, NULL);
       if (c->closing) return;
     }
+    if (settled) return;
     if (code == SSL_ERROR_NONE) continue;
     if (code == SSL_ERROR_WANT_READ) return;
     if (code == SSL_ERROR_WANT_WRITE) {
@@ -783,6 +793,8 @@ lp_ctx *lp_ctx_new(int verify, int system_store, const char *ca_pem, size_t ca_l
   SSL_CTX_set_ex_data(ctx->ssl, 0, ctx);
   SSL_CTX_set_min_proto_version(ctx->ssl, TLS1_2_VERSION);
   SSL_CTX_set_mode(ctx->ssl, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  /* A record's header and body in one read from the socket, not two (SSL_has_pending then tells what is buffered). */
+  SSL_CTX_set_read_ahead(ctx->ssl, 1);
   SSL_CTX_set_options(ctx->ssl, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_RENEGOTIATION);
   SSL_CTX_set_session_cache_mode(ctx->ssl, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
   SSL_CTX_sess_set_new_cb(ctx->ssl, new_session);

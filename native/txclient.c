@@ -274,9 +274,10 @@ static void client_ended(lp_client *k, const char *error) {
 static int may_read(const lp_client *k) {
   if (k->read_done || k->closing) return 0;
   if (!k->fast) return !k->js_paused;
-  /* Fast mode reads while units can go: not while one waits for a connection, the connection's
-     queue is full, or the head of `in` waits for the answers to come. */
-  return !k->needing && !k->up_full && pending(&k->in) < UNIT_LIMIT;
+  /* Fast mode reads ahead into `in` (a unit waiting for a connection, or for answers, included:
+     stopping and starting the poll costs two system calls) up to UNIT_LIMIT, and not while the
+     lent connection's queue is full. */
+  return !k->up_full && pending(&k->in) < UNIT_LIMIT;
 }
 
 static void on_poll(uv_poll_t *handle, int status, int events);
@@ -370,8 +371,8 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   k->conn = NULL;
   k->up_full = 0;
   lp_conn_sink(conn, NULL, NULL);
-  /* The caller's reader starts paused: it resumes when it reads (NativeUpstream._read). */
-  if (how != LP_BACK_UPSTREAM_GONE) lp_conn_pause(conn, 1);
+  /* Back unpaused, as it was lent (NativeUpstream.lend): what comes next goes to the caller's reader. */
+  if (how != LP_BACK_UPSTREAM_GONE) lp_conn_pause(conn, 0);
   buf_t reports = k->reports, rest = { 0 };
   memset(&k->reports, 0, sizeof k->reports);
   int running = k->outstanding > 0 || k->scan.have != 0; /* answers to come, or one cut short */
@@ -573,7 +574,7 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
   k->broken = 0;
   memset(&k->scan, 0, sizeof k->scan);
   lp_conn_sink(conn, sink, k);
-  lp_conn_pause(conn, 0); /* reads what OpenSSL holds, into the sink */
+  lp_conn_pause(conn, 0); /* lent unpaused (NativeUpstream.lend): a no-op, unless a backpressure pause was left */
   if (k->conn == conn && n > 0) sink(conn, k, unread, n, NULL);
   if (!k->closing && k->conn == conn) process(k);
   return 0;

@@ -169,6 +169,9 @@ export class ClientSettings {
    * left there back to their defaults. `server.applied` is updated as if it succeeded.
    */
   landOn(server: ServerConnection): string | undefined {
+    // The same unchanging settings as the last client here, and nothing changed since: nothing to set.
+    const landed = server.landed;
+    if (this.#sharing && landed?.reported === this.#reported && landed.version === server.parametersVersion && this.unreported.size === 0 && server.applied.size === 0) return undefined;
     const calls: string[] = [];
     for (const [name, value] of this.#reported) {
       if (carried(name) && server.parameters.get(name) !== value) calls.push(setConfig(name, value));
@@ -181,7 +184,11 @@ export class ClientSettings {
     }
     const stale = [...server.applied.keys()].filter((name) => !this.unreported.has(name));
     for (const name of stale) server.applied.delete(name);
-    if (calls.length === 0 && stale.length === 0) return undefined;
+    if (calls.length === 0 && stale.length === 0) {
+      // Only a shared map stays as it is: one of the client's own changes in place.
+      server.landed = this.#sharing ? { reported: this.#reported, version: server.parametersVersion } : undefined;
+      return undefined;
+    }
     let query = calls.length > 0 ? `SELECT ${calls.join(', ')}` : '';
     if (stale.length > 0) {
       if (query !== '') query += '; ';

@@ -69,8 +69,13 @@ interface Waiter {
   readonly loginKey: string;
   /** With a connection handed straight to this client (first come, first served), or to look again. */
   readonly wake: (server?: ServerConnection) => void;
+  /** Its wait ends without a connection: QueryWaitTimeout passed, or the client left. */
+  readonly fail: (error: Error) => void;
   /** When the client began to wait (SHOW POOLS' maxwait). */
   readonly since: number;
+  /** When QueryWaitTimeout ends the wait. */
+  readonly deadline: number;
+  readonly signal: AbortSignal;
 }
 
 export interface Lease {
@@ -99,6 +104,14 @@ export class Pool {
   /** Logins under way: they count against the size. */
   #loggingIn = 0;
   readonly #waiters: Waiter[] = [];
+  /**
+   * One timer for the earliest deadline among the waiting clients, and one abort listener per
+   * client's signal for all its waits: a timer and a listener per wait cost more than the rest of
+   * a transaction's hand-off in transaction mode.
+   */
+  #deadlineTimer: NodeJS.Timeout | undefined;
+  #deadlineAt = Number.POSITIVE_INFINITY;
+  readonly #watched = new WeakSet<AbortSignal>();
   /** Connections being cleaned after their client, and whether a new client has claimed each already. */
   readonly #resets = new Map<ServerConnection, { claimed: boolean; readonly done: Promise<boolean> }>();
   #closed = false;
@@ -269,6 +282,8 @@ export class Pool {
   close(): void {
     this.#closed = true;
     clearInterval(this.#janitor);
+    clearTimeout(this.#deadlineTimer);
+    this.#deadlineTimer = undefined;
     for (const server of this.#idle.splice(0)) this.#close(server, 'shutdown');
     this.#wakeAll();
   }
@@ -340,9 +355,10 @@ export class Pool {
       this.#close(server, server.tokenExpired(Date.now()) ? 'token_expired' : 'lifetime');
       return;
     }
-    const at = this.#waiters.findIndex((waiter) => waiter.loginKey === server.loginKey);
+    // Almost always the first: shift() is cheap where splice() moves the whole queue.
+    const at = this.#waiters[0]?.loginKey === server.loginKey ? 0 : this.#waiters.findIndex((waiter) => waiter.loginKey === server.loginKey);
     if (at >= 0) {
-      const [waiter] = this.#waiters.splice(at, 1);
+      const waiter = at === 0 ? this.#waiters.shift() : this.#waiters.splice(at, 1)[0];
       server.state = 'active';
       waiter?.wake(server);
       return;
@@ -402,39 +418,63 @@ export class Pool {
   }
 
   #wait(loginKey: string, started: number, signal: AbortSignal): Promise<ServerConnection | undefined> {
-    const left = this.#settings.queryWaitTimeoutMs - (Date.now() - started);
-    if (left <= 0) return Promise.reject(this.#timeout());
+    const deadline = started + this.#settings.queryWaitTimeoutMs;
+    if (deadline <= Date.now()) return Promise.reject(this.#timeout());
     return new Promise<ServerConnection | undefined>((resolve, reject) => {
-      const waiter: Waiter = {
-        loginKey,
-        since: started,
-        wake: (server) => {
-          clearTimeout(timer);
-          signal.removeEventListener('abort', onAbort);
-          resolve(server);
-        },
-      };
-      const leave = (): void => {
-        const at = this.#waiters.indexOf(waiter);
-        if (at >= 0) this.#waiters.splice(at, 1);
-        signal.removeEventListener('abort', onAbort);
-      };
-      const timer = setTimeout(() => {
-        leave();
-        reject(this.#timeout());
-      }, left);
-      const onAbort = (): void => {
-        clearTimeout(timer);
-        leave();
-        reject(new Error('the client went away'));
-      };
-      signal.addEventListener('abort', onAbort, { once: true });
+      const waiter: Waiter = { loginKey, since: started, deadline, signal, wake: resolve, fail: reject };
       // In the order the clients came: one woken to look again, that found nothing, keeps its place.
       // Almost always the newest: appended without a look at the others (the queue may be thousands long).
       const last = this.#waiters[this.#waiters.length - 1];
       if (!last || last.since <= started) this.#waiters.push(waiter);
       else this.#waiters.splice(this.#waiters.findIndex((other) => other.since > started), 0, waiter);
+      this.#watchAbort(signal);
+      this.#armDeadline(deadline);
     });
+  }
+
+  /** A client gone while it waits leaves the queue (one listener per client, for all its waits). */
+  #watchAbort(signal: AbortSignal): void {
+    if (this.#watched.has(signal)) return;
+    this.#watched.add(signal);
+    signal.addEventListener(
+      'abort',
+      () => {
+        for (let i = this.#waiters.length - 1; i >= 0; i--) {
+          const waiter = this.#waiters[i] as Waiter;
+          if (waiter.signal !== signal) continue;
+          this.#waiters.splice(i, 1);
+          waiter.fail(new Error('the client went away'));
+        }
+      },
+      { once: true },
+    );
+  }
+
+  #armDeadline(deadline: number): void {
+    if (this.#deadlineTimer && this.#deadlineAt <= deadline) return;
+    clearTimeout(this.#deadlineTimer);
+    this.#deadlineAt = deadline;
+    // Unreferenced: a waiting client's socket keeps the process up, not this timer once none waits.
+    this.#deadlineTimer = setTimeout(() => this.#expire(), Math.max(0, deadline - Date.now())).unref();
+  }
+
+  /** QueryWaitTimeout: the clients whose deadline passed are refused; the timer goes on for the others. */
+  #expire(): void {
+    this.#deadlineTimer = undefined;
+    this.#deadlineAt = Number.POSITIVE_INFINITY;
+    const now = Date.now();
+    let next = Number.POSITIVE_INFINITY;
+    for (let i = 0; i < this.#waiters.length; ) {
+      const waiter = this.#waiters[i] as Waiter;
+      if (waiter.deadline <= now) {
+        this.#waiters.splice(i, 1);
+        waiter.fail(this.#timeout());
+      } else {
+        next = Math.min(next, waiter.deadline);
+        i++;
+      }
+    }
+    if (next !== Number.POSITIVE_INFINITY) this.#armDeadline(next);
   }
 
   #timeout(): PoolTimeoutError {

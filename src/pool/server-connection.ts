@@ -31,8 +31,20 @@ export const SERVER_CLOSE_REASONS: readonly ServerCloseReason[] = [
 
 /** The startup parameters a login was made with, as one comparable key. */
 export function loginKeyOf(parameters: ReadonlyMap<string, string>): string {
-  return JSON.stringify([...parameters].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+  const key = JSON.stringify([...parameters].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+  // One string per key: the pool compares keys at every hand-off, and the same string compares at once.
+  let same = loginKeys.get(key);
+  if (same === undefined) {
+    if (loginKeys.size >= MAX_LOGIN_KEYS) loginKeys.clear();
+    loginKeys.set(key, key);
+    same = key;
+  }
+  return same;
 }
+
+const loginKeys = new Map<string, string>();
+/** Distinct keys kept (clients may name any database): past this the map starts again. */
+const MAX_LOGIN_KEYS = 1000;
 
 /** A lifetime shortened by up to a tenth at random, so that a pool's connections do not all end at once. */
 function jittered(ms: number): number {
@@ -57,6 +69,13 @@ export class ServerConnection {
   droppedBefore = 0;
   /** Transaction mode: settings the server does not report that a client's startup had set here. */
   readonly applied = new Map<string, string>();
+  /** Bumped when a reported parameter changes (see landed). */
+  parametersVersion = 0;
+  /**
+   * Transaction mode: the (shared, unchanging) reported settings of the client that last landed
+   * here with nothing to set, at `parametersVersion`: the next client with the same lands at once.
+   */
+  landed: { readonly reported: ReadonlyMap<string, string>; readonly version: number } | undefined;
   readonly #tokenExpiresAt: number;
   #idleListener: ((chunk: Buffer) => void) | undefined;
   /** The greeting for these parameters, made at the first client that needs it after a change. */
@@ -108,6 +127,7 @@ export class ServerConnection {
   setParameter(name: string, value: string): void {
     if (this.parameters.get(name) === value) return;
     (this.parameters as Map<string, string>).set(name, value);
+    this.parametersVersion++;
     this.#greeting = undefined;
   }
 
