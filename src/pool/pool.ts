@@ -228,6 +228,53 @@ export class Pool {
   }
 
   /**
+   * Transaction mode's fast path (native/txclient.h): `take` gets a connection for `loginKey`, or
+   * why there is none. An idle connection that needs no check, or one that comes free while this
+   * client waits, is handed over synchronously (inside giveBack(): no promise and no timer per
+   * hand-off); what needs a round trip first (a login, a check, a reset under way) goes through
+   * acquire(). `take` is called exactly once.
+   */
+  lendTo(loginKey: string, login: Login, signal: AbortSignal, take: (server: ServerConnection | undefined, error?: unknown) => void, started = Date.now()): void {
+    const ready = this.#closed || signal.aborted ? undefined : this.#takeIdle(loginKey, false);
+    if (ready) {
+      ready.state = 'active';
+      this.#observer.reuse();
+      this.#observer.waited((Date.now() - started) / 1000);
+      take(ready);
+      return;
+    }
+    if (this.#closed || signal.aborted || this.#idle.length > 0 || this.#resets.size > 0 || this.size < this.#settings.size) {
+      const again = (): void => this.lendTo(loginKey, login, signal, take, started);
+      this.acquire(loginKey, login, signal).then(
+        (lease) => (lease.ready ? void lease.ready.then((ok) => (ok ? take(lease.server) : again())) : take(lease.server)),
+        (error: unknown) => take(undefined, error),
+      );
+      return;
+    }
+    const deadline = started + this.#settings.queryWaitTimeoutMs;
+    if (deadline <= Date.now()) {
+      take(undefined, this.#timeout());
+      return;
+    }
+    this.#enqueue({
+      loginKey,
+      since: started,
+      deadline,
+      signal,
+      wake: (server) => {
+        if (!server) {
+          this.lendTo(loginKey, login, signal, take, started); // room for a login: look again
+          return;
+        }
+        this.#observer.reuse();
+        this.#observer.waited((Date.now() - started) / 1000);
+        take(server);
+      },
+      fail: (error) => take(undefined, error),
+    });
+  }
+
+  /**
    * The client of `server` is gone. With `detached` (a pooled relay let it go) and reusable,
    * the connection is cleaned and goes back to the pool; otherwise it is closed.
    */
@@ -288,11 +335,13 @@ export class Pool {
     this.#wakeAll();
   }
 
-  #takeIdle(loginKey: string): ServerConnection | undefined {
+  /** The most recently used idle connection of `loginKey`; with `unchecked` false, not one that ServerCheckDelay says to check first. */
+  #takeIdle(loginKey: string, unchecked = true): ServerConnection | undefined {
     const now = Date.now();
     for (let i = this.#idle.length - 1; i >= 0; i--) {
       const server = this.#idle[i] as ServerConnection;
       if (server.loginKey !== loginKey) continue;
+      if (!unchecked && now - server.lastUsedAt >= this.#settings.checkDelayMs) return undefined;
       this.#idle.splice(i, 1);
       server.stopWatchingIdle();
       if (now >= server.expiresAt) {
@@ -420,16 +469,17 @@ export class Pool {
   #wait(loginKey: string, started: number, signal: AbortSignal): Promise<ServerConnection | undefined> {
     const deadline = started + this.#settings.queryWaitTimeoutMs;
     if (deadline <= Date.now()) return Promise.reject(this.#timeout());
-    return new Promise<ServerConnection | undefined>((resolve, reject) => {
-      const waiter: Waiter = { loginKey, since: started, deadline, signal, wake: resolve, fail: reject };
-      // In the order the clients came: one woken to look again, that found nothing, keeps its place.
-      // Almost always the newest: appended without a look at the others (the queue may be thousands long).
-      const last = this.#waiters[this.#waiters.length - 1];
-      if (!last || last.since <= started) this.#waiters.push(waiter);
-      else this.#waiters.splice(this.#waiters.findIndex((other) => other.since > started), 0, waiter);
-      this.#watchAbort(signal);
-      this.#armDeadline(deadline);
-    });
+    return new Promise<ServerConnection | undefined>((resolve, reject) => this.#enqueue({ loginKey, since: started, deadline, signal, wake: resolve, fail: reject }));
+  }
+
+  #enqueue(waiter: Waiter): void {
+    // In the order the clients came: one woken to look again, that found nothing, keeps its place.
+    // Almost always the newest: appended without a look at the others (the queue may be thousands long).
+    const last = this.#waiters[this.#waiters.length - 1];
+    if (!last || last.since <= waiter.since) this.#waiters.push(waiter);
+    else this.#waiters.splice(this.#waiters.findIndex((other) => other.since > waiter.since), 0, waiter);
+    this.#watchAbort(waiter.signal);
+    this.#armDeadline(waiter.deadline);
   }
 
   /** A client gone while it waits leaves the queue (one listener per client, for all its waits). */

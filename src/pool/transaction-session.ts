@@ -446,11 +446,26 @@ export class TransactionSession implements SessionRelay {
     native.fast(this.#fromClient.takeRemaining());
   }
 
-  /** The fast path waits with a unit: a connection is lent to it, or, where it cannot be, the unit comes here. */
-  async #lend(): Promise<void> {
+  /**
+   * The fast path waits with a unit: a connection is lent to it, or, where it cannot be, the unit
+   * comes here. The pool hands a connection over synchronously when it can (Pool.lendTo).
+   */
+  #lend(): void {
+    if (this.#acquiring || this.#end !== undefined) return;
+    this.#acquiring = true;
+    this.#context.pool.lendTo(this.#context.loginKey, this.#context.login, (this.#abort ??= new AbortController()).signal, (server, error) => {
+      this.#acquiring = false;
+      if (server) this.#landFast(server);
+      else this.#leaseFailed(error);
+    });
+  }
+
+  #landFast(server: ServerConnection): void {
+    if (this.#end !== undefined) {
+      this.#context.pool.giveBack(server, 'I', false);
+      return;
+    }
     const native = this.#native as NativeClient;
-    const server = await this.#take();
-    if (!server) return;
     const query = this.#settings.landOn(server);
     if (query === undefined && server.upstream instanceof NativeUpstream && native.attach(server.upstream) === undefined) {
       this.#lent = server;
@@ -831,13 +846,7 @@ export class TransactionSession implements SessionRelay {
       server = await lease(this.#context, (this.#abort ??= new AbortController()).signal);
     } catch (error) {
       this.#acquiring = false;
-      if (this.#end !== undefined) return undefined;
-      if (this.#ending) {
-        this.#shutDown();
-        return undefined;
-      }
-      const facing = error as { sqlstate?: string; message: string };
-      this.#refuse(facing.sqlstate ?? '08006', facing.message, 'upstream_error');
+      this.#leaseFailed(error);
       return undefined;
     }
     this.#acquiring = false;
@@ -846,6 +855,17 @@ export class TransactionSession implements SessionRelay {
       return undefined;
     }
     return server;
+  }
+
+  /** No connection for the client: it is told why (unless it left, or the proxy shuts down). */
+  #leaseFailed(error: unknown): void {
+    if (this.#end !== undefined) return;
+    if (this.#ending) {
+      this.#shutDown();
+      return;
+    }
+    const facing = error as { sqlstate?: string; message: string };
+    this.#refuse(facing.sqlstate ?? '08006', facing.message, 'upstream_error');
   }
 
   /** The client holds `server` (at a ReadyForQuery of `status`); `query` sets its settings there first. */
