@@ -15,7 +15,7 @@
  *
  * A transaction-mode client (txclient.h):
  *   client(fd, counters: Float64Array(2), onData(buffer|null, error|null), onNeed(),
- *          onBack(how, status, flags, running, reports|null, rest|null, reason|null), onEnd()) -> client | string
+ *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null), onEnd()) -> client | string
  *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
  *   clientEnd(client);  clientClose(client);  clientPause(client, paused)
  *   clientFast(client, first) -> boolean;  clientAttach(client, conn, unread) -> undefined | string
@@ -536,9 +536,9 @@ static void k_on_back(lp_client *k, void *user, enum lp_back how, int status, in
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
   napi_value argv[7];
-  argv[0] = string(env, LP_BACK_NAMES[how]);
-  char letter[2] = { status > 0 && status < 128 ? (char)status : '?', 0 };
-  argv[1] = string(env, letter);
+  /* Numbers, not strings: this runs once a transaction. */
+  napi_create_int32(env, (int32_t)how, &argv[0]);
+  napi_create_int32(env, status, &argv[1]);
   napi_create_int32(env, flags, &argv[2]);
   napi_get_boolean(env, running, &argv[3]);
   argv[4] = buffer_or_null(env, reports, reports_len);

@@ -88,14 +88,32 @@ static int has_word(const unsigned char *text, size_t n, size_t at, const char *
 /*
  * Words whose commands leave session state or drop statements (the engine's LEAKY_TEXT,
  * LEAKY_TAGS, set_config, DISCARD, DEALLOCATE), or that the engine follows (COPY), anywhere in
- * the text: in a name or a string too, which only sends that text the engine's way.
+ * the text: in a name or a string too, which only sends that text the engine's way. By first
+ * letter, so that most characters cost one look.
  */
-static const char *const NOT_PLAIN[] = { "temp", "hold", "advisory", "set_config", "discard", "deallocate", "listen", "prepare", "load", "declare", "copy", "reset", NULL };
+static const char *const *not_plain(int first) {
+  static const char *const a[] = { "advisory", NULL }, *const c[] = { "copy", NULL }, *const d[] = { "discard", "deallocate", "declare", NULL },
+                           *const h[] = { "hold", NULL }, *const l[] = { "listen", "load", NULL }, *const p[] = { "prepare", NULL },
+                           *const r[] = { "reset", NULL }, *const s[] = { "set_config", NULL }, *const t[] = { "temp", NULL };
+  switch (first) {
+    case 'a': return a;
+    case 'c': return c;
+    case 'd': return d;
+    case 'h': return h;
+    case 'l': return l;
+    case 'p': return p;
+    case 'r': return r;
+    case 's': return s;
+    case 't': return t;
+    default: return NULL;
+  }
+}
 
 int lp_text_plain(const unsigned char *text, size_t n) {
   for (size_t i = 0; i < n; i++) {
-    for (const char *const *word = NOT_PLAIN; *word; word++) {
-      if (lower(text[i]) == (*word)[0] && has_word(text, n, i, *word)) return 0;
+    const char *const *words = not_plain(lower(text[i]));
+    for (; words && *words; words++) {
+      if (has_word(text, n, i, *words)) return 0;
     }
   }
   /* Each command must begin with a letter (no comment, no parenthesis before it), and not be a SET. */

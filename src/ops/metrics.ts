@@ -355,8 +355,9 @@ export class Metrics {
     };
     const histogram = this.#connectSeconds;
     const labels = { target };
-    const waits = this.#waitSeconds;
-    waits.zero(labels);
+    // The labelled child once: an observe per transaction in transaction mode.
+    const waits = this.#waitSeconds.labels(labels);
+    this.#waitSeconds.zero(labels);
     histogram.zero(labels);
     // Plain functions over `counts`: the relay calls `bytes` detached from this object.
     const observer: ProxyObserver = {
@@ -386,7 +387,7 @@ export class Metrics {
         waited: (seconds) => {
           counts.waits++;
           counts.waitSeconds += seconds;
-          waits.observe(labels, seconds);
+          waits.observe(seconds);
         },
       },
       watchPools: (read) => void (counts.pools = read),

@@ -498,8 +498,8 @@ export class TransactionSession implements SessionRelay {
     }
     switch (back.how) {
       case 'released': {
-        this.#portals.clear();
-        this.#portalsSent.clear();
+        if (this.#portals.size > 0) this.#portals.clear();
+        if (this.#portalsSent.size > 0) this.#portalsSent.clear();
         this.#context.observer.transaction(true);
         const cancelling = this.#cancelling;
         this.#cancelling = undefined;

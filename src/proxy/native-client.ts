@@ -6,7 +6,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
-import { native, type Handle, type LentBack, type NativeUpstream } from './native-relay.js';
+import { LENT_BACK, native, type Handle, type LentBack, type NativeUpstream } from './native-relay.js';
 
 /** What the engine needs of a client stream: net.Socket and NativeClient both are one. */
 export interface ClientStream {
@@ -40,6 +40,8 @@ export interface Back {
   readonly reason: string | null;
 }
 
+/** ReadyForQuery's transaction status letters by char code, made once. */
+const STATUS: Record<number, string> = { 0x49: 'I', 0x54: 'T', 0x45: 'E' };
 const LENT_PARSED = 1;
 const LENT_BOUND = 2;
 const LENT_REPORTS_LOST = 4;
@@ -88,7 +90,17 @@ export class NativeClient extends EventEmitter implements ClientStream {
       (data, error) => made.#data(data, error),
       () => made.onNeed(),
       (how, status, flags, running, reports, rest, reason) =>
-        made.onBack({ how, status, parsed: (flags & LENT_PARSED) !== 0, bound: (flags & LENT_BOUND) !== 0, reportsLost: (flags & LENT_REPORTS_LOST) !== 0, reports, running, rest, reason }),
+        made.onBack({
+          how: LENT_BACK[how - 1] ?? 'upstream_gone',
+          status: STATUS[status] ?? String.fromCharCode(status),
+          parsed: (flags & LENT_PARSED) !== 0,
+          bound: (flags & LENT_BOUND) !== 0,
+          reportsLost: (flags & LENT_REPORTS_LOST) !== 0,
+          reports,
+          running,
+          rest,
+          reason,
+        }),
       () => made.#closedByC(),
     );
     if (typeof handle === 'string') {

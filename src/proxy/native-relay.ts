@@ -57,7 +57,7 @@ interface Addon {
     counters: Float64Array,
     onData: (data: Buffer | null, error: string | null) => void,
     onNeed: () => void,
-    onBack: (how: LentBack, status: string, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null) => void,
+    onBack: (how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null) => void,
     onEnd: () => void,
   ): Handle | string;
   clientWrite(client: Handle, data: Buffer): number;
@@ -70,8 +70,9 @@ interface Addon {
   clientState(client: Handle): [number, number, number];
 }
 
-/** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back). */
-export type LentBack = 'released' | 'handover' | 'client_gone' | 'upstream_gone';
+/** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back, from 1). */
+export const LENT_BACK = ['released', 'handover', 'client_gone', 'upstream_gone'] as const;
+export type LentBack = (typeof LENT_BACK)[number];
 
 /** Where the addon is: LAKEBASE_PROXY_NATIVE_ADDON names another build (the sanitizer run, tests of a broken one). */
 const ADDON_PATH = process.env['LAKEBASE_PROXY_NATIVE_ADDON'] || '../../../build/Release/lakebase_relay.node';
