@@ -23,7 +23,8 @@ static inline int buf_append(buf_t *b, const unsigned char *data, size_t n) {
       b->off = 0;
     }
     if (b->len + n > b->cap) {
-      size_t cap = b->cap ? b->cap : 4096;
+      /* Small first (most messages are): glibc serves blocks this size from its per-thread cache. */
+      size_t cap = b->cap ? b->cap : n <= 256 ? 256 : 4096;
       while (cap < b->len + n) cap *= 2;
       unsigned char *grown = realloc(b->data, cap);
       if (!grown) return -1;

@@ -894,6 +894,10 @@ long lp_conn_write(lp_conn *c, const unsigned char *data, size_t n) {
 void lp_conn_sink(lp_conn *c, lp_sink sink, void *user) {
   c->sink = sink;
   c->sink_user = user;
+  /* A lent connection serves one transaction after another: OpenSSL keeps its record buffers
+     instead of freeing them after each read and write (SSL_MODE_RELEASE_BUFFERS is for the
+     thousands of idle relays of session mode, not for the few connections of a transaction pool). */
+  if (sink && c->ssl) SSL_clear_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
 }
 
 int lp_conn_lendable(const lp_conn *c) {
