@@ -18,7 +18,7 @@
  *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null), onEnd()) -> client | string
  *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
  *   clientEnd(client);  clientClose(client);  clientPause(client, paused)
- *   clientFast(client, first) -> boolean;  clientAttach(client, conn, unread) -> undefined | string
+ *   clientFast(client, first) -> boolean;  clientAttach(client, conn, unread, settingsQuery) -> undefined | string
  *   clientJs(client) -> Buffer (the unread bytes);  clientState(client) -> [lent 0|1, running 0|1, idleMs]
  *
  * Descriptors are taken as copies (dup): the caller closes its own.
@@ -684,20 +684,20 @@ static napi_value client_fast(napi_env env, napi_callback_info info) {
 }
 
 static napi_value client_attach(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  if (get_args(env, info, 3, argv)) return NULL;
+  napi_value argv[4];
+  if (get_args(env, info, 4, argv)) return NULL;
   kbinding_t *k = kbinding_of(env, argv[0]);
   binding_t *c = binding_of(env, argv[1]);
-  void *data;
-  size_t length;
-  if (get_buffer(env, argv[2], &data, &length)) {
-    napi_throw_type_error(env, NULL, "clientAttach: a Buffer expected");
+  void *data, *settings;
+  size_t length, settings_len;
+  if (get_buffer(env, argv[2], &data, &length) || get_buffer(env, argv[3], &settings, &settings_len)) {
+    napi_throw_type_error(env, NULL, "clientAttach: Buffers expected");
     return NULL;
   }
   if (!k || !k->client) return string(env, "the client has ended");
   if (!c || !c->conn) return string(env, "the upstream connection has ended");
   if (c->farewell) return string(env, "the upstream connection is relaying");
-  if (lp_client_attach(k->client, c->conn, data, length) != 0) return string(env, "the client waits for no connection, or the connection cannot be lent");
+  if (lp_client_attach(k->client, c->conn, data, length, settings, settings_len) != 0) return string(env, "the client waits for no connection, or the connection cannot be lent");
   return undefined(env);
 }
 

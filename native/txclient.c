@@ -35,6 +35,8 @@ typedef struct {
   uint32_t remaining;  /* body bytes still to come */
   int type;
   int status_due;      /* a ReadyForQuery whose status byte is next */
+  unsigned char tag[12]; /* the start of a CommandComplete's tag */
+  size_t tag_have;
 } scan_t;
 
 struct lp_client {
@@ -61,6 +63,8 @@ struct lp_client {
   int outstanding;/* units sent whose ReadyForQuery has not come */
   int status;
   int flags;      /* LP_LENT_* */
+  int sent;       /* a unit went in this lending: until then nothing is to be released */
+  int hidden;     /* the answers to the engine's settings query, ahead of the client's: not the client's */
   int broken;     /* the upstream sent what the fast path cannot follow */
   scan_t scan;
   buf_t reports;
@@ -92,19 +96,23 @@ static int has_word(const unsigned char *text, size_t n, size_t at, const char *
  * letter, so that most characters cost one look.
  */
 static const char *const *not_plain(int first) {
+  /* EXECUTE runs a prepared statement whose text this never saw; U& spells names with escapes. */
   static const char *const a[] = { "advisory", NULL }, *const c[] = { "copy", NULL }, *const d[] = { "discard", "deallocate", "declare", NULL },
-                           *const h[] = { "hold", NULL }, *const l[] = { "listen", "load", NULL }, *const p[] = { "prepare", NULL },
-                           *const r[] = { "reset", NULL }, *const s[] = { "set_config", NULL }, *const t[] = { "temp", NULL };
+                           *const e[] = { "execute", NULL }, *const h[] = { "hold", NULL }, *const l[] = { "listen", "load", NULL },
+                           *const p[] = { "prepare", NULL }, *const r[] = { "reset", NULL }, *const s[] = { "set_config", NULL },
+                           *const t[] = { "temp", NULL }, *const u[] = { "u&", NULL };
   switch (first) {
     case 'a': return a;
     case 'c': return c;
     case 'd': return d;
+    case 'e': return e;
     case 'h': return h;
     case 'l': return l;
     case 'p': return p;
     case 'r': return r;
     case 's': return s;
     case 't': return t;
+    case 'u': return u;
     default: return NULL;
   }
 }
@@ -116,11 +124,12 @@ int lp_text_plain(const unsigned char *text, size_t n) {
       if (has_word(text, n, i, *words)) return 0;
     }
   }
-  /* Each command must begin with a letter (no comment, no parenthesis before it), and not be a SET. */
+  /* Each command must begin with a letter (no comment, no parenthesis before it), and be no SET
+     and no DO block (whose SETs no command tag shows; the engine misses those too). */
   for (size_t i = 0; i <= n;) {
     while (i < n && space(text[i])) i++;
     if (i == n) return 1;
-    if (!letter(text[i]) || has_word(text, n, i, "set")) return 0;
+    if (!letter(text[i]) || has_word(text, n, i, "set") || (has_word(text, n, i, "do") && (i + 2 == n || !letter(text[i + 2])))) return 0;
     while (i < n && text[i] != ';') i++;
     i++; /* past the ';' (or the end) */
   }
@@ -136,12 +145,16 @@ static size_t string_end(const unsigned char *body, size_t len, size_t at) {
 
 size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound, size_t limit) {
   size_t off = 0;
+  /* A sequence whose last message so far is a Flush: the client may wait for its answers before
+     it sends the Sync (libpq's pipeline mode does), which a unit would wait for forever. */
+  int flushed = 0;
   for (;;) {
-    if (n - off < 5) return off + 5 > limit ? LP_NOT_FAST : 0;
+    if (n - off < 5) return off + 5 > limit || flushed ? LP_NOT_FAST : 0;
     int type = data[off];
     uint32_t len = be32(data + off + 1);
     if (len < 4 || len > limit || off + 1 + (size_t)len > limit) return LP_NOT_FAST;
-    if (n - off < 1 + (size_t)len) return 0;
+    if (n - off < 1 + (size_t)len) return flushed ? LP_NOT_FAST : 0;
+    flushed = type == 'H';
     const unsigned char *body = data + off + 5;
     size_t blen = len - 4;
     size_t end = off + 1 + len;
@@ -220,16 +233,9 @@ static void teardown(lp_client *k) {
 
 static void linger_done(uv_timer_t *timer) { teardown(uv_handle_get_data((uv_handle_t *)timer)); }
 
-/* Our FIN; the socket closes at the client's end, or after LINGER_MS. */
-static void shut(lp_client *k) {
-  if (k->write_shut) return;
-  k->write_shut = 1;
-  buf_free(&k->out);
-  shutdown(k->fd, SHUT_WR);
-  if (k->read_done) {
-    teardown(k);
-    return;
-  }
+/* The socket closes after LINGER_MS at the latest, whatever the client does (reads or not, ends or not). */
+static void linger(lp_client *k) {
+  if (k->linger || k->closing) return;
   k->linger = malloc(sizeof *k->linger);
   if (!k->linger) {
     teardown(k);
@@ -238,6 +244,16 @@ static void shut(lp_client *k) {
   uv_timer_init(k->loop, k->linger);
   uv_handle_set_data((uv_handle_t *)k->linger, k);
   uv_timer_start(k->linger, linger_done, LINGER_MS, 0);
+}
+
+/* Our FIN; the socket closes at the client's end, or after LINGER_MS. */
+static void shut(lp_client *k) {
+  if (k->write_shut) return;
+  k->write_shut = 1;
+  buf_free(&k->out);
+  shutdown(k->fd, SHUT_WR);
+  if (k->read_done) teardown(k);
+  else linger(k);
 }
 
 /* Writes what `out` holds; -1 when the client cannot take it any more. */
@@ -386,6 +402,7 @@ static void to_js(lp_client *k) {
 /* The lent connection goes back to the caller, with what the lending learnt. */
 static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   lp_conn *conn = k->conn;
+  if (!conn) return;
   k->conn = NULL;
   k->up_full = 0;
   lp_conn_sink(conn, NULL, NULL);
@@ -404,6 +421,7 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   memset(&k->scan, 0, sizeof k->scan);
   int flags = k->flags;
   k->flags = 0;
+  k->sent = 0;
   k->cb->back(k, k->user, how, k->status, flags, running, reports.data ? reports.data + reports.off : NULL, pending(&reports),
               rest.data ? rest.data + rest.off : NULL, pending(&rest), reason);
   buf_free(&reports);
@@ -433,9 +451,13 @@ static void process(lp_client *k) {
     }
     k->flags |= unit_flags(head, unit);
     k->outstanding++;
+    k->sent = 1;
     if (k->counters) k->counters[0] += (double)unit;
     touch(k);
-    long queued = lp_conn_write(k->conn, head, unit);
+    lp_conn *conn = k->conn;
+    long queued = lp_conn_write(conn, head, unit); /* copies the unit first */
+    /* A write that failed at once has called the sink: the connection may be back, the client ended. */
+    if (k->closing || k->conn != conn) break;
     buf_consumed(&k->in, unit);
     if (queued < 0) {
       give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
@@ -446,9 +468,24 @@ static void process(lp_client *k) {
   if (!k->closing) update_poll(k);
 }
 
+/*
+ * A command tag of session state (the engine's LEAKY_TAGS, SET, RESET, DISCARD): what the text
+ * filter let through anyway (a prepared statement's EXECUTE is refused there, but a function may
+ * hide anything) still marks the connection for the reset.
+ */
+static int leaky_tag(const unsigned char *tag, size_t n) {
+  static const char *const tags[] = { "SET", "RESET", "LISTEN", "PREPARE", "LOAD", "DEALLOCATE", "DISCARD", NULL };
+  for (const char *const *t = tags; *t; t++) {
+    size_t len = strlen(*t);
+    if (n > len && memcmp(tag, *t, len) == 0 && (tag[len] == 0 || tag[len] == ' ')) return 1;
+  }
+  return 0;
+}
+
 /* Follows the upstream's messages: ReadyForQuery settles a unit; ParameterStatus is kept for the engine. */
-static void scan(lp_client *k, const unsigned char *data, size_t n) {
+static size_t scan(lp_client *k, const unsigned char *data, size_t n) {
   scan_t *s = &k->scan;
+  size_t hidden = 0; /* the leading bytes of `data` that answer the settings query */
   for (size_t i = 0; i < n && !k->broken;) {
     if (s->have < 5) {
       s->header[s->have++] = data[i++];
@@ -463,12 +500,15 @@ static void scan(lp_client *k, const unsigned char *data, size_t n) {
       /* COPY FROM STDIN or COPY BOTH would wait for the client's COPY messages, which go the engine's way. */
       if (s->type == 'G' || s->type == 'W') k->broken = 1;
       s->status_due = s->type == 'Z';
-      if (s->type == 'S') {
+      s->tag_have = 0;
+      if (s->type == 'E' && k->hidden) k->flags |= LP_LENT_SETTINGS_FAILED;
+      if (s->type == 'S' && !k->hidden && !(k->flags & LP_LENT_REPORTS_LOST)) {
         if (pending(&k->reports) + 5 + s->remaining > REPORTS_LIMIT || buf_append(&k->reports, s->header, 5) != 0) k->flags |= LP_LENT_REPORTS_LOST;
       }
     } else {
       size_t take = n - i < s->remaining ? n - i : s->remaining;
-      if (s->type == 'S' && !(k->flags & LP_LENT_REPORTS_LOST) && buf_append(&k->reports, data + i, take) != 0) k->flags |= LP_LENT_REPORTS_LOST;
+      if (s->type == 'S' && !k->hidden && !(k->flags & LP_LENT_REPORTS_LOST) && buf_append(&k->reports, data + i, take) != 0) k->flags |= LP_LENT_REPORTS_LOST;
+      for (size_t t = 0; s->type == 'C' && t < take && s->tag_have < sizeof s->tag; t++) s->tag[s->tag_have++] = data[i + t];
       if (s->status_due && take > 0) {
         k->status = data[i];
         s->status_due = 0;
@@ -478,10 +518,16 @@ static void scan(lp_client *k, const unsigned char *data, size_t n) {
     }
     if (s->have == 5 && s->remaining == 0) {
       if (s->type == 'Z') k->outstanding--;
+      else if (s->type == 'C' && !k->hidden && leaky_tag(s->tag, s->tag_have)) k->flags |= LP_LENT_LEAKED;
       s->have = 0;
+      if (k->hidden) {
+        hidden = i;
+        if (s->type == 'Z') k->hidden = 0;
+      }
     }
   }
   if (k->outstanding < 0) k->broken = 1;
+  return k->hidden ? n : hidden;
 }
 
 static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error) {
@@ -499,16 +545,16 @@ static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, co
     return;
   }
   touch(k);
-  scan(k, data, n);
-  if (k->counters) k->counters[1] += (double)n;
-  to_client(k, data, n);
+  size_t hidden = scan(k, data, n);
+  if (k->counters) k->counters[1] += (double)(n - hidden);
+  to_client(k, data + hidden, n - hidden);
   if (k->closing || k->conn != c) return;
   if (k->broken) {
     give_back(k, LP_BACK_UPSTREAM_GONE, "the server sent what the fast path cannot relay");
     return;
   }
   if (pending(&k->out) > HIGH_WATER) lp_conn_pause(c, 1);
-  if (k->outstanding == 0 && k->scan.have == 0) {
+  if (k->outstanding == 0 && k->scan.have == 0 && k->sent) {
     if (k->status == 'I') give_back(k, LP_BACK_RELEASED, NULL);
     if (!k->closing) process(k);
   }
@@ -563,6 +609,7 @@ void lp_client_end(lp_client *k) {
   k->needing = 0;
   buf_free(&k->in);
   if (pending(&k->out) == 0) shut(k);
+  else linger(k); /* a client that does not read what is queued does not keep the socket */
   if (!k->closing) update_poll(k);
 }
 
@@ -582,24 +629,32 @@ int lp_client_fast(lp_client *k, const unsigned char *first, size_t n) {
   return 0;
 }
 
-int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n) {
+int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len) {
   if (k->closing || !k->fast || !k->needing || k->conn || !lp_conn_lendable(conn)) return -1;
   k->needing = 0;
   k->conn = conn;
   k->outstanding = 0;
   k->status = 'I';
   k->flags = 0;
+  k->sent = 0;
+  k->hidden = 0;
   k->broken = 0;
   memset(&k->scan, 0, sizeof k->scan);
   lp_conn_sink(conn, sink, k);
   lp_conn_pause(conn, 0); /* lent unpaused (NativeUpstream.lend): a no-op, unless a backpressure pause was left */
   if (k->conn == conn && n > 0) sink(conn, k, unread, n, NULL);
+  if (k->conn == conn && !k->closing && settings_len > 0) {
+    /* Its answers, to its ReadyForQuery, are the engine's: counted as outstanding, not relayed. */
+    k->hidden = 1;
+    k->outstanding++;
+    if (lp_conn_write(conn, settings, settings_len) < 0 && k->conn == conn) give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
+  }
   if (!k->closing && k->conn == conn) process(k);
   return 0;
 }
 
 const unsigned char *lp_client_js(lp_client *k, size_t *n) {
-  /* What the last call handed over: kept until the next call (one loop thread). */
+  /* What the last call handed over, for any client: kept until the next call (one loop thread; addon.c copies it at once). */
   static buf_t handed;
   buf_free(&handed);
   *n = 0;

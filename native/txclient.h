@@ -36,6 +36,10 @@ extern const char *const LP_BACK_NAMES[];
 #define LP_LENT_BOUND 2
 /* The ParameterStatus messages did not fit: the client's settings are not known. */
 #define LP_LENT_REPORTS_LOST 4
+/* A command tag of session state went by (SET, RESET, LISTEN, PREPARE, LOAD, DEALLOCATE, DISCARD). */
+#define LP_LENT_LEAKED 8
+/* The settings query sent ahead of the client's units failed. */
+#define LP_LENT_SETTINGS_FAILED 16
 
 typedef struct {
   /* JS mode: the client's bytes (n > 0), its end (data NULL; error NULL for a clean end), or the
@@ -65,9 +69,14 @@ void lp_client_close(lp_client *k);
 void lp_client_pause(lp_client *k, int paused);
 /* JS mode to fast mode; `first`: bytes the engine read and left (they come before the socket's). */
 int lp_client_fast(lp_client *k, const unsigned char *first, size_t n);
-/* Fast mode, after `need`: lends `conn` (logged in, at ReadyForQuery, idle) for the waiting units; `unread`: bytes of it read before. -1 when refused. */
-int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n);
-/* Fast mode with nothing lent, to JS mode: returns the unread bytes (valid until the next call into k). */
+/*
+ * Fast mode, after `need`: lends `conn` (logged in, at ReadyForQuery, idle) for the waiting units;
+ * `unread`: bytes of it read before; `settings`: a Query that makes the connection the client's
+ * (its settings), sent first, its answers not relayed (its ParameterStatus messages are not the
+ * client's news: the caller knows what it set). -1 when refused.
+ */
+int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len);
+/* Fast mode with nothing lent, to JS mode: returns the unread bytes (valid until the next call of this function, for any client). */
 const unsigned char *lp_client_js(lp_client *k, size_t *n);
 /* Whether a connection is lent, whether answers are still to come, ms since the last byte either way. */
 void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms);

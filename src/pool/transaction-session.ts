@@ -142,8 +142,9 @@ const LEAKY_TEXT =
 /**
  * DEALLOCATE by name may have dropped a statement the proxy prepared for clients (`lp_...`): the
  * reset before the next client puts the connection's statements and the proxy's list in step again.
+ * A DO block may SET anything (no command tag of its own shows it).
  */
-const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD', 'DEALLOCATE']);
+const LEAKY_TAGS = new Set(['LISTEN', 'PREPARE', 'LOAD', 'DEALLOCATE', 'DO']);
 /**
  * A text that is one SET LOCAL and nothing else (no semicolon inside): its SET tag leaves nothing
  * behind. Any other text's SET tags count, so a SET LOCAL in a longer text still draws the notice.
@@ -179,7 +180,7 @@ const ABORTED = 'current transaction is aborted, commands ignored until end of t
 const TRANSACTION_EXIT = /^\s*(commit|rollback|end|abort)\b/i;
 
 const LEAK_NOTICE =
-  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET or set_config of a setting the server does not report, RESET, LISTEN, PREPARE, DEALLOCATE, LOAD, ' +
+  'lakebase-proxy runs in PoolMode=transaction: session state this transaction left (a SET or set_config of a setting the server does not report, RESET, LISTEN, PREPARE, DEALLOCATE, LOAD, a DO block, ' +
   'a WITH HOLD cursor, a temporary table or a session advisory lock) is not carried to your next transaction, which may run on another server connection';
 const LEAK_DETAIL = 'Use SET LOCAL, pg_advisory_xact_lock and objects that end with the transaction, or PoolMode=session.';
 
@@ -467,11 +468,17 @@ export class TransactionSession implements SessionRelay {
     }
     const native = this.#native as NativeClient;
     const query = this.#settings.landOn(server);
-    if (query === undefined && server.upstream instanceof NativeUpstream && native.attach(server.upstream) === undefined) {
+    if (server.upstream instanceof NativeUpstream) {
+      // Lent before the call: the connection may come back inside it (its end read at once).
       this.#lent = server;
-      return;
+      // The client's settings, where they differ, go ahead of its unit (their answers kept from it).
+      if (native.attach(server.upstream, query === undefined ? undefined : queryMessage(query)) === undefined) {
+        if (query !== undefined) this.#settings.landedOn(server);
+        return;
+      }
+      this.#lent = undefined;
     }
-    // Settings to set first, or a connection C cannot take: this transaction runs here.
+    // A connection C cannot take: this transaction runs here.
     this.#fromClient.push(native.takeBack());
     this.#use(server, query, 'I');
   }
@@ -483,6 +490,9 @@ export class TransactionSession implements SessionRelay {
     this.#lent = undefined;
     (server.upstream as NativeUpstream).reclaim();
     this.#countFast();
+    // Session state went by after all (a function, a statement of the text filter's blind spots): reset, and said once.
+    const leaked = back.leaked || back.reportsLost || back.settingsFailed;
+    if (back.leaked) this.#noticeOnce();
     if (back.reports) {
       for (let at = 0; at + 5 <= back.reports.length; at += 1 + back.reports.readUInt32BE(at + 1)) {
         const [name = '', value = ''] = back.reports.toString('utf8', at + 5, at + 1 + back.reports.readUInt32BE(at + 1)).split('\0');
@@ -501,31 +511,46 @@ export class TransactionSession implements SessionRelay {
         if (this.#portals.size > 0) this.#portals.clear();
         if (this.#portalsSent.size > 0) this.#portalsSent.clear();
         this.#context.observer.transaction(true);
-        const cancelling = this.#cancelling;
-        this.#cancelling = undefined;
-        if (cancelling) void cancelling.then(() => this.#context.pool.giveBack(server, 'I', back.reportsLost));
-        else this.#context.pool.giveBack(server, 'I', back.reportsLost);
+        this.#giveBackLent(server, 'I', leaked);
         if (this.#ending) this.#shutDown();
         return;
       }
       case 'handover':
         // A unit the fast path does not carry, inside the transaction: the rest of it runs here.
-        if (back.reportsLost) this.#leak();
+        if (leaked) this.#leaked = true;
         if (back.rest) this.#fromClient.push(back.rest);
         this.#use(server, undefined, back.status);
         return;
       case 'client_gone':
-        this.#cancelling = undefined;
         // A statement may run: cancelled, and the connection closed rather than reused (a cancel
         // may land late). Else it goes back as it is: the pool rolls back a transaction left open.
-        if (back.running) void this.#context.cancel(server).catch(() => {}).finally(() => server.close());
-        else this.#context.pool.giveBack(server, back.status, back.reportsLost);
+        if (back.running) {
+          this.#cancelling = undefined;
+          void this.#context.cancel(server).catch(() => {}).finally(() => server.close());
+        } else {
+          this.#giveBackLent(server, back.status, leaked);
+        }
         return;
       case 'upstream_gone':
         server.close();
         this.#refuse('08006', `the server connection to ${this.#context.upstreamName} running this transaction was lost${back.reason ? `: ${back.reason}` : ''}`, 'upstream_closed');
         return;
     }
+  }
+
+  /** Once a CancelRequest on its way has arrived: else it could cancel the next client's query there. */
+  #giveBackLent(server: ServerConnection, status: string, leaked: boolean): void {
+    const cancelling = this.#cancelling;
+    this.#cancelling = undefined;
+    if (cancelling) void cancelling.then(() => this.#context.pool.giveBack(server, status, leaked));
+    else this.#context.pool.giveBack(server, status, leaked);
+  }
+
+  /** The NOTICE that session state does not survive in transaction mode, once a client (after the fast path's transaction: its ReadyForQuery went already). */
+  #noticeOnce(): void {
+    if (this.#noticed || this.#end !== undefined) return;
+    this.#noticed = true;
+    this.#client.write(noticeResponse(LEAK_NOTICE, LEAK_DETAIL));
   }
 
   /** What the fast path moved since the last count, into the session's stats and the metrics. */

@@ -30,8 +30,12 @@ export interface Back {
   readonly bound: boolean;
   /** ParameterStatus messages the server sent meanwhile (relayed to the client already). */
   readonly reports: Buffer | null;
-  /** Some did not fit: the client's settings are not known. */
+  /** Some did not fit: the client's settings are not known (`reports` is then null). */
   readonly reportsLost: boolean;
+  /** A command tag of session state went by: the connection needs its reset. */
+  readonly leaked: boolean;
+  /** The settings query sent ahead failed: the connection needs its reset. */
+  readonly settingsFailed: boolean;
   /** client_gone: answers were still to come. */
   readonly running: boolean;
   /** handover: the client's bytes the engine reads next. */
@@ -40,11 +44,14 @@ export interface Back {
   readonly reason: string | null;
 }
 
+const NO_SETTINGS = Buffer.alloc(0);
 /** ReadyForQuery's transaction status letters by char code, made once. */
 const STATUS: Record<number, string> = { 0x49: 'I', 0x54: 'T', 0x45: 'E' };
 const LENT_PARSED = 1;
 const LENT_BOUND = 2;
 const LENT_REPORTS_LOST = 4;
+const LENT_LEAKED = 8;
+const LENT_SETTINGS_FAILED = 16;
 
 function fdOf(socket: Socket): number | undefined {
   const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
@@ -96,7 +103,9 @@ export class NativeClient extends EventEmitter implements ClientStream {
           parsed: (flags & LENT_PARSED) !== 0,
           bound: (flags & LENT_BOUND) !== 0,
           reportsLost: (flags & LENT_REPORTS_LOST) !== 0,
-          reports,
+          leaked: (flags & LENT_LEAKED) !== 0,
+          settingsFailed: (flags & LENT_SETTINGS_FAILED) !== 0,
+          reports: (flags & LENT_REPORTS_LOST) !== 0 ? null : reports,
           running,
           rest,
           reason,
@@ -148,11 +157,14 @@ export class NativeClient extends EventEmitter implements ClientStream {
     return this.#addon.clientFast(this.#client, first);
   }
 
-  /** Lends `upstream` to the unit that waits (after onNeed); a string says why not (nothing changed). */
-  attach(upstream: NativeUpstream): string | undefined {
+  /**
+   * Lends `upstream` to the unit that waits (after onNeed), `settings` (a Query message) sent
+   * ahead of it with its answers kept from the client; a string says why not (nothing changed).
+   */
+  attach(upstream: NativeUpstream, settings: Buffer = NO_SETTINGS): string | undefined {
     const lent = upstream.lend();
     if (!lent) return 'the upstream connection has ended';
-    const refused = this.#addon.clientAttach(this.#client, lent.conn, lent.unread);
+    const refused = this.#addon.clientAttach(this.#client, lent.conn, lent.unread, settings);
     if (refused !== undefined) upstream.giveBack(lent.unread);
     return refused;
   }

@@ -65,7 +65,7 @@ interface Addon {
   clientClose(client: Handle): void;
   clientPause(client: Handle, paused: boolean): void;
   clientFast(client: Handle, first: Buffer): boolean;
-  clientAttach(client: Handle, conn: Handle, unread: Buffer): string | undefined;
+  clientAttach(client: Handle, conn: Handle, unread: Buffer, settings: Buffer): string | undefined;
   clientJs(client: Handle): Buffer;
   clientState(client: Handle): [number, number, number];
 }

@@ -661,7 +661,9 @@ export class ProxyServer {
     const upstreamName = `${target.host}:${target.port}`;
     const loginParameters = new Map([['database', database]]);
     const loginKey = loginKeyOf(loginParameters);
-    const notice = (text: string): void => void client.write(noticeResponse(text));
+    // To the client's stream of the moment: C's once the socket is adopted (a login may come at any transaction).
+    let current: ClientStream = client;
+    const notice = (text: string): void => void current.write(noticeResponse(text));
     const context: TransactionContext = {
       pool: this.#poolFor(database),
       loginKey,
@@ -705,6 +707,7 @@ export class ProxyServer {
     const adopted = this.#nativeUpstream && client === raw ? await NativeClient.adopt(raw) : undefined;
     if (adopted) {
       stream = adopted.client;
+      current = stream;
       if (adopted.unread.length > 0) first = Buffer.concat([first, adopted.unread]);
     }
     if (!adopted && raw.destroyed) {
