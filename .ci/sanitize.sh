@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI gate: the native relay built with AddressSanitizer and UndefinedBehaviorSanitizer
-# (native/relay.c + native/addon.c, gcc, into build-sanitize/), loaded by the proxy through
+# (native/relay.c + native/txclient.c + native/addon.c, gcc, into build-sanitize/), loaded by the proxy through
 # LAKEBASE_PROXY_NATIVE_ADDON, under the relay suites. Fails when a suite fails, when the
 # sanitized build did not load or carried no session, or when any process reported anything.
 #
@@ -16,7 +16,7 @@ ulimit -c 0
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 out=build-sanitize
-read -ra suites <<<"${SANITIZE_SUITES:-relay native upstream reliability-client reliability-integrity reliability-upstream-faults metrics}"
+read -ra suites <<<"${SANITIZE_SUITES:-relay native upstream reliability-client reliability-integrity reliability-upstream-faults metrics pool-transaction.test pool-transaction-fast}"
 
 # The compiler and its sanitizer runtimes; Node.js's own headers (node_api.h, and the OpenSSL and
 # libuv headers of the OpenSSL and libuv inside this node), as scripts/build-native.js finds them.
