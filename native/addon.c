@@ -14,11 +14,12 @@
  *   detach(conn, end);  close(conn, end);  state(conn) -> [queryRunning 0|1, idleMs]
  *
  * A transaction-mode client (txclient.h):
- *   client(fd, counters: Float64Array(2), onData(buffer|null, error|null), onNeed(),
+ *   client(fd, counters: Float64Array(2), onData(buffer|null, error|null), onNeed(unit|null),
  *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null), onEnd()) -> client | string
  *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
  *   clientEnd(client);  clientClose(client);  clientPause(client, paused)
- *   clientFast(client, first) -> boolean;  clientAttach(client, conn, unread, settingsQuery) -> undefined | string
+ *   clientFast(client, first) -> boolean;  clientAttach(client, conn, unread, settings, unit) -> undefined | string
+ *   textPlain(buffer) -> boolean (lp_text_plain)
  *   clientJs(client) -> Buffer (the unread bytes);  clientState(client) -> [lent 0|1, running 0|1, idleMs]
  *
  * Descriptors are taken as copies (dup): the caller closes its own.
@@ -519,12 +520,13 @@ static void k_on_data(lp_client *k, void *user, const unsigned char *data, size_
   napi_close_handle_scope(b->env, scope);
 }
 
-static void k_on_need(lp_client *k, void *user) {
+static void k_on_need(lp_client *k, void *user, const unsigned char *unit, size_t n) {
   (void)k;
   kbinding_t *b = user;
   napi_handle_scope scope;
   napi_open_handle_scope(b->env, &scope);
-  call_js(b->env, b->on_need, 0, NULL);
+  napi_value argv[1] = { buffer_or_null(b->env, unit, n) };
+  call_js(b->env, b->on_need, 1, argv);
   napi_close_handle_scope(b->env, scope);
 }
 
@@ -684,20 +686,20 @@ static napi_value client_fast(napi_env env, napi_callback_info info) {
 }
 
 static napi_value client_attach(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
-  if (get_args(env, info, 4, argv)) return NULL;
+  napi_value argv[5];
+  if (get_args(env, info, 5, argv)) return NULL;
   kbinding_t *k = kbinding_of(env, argv[0]);
   binding_t *c = binding_of(env, argv[1]);
-  void *data, *settings;
-  size_t length, settings_len;
-  if (get_buffer(env, argv[2], &data, &length) || get_buffer(env, argv[3], &settings, &settings_len)) {
+  void *data, *settings, *unit;
+  size_t length, settings_len, unit_len;
+  if (get_buffer(env, argv[2], &data, &length) || get_buffer(env, argv[3], &settings, &settings_len) || get_buffer(env, argv[4], &unit, &unit_len)) {
     napi_throw_type_error(env, NULL, "clientAttach: Buffers expected");
     return NULL;
   }
   if (!k || !k->client) return string(env, "the client has ended");
   if (!c || !c->conn) return string(env, "the upstream connection has ended");
   if (c->farewell) return string(env, "the upstream connection is relaying");
-  if (lp_client_attach(k->client, c->conn, data, length, settings, settings_len) != 0) return string(env, "the client waits for no connection, or the connection cannot be lent");
+  if (lp_client_attach(k->client, c->conn, data, length, settings, settings_len, unit, unit_len) != 0) return string(env, "the client waits for no connection, or the connection cannot be lent");
   return undefined(env);
 }
 
@@ -730,6 +732,20 @@ static napi_value client_state(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value text_plain(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  void *data;
+  size_t length;
+  if (get_buffer(env, argv[0], &data, &length)) {
+    napi_throw_type_error(env, NULL, "textPlain: a Buffer expected");
+    return NULL;
+  }
+  napi_value result;
+  CHECK(napi_get_boolean(env, lp_text_plain(data, length), &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   CHECK(napi_async_init(env, NULL, string(env, "lakebase-proxy relay"), &async_context));
   napi_property_descriptor methods[] = {
@@ -753,6 +769,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "clientAttach", NULL, client_attach, NULL, NULL, NULL, napi_default, NULL },
     { "clientJs", NULL, client_js, NULL, NULL, NULL, napi_default, NULL },
     { "clientState", NULL, client_state, NULL, NULL, NULL, napi_default, NULL },
+    { "textPlain", NULL, text_plain, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));
   return exports;

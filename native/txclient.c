@@ -64,7 +64,8 @@ struct lp_client {
   int status;
   int flags;      /* LP_LENT_* */
   int sent;       /* a unit went in this lending: until then nothing is to be released */
-  int hidden;     /* the answers to the engine's settings query, ahead of the client's: not the client's */
+  int hidden;     /* ReadyForQuery messages still to come that answer the caller's prefix, not the client */
+  size_t head_named; /* the waiting unit names a client's statement (its length): it goes only rewritten */
   int broken;     /* the upstream sent what the fast path cannot follow */
   scan_t scan;
   buf_t reports;
@@ -143,8 +144,9 @@ static size_t string_end(const unsigned char *body, size_t len, size_t at) {
   return nul ? (size_t)(nul - body) + 1 : 0;
 }
 
-size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound, size_t limit) {
+size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound, size_t limit, int *named) {
   size_t off = 0;
+  if (named) *named = 0;
   /* A sequence whose last message so far is a Flush: the client may wait for its answers before
      it sends the Sync (libpq's pipeline mode does), which a unit would wait for forever. */
   int flushed = 0;
@@ -170,11 +172,20 @@ size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound
         break;
       }
       case 'B':
-        if (blen < 2 || body[0] != 0 || body[1] != 0 || !parsed) return LP_NOT_FAST;
+        /* The unnamed portal, of the unnamed statement, or (`named`) of a client's named one. */
+        if (blen < 2 || body[0] != 0) return LP_NOT_FAST;
+        if (body[1] == 0 ? !parsed : !named || string_end(body, blen, 1) == 0) return LP_NOT_FAST;
+        if (body[1] != 0) *named = 1;
         bound = 1;
         break;
       case 'D':
-        if (blen < 2 || body[1] != 0 || !(body[0] == 'S' ? parsed : body[0] == 'P' ? bound : 0)) return LP_NOT_FAST;
+        if (blen < 2) return LP_NOT_FAST;
+        if (body[0] == 'S' && body[1] != 0) {
+          if (!named || string_end(body, blen, 1) != blen) return LP_NOT_FAST;
+          *named = 1;
+        } else if (body[1] != 0 || !(body[0] == 'S' ? parsed : body[0] == 'P' ? bound : 0)) {
+          return LP_NOT_FAST;
+        }
         break;
       case 'E':
         if (blen < 1 || body[0] != 0 || !bound) return LP_NOT_FAST;
@@ -437,7 +448,9 @@ static void process(lp_client *k) {
     size_t n = pending(&k->in);
     if (n == 0) break;
     const unsigned char *head = k->in.data + k->in.off;
-    size_t unit = lp_unit_length(head, n, (k->flags & LP_LENT_PARSED) != 0, (k->flags & LP_LENT_BOUND) != 0, UNIT_LIMIT);
+    /* A client's named statement only in the first unit of a lending: the caller rewrites it (lp_client_attach). */
+    int named = 0;
+    size_t unit = lp_unit_length(head, n, (k->flags & LP_LENT_PARSED) != 0, (k->flags & LP_LENT_BOUND) != 0, UNIT_LIMIT, k->conn ? NULL : &named);
     if (unit == 0) break; /* the rest has yet to come */
     if (unit == LP_NOT_FAST) {
       if (!k->conn) to_js(k);
@@ -446,7 +459,8 @@ static void process(lp_client *k) {
     }
     if (!k->conn) {
       k->needing = 1;
-      k->cb->need(k, k->user);
+      k->head_named = named ? unit : 0;
+      k->cb->need(k, k->user, named ? head : NULL, named ? unit : 0);
       break;
     }
     k->flags |= unit_flags(head, unit);
@@ -520,14 +534,14 @@ static size_t scan(lp_client *k, const unsigned char *data, size_t n) {
       if (s->type == 'Z') k->outstanding--;
       else if (s->type == 'C' && !k->hidden && leaky_tag(s->tag, s->tag_have)) k->flags |= LP_LENT_LEAKED;
       s->have = 0;
-      if (k->hidden) {
+      if (k->hidden > 0) {
         hidden = i;
-        if (s->type == 'Z') k->hidden = 0;
+        if (s->type == 'Z') k->hidden--;
       }
     }
   }
   if (k->outstanding < 0) k->broken = 1;
-  return k->hidden ? n : hidden;
+  return k->hidden > 0 ? n : hidden;
 }
 
 static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error) {
@@ -629,8 +643,18 @@ int lp_client_fast(lp_client *k, const unsigned char *first, size_t n) {
   return 0;
 }
 
-int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len) {
+/* ReadyForQuery messages that answer `data`: its Queries and Syncs. */
+static int readies(const unsigned char *data, size_t n) {
+  int count = 0;
+  for (size_t off = 0; off + 5 <= n && be32(data + off + 1) >= 4; off += 1 + be32(data + off + 1)) count += data[off] == 'Q' || data[off] == 'S';
+  return count;
+}
+
+int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len,
+                     const unsigned char *unit, size_t unit_len) {
   if (k->closing || !k->fast || !k->needing || k->conn || !lp_conn_lendable(conn)) return -1;
+  /* A unit of named statements goes rewritten, or not at all; a rewritten one is one unit. */
+  if ((k->head_named > 0) != (unit_len > 0) || (unit_len > 0 && (readies(unit, unit_len) != 1 || pending(&k->in) < k->head_named))) return -1;
   k->needing = 0;
   k->conn = conn;
   k->outstanding = 0;
@@ -644,11 +668,22 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
   lp_conn_pause(conn, 0); /* lent unpaused (NativeUpstream.lend): a no-op, unless a backpressure pause was left */
   if (k->conn == conn && n > 0) sink(conn, k, unread, n, NULL);
   if (k->conn == conn && !k->closing && settings_len > 0) {
-    /* Its answers, to its ReadyForQuery, are the engine's: counted as outstanding, not relayed. */
-    k->hidden = 1;
-    k->outstanding++;
+    /* Its answers, to its ReadyForQuery messages, are the caller's: counted as outstanding, not relayed. */
+    k->hidden = readies(settings, settings_len);
+    k->outstanding += k->hidden;
     if (lp_conn_write(conn, settings, settings_len) < 0 && k->conn == conn) give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
   }
+  if (k->conn == conn && !k->closing && unit_len > 0) {
+    /* The waiting unit, its names the server's: sent instead of the client's bytes. */
+    k->flags |= unit_flags(unit, unit_len);
+    k->outstanding++;
+    k->sent = 1;
+    if (k->counters) k->counters[0] += (double)unit_len;
+    buf_consumed(&k->in, k->head_named);
+    k->head_named = 0;
+    if (lp_conn_write(conn, unit, unit_len) < 0 && k->conn == conn) give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
+  }
+  k->head_named = 0;
   if (!k->closing && k->conn == conn) process(k);
   return 0;
 }
@@ -661,6 +696,7 @@ const unsigned char *lp_client_js(lp_client *k, size_t *n) {
   if (k->closing || !k->fast || k->conn) return NULL;
   k->fast = 0;
   k->needing = 0;
+  k->head_named = 0;
   handed = k->in;
   memset(&k->in, 0, sizeof k->in);
   *n = pending(&handed);

@@ -45,8 +45,9 @@ typedef struct {
   /* JS mode: the client's bytes (n > 0), its end (data NULL; error NULL for a clean end), or the
      client took everything queued for it (n == 0, after lp_client_write returned > 0). */
   void (*data)(lp_client *k, void *user, const unsigned char *data, size_t n, const char *error);
-  /* Fast mode: a unit waits for a connection: lp_client_attach, or lp_client_js. */
-  void (*need)(lp_client *k, void *user);
+  /* Fast mode: a unit waits for a connection: lp_client_attach, or lp_client_js. `unit`: the
+     unit when it names a client's statements (the caller sends it rewritten), else NULL. */
+  void (*need)(lp_client *k, void *user, const unsigned char *unit, size_t n);
   /* The lent connection is back (see enum lp_back): `status` of its last ReadyForQuery; `flags`
      LP_LENT_*; `reports`: the ParameterStatus messages relayed; `rest`: LP_BACK_HANDOVER's unread
      client bytes (the client is in JS mode); `reason`: why the upstream went (LP_BACK_UPSTREAM_GONE),
@@ -71,11 +72,14 @@ void lp_client_pause(lp_client *k, int paused);
 int lp_client_fast(lp_client *k, const unsigned char *first, size_t n);
 /*
  * Fast mode, after `need`: lends `conn` (logged in, at ReadyForQuery, idle) for the waiting units;
- * `unread`: bytes of it read before; `settings`: a Query that makes the connection the client's
- * (its settings), sent first, its answers not relayed (its ParameterStatus messages are not the
- * client's news: the caller knows what it set). -1 when refused.
+ * `unread`: bytes of it read before; `settings`: messages that make the connection the client's
+ * (a Query of its settings), sent first, their answers to their last ReadyForQuery not relayed
+ * (their ParameterStatus messages are not the client's news: the caller knows what it set);
+ * `unit`: the waiting unit with the server's names of the client's statements, when `need` said
+ * it names some (then required: one unit, sent instead of the client's). -1 when refused.
  */
-int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len);
+int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len,
+                     const unsigned char *unit, size_t unit_len);
 /* Fast mode with nothing lent, to JS mode: returns the unread bytes (valid until the next call of this function, for any client). */
 const unsigned char *lp_client_js(lp_client *k, size_t *n);
 /* Whether a connection is lent, whether answers are still to come, ms since the last byte either way. */
@@ -84,10 +88,12 @@ void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms);
 /*
  * Pure parts, for the fuzzer. lp_unit_length: the length of the unit at the head of `data`, 0
  * when it is not all there yet, LP_NOT_FAST when the fast path does not carry it. `parsed` and
- * `bound`: the lending made the unnamed statement and portal before it.
+ * `bound`: the lending made the unnamed statement and portal before it. `named`: NULL, or where
+ * to say that the unit Binds (to the unnamed portal) or Describes a client's named statement,
+ * which it may then.
  */
 #define LP_NOT_FAST ((size_t)-1)
-size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound, size_t limit);
+size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound, size_t limit, int *named);
 /* A text that no command of it can leave session state with, or change a setting by. */
 int lp_text_plain(const unsigned char *text, size_t n);
 

@@ -120,7 +120,7 @@ test('plain transactions go the fast way, simple and extended, many clients on t
   });
 });
 
-test('a transaction begun on the fast path goes on in the engine at a named statement, and the client comes back to the fast path after it', async () => {
+test('a transaction begun on the fast path goes on in the engine at a named Parse, and the client comes back to the fast path after it, its named statement too', async () => {
   await withCountedPool('PoolSize=1', async ({ proxy, counts }) => {
     const w = await WireClient.open(proxy.port, { user: 'anyone', database: db.database });
     try {
@@ -141,7 +141,8 @@ test('a transaction begun on the fast path goes on in the engine at a named stat
       assert.deepEqual(rowsOf(await w.untilReady()), ['bindComplete', 'row ["10"]', 'complete SELECT 1', 'ready I']);
       const [all, carried] = await counts();
       assert.equal(all - (before[0] ?? 0), 2);
-      assert.equal(carried - (before[1] ?? 0), fast ? 1 : 0, 'the plain SELECT after the COMMIT went the fast way, the Bind of the named statement did not');
+      // Both went the fast way: the plain SELECT, and the Bind of the named statement the connection has (under its server name).
+      assert.equal(carried - (before[1] ?? 0), fast ? 2 : 0);
     } finally {
       w.end();
     }
@@ -203,6 +204,39 @@ test('a client that leaves while its query waits for a connection, and one that 
       await waitUntil(async () => proxy.server.pools.get(db.database)?.stats.waiting === 0, 5000, 'no client waits');
     } finally {
       await holder.end().catch(() => {});
+    }
+  });
+});
+
+test('named prepared statements (node pg) go the fast way once the connection has them, under their server names, also after a switch of connection', async () => {
+  await withCountedPool('PoolSize=2', async ({ proxy, counts }) => {
+    const a = pgClient(proxy.port, db);
+    const b = pgClient(proxy.port, db);
+    await a.connect();
+    await b.connect();
+    try {
+      // Two connections, each with the statement prepared once by the engine.
+      await Promise.all([a.query('begin'), b.query('begin')]);
+      assert.deepEqual((await a.query({ name: 'twice', text: 'select $1::int * 2 as v', values: [1] })).rows, [{ v: 2 }]);
+      assert.deepEqual((await b.query({ name: 'twice', text: 'select $1::int * 2 as v', values: [2] })).rows, [{ v: 4 }]);
+      await Promise.all([a.query('commit'), b.query('commit')]);
+      const before = await counts();
+      for (let i = 0; i < 20; i++) {
+        const [x, y] = await Promise.all([
+          a.query({ name: 'twice', text: 'select $1::int * 2 as v', values: [i] }),
+          b.query({ name: 'twice', text: 'select $1::int * 2 as v', values: [100 + i] }),
+        ]);
+        assert.deepEqual(x.rows, [{ v: 2 * i }]);
+        assert.deepEqual(y.rows, [{ v: 2 * (100 + i) }]);
+      }
+      const [all, carried] = await counts();
+      assert.equal(all - (before[0] ?? 0), 40);
+      assert.equal(carried - (before[1] ?? 0), fast ? 40 : 0);
+      // Not the client's name on the server: the proxy's.
+      assert.deepEqual((await a.query<{ n: number }>("select count(*)::int as n from pg_prepared_statements where name = 'twice'")).rows, [{ n: 0 }]);
+    } finally {
+      await a.end();
+      await b.end();
     }
   });
 });

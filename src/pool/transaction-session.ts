@@ -27,7 +27,7 @@ import type { ErrorFields } from '../proxy/upstream.js';
 import { bindMessage, closeMessage, describeMessage, FrontendCode, MalformedMessage, parseMessage, queryMessage, readBind, readParse, readTarget, FLUSH, SYNC } from '../wire/client-messages.js';
 import { FrameReader, FramingError } from '../wire/frame-reader.js';
 import type { RelayEnd, RelayStats } from '../proxy/relay.js';
-import { NativeUpstream, type SessionRelay } from '../proxy/native-relay.js';
+import { native, NativeUpstream, type SessionRelay } from '../proxy/native-relay.js';
 import { NativeClient, type Back, type ClientStream } from '../proxy/native-client.js';
 import { converse, type Login, type Pool, type PoolObserver } from './pool.js';
 import type { ServerConnection } from './server-connection.js';
@@ -121,6 +121,8 @@ interface Statement {
   readonly kind: TextKind;
   /** When its Parse came (see `handled`). */
   readonly at: number;
+  /** The fast path may Bind and Describe it (its text is one it carries: native/txclient.c, lp_text_plain). */
+  readonly plain: boolean;
 }
 
 const PARSE_COMPLETE = message(0x31, Buffer.alloc(0));
@@ -342,7 +344,7 @@ export class TransactionSession implements SessionRelay {
     this.#client = client;
     if (client instanceof NativeClient) {
       this.#native = client;
-      client.onNeed = () => void this.#lend();
+      client.onNeed = (unit) => this.#lend(unit);
       client.onBack = (back) => this.#back(back);
     }
     this.#context = context;
@@ -451,36 +453,90 @@ export class TransactionSession implements SessionRelay {
    * The fast path waits with a unit: a connection is lent to it, or, where it cannot be, the unit
    * comes here. The pool hands a connection over synchronously when it can (Pool.lendTo).
    */
-  #lend(): void {
+  #lend(unit: Buffer | null): void {
     if (this.#acquiring || this.#end !== undefined) return;
     this.#acquiring = true;
     this.#context.pool.lendTo(this.#context.loginKey, this.#context.login, (this.#abort ??= new AbortController()).signal, (server, error) => {
       this.#acquiring = false;
-      if (server) this.#landFast(server);
+      if (server) this.#landFast(server, unit);
       else this.#leaseFailed(error);
     });
   }
 
-  #landFast(server: ServerConnection): void {
+  #landFast(server: ServerConnection, unit: Buffer | null): void {
     if (this.#end !== undefined) {
       this.#context.pool.giveBack(server, 'I', false);
       return;
     }
     const native = this.#native as NativeClient;
     const query = this.#settings.landOn(server);
-    if (server.upstream instanceof NativeUpstream) {
+    // A unit of the client's named statements goes with the server's names, when the connection has them all.
+    const rewritten = unit ? this.#serverNames(server, unit) : undefined;
+    if (server.upstream instanceof NativeUpstream && (!unit || rewritten)) {
       // Lent before the call: the connection may come back inside it (its end read at once).
       this.#lent = server;
       // The client's settings, where they differ, go ahead of its unit (their answers kept from it).
-      if (native.attach(server.upstream, query === undefined ? undefined : queryMessage(query)) === undefined) {
+      if (native.attach(server.upstream, query === undefined ? undefined : queryMessage(query), rewritten) === undefined) {
         if (query !== undefined) this.#settings.landedOn(server);
         return;
       }
       this.#lent = undefined;
     }
-    // A connection C cannot take: this transaction runs here.
+    // A connection C cannot take, or a statement it does not have yet: this transaction runs here.
     this.#fromClient.push(native.takeBack());
     this.#use(server, query, 'I');
+  }
+
+  /**
+   * The fast path's unit (Bind to the unnamed portal, Describe, Execute, Sync) with the server's
+   * names of the client's statements, or undefined when one is unknown, not plain, or not
+   * prepared on `server` yet (the engine prepares it). Nothing is in flight: every Parse and
+   * Close of the client has been answered, so its statements and the connection's are settled.
+   */
+  #serverNames(server: ServerConnection, unit: Buffer): Buffer | undefined {
+    const reader = new FrameReader(MAX_MESSAGE, true);
+    reader.push(unit);
+    const out: Buffer[] = [];
+    const named = (name: string): Statement | undefined => {
+      const statement = this.#statements.get(name);
+      return statement?.plain && server.prepared.has(statement.serverName) ? statement : undefined;
+    };
+    const used: Statement[] = [];
+    try {
+      for (let frame = reader.next(); frame; frame = reader.next()) {
+        if (frame.type === FrontendCode.Bind) {
+          const bind = readBind(frame.body);
+          if (bind.statement === '') {
+            out.push(rawOf(frame.body));
+            continue;
+          }
+          const statement = named(bind.statement);
+          if (!statement) return undefined;
+          used.push(statement);
+          out.push(bindMessage(bind.portal, statement.serverName, bind.rest));
+        } else if (frame.type === FrontendCode.Describe) {
+          const target = readTarget(frame.body, 'Describe');
+          if (target.kind !== 'S' || target.name === '') {
+            out.push(rawOf(frame.body));
+            continue;
+          }
+          const statement = named(target.name);
+          if (!statement) return undefined;
+          used.push(statement);
+          out.push(describeMessage('S', statement.serverName));
+        } else {
+          out.push(rawOf(frame.body));
+        }
+      }
+    } catch (error) {
+      if (error instanceof MalformedMessage || error instanceof FramingError) return undefined; // the engine answers it
+      throw error;
+    }
+    for (const statement of used) {
+      this.#touch(server, statement.serverName);
+      this.#context.observer.prepared(true);
+    }
+    return Buffer.concat(out);
   }
 
   /** The lent connection is back from the fast path (see native/txclient.h). */
@@ -726,7 +782,9 @@ export class TransactionSession implements SessionRelay {
       this.#fail('25P02', ABORTED);
       return true;
     }
-    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types), kind: kindOf(parse.query), at: handled };
+    const kind = kindOf(parse.query);
+    const plain = this.#native !== undefined && kind === PLAIN && native.addon?.textPlain(Buffer.from(parse.query)) === true;
+    const statement: Statement = { serverName, query: parse.query, types: Buffer.from(parse.types), kind, at: handled, plain };
     this.#statements.set(parse.name, statement);
     this.#unsettle(`c:${parse.name}`);
     const forget = (): void => {

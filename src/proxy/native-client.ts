@@ -44,7 +44,7 @@ export interface Back {
   readonly reason: string | null;
 }
 
-const NO_SETTINGS = Buffer.alloc(0);
+const EMPTY = Buffer.alloc(0);
 /** ReadyForQuery's transaction status letters by char code, made once. */
 const STATUS: Record<number, string> = { 0x49: 'I', 0x54: 'T', 0x45: 'E' };
 const LENT_PARSED = 1;
@@ -61,8 +61,8 @@ function fdOf(socket: Socket): number | undefined {
 export class NativeClient extends EventEmitter implements ClientStream {
   /** [to upstream, to client]: bytes the fast path moved, added to by C. */
   readonly counters: Float64Array;
-  /** Set by the engine: a unit waits for a connection. */
-  onNeed: () => void = () => {};
+  /** Set by the engine: a unit waits for a connection; `unit` when it names the client's statements (attach() takes it rewritten). */
+  onNeed: (unit: Buffer | null) => void = () => {};
   /** Set by the engine: the lent connection is back. */
   onBack: (back: Back) => void = () => {};
   readonly #addon: NonNullable<typeof native.addon>;
@@ -95,7 +95,7 @@ export class NativeClient extends EventEmitter implements ClientStream {
       fd,
       counters,
       (data, error) => made.#data(data, error),
-      () => made.onNeed(),
+      (unit) => made.onNeed(unit),
       (how, status, flags, running, reports, rest, reason) =>
         made.onBack({
           how: LENT_BACK[how - 1] ?? 'upstream_gone',
@@ -158,13 +158,14 @@ export class NativeClient extends EventEmitter implements ClientStream {
   }
 
   /**
-   * Lends `upstream` to the unit that waits (after onNeed), `settings` (a Query message) sent
-   * ahead of it with its answers kept from the client; a string says why not (nothing changed).
+   * Lends `upstream` to the unit that waits (after onNeed), `settings` (messages: a Query) sent
+   * ahead of it with their answers kept from the client, and `unit` sent instead of the waiting
+   * one (its statement names the server's) when onNeed gave one; a string says why not (nothing changed).
    */
-  attach(upstream: NativeUpstream, settings: Buffer = NO_SETTINGS): string | undefined {
+  attach(upstream: NativeUpstream, settings: Buffer = EMPTY, unit: Buffer = EMPTY): string | undefined {
     const lent = upstream.lend();
     if (!lent) return 'the upstream connection has ended';
-    const refused = this.#addon.clientAttach(this.#client, lent.conn, lent.unread, settings);
+    const refused = this.#addon.clientAttach(this.#client, lent.conn, lent.unread, settings, unit);
     if (refused !== undefined) upstream.giveBack(lent.unread);
     return refused;
   }

@@ -56,7 +56,7 @@ interface Addon {
     fd: number,
     counters: Float64Array,
     onData: (data: Buffer | null, error: string | null) => void,
-    onNeed: () => void,
+    onNeed: (unit: Buffer | null) => void,
     onBack: (how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null) => void,
     onEnd: () => void,
   ): Handle | string;
@@ -65,7 +65,9 @@ interface Addon {
   clientClose(client: Handle): void;
   clientPause(client: Handle, paused: boolean): void;
   clientFast(client: Handle, first: Buffer): boolean;
-  clientAttach(client: Handle, conn: Handle, unread: Buffer, settings: Buffer): string | undefined;
+  clientAttach(client: Handle, conn: Handle, unread: Buffer, settings: Buffer, unit: Buffer): string | undefined;
+  /** Whether the fast path carries a statement of this text (native/txclient.c, lp_text_plain). */
+  textPlain(text: Buffer): boolean;
   clientJs(client: Handle): Buffer;
   clientState(client: Handle): [number, number, number];
 }
