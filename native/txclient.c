@@ -26,7 +26,7 @@
 #define REPORTS_LIMIT 65536
 #define LINGER_MS 5000
 
-const char *const LP_BACK_NAMES[] = { "", "released", "handover", "client_gone", "upstream_gone" };
+const char *const LP_BACK_NAMES[] = { "", "released", "handover", "client_gone", "upstream_gone", "settings_failed" };
 
 /* Follows the upstream's messages during a lending. */
 typedef struct {
@@ -65,6 +65,7 @@ struct lp_client {
   int flags;      /* LP_LENT_* */
   int sent;       /* a unit went in this lending: until then nothing is to be released */
   int hidden;     /* ReadyForQuery messages still to come that answer the caller's prefix, not the client */
+  int settings_wait; /* the client's units wait for the prefix's answers (it may fail: see LP_BACK_SETTINGS_FAILED) */
   size_t head_named; /* the waiting unit names a client's statement (its length): it goes only rewritten */
   int broken;     /* the upstream sent what the fast path cannot follow */
   scan_t scan;
@@ -97,10 +98,11 @@ static int has_word(const unsigned char *text, size_t n, size_t at, const char *
  * letter, so that most characters cost one look.
  */
 static const char *const *not_plain(int first) {
-  /* EXECUTE runs a prepared statement whose text this never saw; U& spells names with escapes. */
+  /* EXECUTE runs a prepared statement whose text this never saw; U& spells names with escapes;
+     an UPDATE of pg_settings calls set_config. */
   static const char *const a[] = { "advisory", NULL }, *const c[] = { "copy", NULL }, *const d[] = { "discard", "deallocate", "declare", NULL },
                            *const e[] = { "execute", NULL }, *const h[] = { "hold", NULL }, *const l[] = { "listen", "load", NULL },
-                           *const p[] = { "prepare", NULL }, *const r[] = { "reset", NULL }, *const s[] = { "set_config", NULL },
+                           *const p[] = { "prepare", "pg_settings", NULL }, *const r[] = { "reset", NULL }, *const s[] = { "set_config", NULL },
                            *const t[] = { "temp", NULL }, *const u[] = { "u&", NULL };
   switch (first) {
     case 'a': return a;
@@ -147,8 +149,8 @@ static size_t string_end(const unsigned char *body, size_t len, size_t at) {
 size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound, size_t limit, int *named) {
   size_t off = 0;
   if (named) *named = 0;
-  /* A sequence whose last message so far is a Flush: the client may wait for its answers before
-     it sends the Sync (libpq's pipeline mode does), which a unit would wait for forever. */
+  /* A sequence with a Flush in it so far: the client may wait for the answers it flushed before it
+     sends the rest and the Sync (libpq's pipeline mode does), which a unit would wait for forever. */
   int flushed = 0;
   for (;;) {
     if (n - off < 5) return off + 5 > limit || flushed ? LP_NOT_FAST : 0;
@@ -156,7 +158,7 @@ size_t lp_unit_length(const unsigned char *data, size_t n, int parsed, int bound
     uint32_t len = be32(data + off + 1);
     if (len < 4 || len > limit || off + 1 + (size_t)len > limit) return LP_NOT_FAST;
     if (n - off < 1 + (size_t)len) return flushed ? LP_NOT_FAST : 0;
-    flushed = type == 'H';
+    flushed |= type == 'H';
     const unsigned char *body = data + off + 5;
     size_t blen = len - 4;
     size_t end = off + 1 + len;
@@ -422,7 +424,7 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   buf_t reports = k->reports, rest = { 0 };
   memset(&k->reports, 0, sizeof k->reports);
   int running = k->outstanding > 0 || k->scan.have != 0; /* answers to come, or one cut short */
-  if (how == LP_BACK_HANDOVER) {
+  if (how == LP_BACK_HANDOVER || how == LP_BACK_SETTINGS_FAILED) {
     k->fast = 0;
     k->needing = 0;
     rest = k->in;
@@ -433,6 +435,8 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   int flags = k->flags;
   k->flags = 0;
   k->sent = 0;
+  k->hidden = 0;
+  k->settings_wait = 0;
   k->cb->back(k, k->user, how, k->status, flags, running, reports.data ? reports.data + reports.off : NULL, pending(&reports),
               rest.data ? rest.data + rest.off : NULL, pending(&rest), reason);
   buf_free(&reports);
@@ -444,7 +448,7 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
  * when a unit waits and none is; goes to JS mode at a unit the fast path does not carry.
  */
 static void process(lp_client *k) {
-  while (!k->closing && k->fast && !k->needing && !k->up_full) {
+  while (!k->closing && k->fast && !k->needing && !k->up_full && !k->settings_wait) {
     size_t n = pending(&k->in);
     if (n == 0) break;
     const unsigned char *head = k->in.data + k->in.off;
@@ -568,6 +572,16 @@ static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, co
     return;
   }
   if (pending(&k->out) > HIGH_WATER) lp_conn_pause(c, 1);
+  if (k->settings_wait && k->hidden == 0) {
+    /* The settings are in force, or the client's units go to the engine (which reports the error). */
+    k->settings_wait = 0;
+    if (k->flags & LP_LENT_SETTINGS_FAILED) {
+      give_back(k, LP_BACK_SETTINGS_FAILED, NULL);
+      return;
+    }
+    process(k);
+    if (k->closing || k->conn != c) return;
+  }
   if (k->outstanding == 0 && k->scan.have == 0 && k->sent) {
     if (k->status == 'I') give_back(k, LP_BACK_RELEASED, NULL);
     if (!k->closing) process(k);
@@ -655,6 +669,8 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
   if (k->closing || !k->fast || !k->needing || k->conn || !lp_conn_lendable(conn)) return -1;
   /* A unit of named statements goes rewritten, or not at all; a rewritten one is one unit. */
   if ((k->head_named > 0) != (unit_len > 0) || (unit_len > 0 && (readies(unit, unit_len) != 1 || pending(&k->in) < k->head_named))) return -1;
+  /* The settings' answers come before the client's units go: a rewritten unit would have to wait too. */
+  if (settings_len > 0 && unit_len > 0) return -1;
   k->needing = 0;
   k->conn = conn;
   k->outstanding = 0;
@@ -662,6 +678,7 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
   k->flags = 0;
   k->sent = 0;
   k->hidden = 0;
+  k->settings_wait = 0;
   k->broken = 0;
   memset(&k->scan, 0, sizeof k->scan);
   lp_conn_sink(conn, sink, k);
@@ -671,6 +688,7 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
     /* Its answers, to its ReadyForQuery messages, are the caller's: counted as outstanding, not relayed. */
     k->hidden = readies(settings, settings_len);
     k->outstanding += k->hidden;
+    k->settings_wait = k->hidden > 0;
     if (lp_conn_write(conn, settings, settings_len) < 0 && k->conn == conn) give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
   }
   if (k->conn == conn && !k->closing && unit_len > 0) {
@@ -706,6 +724,6 @@ const unsigned char *lp_client_js(lp_client *k, size_t *n) {
 
 void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms) {
   *lent = k->conn != NULL;
-  *running = k->conn != NULL && k->outstanding > 0;
+  *running = k->conn != NULL && k->outstanding > k->hidden; /* the client's own units, not the settings ahead of them */
   *idle_ms = (double)(uv_now(k->loop) - k->last_activity);
 }

@@ -28,7 +28,7 @@
 
 typedef struct lp_client lp_client;
 
-enum lp_back { LP_BACK_RELEASED = 1, LP_BACK_HANDOVER, LP_BACK_CLIENT_GONE, LP_BACK_UPSTREAM_GONE };
+enum lp_back { LP_BACK_RELEASED = 1, LP_BACK_HANDOVER, LP_BACK_CLIENT_GONE, LP_BACK_UPSTREAM_GONE, LP_BACK_SETTINGS_FAILED };
 extern const char *const LP_BACK_NAMES[];
 
 /* What the unnamed statement and portal of a lending became (flags of `back`). */
@@ -38,7 +38,7 @@ extern const char *const LP_BACK_NAMES[];
 #define LP_LENT_REPORTS_LOST 4
 /* A command tag of session state went by (SET, RESET, LISTEN, PREPARE, LOAD, DEALLOCATE, DISCARD). */
 #define LP_LENT_LEAKED 8
-/* The settings query sent ahead of the client's units failed. */
+/* The settings query sent ahead of the client's units failed (see LP_BACK_SETTINGS_FAILED). */
 #define LP_LENT_SETTINGS_FAILED 16
 
 typedef struct {
@@ -51,7 +51,9 @@ typedef struct {
   /* The lent connection is back (see enum lp_back): `status` of its last ReadyForQuery; `flags`
      LP_LENT_*; `reports`: the ParameterStatus messages relayed; `rest`: LP_BACK_HANDOVER's unread
      client bytes (the client is in JS mode); `reason`: why the upstream went (LP_BACK_UPSTREAM_GONE),
-     NULL for a clean end; `running` (LP_BACK_CLIENT_GONE): answers were still to come. */
+     NULL for a clean end; `running` (LP_BACK_CLIENT_GONE): answers were still to come.
+     LP_BACK_SETTINGS_FAILED: the settings sent ahead of the client's units failed; none of them
+     went, the client is in JS mode with them in `rest`, the connection at its ReadyForQuery. */
   void (*back)(lp_client *k, void *user, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
                const unsigned char *rest, size_t rest_len, const char *reason);
   /* Last call: the socket is closed, `k` is about to be freed. */
@@ -73,10 +75,11 @@ int lp_client_fast(lp_client *k, const unsigned char *first, size_t n);
 /*
  * Fast mode, after `need`: lends `conn` (logged in, at ReadyForQuery, idle) for the waiting units;
  * `unread`: bytes of it read before; `settings`: messages that make the connection the client's
- * (a Query of its settings), sent first, their answers to their last ReadyForQuery not relayed
- * (their ParameterStatus messages are not the client's news: the caller knows what it set);
- * `unit`: the waiting unit with the server's names of the client's statements, when `need` said
- * it names some (then required: one unit, sent instead of the client's). -1 when refused.
+ * (a Query of its settings), sent first and answered before any of the client's units go, their
+ * answers not relayed (their ParameterStatus messages are not the client's news: the caller knows
+ * what it set); `unit`: the waiting unit with the server's names of the client's statements, when
+ * `need` said it names some (then required: one unit, sent instead of the client's; not with
+ * `settings`). -1 when refused.
  */
 int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len,
                      const unsigned char *unit, size_t unit_len);

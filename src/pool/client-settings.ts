@@ -168,14 +168,6 @@ export class ClientSettings {
    * set_config for each setting that differs, and the unreported settings another client's startup
    * left there back to their defaults. `server.applied` is updated as if it succeeded.
    */
-  /**
-   * landOn()'s query ran on `server` where nothing reads its reports (the fast path): the
-   * server's reported values are the client's now, in the words the server reported them in.
-   */
-  landedOn(server: ServerConnection): void {
-    for (const [name, value] of this.#reported) if (carried(name)) server.setParameter(name, value);
-  }
-
   landOn(server: ServerConnection): string | undefined {
     // The same unchanging settings as the last client here, and nothing changed since: nothing to set.
     const landed = server.landed;
@@ -203,6 +195,14 @@ export class ClientSettings {
       query += `SELECT pg_catalog.set_config(name, reset_val, false) FROM pg_catalog.pg_settings WHERE name IN (${stale.map(literal).join(', ')})`;
     }
     return query;
+  }
+
+  /**
+   * landOn()'s query ran on `server` where nothing reads its reports (the fast path): the
+   * server's reported values are the client's now, in the words the server reported them in.
+   */
+  landedOn(server: ServerConnection): void {
+    for (const [name, value] of this.#reported) if (carried(name)) server.setParameter(name, value);
   }
 }
 

@@ -170,8 +170,7 @@ export class Pool {
    * that logged in with the same, else a new login, else the first to come free within
    * QueryWaitTimeout. Rejects with PoolTimeoutError, PoolClosedError (shutdown), or the login's error.
    */
-  async acquire(loginKey: string, login: Login, signal: AbortSignal): Promise<Lease> {
-    const started = Date.now();
+  async acquire(loginKey: string, login: Login, signal: AbortSignal, started = Date.now()): Promise<Lease> {
     for (;;) {
       if (this.#closed) throw new PoolClosedError(`pool ${this.name} is closed: the proxy is shutting down`);
       if (signal.aborted) throw new Error('the client went away');
@@ -245,7 +244,7 @@ export class Pool {
     }
     if (this.#closed || signal.aborted || this.#idle.length > 0 || this.#resets.size > 0 || this.size < this.#settings.size) {
       const again = (): void => this.lendTo(loginKey, login, signal, take, started);
-      this.acquire(loginKey, login, signal).then(
+      this.acquire(loginKey, login, signal, started).then(
         (lease) => (lease.ready ? void lease.ready.then((ok) => (ok ? take(lease.server) : again())) : take(lease.server)),
         (error: unknown) => take(undefined, error),
       );

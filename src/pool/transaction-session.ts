@@ -140,7 +140,7 @@ const IGNORED_WHEN_IDLE = new Set<number>([FrontendCode.Flush, FrontendCode.Copy
 
 /** State a transaction leaves on its connection that the proxy cannot carry to the client's next one. */
 const LEAKY_TEXT =
-  /\b(temp|temporary)\s+(recursive\s+)?(table|view|sequence)\b|\binto\s+(temp|temporary)\b|\bpg_temp(_\d+)?\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(/i;
+  /\b(temp|temporary)\s+(recursive\s+)?(table|view|sequence)\b|\binto\s+(temp|temporary)\b|\bpg_temp(_\d+)?\b|\bwith\s+hold\b|\bpg_(try_)?advisory_lock(_shared)?\s*\(|\bpg_settings\b/i;
 /**
  * DEALLOCATE by name may have dropped a statement the proxy prepared for clients (`lp_...`): the
  * reset before the next client puts the connection's statements and the proxy's list in step again.
@@ -256,6 +256,8 @@ export class TransactionSession implements SessionRelay {
    */
   readonly #native: NativeClient | undefined;
   #lent: ServerConnection | undefined;
+  /** The settings query sent ahead of the lending's first unit (ClientSettings.landOn), if any. */
+  #lentSettings: string | undefined;
   /** The fast path's bytes counted so far (its counters are C's). */
   readonly #fastCounted = [0, 0];
   readonly #context: TransactionContext;
@@ -470,16 +472,15 @@ export class TransactionSession implements SessionRelay {
     }
     const native = this.#native as NativeClient;
     const query = this.#settings.landOn(server);
-    // A unit of the client's named statements goes with the server's names, when the connection has them all.
-    const rewritten = unit ? this.#serverNames(server, unit) : undefined;
+    // A unit of the client's named statements goes with the server's names, when the connection
+    // has them all (and no settings go ahead of it: C would have to hold it back).
+    const rewritten = unit && query === undefined ? this.#serverNames(server, unit) : undefined;
     if (server.upstream instanceof NativeUpstream && (!unit || rewritten)) {
       // Lent before the call: the connection may come back inside it (its end read at once).
       this.#lent = server;
-      // The client's settings, where they differ, go ahead of its unit (their answers kept from it).
-      if (native.attach(server.upstream, query === undefined ? undefined : queryMessage(query), rewritten) === undefined) {
-        if (query !== undefined) this.#settings.landedOn(server);
-        return;
-      }
+      this.#lentSettings = query;
+      // The client's settings, where they differ, go ahead of its unit (answered first, kept from it).
+      if (native.attach(server.upstream, query === undefined ? undefined : queryMessage(query), rewritten) === undefined) return;
       this.#lent = undefined;
     }
     // A connection C cannot take, or a statement it does not have yet: this transaction runs here.
@@ -544,10 +545,14 @@ export class TransactionSession implements SessionRelay {
     const server = this.#lent;
     if (!server) return;
     this.#lent = undefined;
+    const settings = this.#lentSettings;
+    this.#lentSettings = undefined;
     (server.upstream as NativeUpstream).reclaim();
     this.#countFast();
+    // The settings sent ahead are in force (their reports were not read: the values are the client's); what the lending reported comes after.
+    if (settings !== undefined && !back.settingsFailed) this.#settings.landedOn(server);
     // Session state went by after all (a function, a statement of the text filter's blind spots): reset, and said once.
-    const leaked = back.leaked || back.reportsLost || back.settingsFailed;
+    const leaked = back.leaked || back.reportsLost;
     if (back.leaked) this.#noticeOnce();
     if (back.reports) {
       for (let at = 0; at + 5 <= back.reports.length; at += 1 + back.reports.readUInt32BE(at + 1)) {
@@ -586,6 +591,11 @@ export class TransactionSession implements SessionRelay {
         } else {
           this.#giveBackLent(server, back.status, leaked);
         }
+        return;
+      case 'settings_failed':
+        // None of the client's units went: the engine takes them, with the settings again (it reports their error).
+        if (back.rest) this.#fromClient.push(back.rest);
+        this.#use(server, settings, back.status);
         return;
       case 'upstream_gone':
         server.close();

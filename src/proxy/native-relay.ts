@@ -73,7 +73,7 @@ interface Addon {
 }
 
 /** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back, from 1). */
-export const LENT_BACK = ['released', 'handover', 'client_gone', 'upstream_gone'] as const;
+export const LENT_BACK = ['released', 'handover', 'client_gone', 'upstream_gone', 'settings_failed'] as const;
 export type LentBack = (typeof LENT_BACK)[number];
 
 /** Where the addon is: LAKEBASE_PROXY_NATIVE_ADDON names another build (the sanitizer run, tests of a broken one). */
