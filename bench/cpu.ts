@@ -8,9 +8,8 @@
  *
  *   node dist/bench/cpu.js [--clients N] [--pool-size N] [--seconds N] [--rounds N] [--protocol simple|extended] [--cpu-prof DIR]
  */
-import { createServer } from 'node:net';
 import { startTokenPostgres } from '../test/harness/postgres.js';
-import { findPgBouncer, startPgBouncer } from './pgbouncer.js';
+import { findPgBouncer, freePort, startPgBouncer } from './pgbouncer.js';
 import { startBenchProxy } from './proxy-process.js';
 import { findPgbench, pgbenchInit, pgbenchSelect } from './measure/pgbench.js';
 
@@ -43,18 +42,6 @@ function parse(argv: readonly string[]): Options {
     options[name] = number;
   }
   return options;
-}
-
-/** A free TCP port on the loopback. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === 'object' && address ? address.port : 0));
-    });
-  });
 }
 
 async function metric(httpPort: number, name: string): Promise<number> {
