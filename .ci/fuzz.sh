@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# CI gate: a bounded, coverage-guided fuzz run of the native relay (native/relay.c) with
-# libFuzzer, under AddressSanitizer, UndefinedBehaviorSanitizer and LeakSanitizer.
+# CI gate: bounded, coverage-guided fuzz runs of the native code with libFuzzer, under
+# AddressSanitizer, UndefinedBehaviorSanitizer and LeakSanitizer: two targets, side by side (one
+# core each).
 #
-#   .ci/fuzz.sh                  (FUZZ_SECONDS=60 by default)
+#   .ci/fuzz.sh                  (FUZZ_SECONDS=60 by default, for each target)
 #
-# native/fuzz/harness.c drives relay.c through relay.h against a real OpenSSL server (see its
-# header for what it checks). The run starts from the committed corpus (native/fuzz/corpus/,
-# every input there must pass) and fuzzes for FUZZ_SECONDS more; inputs it finds go to
-# build-fuzz/corpus/, a failing one to build-fuzz/crash-* (replay: build-fuzz/harness FILE, with
-# FUZZ_VERBOSE=1 to see each step). To keep what a run found:
+# native/fuzz/harness.c drives relay.c through relay.h against a real OpenSSL server;
+# native/fuzz/txclient-harness.c drives txclient.c (its pure parts, and clients lent connections
+# of relay.c logged in to that server). Their headers say what they check; support.c holds what
+# they share. Each run starts from its committed corpus (native/fuzz/corpus/ and
+# native/fuzz/txclient-corpus/: every input there must pass) and fuzzes for FUZZ_SECONDS more
+# (TXCLIENT_FUZZ_SECONDS for the second, FUZZ_SECONDS unless set); inputs found go to
+# build-fuzz/corpus/ and build-fuzz/txclient-corpus/, a failing one to build-fuzz/crash-* or
+# build-fuzz/txclient-crash-* (replay: build-fuzz/harness FILE or build-fuzz/txclient-harness
+# FILE, with FUZZ_VERBOSE=1 to see each step). To keep what a run found:
 #   build-fuzz/harness -merge=1 native/fuzz/corpus build-fuzz/corpus
+#   build-fuzz/txclient-harness -merge=1 native/fuzz/txclient-corpus build-fuzz/txclient-corpus
 # Debian 12's clang 14 and libFuzzer, and the libuv and OpenSSL 3.0 development packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 out=build-fuzz
 seconds=${FUZZ_SECONDS:-60}
+txclient_seconds=${TXCLIENT_FUZZ_SECONDS:-$seconds}
 
 fuzzer_runtime() { [ -e "$(clang -print-resource-dir 2>/dev/null)/lib/linux/libclang_rt.fuzzer-x86_64.a" ]; }
 if ! command -v clang >/dev/null || ! fuzzer_runtime || [ ! -e /usr/include/uv.h ] || [ ! -e /usr/include/openssl/ssl.h ]; then
@@ -25,22 +32,37 @@ fi
 installed=$(date +%s)
 
 rm -rf "$out"
-mkdir -p "$out/corpus"
+mkdir -p "$out/corpus" "$out/txclient-corpus"
 flags=(-g -O1 -fno-omit-frame-pointer '-fsanitize=address,undefined' -fno-sanitize-recover=all -Wall -Wextra
   -DOPENSSL_API_COMPAT=30000 -DOPENSSL_NO_DEPRECATED)
-# Coverage guidance for relay.c only: the harness's own branches would only distract libFuzzer.
+# Coverage guidance for the code under test only: the harnesses' own branches would only distract libFuzzer.
 clang "${flags[@]}" -fsanitize=fuzzer-no-link -c native/relay.c -o "$out/relay.o"
+clang "${flags[@]}" -fsanitize=fuzzer-no-link -c native/txclient.c -o "$out/txclient.o"
+clang "${flags[@]}" -c native/fuzz/support.c -o "$out/support.o"
 clang "${flags[@]}" -c native/fuzz/harness.c -o "$out/harness.o"
-clang -fsanitize=fuzzer,address,undefined "$out/relay.o" "$out/harness.o" -o "$out/harness" -luv -lssl -lcrypto
+clang "${flags[@]}" -c native/fuzz/txclient-harness.c -o "$out/txclient-harness.o"
+link=(-fsanitize=fuzzer,address,undefined -luv -lssl -lcrypto)
+clang "$out/relay.o" "$out/support.o" "$out/harness.o" -o "$out/harness" "${link[@]}"
+clang "$out/relay.o" "$out/txclient.o" "$out/support.o" "$out/txclient-harness.o" -o "$out/txclient-harness" "${link[@]}"
 
 export ASAN_OPTIONS=detect_leaks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# One target: its binary, seconds, name (the prefix of its corpus and artifacts), committed corpus.
+fuzz() {
+  "$out/$1" -seed="${FUZZ_SEED:-1}" -max_total_time="$2" -timeout=30 -max_len=2048 -len_control=0 -print_final_stats=1 \
+    -artifact_prefix="$out/$3" "$out/${3}corpus" "$4" >"$out/${3}fuzz.log" 2>&1
+}
 status=0
-"$out/harness" -seed="${FUZZ_SEED:-1}" -max_total_time="$seconds" -timeout=30 -max_len=2048 -len_control=0 -print_final_stats=1 \
-  -artifact_prefix="$out/" "$out/corpus" native/fuzz/corpus >"$out/fuzz.log" 2>&1 || status=$?
+fuzz harness "$seconds" "" native/fuzz/corpus & relay_run=$!
+fuzz txclient-harness "$txclient_seconds" txclient- native/fuzz/txclient-corpus & txclient_run=$!
+wait "$relay_run" || status=$?
+wait "$txclient_run" || status=$((status ? status : $?))
 # libFuzzer's progress lines are many; the rest (the corpus replay, a report, the stats) is shown.
-grep -vE '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)' "$out/fuzz.log" || true
-failing=$(find "$out" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' \) | sort | tr '\n' ' ')
+for log in "$out/fuzz.log" "$out/txclient-fuzz.log"; do
+  echo "=== $log"
+  grep -vE '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)' "$log" || true
+done
+failing=$(find "$out" -maxdepth 1 \( -name '*crash-*' -o -name '*leak-*' -o -name '*timeout-*' \) | sort | tr '\n' ' ')
 if [ -n "$failing" ]; then
   echo "fuzz: failing input(s): $failing" >&2
   status=1

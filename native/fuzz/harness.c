@@ -33,19 +33,14 @@
  *    server gets all of it, the client all of it, and the counters say so;
  *  - with far more waiting upstream than one read takes, one turn of the loop does not take it all.
  * ASan, UBSan and LeakSanitizer watch the memory. A failed check aborts, so libFuzzer keeps
- * the input.
+ * the input. The input's reader, the server and the sockets are support.c's, shared with
+ * txclient-harness.c.
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <openssl/err.h>
-#include <openssl/pem.h>
-#include <openssl/x509v3.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,137 +48,7 @@
 #include <unistd.h>
 
 #include "../relay.h"
-
-/* ---------- the input ---------- */
-
-static const uint8_t *in_data;
-static size_t in_left;
-
-static unsigned in_u8(void) {
-  if (in_left == 0) return 0;
-  in_left--;
-  return *in_data++;
-}
-
-static size_t in_size(size_t max) { return max ? ((in_u8() << 8) | in_u8()) % (max + 1) : 0; }
-
-/* ---------- growable byte strings ---------- */
-
-typedef struct {
-  unsigned char *d;
-  size_t n, cap;
-} bytes_t;
-
-static void put(bytes_t *b, const void *p, size_t n) {
-  if (n == 0) return;
-  if (b->n + n > b->cap) {
-    b->cap = (b->n + n) * 2;
-    b->d = realloc(b->d, b->cap);
-    if (!b->d) abort();
-  }
-  if (p) memcpy(b->d + b->n, p, n);
-  b->n += n;
-}
-
-static void put_u8(bytes_t *b, unsigned v) {
-  unsigned char c = (unsigned char)v;
-  put(b, &c, 1);
-}
-
-static void put_u32(bytes_t *b, uint32_t v) {
-  unsigned char be[4] = { (unsigned char)(v >> 24), (unsigned char)(v >> 16), (unsigned char)(v >> 8), (unsigned char)v };
-  put(b, be, 4);
-}
-
-static void drop_front(bytes_t *b, size_t n) {
-  memmove(b->d, b->d + n, b->n - n);
-  b->n -= n;
-}
-
-static void bytes_free(bytes_t *b) {
-  free(b->d);
-  memset(b, 0, sizeof *b);
-}
-
-/* Bytes whose value depends on their position in the stream: a loss, a repeat or a swap shows. */
-static void put_pattern(bytes_t *b, size_t n, size_t salt) {
-  put(b, NULL, n);
-  for (size_t i = b->n - n; i < b->n; i++) {
-    size_t at = i + salt;
-    b->d[i] = (unsigned char)((at * 131) ^ (at >> 8) ^ (at >> 16));
-  }
-}
-
-/* ---------- failures ---------- */
-
-static const char *phase = "setup";
-static int verbose; /* FUZZ_VERBOSE=1: each step and session on stderr */
-
-static void fail(const char *fmt, ...) {
-  va_list a;
-  va_start(a, fmt);
-  fprintf(stderr, "\nRELAY INVARIANT FAILED (%s): ", phase);
-  vfprintf(stderr, fmt, a);
-  fputc('\n', stderr);
-  va_end(a);
-  abort();
-}
-
-/* `got` (its first got_n bytes, of which the first `from` were checked before) is a prefix of `a` followed by `b`. */
-static void check_prefix_from(const char *what, const bytes_t *got, size_t from, size_t got_n, const bytes_t *a, const bytes_t *b) {
-  size_t expected_n = a->n + (b ? b->n : 0);
-  if (got_n > expected_n) fail("%s: %zu bytes arrived, only %zu were sent", what, got_n, expected_n);
-  for (size_t i = from; i < got_n; i++) {
-    unsigned char expected = i < a->n ? a->d[i] : b->d[i - a->n];
-    if (got->d[i] != expected) fail("%s: byte %zu differs (0x%02x, sent 0x%02x) of %zu arrived, %zu sent", what, i, got->d[i], expected, got_n, expected_n);
-  }
-}
-
-static void check_prefix(const char *what, const bytes_t *got, size_t got_n, const bytes_t *expected) { check_prefix_from(what, got, 0, got_n, expected, NULL); }
-
-/* ---------- the server's certificate and context (made once) ---------- */
-
-static SSL_CTX *server_ctx, *server_ctx_tls12;
-static char *ca_pem;
-static size_t ca_len;
-
-static void make_server(void) {
-  EVP_PKEY *key = EVP_EC_gen("P-256");
-  X509 *cert = X509_new();
-  if (!key || !cert) fail("key or certificate");
-  X509_set_version(cert, 2);
-  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-  X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
-  X509_gmtime_adj(X509_getm_notAfter(cert), 3600L * 24 * 365);
-  X509_NAME *name = X509_get_subject_name(cert);
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, (const unsigned char *)"localhost", -1, -1, 0);
-  X509_set_issuer_name(cert, name);
-  X509_set_pubkey(cert, key);
-  X509V3_CTX v3;
-  X509V3_set_ctx(&v3, cert, cert, NULL, NULL, 0);
-  X509_EXTENSION *san = X509V3_EXT_conf_nid(NULL, &v3, NID_subject_alt_name, "DNS:localhost,IP:127.0.0.1");
-  if (!san || !X509_add_ext(cert, san, -1)) fail("subjectAltName");
-  X509_EXTENSION_free(san);
-  if (!X509_sign(cert, key, EVP_sha256())) fail("X509_sign");
-  BIO *pem = BIO_new(BIO_s_mem());
-  PEM_write_bio_X509(pem, cert);
-  char *text;
-  long n = BIO_get_mem_data(pem, &text);
-  ca_pem = malloc((size_t)n);
-  memcpy(ca_pem, text, (size_t)n);
-  ca_len = (size_t)n;
-  BIO_free(pem);
-  for (int i = 0; i < 2; i++) {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-    if (!ctx || SSL_CTX_use_certificate(ctx, cert) != 1 || SSL_CTX_use_PrivateKey(ctx, key) != 1) fail("server context");
-    if (i == 1) SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"fuzz", 4);
-    if (i == 0) server_ctx = ctx;
-    else server_ctx_tls12 = ctx;
-  }
-  X509_free(cert);
-  EVP_PKEY_free(key);
-}
+#include "support.h"
 
 /* ---------- one connection ---------- */
 
@@ -195,14 +60,9 @@ typedef struct {
   uv_loop_t loop;
   lp_conn *conn;            /* NULL before connect and once `end` came */
   int relay_fd, up_fd;      /* the descriptors relay.c took (-1 if not taken) */
-  int srv_fd, cl_fd;        /* the harness's ends (-1 once closed) */
+  tls_server_t srv;         /* the server, at the other end of the upstream socket */
+  int cl_fd;                /* the harness's end of the client pair (-1 once closed) */
   int cl_relay_end;         /* the relay's end of the client pair, before lp_conn_relay takes it */
-  SSL *srv;
-  BIO *srv_in, *srv_out;
-  int srv_eof;              /* EOF seen on srv_fd */
-  int srv_shut;             /* the harness shut srv_fd for writing */
-  int srv_got_close;        /* the server read the relay's close_notify or EOF */
-  int srv_broken;           /* the server's SSL failed */
   int cl_eof, cl_shut;
   int handshake_calls, handshake_ok, ends, farewells, abandons, login_ended;
   int attached;             /* lp_conn_relay took the client (a detach does not undo it) */
@@ -215,22 +75,18 @@ typedef struct {
   size_t consumed;          /* login_got.n when the relay started */
   double detach_up, detach_cl; /* the client's byte counts, as `detached` said them */
   bytes_t after_got;        /* what the data callback got after the detach */
-  size_t after_from;        /* where in srv_sent that stream starts */
+  size_t after_from;        /* where in srv.sent that stream starts */
   int faults;               /* something was done that may lose bytes */
   enum lp_end end;
   double end_up, end_cl;
   double counters[2];
   size_t farewell_at;       /* counters[1] when the farewell was asked for */
-  bytes_t srv_cipher;       /* server ciphertext not yet on the socket */
-  size_t srv_flushed;       /* server ciphertext put on the socket */
-  bytes_t srv_sent;         /* the server's plaintext, all of it */
-  bytes_t srv_got;          /* plaintext the server read */
-  size_t srv_checked;       /* how much of srv_got check_upstream() has seen */
+  size_t srv_checked;       /* how much of srv.got check_upstream() has seen */
   bytes_t up_expected;      /* what the server may read: login writes and the relay's first bytes, then cl_sent (after
                                a detach: what the relay passed on of those, then the writes since) */
   bytes_t cl_sent;          /* what the client put on its socket (the relay reads it only once attached) */
   bytes_t login_got;        /* what the data callback got */
-  bytes_t cl_expected;      /* what the client may read: the first bytes, then srv_sent after login_got */
+  bytes_t cl_expected;      /* what the client may read: the first bytes, then srv.sent after login_got */
   bytes_t cl_pending;       /* the client's bytes not yet on the socket */
   bytes_t cl_got;
   int react_in_callbacks;
@@ -250,15 +106,11 @@ static int relaying(void) { return S->attached && !S->detached; }
 
 /* The server's plaintext so far; `up_expected` only grows before the relay, while the server has read none of the client's stream. */
 static void check_upstream(void) {
-  check_prefix_from("server plaintext vs what was sent upstream", &S->srv_got, S->srv_checked, S->srv_got.n, &S->up_expected, S->detached ? NULL : &S->cl_sent);
-  S->srv_checked = S->srv_got.n;
+  check_prefix_from("server plaintext vs what was sent upstream", &S->srv.got, S->srv_checked, S->srv.got.n, &S->up_expected, S->detached ? NULL : &S->cl_sent);
+  S->srv_checked = S->srv.got.n;
 }
 
-static void srv_collect(void) {
-  unsigned char b[16384];
-  int n;
-  while ((n = BIO_read(S->srv_out, b, sizeof b)) > 0) put(&S->srv_cipher, b, (size_t)n);
-}
+static void srv_collect(void) { server_collect(&S->srv); }
 
 static void attach(void);
 
@@ -299,11 +151,11 @@ static void on_data(lp_conn *c, void *user, const unsigned char *data, size_t n,
   if (S->paused) fail("data callback while the login's reader is paused");
   if (S->detached) { /* the server's stream goes on where the client's part of it ended */
     put(&S->after_got, data, n);
-    if (S->after_from + S->after_got.n > S->srv_sent.n || memcmp(S->after_got.d, S->srv_sent.d + S->after_from, S->after_got.n) != 0)
-      fail("after the detach, the reader's %zu bytes are not the server's plaintext from byte %zu on (%zu sent)", S->after_got.n, S->after_from, S->srv_sent.n);
+    if (S->after_from + S->after_got.n > S->srv.sent.n || memcmp(S->after_got.d, S->srv.sent.d + S->after_from, S->after_got.n) != 0)
+      fail("after the detach, the reader's %zu bytes are not the server's plaintext from byte %zu on (%zu sent)", S->after_got.n, S->after_from, S->srv.sent.n);
   } else {
     put(&S->login_got, data, n);
-    check_prefix("login reader vs server plaintext", &S->login_got, S->login_got.n, &S->srv_sent);
+    check_prefix("login reader vs server plaintext", &S->login_got, S->login_got.n, &S->srv.sent);
   }
   if (!S->react_in_callbacks) return;
   switch (in_u8() % 8) {
@@ -435,102 +287,28 @@ static void run_loop(int times) {
 }
 
 /* The server's ciphertext onto the socket, up to `max` bytes. */
-static void srv_flush(size_t max) {
-  srv_collect();
-  if (S->srv_fd < 0 || S->srv_shut || S->srv_cipher.n == 0) return;
-  size_t n = max < S->srv_cipher.n ? max : S->srv_cipher.n;
-  ssize_t w = send(S->srv_fd, S->srv_cipher.d, n, MSG_DONTWAIT | MSG_NOSIGNAL);
-  if (w > 0) {
-    drop_front(&S->srv_cipher, (size_t)w);
-    S->srv_flushed += (size_t)w;
-  }
-}
+static void srv_flush(size_t max) { server_flush(&S->srv, max); }
 
 /* Reads the socket into the server, then what the server can make of it. */
 static void srv_read(size_t max) {
-  if (S->srv_fd < 0) return;
-  unsigned char b[65536];
-  if (max > sizeof b) max = sizeof b;
-  if (!S->srv_eof && max > 0) {
-    ssize_t r = recv(S->srv_fd, b, max, MSG_DONTWAIT);
-    if (r > 0) BIO_write(S->srv_in, b, (int)r);
-    else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
-      S->srv_eof = 1;
-      BIO_set_mem_eof_return(S->srv_in, 0);
-    }
-  }
-  if (S->srv_broken) return;
-  ERR_clear_error();
-  if (!SSL_is_init_finished(S->srv)) {
-    int r = SSL_do_handshake(S->srv);
-    if (r <= 0) {
-      int code = SSL_get_error(S->srv, r);
-      if (code != SSL_ERROR_WANT_READ && code != SSL_ERROR_WANT_WRITE) S->srv_broken = 1;
-      ERR_clear_error();
-      srv_collect();
-      return;
-    }
-  }
-  for (;;) {
-    int r = SSL_read(S->srv, b, sizeof b);
-    if (r > 0) {
-      put(&S->srv_got, b, (size_t)r);
-      continue;
-    }
-    int code = SSL_get_error(S->srv, r);
-    if (code == SSL_ERROR_ZERO_RETURN) S->srv_got_close = 1;
-    else if (code == SSL_ERROR_SYSCALL && S->srv_eof) S->srv_got_close = 1; /* EOF without close_notify */
-    else if (code != SSL_ERROR_WANT_READ && code != SSL_ERROR_WANT_WRITE) S->srv_broken = 1;
-    ERR_clear_error();
-    break;
-  }
-  srv_collect();
+  server_read(&S->srv, max);
   check_upstream();
 }
 
 static void srv_write(const bytes_t *plain) {
-  if (S->srv_shut || S->srv_broken || !SSL_is_init_finished(S->srv) || (SSL_get_shutdown(S->srv) & SSL_SENT_SHUTDOWN) || plain->n == 0) return;
-  ERR_clear_error();
-  size_t written = 0;
-  if (SSL_write_ex(S->srv, plain->d, plain->n, &written) != 1 || written != plain->n) {
-    S->srv_broken = 1;
-    ERR_clear_error();
-    return;
-  }
-  put(&S->srv_sent, plain->d, plain->n);
-  if (relaying()) put(&S->cl_expected, plain->d, plain->n);
-  srv_collect();
+  if (server_write(&S->srv, plain->d, plain->n) && relaying()) put(&S->cl_expected, plain->d, plain->n);
 }
 
-static void srv_close_notify(void) {
-  if (S->srv_broken || !SSL_is_init_finished(S->srv)) return;
-  ERR_clear_error();
-  SSL_shutdown(S->srv);
-  ERR_clear_error();
-  srv_collect();
-}
+static void srv_close_notify(void) { server_close_notify(&S->srv); }
 
 static void srv_fin(void) {
-  if (S->srv_fd < 0 || S->srv_shut) return;
-  if (S->srv_cipher.n > 0 || !SSL_is_init_finished(S->srv)) S->faults = 1; /* records or the handshake cut short */
-  shutdown(S->srv_fd, SHUT_WR);
-  S->srv_shut = 1;
+  if (server_fin(&S->srv)) S->faults = 1; /* records or the handshake cut short */
 }
 
-/* A peer closes its socket; with `reset` (TCP), the relay gets an RST instead of a FIN. */
-static void peer_close(int *fd, int *shut, int *eof, int reset) {
-  if (*fd < 0) return;
-  S->faults = 1;
-  if (reset) {
-    struct linger now = { 1, 0 };
-    setsockopt(*fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
-  }
-  close(*fd);
-  *fd = -1;
-  *shut = *eof = 1;
+/* A peer closes its socket (see peer_close): what was in flight may be lost. */
+static void srv_close(int reset) {
+  if (peer_close(&S->srv.fd, &S->srv.shut, &S->srv.eof, reset)) S->faults = 1;
 }
-
-static void srv_close(int reset) { peer_close(&S->srv_fd, &S->srv_shut, &S->srv_eof, reset); }
 
 static void cl_flush(size_t max) {
   if (S->cl_fd < 0 || S->cl_shut || S->cl_pending.n == 0) return;
@@ -559,7 +337,9 @@ static void cl_fin(void) {
   S->cl_shut = 1;
 }
 
-static void cl_close(int reset) { peer_close(&S->cl_fd, &S->cl_shut, &S->cl_eof, reset); }
+static void cl_close(int reset) {
+  if (peer_close(&S->cl_fd, &S->cl_shut, &S->cl_eof, reset)) S->faults = 1;
+}
 
 /* Postgres-like messages from the server: DataRow, CommandComplete, ReadyForQuery, ErrorResponse, NoticeResponse. */
 static void make_server_bytes(bytes_t *out) {
@@ -575,17 +355,17 @@ static void make_server_bytes(bytes_t *out) {
       put_u8(out, (unsigned)type);
       put_u32(out, (uint32_t)(body + 4));
       if (type == 'Z') put_u8(out, 'I');
-      else put_pattern(out, body, S->srv_sent.n);
+      else put_pattern(out, body, S->srv.sent.n);
     }
   } else if (kind == 3) { /* one large DataRow, records of 16 KiB and more than the client's socket takes */
     size_t body = (size_t)(in_u8() % 128 + 1) * 1024;
     put_u8(out, 'D');
     put_u32(out, (uint32_t)(body + 4));
-    put_pattern(out, body, S->srv_sent.n);
+    put_pattern(out, body, S->srv.sent.n);
   } else { /* a message cut short: the rest may come in a later write */
     put_u8(out, 'D');
     put_u32(out, 200);
-    put_pattern(out, in_u8() % 200, S->srv_sent.n);
+    put_pattern(out, in_u8() % 200, S->srv.sent.n);
   }
 }
 
@@ -642,7 +422,7 @@ static void attach(void) {
   size_t up_before = S->up_expected.n;
   put(&S->up_expected, first_up.d, first_up.n);
   put(&S->cl_expected, first_cl.d, first_cl.n);
-  if (S->srv_sent.n > consumed) put(&S->cl_expected, S->srv_sent.d + consumed, S->srv_sent.n - consumed);
+  if (S->srv.sent.n > consumed) put(&S->cl_expected, S->srv.sent.d + consumed, S->srv.sent.n - consumed);
   S->attached = 1;
   S->paused = 0;
   S->login_written = up_before;
@@ -663,12 +443,7 @@ static void attach(void) {
   bytes_free(&first_up);
 }
 
-static void set_nonblocking(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
-static void small_buffers(int fd, int size) {
-  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
-  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
-}
 
 /*
  * Far more waits on the upstream socket than one read takes, and the client takes all of it at
@@ -680,9 +455,9 @@ static void small_buffers(int fd, int size) {
 static void flood(void) {
   enum { FLOOD = 4 << 20 };
   int big = 4 * FLOOD;
-  if (S->flooded || !relaying() || S->srv_shut || S->srv_broken || S->srv_fd < 0 || S->cl_fd < 0 || S->relay_fd < 0 || (S->sockets & 3) != 0) return;
+  if (S->flooded || !relaying() || S->srv.shut || S->srv.broken || S->srv.fd < 0 || S->cl_fd < 0 || S->relay_fd < 0 || (S->sockets & 3) != 0) return;
   S->flooded = 1; /* once a connection: it is slow */
-  if (setsockopt(S->srv_fd, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) != 0 || setsockopt(S->up_fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) != 0 ||
+  if (setsockopt(S->srv.fd, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) != 0 || setsockopt(S->up_fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) != 0 ||
       setsockopt(S->relay_fd, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) != 0 || setsockopt(S->cl_fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) != 0)
     return;
   srv_flush(SIZE_MAX);
@@ -690,12 +465,12 @@ static void flood(void) {
   for (int i = 0; i < 8; i++) {
     put_u8(&rows, 'D');
     put_u32(&rows, (FLOOD / 8) + 4);
-    put_pattern(&rows, FLOOD / 8, S->srv_sent.n);
+    put_pattern(&rows, FLOOD / 8, S->srv.sent.n);
   }
   srv_write(&rows);
-  size_t queued = S->srv_cipher.n;
-  for (int i = 0; i < 64 && S->srv_cipher.n > 0; i++) srv_flush(SIZE_MAX);
-  if (S->srv_cipher.n == 0 && queued > FLOOD) {
+  size_t queued = S->srv.cipher.n;
+  for (int i = 0; i < 64 && S->srv.cipher.n > 0; i++) srv_flush(SIZE_MAX);
+  if (S->srv.cipher.n == 0 && queued > FLOOD) {
     double before = S->counters[1];
     run_loop(1);
     if (S->counters[1] - before >= FLOOD) fail("one turn of the loop relayed all %g bytes the upstream had sent: it did not yield", S->counters[1] - before);
@@ -707,7 +482,7 @@ static void flood(void) {
 static void step(void) {
   unsigned op = in_u8();
   if (verbose) fprintf(stderr, "step %u (%u): conn %s attached %d; server sent %zu, cipher queued %zu; client sent %zu, got %zu\n", op % 24, op, S->conn ? "open" : "ended", S->attached,
-                       S->srv_sent.n, S->srv_cipher.n, S->cl_sent.n, S->cl_got.n);
+                       S->srv.sent.n, S->srv.cipher.n, S->cl_sent.n, S->cl_got.n);
   bytes_t b = { 0 };
   switch (op % 24) {
     case 0: case 1: case 2: make_server_bytes(&b); srv_write(&b); break;
@@ -718,11 +493,11 @@ static void step(void) {
     case 11: cl_read(1 + in_size(70000)); break;
     case 12: case 13: run_loop(1 + in_u8() % 4); break;
     case 14: /* KeyUpdate, asking for one back or not; or a session ticket */
-      if (!S->srv_broken && SSL_is_init_finished(S->srv) && !(SSL_get_shutdown(S->srv) & SSL_SENT_SHUTDOWN) && SSL_version(S->srv) == TLS1_3_VERSION) {
+      if (!S->srv.broken && SSL_is_init_finished(S->srv.ssl) && !(SSL_get_shutdown(S->srv.ssl) & SSL_SENT_SHUTDOWN) && SSL_version(S->srv.ssl) == TLS1_3_VERSION) {
         ERR_clear_error();
-        if (op & 0x20) SSL_new_session_ticket(S->srv);
-        else SSL_key_update(S->srv, (op & 0x40) ? SSL_KEY_UPDATE_REQUESTED : SSL_KEY_UPDATE_NOT_REQUESTED);
-        SSL_do_handshake(S->srv);
+        if (op & 0x20) SSL_new_session_ticket(S->srv.ssl);
+        else SSL_key_update(S->srv.ssl, (op & 0x40) ? SSL_KEY_UPDATE_REQUESTED : SSL_KEY_UPDATE_NOT_REQUESTED);
+        SSL_do_handshake(S->srv.ssl);
         ERR_clear_error();
         srv_collect();
       }
@@ -738,11 +513,11 @@ static void step(void) {
     case 17: /* the stream damaged: a flipped bit or garbage between two pieces */
       srv_collect();
       S->faults = 1;
-      if ((op & 0x80) && S->srv_cipher.n > 0) S->srv_cipher.d[in_size(S->srv_cipher.n - 1)] ^= (unsigned char)(1u << (in_u8() % 8));
+      if ((op & 0x80) && S->srv.cipher.n > 0) S->srv.cipher.d[in_size(S->srv.cipher.n - 1)] ^= (unsigned char)(1u << (in_u8() % 8));
       else {
         bytes_t garbage = { 0 };
         for (size_t n = 1 + in_u8() % 32; n > 0; n--) put_u8(&garbage, in_u8());
-        if (S->srv_fd >= 0 && !S->srv_shut) (void)!send(S->srv_fd, garbage.d, garbage.n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (S->srv.fd >= 0 && !S->srv.shut) (void)!send(S->srv.fd, garbage.d, garbage.n, MSG_DONTWAIT | MSG_NOSIGNAL);
         bytes_free(&garbage);
       }
       break;
@@ -795,7 +570,7 @@ static void step(void) {
 }
 
 /* Bytes moved by the peers so far (each count only grows, and only as far as the input allows). */
-static size_t moved(void) { return S->srv_flushed + S->srv_got.n + S->cl_sent.n + S->cl_got.n + S->login_got.n; }
+static size_t moved(void) { return S->srv.flushed + S->srv.got.n + S->cl_sent.n + S->cl_got.n + S->login_got.n; }
 
 /*
  * The end of every input. First both peers cooperate until the connection ends: every byte
@@ -827,20 +602,20 @@ static void drain(void) {
     if (stalled > 100 && S->handshake_calls == 0) srv_fin(); /* a handshake that cannot end (the server broke) */
     if (stalled > 100 && S->handshake_ok && !S->attached && S->conn) lp_conn_close(S->conn, LP_END_SHUTDOWN);
     /* Nothing more to send: the client leaves first, or the server, as the input chose. */
-    int idle = S->srv_cipher.n == 0 && S->cl_pending.n == 0;
-    if (idle && S->attached && S->server_first && !S->srv_broken && !(SSL_get_shutdown(S->srv) & SSL_SENT_SHUTDOWN)) srv_close_notify();
+    int idle = S->srv.cipher.n == 0 && S->cl_pending.n == 0;
+    if (idle && S->attached && S->server_first && !S->srv.broken && !(SSL_get_shutdown(S->srv.ssl) & SSL_SENT_SHUTDOWN)) srv_close_notify();
     if (idle && S->attached && !S->server_first) cl_fin();
     if (idle && S->detached && !S->server_first && S->conn) lp_conn_end(S->conn); /* the caller is done with the upstream */
     /* Each peer answers the other's end with its own. */
     if (S->cl_eof) cl_fin();
-    if ((S->srv_eof || S->srv_got_close || S->srv_broken || (S->server_first && S->attached)) && !S->srv_shut) {
-      if (!S->srv_broken && !(SSL_get_shutdown(S->srv) & SSL_SENT_SHUTDOWN)) srv_close_notify();
+    if ((S->srv.eof || S->srv.got_close || S->srv.broken || (S->server_first && S->attached)) && !S->srv.shut) {
+      if (!S->srv.broken && !(SSL_get_shutdown(S->srv.ssl) & SSL_SENT_SHUTDOWN)) srv_close_notify();
       srv_collect();
-      if (S->srv_cipher.n == 0 || S->srv_broken) srv_fin();
+      if (S->srv.cipher.n == 0 || S->srv.broken) srv_fin();
     }
   }
   if (verbose) fprintf(stderr, "drain: %d turns, %zu bytes moved\n", turns, moved());
-  if (S->conn && !S->faults && !S->srv_broken) fail("the connection did not end: nothing moved for %d loop turns (%d in all)", STALLED, turns);
+  if (S->conn && !S->faults && !S->srv.broken) fail("the connection did not end: nothing moved for %d loop turns (%d in all)", STALLED, turns);
   if (S->conn) {
     phase = "both peers gone";
     srv_close(0);
@@ -851,14 +626,13 @@ static void drain(void) {
   if (S->ends != 1) fail("%d end callbacks", S->ends);
   /* What the peers still can read. */
   for (size_t got = 1; got > 0;) {
-    got = S->srv_got.n + S->cl_got.n;
+    got = S->srv.got.n + S->cl_got.n;
     srv_read(65536);
     cl_read(65536);
-    got = S->srv_got.n + S->cl_got.n - got;
+    got = S->srv.got.n + S->cl_got.n - got;
   }
 }
 
-static int fd_open(int fd) { return fd >= 0 && fcntl(fd, F_GETFD) != -1; }
 
 /* Where the first message boundary at or after `at` is, and the type of the message before it. */
 static int boundary_at(const bytes_t *stream, size_t at, int *last_type) {
@@ -878,9 +652,9 @@ static void verify_session(void) {
   phase = "checks";
   if (verbose)
     fprintf(stderr, "session: handshake %d ok %d resumed %d attached %d pooled %d detached %d [%g, %g] end %s [%g, %g] server got %zu of %zu, client got %zu of %zu, farewells %d, abandoned %d, faults %d, server broken %d\n",
-            S->handshake_calls, S->handshake_ok, S->resumed, S->attached, S->pooled, S->detached, S->detach_up, S->detach_cl, S->ends ? LP_END_NAMES[S->end] : "-", S->end_up, S->end_cl, S->srv_got.n, S->up_expected.n + (S->detached ? 0 : S->cl_sent.n),
-            S->cl_got.n, S->cl_expected.n, S->farewells, S->abandons, S->faults, S->srv_broken);
-  int clean = !S->faults && !S->srv_broken;
+            S->handshake_calls, S->handshake_ok, S->resumed, S->attached, S->pooled, S->detached, S->detach_up, S->detach_cl, S->ends ? LP_END_NAMES[S->end] : "-", S->end_up, S->end_cl, S->srv.got.n, S->up_expected.n + (S->detached ? 0 : S->cl_sent.n),
+            S->cl_got.n, S->cl_expected.n, S->farewells, S->abandons, S->faults, S->srv.broken);
+  int clean = !S->faults && !S->srv.broken;
   if (clean && S->handshake_calls == 0) fail("the connection ended without a handshake callback");
   if (S->wrong_host && S->handshake_ok) fail("verify-full accepted a certificate for another name");
   if (clean && !S->wrong_host && !S->handshake_ok) fail("the handshake failed");
@@ -896,7 +670,7 @@ static void verify_session(void) {
   /* The server got a prefix of what went upstream (checked as it read), and the login's reader of the server's plaintext. */
   S->srv_checked = 0; /* all of it again: up_expected may have grown since a byte was checked */
   check_upstream();
-  check_prefix("login reader vs server plaintext", &S->login_got, S->login_got.n, &S->srv_sent);
+  check_prefix("login reader vs server plaintext", &S->login_got, S->login_got.n, &S->srv.sent);
   if (!S->attached) {
     if (S->cl_got.n > 0) fail("the client got %zu bytes without a relay", S->cl_got.n);
     return;
@@ -919,10 +693,10 @@ static void verify_session(void) {
   check_prefix("client bytes vs what the relay was given for it", &S->cl_got, plain, &S->cl_expected);
   if ((double)plain > to_cl) fail("the client got %zu bytes, to_client says %g", plain, to_cl);
   /* After a detach, up_expected holds no more of the client's stream than to_upstream: the prefix check covered it. */
-  size_t relayed_up = S->srv_got.n > S->login_written ? S->srv_got.n - S->login_written : 0;
+  size_t relayed_up = S->srv.got.n > S->login_written ? S->srv.got.n - S->login_written : 0;
   if (!S->detached && (double)relayed_up > to_up) fail("the server got %zu bytes from the relay, to_upstream says %g", relayed_up, to_up);
   if (to_up > (double)(S->first_up.n + S->cl_sent.n)) fail("to_upstream %g is more than the client sent", to_up);
-  if (S->faults || S->srv_broken) return;
+  if (S->faults || S->srv.broken) return;
   /* Nothing went wrong: everything arrived; a pooled relay passes the client's stream on up to its Terminate. */
   bytes_t stream = { 0 };
   client_stream(&stream);
@@ -930,34 +704,16 @@ static void verify_session(void) {
   bytes_free(&stream);
   if (S->detached) {
     if (to_up != (double)relayable) fail("clean run: the relay passed on %g bytes of the client's, not the %zu before its Terminate or end", to_up, relayable);
-    if (S->srv_got.n != S->up_expected.n) fail("clean run: the server got %zu of %zu bytes", S->srv_got.n, S->up_expected.n);
-    if (S->after_got.n != S->srv_sent.n - S->after_from) fail("clean run: after the detach the reader got %zu of the server's %zu bytes", S->after_got.n, S->srv_sent.n - S->after_from);
+    if (S->srv.got.n != S->up_expected.n) fail("clean run: the server got %zu of %zu bytes", S->srv.got.n, S->up_expected.n);
+    if (S->after_got.n != S->srv.sent.n - S->after_from) fail("clean run: after the detach the reader got %zu of the server's %zu bytes", S->after_got.n, S->srv.sent.n - S->after_from);
     return; /* the client left: what was queued for it may have been dropped */
   }
-  if (S->srv_got.n != S->login_written + relayable) fail("clean run: the server got %zu of %zu bytes", S->srv_got.n, S->login_written + relayable);
+  if (S->srv.got.n != S->login_written + relayable) fail("clean run: the server got %zu of %zu bytes", S->srv.got.n, S->login_written + relayable);
   if (plain != S->cl_expected.n) fail("clean run: the client got %zu of %zu bytes", plain, S->cl_expected.n);
   if (to_cl != (double)S->cl_expected.n || to_up != (double)relayed_up) fail("clean run: counters [%g, %g], bytes moved [%zu, %zu]", to_up, to_cl, relayed_up, S->cl_expected.n);
   if (S->farewells && S->cl_got.n != S->farewell_at + sizeof FAREWELL) fail("clean run: the farewell did not arrive whole");
 }
 
-/* Two connected stream sockets: a socketpair, or TCP over the loopback (where a close may send an RST). */
-static void connected_pair(int tcp, int fds[2]) {
-  if (!tcp) {
-    if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds) != 0) fail("socketpair: %s", strerror(errno));
-    return;
-  }
-  struct sockaddr_in address = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-  socklen_t length = sizeof address;
-  int listener = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-  if (listener < 0 || bind(listener, (struct sockaddr *)&address, sizeof address) != 0 || listen(listener, 1) != 0 ||
-      getsockname(listener, (struct sockaddr *)&address, &length) != 0)
-    fail("TCP listener: %s", strerror(errno));
-  fds[0] = socket(AF_INET, SOCK_STREAM, 0);
-  if (fds[0] < 0 || connect(fds[0], (struct sockaddr *)&address, sizeof address) != 0 || (fds[1] = accept(listener, NULL, NULL)) < 0) fail("TCP connect: %s", strerror(errno));
-  close(listener);
-  setsockopt(fds[0], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  setsockopt(fds[1], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
 
 static void run_session(lp_ctx *ctx, unsigned config, unsigned sockets, int resumable) {
   session_t s;
@@ -970,16 +726,15 @@ static void run_session(lp_ctx *ctx, unsigned config, unsigned sockets, int resu
   s.verifying = ((config >> 6) & 3) != 0;
   s.wrong_host = ((config >> 6) & 3) == 3;
   s.resumable = resumable;
-  s.relay_fd = s.up_fd = s.srv_fd = s.cl_fd = s.cl_relay_end = -1;
+  s.relay_fd = s.up_fd = s.cl_fd = s.cl_relay_end = -1;
   if (uv_loop_init(&s.loop) != 0) fail("uv_loop_init");
   int up[2], cl[2];
   connected_pair((sockets & 1) != 0, up);
   connected_pair((sockets & 2) != 0, cl);
   s.up_fd = up[0];
-  s.srv_fd = up[1];
   s.cl_relay_end = cl[0];
   s.cl_fd = cl[1];
-  set_nonblocking(s.srv_fd);
+  set_nonblocking(up[1]);
   set_nonblocking(s.cl_fd);
   if (config & 0x20) { /* backpressure: the sockets take little at a time (not TCP's: there the
                           loopback's 64 KiB segments then wait for the persist timer, 200 ms and more) */
@@ -989,11 +744,7 @@ static void run_session(lp_ctx *ctx, unsigned config, unsigned sockets, int resu
       small_buffers(cl[1], 4096);
     }
   }
-  s.srv = SSL_new((config & 0x04) ? server_ctx_tls12 : server_ctx);
-  s.srv_in = BIO_new(BIO_s_mem());
-  s.srv_out = BIO_new(BIO_s_mem());
-  SSL_set_bio(s.srv, s.srv_in, s.srv_out);
-  SSL_set_accept_state(s.srv);
+  server_init(&s.srv, (config & 0x04) ? server_ctx_tls12 : server_ctx, up[1]);
 
   phase = "connect";
   static const char *const hosts[] = { NULL, "localhost", "127.0.0.1", "wrong.invalid" };
@@ -1007,14 +758,10 @@ static void run_session(lp_ctx *ctx, unsigned config, unsigned sockets, int resu
   drain();
   verify_session();
 
-  if (s.srv_fd >= 0) close(s.srv_fd);
+  server_free(&s.srv);
   if (s.cl_fd >= 0) close(s.cl_fd);
   if (s.cl_relay_end >= 0) close(s.cl_relay_end);
-  SSL_free(s.srv);
   if (uv_loop_close(&s.loop) != 0) fail("the loop still holds handles after the end");
-  bytes_free(&s.srv_cipher);
-  bytes_free(&s.srv_sent);
-  bytes_free(&s.srv_got);
   bytes_free(&s.up_expected);
   bytes_free(&s.cl_sent);
   bytes_free(&s.login_got);

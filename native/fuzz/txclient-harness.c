@@ -1,0 +1,1576 @@
+/*
+ * libFuzzer target for native/txclient.c (see .ci/fuzz.sh). The first byte of an input picks one
+ * of two things to do with the rest: with its low bit, the pure parts; else a session, the other
+ * bits its config (callbacks that react, small client socket buffers, TLS 1.2, clients or
+ * upstreams over TCP, clients ended or closed at the end, a second client from the start).
+ *
+ * The pure parts: bytes (raw, or messages built from the input) go to lp_unit_length with the
+ * input's `parsed`, `bound` and limit, and every Query and Parse text among them to lp_text_plain.
+ * lp_unit_length must answer as its contract, written out here (unit_contract), says: 0 while the
+ * unit is not all there, LP_NOT_FAST, or the end of a run of whole messages that is one Query
+ * alone or ends at its first Sync, never past `n` or the limit, with no named statement or portal,
+ * no Close, no Query after other messages and no text lp_text_plain refuses. A unit's answer
+ * stands when bytes are added behind it, and any shorter prefix of it is not all there. A text
+ * lp_text_plain takes has none of the words of session state the engine watches for (its
+ * LEAKY_TEXT and LEAKY_TAGS, set_config, COPY, DECLARE, RESET) and no command that does not begin
+ * with a letter or begins with SET; the same text in other letter case gets the same answer.
+ *
+ * The client end to end: up to three clients (each an lp_client on its end of a socketpair, or
+ * of TCP over the loopback) and up to two upstream connections (lp_conn, each logged in through a
+ * TLS handshake with the OpenSSL server of support.c) on one loop. The input is a script: the
+ * clients send units and everything else (cut, pipelined, garbage), read, half-close, close or
+ * reset; the servers answer (ReadyForQuery idle or in a transaction, ParameterStatus, COPY, a
+ * message cut short, garbage), close or reset; the engine (the harness, as the callbacks'
+ * JavaScript) goes fast or back to JS mode, writes, pauses, ends or closes a client, lends a
+ * connection at once from `need` or later, or reacts inside any callback as the input says. The
+ * pool writes its own queries on a connection that is not lent, and closes one that came back
+ * from a lending gone wrong, as the engine does. When the input is used up, the peers cooperate:
+ * the servers answer every Query and Sync, the clients send and read everything, the engine lends
+ * to every client that waits and takes back what none can carry; then every client and
+ * connection is ended.
+ *
+ * Checked for every input:
+ *  - every byte a server receives is a prefix of, in order, its login, the pool's writes and the
+ *    units of the clients it was lent to, each taken from that client's stream (the engine's
+ *    first bytes, then the socket's) where the engine's share of it ends; each lending's bytes
+ *    are whole fast units by the contract above;
+ *  - every client receives a prefix of, in order, what the engine wrote and what the servers
+ *    sent it in its lendings (the pool's unread bytes first); the engine gets the rest of the
+ *    client's stream, in order, with no byte twice or lost (up to the client's end, or the
+ *    engine's: C drops a unit it held then, and what it reads after lp_client_end is not checked);
+ *  - a lending goes back once, with what its answers say: released only with every unit answered
+ *    and the server idle, a handover only with every unit answered and a unit the fast path does
+ *    not carry first in the rest, `running` when answers are still to come, the status of the
+ *    last ReadyForQuery, the flags of its Parse and Bind, and its ParameterStatus messages (whole
+ *    ones, as the engine reads them, when the lending ends between two messages);
+ *  - `need` only in fast mode, once until answered; no data for the engine while a connection is
+ *    lent; an attach only after `need`; the pool's reader gets a lent connection's bytes only as
+ *    it is given back (give_back() lets it read just before `back`), and the client none after;
+ *  - once the peers cooperated, no client keeps a whole unit unsent or bytes unread, and every
+ *    server has what was sent to it;
+ *  - exactly one `end` per client and per connection, no descriptor more than at the start, and
+ *    the loop holds no handle.
+ * ASan, UBSan and LeakSanitizer watch the memory. A failed check aborts, so libFuzzer keeps the
+ * input. native/fuzz/txclient-seeds.mjs writes named examples.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/err.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "../txclient.h"
+#include "support.h"
+
+/* txclient.c's: a longer unit goes to the engine. */
+#define UNIT_LIMIT ((size_t)1 << 20)
+#define MAX_CLIENTS 3
+#define MAX_CONNS 2
+
+static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+/* ---------- the contract of the pure parts ---------- */
+
+static int lower(int c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
+
+static int starts_with_word(const unsigned char *text, size_t n, const char *word) {
+  size_t len = strlen(word);
+  if (len > n) return 0;
+  for (size_t i = 0; i < len; i++)
+    if (lower(text[i]) != word[i]) return 0;
+  return 1;
+}
+
+/*
+ * What a plain text must not hold anywhere, whatever the case: the engine's LEAKY_TEXT (temporary
+ * objects, pg_temp, WITH HOLD, advisory locks), its LEAKY_TAGS (LISTEN, PREPARE, LOAD,
+ * DEALLOCATE), set_config, DISCARD and RESET (settings and statements dropped), COPY (which the
+ * engine follows) and DECLARE (a cursor that may outlive the transaction).
+ */
+static const char *const SESSION_WORDS[] = { "temp", "hold", "advisory", "set_config", "listen", "prepare", "load", "deallocate", "discard", "reset", "copy", "declare" };
+#define SESSION_WORD_COUNT (sizeof SESSION_WORDS / sizeof SESSION_WORDS[0])
+
+/* Whether the text lp_text_plain took is plain by the contract; else why not. */
+static const char *plain_violation(const unsigned char *text, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    for (size_t w = 0; w < SESSION_WORD_COUNT; w++)
+      if (starts_with_word(text + i, n - i, SESSION_WORDS[w])) return SESSION_WORDS[w];
+  /* Postgres starts a command after a ';' outside quotes and comments; every ';' counts here, so
+     each of its commands is seen: one that begins with SET, a comment or a parenthesis shows. */
+  for (size_t start = 0; start <= n;) {
+    size_t i = start;
+    while (i < n && (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r' || text[i] == '\f' || text[i] == '\v')) i++;
+    if (i < n) {
+      int c = lower(text[i]);
+      if (c < 'a' || c > 'z') return "a command that does not begin with a letter";
+      if (starts_with_word(text + i, n - i, "set")) return "a command that begins with SET";
+    }
+    const unsigned char *semicolon = i < n ? memchr(text + i, ';', n - i) : NULL;
+    if (!semicolon) break;
+    start = (size_t)(semicolon - text) + 1;
+  }
+  return NULL;
+}
+
+/* lp_text_plain and what its contract says of it, for one text. */
+static int checked_plain(const unsigned char *text, size_t n) {
+  int plain = lp_text_plain(text, n);
+  if (plain != 0 && plain != 1) fail("lp_text_plain returned %d", plain);
+  const char *why = plain ? plain_violation(text, n) : NULL;
+  if (why) fail("lp_text_plain took a text of %zu bytes with %s", n, why);
+  return plain;
+}
+
+/* A Query's body: a NUL-terminated text (Postgres refuses bytes after its NUL) that is plain. */
+static int query_plain(const unsigned char *body, size_t blen) { return blen >= 1 && body[blen - 1] == 0 && checked_plain(body, blen - 1); }
+
+/* One message of an extended sequence the fast path carries, given what the unit made before it. */
+static int extended_fast(int type, const unsigned char *body, size_t blen, int *parsed, int *bound) {
+  switch (type) {
+    case 'P': { /* the unnamed statement, a plain text */
+      if (blen < 1 || body[0] != 0) return 0;
+      const unsigned char *nul = memchr(body + 1, 0, blen - 1);
+      if (!nul || !checked_plain(body + 1, (size_t)(nul - body - 1))) return 0;
+      *parsed = 1;
+      return 1;
+    }
+    case 'B': /* the unnamed portal, of the unnamed statement, which the lending made */
+      if (blen < 2 || body[0] != 0 || body[1] != 0 || !*parsed) return 0;
+      *bound = 1;
+      return 1;
+    case 'D':
+      return blen >= 2 && body[1] == 0 && ((body[0] == 'S' && *parsed) || (body[0] == 'P' && *bound));
+    case 'E':
+      return blen >= 1 && body[0] == 0 && *bound;
+    case 'H':
+      return 1;
+    default: /* a Close, a FunctionCall, COPY's messages, a Terminate...: the engine's */
+      return 0;
+  }
+}
+
+/*
+ * The contract of lp_unit_length, written out. Every message must end within `limit` (its header
+ * too, before its length is known); the unit is one Query alone, or extended messages up to the
+ * first Sync.
+ */
+static size_t unit_contract(const unsigned char *d, size_t n, int parsed, int bound, size_t limit) {
+  for (size_t at = 0;;) {
+    if (n - at < 5) return at + 5 > limit ? LP_NOT_FAST : 0;
+    uint32_t len = be32(d + at + 1);
+    if (len < 4 || at + 1 + (size_t)len > limit) return LP_NOT_FAST;
+    if (at + 1 + (size_t)len > n) return 0;
+    size_t end = at + 1 + (size_t)len;
+    int type = d[at];
+    if (type == 'S') return end;
+    if (type == 'Q') return at == 0 && query_plain(d + at + 5, len - 4) ? end : LP_NOT_FAST;
+    if (!extended_fast(type, d + at + 5, len - 4, &parsed, &bound)) return LP_NOT_FAST;
+    at = end;
+  }
+}
+
+/* What a unit leaves made for the rest of its lending (txclient.h's LP_LENT_*). */
+static int unit_makes(const unsigned char *d, size_t n) {
+  int flags = 0;
+  for (size_t at = 0; at + 5 <= n; at += 1 + be32(d + at + 1)) {
+    if (d[at] == 'P') flags |= LP_LENT_PARSED;
+    if (d[at] == 'B') flags |= LP_LENT_BOUND;
+  }
+  return flags;
+}
+
+/* lp_unit_length, checked against the contract and against itself with bytes added or taken away. */
+static size_t checked_unit(const unsigned char *d, size_t n, int parsed, int bound, size_t limit, const unsigned char *more, size_t more_n) {
+  size_t got = lp_unit_length(d, n, parsed, bound, limit);
+  size_t expected = unit_contract(d, n, parsed, bound, limit);
+  if (got != expected)
+    fail("lp_unit_length of %zu bytes (parsed %d, bound %d, limit %zu) is %zd, the contract says %zd", n, parsed, bound, limit, (ssize_t)got, (ssize_t)expected);
+  if (got != 0 && got != LP_NOT_FAST && (got > n || got > limit || got < 5)) fail("lp_unit_length: a unit of %zu bytes in %zu (limit %zu)", got, n, limit);
+  if (got == 0) return got;
+  if (got != LP_NOT_FAST) {
+    /* Any prefix of a unit is a unit not all there yet. */
+    size_t cuts[] = { got - 1, got / 2, 1 };
+    for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++)
+      if (lp_unit_length(d, cuts[i], parsed, bound, limit) != 0) fail("lp_unit_length: a prefix of %zu bytes of a %zu-byte unit is not 0", cuts[i], got);
+  }
+  if (more_n > 0) {
+    /* What comes behind a unit, or behind what decided against one, changes nothing. */
+    size_t decided = got == LP_NOT_FAST ? n : got;
+    unsigned char *longer = malloc(decided + more_n);
+    memcpy(longer, d, decided);
+    memcpy(longer + decided, more, more_n);
+    size_t again = lp_unit_length(longer, decided + more_n, parsed, bound, limit);
+    free(longer);
+    if (again != got) fail("lp_unit_length: %zd for %zu bytes, %zd with %zu more behind", (ssize_t)got, decided, (ssize_t)again, more_n);
+  }
+  return got;
+}
+
+/* lp_text_plain of `text`, and of the same text in other letter case, with a session word or a SET put in. */
+static void check_text(const unsigned char *text, size_t n) {
+  int plain = checked_plain(text, n);
+  unsigned char *other = malloc(n + 40);
+  for (size_t i = 0; i < n; i++) {
+    int c = text[i];
+    other[i] = (unsigned char)(c >= 'a' && c <= 'z' ? c - 32 : c >= 'A' && c <= 'Z' ? c + 32 : c);
+  }
+  if (lp_text_plain(other, n) != plain) fail("lp_text_plain: %d for a text of %zu bytes, %d in other letter case", plain, n, !plain);
+  /* Wherever a session word goes, in whatever case, the text is not plain any more. */
+  size_t at = n ? in_size(n) : 0;
+  const char *word = SESSION_WORDS[in_u8() % SESSION_WORD_COUNT];
+  size_t len = strlen(word);
+  memcpy(other, text, at);
+  for (size_t i = 0; i < len; i++) other[at + i] = (unsigned char)((in_u8() & 1) && word[i] >= 'a' ? word[i] - 32 : word[i]);
+  memcpy(other + at + len, text + at, n - at);
+  if (lp_text_plain(other, n + len)) fail("lp_text_plain took a text with \"%s\" put in at %zu", word, at);
+  /* Nor with a SET after the text's last semicolon. */
+  static const char set[] = ";\n set x = 1";
+  memcpy(other, text, n);
+  memcpy(other + n, set, sizeof set - 1);
+  if (lp_text_plain(other, n + sizeof set - 1)) fail("lp_text_plain took a text that ends with a SET command");
+  free(other);
+}
+
+/* The texts of every Query and Parse in `d`, as far as its lengths lead. */
+static void check_texts(const unsigned char *d, size_t n) {
+  for (size_t at = 0; at + 5 <= n;) {
+    uint32_t len = be32(d + at + 1);
+    if (len < 4 || len > n - at - 1) return;
+    const unsigned char *body = d + at + 5;
+    size_t blen = len - 4;
+    if (d[at] == 'Q' && blen > 0) check_text(body, blen - 1);
+    if (d[at] == 'P' && blen > 1) {
+      const unsigned char *nul = memchr(body, 0, blen);
+      const unsigned char *end = nul ? memchr(nul + 1, 0, (size_t)(body + blen - nul - 1)) : NULL;
+      if (end) check_text(nul + 1, (size_t)(end - nul - 1));
+    }
+    at += 1 + (size_t)len;
+  }
+}
+
+/* Texts for the messages the input builds: plain ones, and one of each kind the fast path refuses. */
+static const char *const TEXTS[] = {
+  "SELECT 1", "select now()", "", "insert into t values (1); update t set a = 2 where b = 3", "BEGIN", "COMMIT", "  rollback;",
+  "SET search_path = x", "set local a = 1", "select set_config('a', 'b', false)", "create TEMP table t (a int)", "LISTEN c",
+  "DISCARD ALL", "prepare p as select 1", "/* hint */ select 1", "select 1;  reset all", "(select 1)", "copy t from stdin",
+  "declare c cursor with hold for select 1", "select pg_advisory_lock(1)", "select 1;\tSeT x = 2", "select ';' ; select 2",
+};
+#define TEXT_COUNT (sizeof TEXTS / sizeof TEXTS[0])
+
+/* A text: one of TEXTS, or letters and spaces of the input's length. */
+static void put_text(bytes_t *b) {
+  unsigned pick = in_u8();
+  if (pick < 200) {
+    const char *text = TEXTS[pick % TEXT_COUNT];
+    put(b, text, strlen(text));
+  } else {
+    for (size_t n = in_u8(); n > 0; n--) put_u8(b, "abcdefghijklmnopqrstuvwxyz  ,;()'*"[in_u8() % 35]);
+  }
+}
+
+/* A message: its type, its length from what follows (or the input's, a lie), its body. */
+static void put_message(bytes_t *b, int type, const bytes_t *body) {
+  put_u8(b, (unsigned)type);
+  put_u32(b, (uint32_t)(body->n + 4));
+  put(b, body->d, body->n);
+}
+
+/* One message of a client's: Query, Parse, Bind, Describe, Execute, Sync, Flush, Close, Terminate, CopyData, FunctionCall. */
+static void put_client_message(bytes_t *out, unsigned kind) {
+  bytes_t body = { 0 };
+  int type;
+  switch (kind % 11) {
+    case 0: type = 'Q'; put_text(&body); put_u8(&body, 0); break;
+    case 1: /* Parse: the unnamed statement, or a named one */
+      type = 'P';
+      if (in_u8() & 1) put(&body, "s1", 2);
+      put_u8(&body, 0);
+      put_text(&body);
+      put(&body, "\0\0\0", 3);
+      break;
+    case 2: /* Bind: the unnamed portal and statement, or named ones */
+      type = 'B';
+      if (in_u8() & 1) put(&body, "p1", 2);
+      put_u8(&body, 0);
+      if (in_u8() & 1) put(&body, "s1", 2);
+      put(&body, "\0\0\0\0\0\0\0", 7);
+      break;
+    case 3: type = 'D'; put_u8(&body, (in_u8() & 1) ? 'S' : 'P'); if (in_u8() & 1) put(&body, "p1", 2); put_u8(&body, 0); break;
+    case 4: type = 'E'; if (in_u8() & 1) put(&body, "p1", 2); put(&body, "\0\0\0\0\0", 5); break;
+    case 5: case 6: type = 'S'; break;
+    case 7: type = 'H'; break;
+    case 8: type = 'C'; put_u8(&body, (in_u8() & 1) ? 'S' : 'P'); put_u8(&body, 0); break;
+    case 9: type = 'X'; break;
+    default: type = (in_u8() & 1) ? 'd' : 'F'; put_pattern(&body, in_u8() % 64, out->n); break;
+  }
+  put_message(out, type, &body);
+  bytes_free(&body);
+}
+
+/* The pure parts: `parsed`, `bound`, the limit and the bytes from the input. */
+static void run_pure(void) {
+  unsigned how = in_u8();
+  int parsed = how & 1, bound = (how >> 1) & 1;
+  bytes_t d = { 0 }, more = { 0 };
+  if (how & 4) { /* messages built from the input: lengths that hold, so the contract's deeper rules are reached */
+    for (unsigned n = in_u8() % 8 + 1; n > 0 && in_left > 0; n--) put_client_message(&d, in_u8());
+    if (how & 0x40 && d.n > 0) d.n -= 1 + in_u8() % (d.n < 16 ? d.n : 16); /* cut short */
+    for (size_t n = in_u8() % 8; n > 0; n--) put_u8(&more, in_u8());
+  } else {
+    size_t n = in_left / 2 + 1;
+    while (n-- > 1 && in_left > 0) put_u8(&d, in_u8());
+    while (in_left > 0) put_u8(&more, in_u8());
+  }
+  size_t limit;
+  switch ((how >> 3) & 7) {
+    case 0: case 1: case 2: limit = UNIT_LIMIT; break;
+    case 3: limit = d.n; break;
+    case 4: limit = d.n / 2; break;
+    case 5: limit = SIZE_MAX; break;
+    default: limit = in_size(d.n + 16); break;
+  }
+  checked_unit(d.d ? d.d : (const unsigned char *)"", d.n, parsed, bound, limit, more.d, more.n);
+  check_texts(d.d, d.n);
+  if (!(how & 4) && d.n > 0) check_text(d.d, d.n);
+  bytes_free(&d);
+  bytes_free(&more);
+}
+
+/* ---------- message streams ---------- */
+
+/* Follows a stream's messages across chunks (as txclient.c follows the upstream's). */
+typedef struct {
+  unsigned char header[5];
+  int have;           /* header bytes of the current message */
+  uint32_t remaining; /* body bytes still to come */
+  int type;           /* of the current message, once its header is whole */
+  int broken;         /* a length below 4: no boundary can be told any more */
+} framer_t;
+
+/*
+ * Takes bytes up to the end of the current message, at most n: returns how many. *started is set
+ * when the header became whole, *ended when the message did (both: a message with no body).
+ */
+static size_t frame(framer_t *f, const unsigned char *d, size_t n, int *started, int *ended) {
+  *started = *ended = 0;
+  if (f->broken) return n;
+  size_t i = 0;
+  if (f->have < 5) {
+    while (f->have < 5 && i < n) f->header[f->have++] = d[i++];
+    if (f->have < 5) return i;
+    f->type = f->header[0];
+    uint32_t len = be32(f->header + 1);
+    if (len < 4) {
+      f->broken = 1;
+      return n;
+    }
+    f->remaining = len - 4;
+    *started = 1;
+  }
+  size_t take = n - i < f->remaining ? n - i : f->remaining;
+  f->remaining -= (uint32_t)take;
+  i += take;
+  if (f->remaining == 0) {
+    *ended = 1;
+    f->have = 0;
+  }
+  return i;
+}
+
+/* ---------- the session ---------- */
+
+typedef struct upstream upstream_t;
+
+typedef struct {
+  int index;
+  int open;               /* the slot was used */
+  lp_client *k;           /* NULL before and once `end` came */
+  int ends;
+  int fd;                 /* the harness's end of the socket (-1 once closed) */
+  int eof, shut, stopped; /* the harness's end: EOF read, FIN sent (or closed), reading shut */
+  int lossy;              /* what was queued for the client may be dropped: no check that it all arrived */
+  int peer_gone;          /* the harness's end went away (a FIN counts): C may end the client */
+  bytes_t pending;        /* the client's bytes not yet on the socket */
+  bytes_t sent;           /* on the socket, in order */
+  bytes_t got;            /* what the client read */
+  size_t checked;         /* how much of `got` was checked (`expected` only grows) */
+  /* C's input: the engine's first bytes and the socket's, in the order C took them, materialized
+     as far as C handed them on (to the engine or upstream). */
+  bytes_t input;
+  size_t sock_in_input;   /* socket bytes in `input` */
+  size_t at;              /* bytes of `input` handed on */
+  double counters[2];     /* [to upstream, to client], as C adds to them */
+  double counted_up, counted_cl; /* what of them the expectations below hold */
+  bytes_t expected;       /* what the client may read */
+  bytes_t held;           /* the engine's: what it got in JS mode and did not consume */
+  int fast, needing, paused, js_ended, js_closed;
+  int input_done;         /* C reads no more of the client (its end came, or the engine's), and drops what it held */
+  upstream_t *lent;       /* the connection lent to it */
+  size_t lend_start;      /* where in `input` the lending's units start */
+  bytes_t answers;        /* the lending's bytes for the client: the pool's unread bytes, then the sink's */
+  int attaches, backs;
+} client_t;
+
+struct upstream {
+  int index;
+  int open;
+  lp_conn *conn;          /* NULL before and once `end` came */
+  int ends;
+  int handshake_ok;
+  int logged_in;
+  int dead;               /* the pool lends it no more: its stream ended, or a lending went wrong */
+  int closed;             /* lp_conn_close was called */
+  int paused;             /* the pool's reader paused it */
+  int faults;             /* something was done that may lose bytes upstream */
+  tls_server_t srv;
+  bytes_t up_expected;    /* what the server may read: the login, the pool's writes, lendings' units */
+  size_t checked;         /* how much of srv.got was checked (`up_expected` only grows) */
+  size_t srv_at;          /* the server's plaintext given out: to the pool's reader or to a lending */
+  size_t answered;        /* srv.got up to here was answered by the cooperating server */
+  int pool_outstanding;   /* the pool's queries whose ReadyForQuery has not come */
+  framer_t pool_frame;
+  int pool_keeps;         /* the message the pool's reader is in goes to `unread` */
+  bytes_t unread;         /* what the pool's reader got between its queries: for the next lending */
+  client_t *lent_to;
+  int returning;          /* the pool's reader got bytes while lent: the lending is ending, `back` is due */
+};
+
+#define CFG_PURE 0x01
+#define CFG_REACT 0x02      /* callbacks react as the input says */
+#define CFG_SMALL 0x04      /* the client sockets take little at a time */
+#define CFG_TLS12 0x08
+#define CFG_TCP_CLIENT 0x10 /* clients over TCP (a close with unread bytes resets) */
+#define CFG_TCP_UP 0x20
+#define CFG_END 0x40        /* at the end the engine ends its clients (FIN after what is queued), else closes them */
+#define CFG_TWO 0x80        /* a second client from the start */
+
+typedef struct {
+  uv_loop_t loop;
+  unsigned config;
+  lp_ctx *ctx;
+  client_t clients[MAX_CLIENTS];
+  upstream_t ups[MAX_CONNS];
+  int descriptors; /* open before the session */
+} session_t;
+
+static session_t *S;
+
+/* Callbacks react only while the script runs: the end is the same for every input. */
+static int reacting(void) { return (S->config & CFG_REACT) && in_left > 0; }
+
+/* ---------- what C handed on, against what was sent ---------- */
+
+/* `n` bytes of C's input from `from` on (the socket's come after what `input` holds). */
+static const unsigned char *input_at(client_t *c, size_t from, size_t n) {
+  if (n == 0) return (const unsigned char *)"";
+  while (c->input.n < from + n) {
+    if (c->sock_in_input >= c->sent.n)
+      fail("client %d: C handed on %zu bytes, its input holds %zu (%zu from the socket, all it sent)", c->index, from + n, c->input.n, c->sent.n);
+    size_t take = from + n - c->input.n;
+    if (take > c->sent.n - c->sock_in_input) take = c->sent.n - c->sock_in_input;
+    put(&c->input, c->sent.d + c->sock_in_input, take);
+    c->sock_in_input += take;
+  }
+  return c->input.d + from;
+}
+
+/* C handed `n` bytes to the engine: the next of its input. */
+static void handed_to_engine(client_t *c, const unsigned char *data, size_t n, const char *how) {
+  if (n == 0) return;
+  const unsigned char *expected = input_at(c, c->at, n);
+  for (size_t i = 0; i < n; i++)
+    if (data[i] != expected[i]) fail("client %d: %s: byte %zu of %zu (input byte %zu) is 0x%02x, the client's stream has 0x%02x", c->index, how, i, n, c->at + i, data[i], expected[i]);
+  c->at += n;
+  put(&c->held, data, n);
+}
+
+/*
+ * What C counted since the last look goes into the expectations: to upstream, the next bytes of
+ * the client's input (the lent connection's server must read them in order after what it had);
+ * to the client, the next bytes of the lent connection's server plaintext.
+ */
+static void account(client_t *c) {
+  if (c->counters[0] != c->counted_up) {
+    if (!c->lent) fail("client %d: %g bytes went upstream with no connection lent", c->index, c->counters[0] - c->counted_up);
+    size_t n = (size_t)(c->counters[0] - c->counted_up);
+    put(&c->lent->up_expected, input_at(c, c->at, n), n);
+    c->at += n;
+    c->counted_up = c->counters[0];
+  }
+  if (c->counters[1] != c->counted_cl) {
+    upstream_t *u = c->lent;
+    if (!u) fail("client %d: %g bytes for it counted with no connection lent", c->index, c->counters[1] - c->counted_cl);
+    if (u->returning) fail("client %d: bytes of connection %d for it after the pool's reader got some", c->index, u->index);
+    size_t n = (size_t)(c->counters[1] - c->counted_cl);
+    if (u->srv_at + n > u->srv.sent.n) fail("client %d: %zu bytes of connection %d's for it, the server sent %zu more", c->index, n, u->index, u->srv.sent.n - u->srv_at);
+    put(&c->expected, u->srv.sent.d + u->srv_at, n);
+    put(&c->answers, u->srv.sent.d + u->srv_at, n);
+    u->srv_at += n;
+    c->counted_cl = c->counters[1];
+  }
+}
+
+static void account_all(void) {
+  for (int i = 0; i < MAX_CLIENTS; i++)
+    if (S->clients[i].open) account(&S->clients[i]);
+}
+
+static void check_client_bytes(client_t *c) {
+  account_all();
+  char what[64];
+  snprintf(what, sizeof what, "client %d's bytes vs the engine's and its lendings'", c->index);
+  check_prefix_from(what, &c->got, c->checked, c->got.n, &c->expected, NULL);
+  c->checked = c->got.n;
+}
+
+static void check_server_bytes(upstream_t *u) {
+  account_all();
+  char what[64];
+  snprintf(what, sizeof what, "server %d's plaintext vs what went upstream", u->index);
+  check_prefix_from(what, &u->srv.got, u->checked, u->srv.got.n, &u->up_expected, NULL);
+  u->checked = u->srv.got.n;
+}
+
+/* ---------- a lending's end, against its bytes ---------- */
+
+/* What txclient.c should have learnt of a lending's answers, following them as the contract says. */
+typedef struct {
+  int ready;        /* ReadyForQuery messages */
+  int status;       /* the first body byte of the last one that had one */
+  int whole;        /* the answers end between two messages */
+  int broken;       /* a length below 4, or COPY IN or BOTH: no more can be told */
+  int lost;         /* ParameterStatus beyond the 64 KiB kept */
+  bytes_t reports;  /* the ParameterStatus messages, as far as they came */
+} answers_t;
+
+#define REPORTS_LIMIT 65536
+
+static void read_answers(const bytes_t *b, answers_t *a) {
+  memset(a, 0, sizeof *a);
+  a->status = 'I';
+  unsigned char header[5];
+  int have = 0, type = 0, status_due = 0;
+  uint32_t remaining = 0;
+  for (size_t i = 0; i < b->n;) {
+    if (have < 5) {
+      header[have++] = b->d[i++];
+      if (have < 5) continue;
+      type = header[0];
+      uint32_t len = be32(header + 1);
+      if (len < 4 || type == 'G' || type == 'W') {
+        a->broken = 1;
+        break;
+      }
+      remaining = len - 4;
+      status_due = type == 'Z';
+      if (type == 'S' && !a->lost) {
+        if (a->reports.n + 5 + remaining > REPORTS_LIMIT) a->lost = 1;
+        else put(&a->reports, header, 5);
+      }
+    } else {
+      size_t take = b->n - i < remaining ? b->n - i : remaining;
+      if (type == 'S' && !a->lost) put(&a->reports, b->d + i, take);
+      if (status_due && take > 0) {
+        a->status = b->d[i];
+        status_due = 0;
+      }
+      remaining -= (uint32_t)take;
+      i += take;
+    }
+    if (have == 5 && remaining == 0) {
+      a->ready += type == 'Z';
+      have = 0;
+    }
+  }
+  a->whole = !a->broken && have == 0;
+}
+
+/* Whether `reports` is whole ParameterStatus messages, as the engine reads them. */
+static int whole_reports(const unsigned char *d, size_t n) {
+  size_t at = 0;
+  while (at + 5 <= n && d[at] == 'S' && be32(d + at + 1) >= 4 && be32(d + at + 1) <= n - at - 1) at += 1 + be32(d + at + 1);
+  return at == n;
+}
+
+static void check_lending(client_t *c, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
+                          const unsigned char *rest, size_t rest_len) {
+  /* What went upstream: whole fast units, each by the contract given what the ones before made. */
+  int parsed = 0, bound = 0, units = 0, made = 0;
+  for (size_t at = c->lend_start; at < c->at;) {
+    const unsigned char *unit = input_at(c, at, c->at - at);
+    size_t n = unit_contract(unit, c->at - at, parsed, bound, UNIT_LIMIT);
+    if (n == 0 || n == LP_NOT_FAST) fail("client %d: the %zu bytes it sent upstream from input byte %zu on are no whole fast unit", c->index, c->at - at, at);
+    made |= unit_makes(unit, n);
+    parsed = (made & LP_LENT_PARSED) != 0;
+    bound = (made & LP_LENT_BOUND) != 0;
+    units++;
+    at += n;
+  }
+  if ((flags & (LP_LENT_PARSED | LP_LENT_BOUND)) != made) fail("client %d: back (%s) with flags %d, its units made %d", c->index, LP_BACK_NAMES[how], flags, made);
+  answers_t a;
+  read_answers(&c->answers, &a);
+  if (verbose)
+    fprintf(stderr, "back: client %d %s status %c flags %d running %d reports %zu rest %zu; %d units, answers %zu bytes, %d ready, whole %d broken %d\n", c->index, LP_BACK_NAMES[how],
+            status > 32 && status < 127 ? status : '?', flags, running, reports_len, rest_len, units, c->answers.n, a.ready, a.whole, a.broken);
+  if (how == LP_BACK_RELEASED || how == LP_BACK_HANDOVER) {
+    if (a.broken) fail("client %d: %s after answers it could not follow", c->index, LP_BACK_NAMES[how]);
+    if (a.ready != units || !a.whole) fail("client %d: %s with %d units sent and %d ReadyForQuery (whole %d)", c->index, LP_BACK_NAMES[how], units, a.ready, a.whole);
+    if (!whole_reports(reports, reports_len)) fail("client %d: %s with reports that are not whole ParameterStatus messages (%zu bytes)", c->index, LP_BACK_NAMES[how], reports_len);
+  }
+  if (how == LP_BACK_RELEASED && status != 'I') fail("client %d: released with status 0x%02x", c->index, status);
+  if (how != LP_BACK_UPSTREAM_GONE && !a.broken) {
+    if (status != a.status) fail("client %d: %s with status 0x%02x, the last ReadyForQuery says 0x%02x", c->index, LP_BACK_NAMES[how], status, a.status);
+    if (how == LP_BACK_CLIENT_GONE && running != (a.ready < units || !a.whole))
+      fail("client %d: client_gone with running %d, %d units sent and %d ReadyForQuery (whole %d)", c->index, running, units, a.ready, a.whole);
+    if (((flags & LP_LENT_REPORTS_LOST) != 0) != a.lost) fail("client %d: %s with reports_lost %d, expected %d", c->index, LP_BACK_NAMES[how], (flags & LP_LENT_REPORTS_LOST) != 0, a.lost);
+    if (!a.lost && (reports_len != a.reports.n || (reports_len && memcmp(reports, a.reports.d, reports_len) != 0)))
+      fail("client %d: %s with %zu bytes of reports, its answers held %zu", c->index, LP_BACK_NAMES[how], reports_len, a.reports.n);
+  }
+  if (how == LP_BACK_HANDOVER) {
+    if (rest_len == 0) fail("client %d: handover with nothing to hand over", c->index);
+    size_t n = unit_contract(rest, rest_len, (flags & LP_LENT_PARSED) != 0, (flags & LP_LENT_BOUND) != 0, UNIT_LIMIT);
+    if (n != LP_NOT_FAST) fail("client %d: handover of %zu bytes whose head the fast path carries (%zd)", c->index, rest_len, (ssize_t)n);
+  } else if (rest_len != 0 || rest) {
+    fail("client %d: %s with %zu bytes of rest", c->index, LP_BACK_NAMES[how], rest_len);
+  }
+  bytes_free(&a.reports);
+}
+
+/* ---------- the engine and the pool ---------- */
+
+static void run_loop(int times);
+static int attach(client_t *c, upstream_t *u);
+static void react_client(client_t *c, const char *where);
+
+/* Bytes the engine writes to a client: position-dependent, so a loss or a repeat shows. */
+static void engine_write(client_t *c) {
+  if (!c->k || c->lent) return; /* not while a connection is lent (txclient.h) */
+  bytes_t b = { 0 };
+  put_u8(&b, 'N');
+  size_t body = in_u8();
+  body = body < 200 ? body % 48 : (body - 199) * 1024; /* small, or up to 56 KiB: more than the socket takes */
+  put_u32(&b, (uint32_t)(body + 4));
+  put_pattern(&b, body, c->expected.n);
+  account_all();
+  put(&c->expected, b.d, b.n);
+  long queued = lp_client_write(c->k, b.d, b.n);
+  if (verbose) fprintf(stderr, "engine: write %zu bytes to client %d: %ld\n", b.n, c->index, queued);
+  bytes_free(&b);
+}
+
+/* The engine gives the client to the fast path, with the bytes it holds (all, some, or none). */
+static void engine_fast(client_t *c, unsigned how) {
+  if (!c->k) return;
+  size_t from = how % 3 == 0 ? c->held.n : how % 3 == 1 ? 0 : in_size(c->held.n);
+  size_t n = c->held.n - from;
+  const unsigned char *first = n ? c->held.d + from : NULL;
+  account_all();
+  if (c->input_done) {
+    if (lp_client_fast(c->k, first ? first : (const unsigned char *)"", n) == 0) fail("client %d: lp_client_fast accepted after the client's end", c->index);
+    return;
+  }
+  int was_fast = c->fast;
+  size_t input_before = c->input.n;
+  if (!was_fast) {
+    /* C handed on all it read in JS mode: the engine's bytes come next, then the socket's. */
+    if (c->input.n != c->at) fail("client %d: fast mode from JS mode with %zu bytes of its input not handed on", c->index, c->input.n - c->at);
+    put(&c->input, first, n);
+    c->fast = 1;
+  }
+  bytes_t copy = { 0 };
+  put(&copy, first, n);
+  c->held.n = 0;
+  int r = lp_client_fast(c->k, copy.d ? copy.d : (const unsigned char *)"", n);
+  if (verbose) fprintf(stderr, "engine: fast client %d with %zu bytes: %d\n", c->index, n, r);
+  if (r != 0) {
+    if (!was_fast) {
+      c->fast = 0;
+      c->input.n = input_before; /* refused: nothing was taken, and nothing was called */
+    }
+    put(&c->held, copy.d, copy.n);
+  } else if (was_fast) {
+    fail("client %d: lp_client_fast accepted in fast mode", c->index);
+  }
+  bytes_free(&copy);
+}
+
+/* The engine takes the client back from the fast path (no connection for it, say). */
+static void engine_js(client_t *c) {
+  if (!c->k) return;
+  account_all();
+  size_t n = 0;
+  const unsigned char *rest = lp_client_js(c->k, &n);
+  if (verbose) fprintf(stderr, "engine: js client %d: %zu bytes\n", c->index, n);
+  if (c->fast && !c->lent && !c->js_closed) {
+    c->fast = 0;
+    c->needing = 0;
+    handed_to_engine(c, rest, n, "lp_client_js");
+  } else if (n != 0) {
+    fail("client %d: lp_client_js handed %zu bytes (fast %d, lent %d)", c->index, n, c->fast, c->lent != NULL);
+  }
+}
+
+static void engine_end(client_t *c) {
+  if (!c->k) return;
+  if (verbose) fprintf(stderr, "engine: end client %d\n", c->index);
+  c->js_ended = c->input_done = 1;
+  lp_client_end(c->k); /* a lent connection comes back first, with the client still in fast mode */
+  c->fast = c->needing = 0;
+}
+
+static void engine_close(client_t *c) {
+  if (!c->k) return;
+  if (verbose) fprintf(stderr, "engine: close client %d\n", c->index);
+  c->js_closed = c->lossy = c->input_done = 1;
+  c->fast = c->needing = 0;
+  lp_client_close(c->k);
+}
+
+/* A connection the pool can lend now: logged in, idle for the pool, not lent, not going. */
+static upstream_t *idle_upstream(void) {
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *u = &S->ups[i];
+    if (u->conn && u->logged_in && !u->dead && !u->lent_to && u->pool_outstanding == 0) return u;
+  }
+  return NULL;
+}
+
+/* The pool writes a query of its own (a ROLLBACK after a lending left a transaction, say). */
+static void pool_query(upstream_t *u, const char *text) {
+  if (!u->conn || u->lent_to || u->closed) return;
+  bytes_t q = { 0 };
+  put_u8(&q, 'Q');
+  put_u32(&q, (uint32_t)(strlen(text) + 5));
+  put(&q, text, strlen(text) + 1);
+  account_all();
+  put(&u->up_expected, q.d, q.n); /* before: a write that fails may have sent some */
+  if (lp_conn_write(u->conn, q.d, q.n) >= 0) u->pool_outstanding++;
+  bytes_free(&q);
+}
+
+static void pool_close(upstream_t *u) {
+  if (!u->conn || u->closed) return;
+  if (u->lent_to) fail("the harness closes connection %d while it is lent", u->index);
+  if (verbose) fprintf(stderr, "pool: close connection %d\n", u->index);
+  u->closed = u->dead = 1;
+  lp_conn_close(u->conn, LP_END_SHUTDOWN);
+}
+
+/* ---------- client callbacks ---------- */
+
+static client_t *client_of(lp_client *k, void *user, const char *callback) {
+  client_t *c = user;
+  if (!c || c < S->clients || c >= S->clients + MAX_CLIENTS) fail("%s: wrong user pointer", callback);
+  if (c->ends) fail("client %d: %s after its end", c->index, callback);
+  if (c->k != k) fail("client %d: %s with another client", c->index, callback);
+  return c;
+}
+
+static void on_client_data(lp_client *k, void *user, const unsigned char *data, size_t n, const char *error) {
+  client_t *c = client_of(k, user, "data");
+  if (c->lent) fail("client %d: data for the engine while a connection is lent", c->index);
+  account_all();
+  if (!data) {
+    if (verbose) fprintf(stderr, "client %d: end of its stream (%s)\n", c->index, error ? error : "clean");
+    c->fast = c->needing = 0;
+    c->input_done = 1;
+    if (error) c->lossy = 1;
+    if (reacting()) react_client(c, "end of stream");
+    return;
+  }
+  if (n == 0) return; /* what was queued for the client is written */
+  if (!c->fast && c->paused) fail("client %d: %zu bytes read while paused", c->index, n);
+  if (c->js_ended) return; /* C reads on after lp_client_end, past what it dropped of a unit: the engine ignores it */
+  if (c->fast) { /* a unit the fast path does not carry: the rest of the input is the engine's */
+    if (c->needing) fail("client %d: handed to the engine while waiting for a connection", c->index);
+    c->fast = 0;
+  }
+  handed_to_engine(c, data, n, "data");
+  if (verbose) fprintf(stderr, "client %d: %zu bytes for the engine\n", c->index, n);
+  if (reacting()) react_client(c, "data");
+}
+
+static void on_need(lp_client *k, void *user) {
+  client_t *c = client_of(k, user, "need");
+  account_all();
+  if (verbose) fprintf(stderr, "client %d: need\n", c->index);
+  if (!c->fast) fail("client %d: need outside fast mode", c->index);
+  if (c->needing) fail("client %d: need twice", c->index);
+  if (c->lent) fail("client %d: need while a connection is lent", c->index);
+  c->needing = 1;
+  if (!reacting()) return;
+  unsigned how = in_u8() % 8;
+  upstream_t *u = idle_upstream();
+  if (how <= 2 && u) attach(c, u);
+  else if (how == 3) engine_js(c);
+  else if (how == 4) engine_close(c);
+  else if (how == 5) engine_end(c);
+}
+
+static void on_back(lp_client *k, void *user, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
+                    const unsigned char *rest, size_t rest_len, const char *reason) {
+  client_t *c = client_of(k, user, "back");
+  if (how < LP_BACK_RELEASED || how > LP_BACK_UPSTREAM_GONE) fail("client %d: back %d", c->index, (int)how);
+  account_all();
+  upstream_t *u = c->lent;
+  if (!u) fail("client %d: back (%s) with no connection lent: given back twice?", c->index, LP_BACK_NAMES[how]);
+  c->backs++;
+  check_lending(c, how, status, flags, running, reports, reports_len, rest, rest_len);
+  if (how != LP_BACK_UPSTREAM_GONE && reason) fail("client %d: %s with a reason", c->index, LP_BACK_NAMES[how]);
+  c->lent = NULL;
+  u->lent_to = NULL;
+  u->returning = 0;
+  c->answers.n = 0;
+  if (how == LP_BACK_HANDOVER) {
+    c->fast = c->needing = 0;
+    handed_to_engine(c, rest, rest_len, "handover");
+  }
+  /* The pool has the connection again, as the engine takes it (transaction-session.ts, #back). */
+  if (how != LP_BACK_UPSTREAM_GONE) u->paused = 0; /* given back unpaused */
+  if (how == LP_BACK_UPSTREAM_GONE) {
+    /* The engine closes the connection and ends the client with an ErrorResponse 08006. */
+    u->dead = 1;
+    if (!reacting() || in_u8() % 2 == 0) pool_close(u);
+    engine_write(c);
+    engine_end(c);
+    return;
+  } else if (how == LP_BACK_CLIENT_GONE && running) {
+    u->dead = 1; /* cancelled, then closed: later (the drain, or a step) */
+  } else if (status != 'I') {
+    pool_query(u, "ROLLBACK");
+  }
+  if (reacting()) react_client(c, "back");
+}
+
+static void on_client_end(lp_client *k, void *user) {
+  client_t *c = client_of(k, user, "end");
+  account_all();
+  if (verbose) fprintf(stderr, "client %d: end\n", c->index);
+  if (c->lent) fail("client %d: end with a connection lent", c->index);
+  c->ends++;
+  c->k = NULL;
+  c->fast = c->needing = 0;
+}
+
+static const lp_client_callbacks client_callbacks = { on_client_data, on_need, on_back, on_client_end };
+
+/* How the engine reacts inside a client's callback, as the input says. */
+static void react_client(client_t *c, const char *where) {
+  unsigned how = in_u8() % 10;
+  if (verbose && how < 6) fprintf(stderr, "client %d: reacts in %s (%u)\n", c->index, where, how);
+  switch (how) {
+    case 0: engine_write(c); break;
+    case 1: engine_fast(c, in_u8()); break;
+    case 2: engine_close(c); break;
+    case 3: engine_end(c); break;
+    case 4: {
+      upstream_t *u = idle_upstream();
+      if (u) attach(c, u);
+      break;
+    }
+    case 5: engine_js(c); break;
+    default: break;
+  }
+}
+
+/* ---------- connection callbacks ---------- */
+
+static upstream_t *upstream_of(void *user, const char *callback) {
+  upstream_t *u = user;
+  if (!u || u < S->ups || u >= S->ups + MAX_CONNS) fail("%s: wrong user pointer", callback);
+  if (u->ends) fail("connection %d: %s after its end", u->index, callback);
+  return u;
+}
+
+static void on_handshake(lp_conn *conn, void *user, const char *error, long verify) {
+  upstream_t *u = upstream_of(user, "handshake");
+  (void)verify;
+  u->conn = conn;
+  u->handshake_ok = error == NULL;
+  if (verbose && error) fprintf(stderr, "connection %d: handshake failed: %s\n", u->index, error);
+}
+
+/* The pool's reader: answers to its own queries are consumed, what comes between them kept for the next lending. */
+static void pool_read(upstream_t *u, const unsigned char *data, size_t n) {
+  for (size_t i = 0; i < n;) {
+    if (u->pool_frame.have == 0 && !u->pool_frame.broken) u->pool_keeps = u->pool_outstanding == 0;
+    int started, ended;
+    size_t took = frame(&u->pool_frame, data + i, n - i, &started, &ended);
+    if (u->pool_frame.broken) u->dead = 1; /* the engine could not follow it either */
+    if (u->pool_keeps || u->pool_frame.broken) put(&u->unread, data + i, took);
+    if (ended && !u->pool_keeps && u->pool_frame.type == 'Z') u->pool_outstanding--;
+    i += took;
+  }
+}
+
+static void on_conn_data(lp_conn *conn, void *user, const unsigned char *data, size_t n, const char *error) {
+  upstream_t *u = upstream_of(user, "data");
+  (void)conn;
+  account_all();
+  /* give_back() hands the connection to the pool's reader (unpaused, reading) just before `back`:
+     bytes may come first. The lending must be over: none for the client after these. */
+  if (u->lent_to) u->returning = 1;
+  if (!data) {
+    if (verbose) fprintf(stderr, "connection %d: end of its stream (%s)\n", u->index, error ? error : "clean");
+    u->dead = 1;
+    return;
+  }
+  if (n == 0) return;
+  if (u->paused) fail("connection %d: data while paused", u->index);
+  if (u->srv_at + n > u->srv.sent.n || memcmp(data, u->srv.sent.d + u->srv_at, n) != 0)
+    fail("connection %d: the pool's %zu bytes are not the server's plaintext from byte %zu on (%zu sent)", u->index, n, u->srv_at, u->srv.sent.n);
+  u->srv_at += n;
+  pool_read(u, data, n);
+}
+
+static void on_abandoned(lp_conn *conn, void *user) {
+  (void)conn;
+  fail("connection %d: abandoned, with no relay", upstream_of(user, "abandoned")->index);
+}
+
+static size_t on_farewell(lp_conn *conn, void *user, const char *reason, unsigned char *out, size_t cap) {
+  (void)conn, (void)reason, (void)out, (void)cap;
+  fail("connection %d: farewell, with no relay", upstream_of(user, "farewell")->index);
+}
+
+static void on_detached(lp_conn *conn, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status) {
+  (void)conn, (void)end, (void)to_upstream, (void)to_client, (void)reusable, (void)status;
+  fail("connection %d: detached, with no relay", upstream_of(user, "detached")->index);
+}
+
+static void on_conn_end(lp_conn *conn, void *user, enum lp_end end, double to_upstream, double to_client) {
+  upstream_t *u = upstream_of(user, "end");
+  (void)to_upstream, (void)to_client;
+  if (u->conn && u->conn != conn) fail("connection %d: end of another connection", u->index);
+  if (verbose) fprintf(stderr, "connection %d: end %s\n", u->index, LP_END_NAMES[end]);
+  if (u->lent_to) fail("connection %d: ended while lent to client %d, which was not told", u->index, u->lent_to->index);
+  u->ends++;
+  u->conn = NULL;
+  u->dead = 1;
+}
+
+static const lp_callbacks conn_callbacks = { on_handshake, on_conn_data, on_abandoned, on_farewell, on_detached, on_conn_end };
+
+/* ---------- lending ---------- */
+
+/* The pool lends `u` to `c` (after `need`, or to see a refusal change nothing), with the bytes its reader kept. */
+static int attach(client_t *c, upstream_t *u) {
+  if (!c->k || c->lent || !u->conn || !u->logged_in || u->lent_to || u->dead || u->pool_outstanding > 0) return -1;
+  if (u->paused) { /* lent unpaused, as NativeUpstream.lend() does: what OpenSSL held goes to the pool's reader first */
+    u->paused = 0;
+    lp_conn_pause(u->conn, 0);
+    if (!u->conn || u->dead || u->pool_outstanding > 0) return -1;
+  }
+  account_all();
+  bytes_t unread = u->unread;
+  memset(&u->unread, 0, sizeof u->unread);
+  int was_needing = c->needing;
+  /* Before the call: the lending may begin, and even end, inside it. */
+  c->lent = u;
+  u->lent_to = c;
+  c->lend_start = c->at;
+  c->answers.n = 0;
+  put(&c->expected, unread.d, unread.n);
+  put(&c->answers, unread.d, unread.n);
+  c->counted_cl += (double)unread.n; /* C counts them as it relays them */
+  c->needing = 0;
+  int r = lp_client_attach(c->k, u->conn, unread.d ? unread.d : (const unsigned char *)"", unread.n);
+  if (verbose) fprintf(stderr, "pool: attach connection %d to client %d with %zu unread bytes: %d\n", u->index, c->index, unread.n, r);
+  if (r != 0) {
+    c->lent = NULL;
+    u->lent_to = NULL;
+    c->expected.n -= unread.n;
+    c->answers.n = 0;
+    c->counted_cl -= (double)unread.n;
+    c->needing = was_needing;
+    u->unread = unread;
+    return -1;
+  }
+  if (!was_needing) fail("client %d: lp_client_attach accepted with no `need`", c->index);
+  c->attaches++;
+  bytes_free(&unread);
+  return 0;
+}
+
+/* ---------- the peers ---------- */
+
+/* Turns of the loop; the client's linger timer is stopped as it starts (see drain()). */
+static void stop_timer(uv_handle_t *handle, void *arg) {
+  (void)arg;
+  if (uv_handle_get_type(handle) == UV_TIMER && uv_is_active(handle)) uv_timer_stop((uv_timer_t *)handle);
+}
+
+static void run_loop(int times) {
+  for (int i = 0; i < times; i++) {
+    uv_run(&S->loop, UV_RUN_NOWAIT);
+    uv_walk(&S->loop, stop_timer, NULL);
+  }
+}
+
+static void cl_flush(client_t *c, size_t max) {
+  if (c->fd < 0 || c->shut || c->pending.n == 0) return;
+  size_t n = max < c->pending.n ? max : c->pending.n;
+  ssize_t w = send(c->fd, c->pending.d, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (w > 0) {
+    put(&c->sent, c->pending.d, (size_t)w);
+    drop_front(&c->pending, (size_t)w);
+  }
+}
+
+static void cl_read(client_t *c, size_t max) {
+  if (c->fd < 0 || c->eof || c->stopped) return;
+  unsigned char b[65536];
+  if (max > sizeof b) max = sizeof b;
+  if (max == 0) return;
+  ssize_t r = recv(c->fd, b, max, MSG_DONTWAIT);
+  if (r > 0) put(&c->got, b, (size_t)r);
+  else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) c->eof = 1;
+  check_client_bytes(c);
+}
+
+/* The client's bytes: units the fast path carries and everything else, cut or whole. */
+static void make_client_bytes(client_t *c, bytes_t *out) {
+  unsigned kind = in_u8();
+  switch (kind % 8) {
+    case 0: /* raw bytes of the input */
+      for (size_t n = in_u8(); n > 0; n--) put_u8(out, in_u8());
+      break;
+    case 1: case 2: put_client_message(out, 0); break; /* a Query */
+    case 3: case 4: { /* an extended sequence: Parse, Bind, Describe, Execute, Sync, as the bits say */
+      unsigned parts = in_u8();
+      if (!(parts & 1)) put_client_message(out, 1);
+      if (!(parts & 2)) put_client_message(out, 2);
+      if (parts & 4) put_client_message(out, 3);
+      if (!(parts & 8)) put_client_message(out, 4);
+      if (parts & 16) put_client_message(out, 7);
+      if (!(parts & 32)) put_client_message(out, 5);
+      break;
+    }
+    case 5: put_client_message(out, in_u8()); break; /* any one message */
+    case 6: { /* a Query of up to 128 KiB, or one whose length says more than a unit may hold */
+      size_t body = (size_t)(in_u8() % 128 + 1) * 1024;
+      if (kind & 0x80) {
+        put(out, "Q\x00\x10\x00\x10SELECT", 11);
+        break;
+      }
+      put_u8(out, 'Q');
+      put_u32(out, (uint32_t)(body + 5));
+      bytes_t text = { 0 };
+      put(&text, "select ", 7);
+      while (text.n < body) put_u8(&text, "abcdefghijklmnopqrstuvwxyz "[(text.n * 7 + c->sent.n) % 27]);
+      put(out, text.d, body);
+      put_u8(out, 0);
+      bytes_free(&text);
+      break;
+    }
+    default: { /* a message cut short: its rest may come later, as raw bytes */
+      bytes_t whole = { 0 };
+      put_client_message(&whole, in_u8());
+      put(out, whole.d, whole.n - 1 - in_u8() % (whole.n - 1));
+      bytes_free(&whole);
+      break;
+    }
+  }
+}
+
+/* The server's answers: what Postgres sends, and what it should not. */
+static void make_server_bytes(upstream_t *u, bytes_t *out) {
+  unsigned kind = in_u8() % 8;
+  if (kind == 0) { /* raw bytes of the input: anything, even lying lengths */
+    for (size_t n = in_u8(); n > 0; n--) put_u8(out, in_u8());
+  } else if (kind <= 3) {
+    for (unsigned m = 1 + in_u8() % 4; m > 0; m--) {
+      static const char types[] = "DDCZZZSNEA12n";
+      int type = types[in_u8() % (sizeof types - 1)];
+      bytes_t body = { 0 };
+      if (type == 'Z') put_u8(&body, "IITE"[in_u8() % 4]);
+      else if (type == 'S') put(&body, "application_name\0fuzz\0", 22);
+      else if (type == 'C') put(&body, "SELECT 1", 9);
+      else if (type != '1' && type != '2' && type != 'n') put_pattern(&body, in_u8() % 64, u->srv.sent.n);
+      put_message(out, type, &body);
+      bytes_free(&body);
+    }
+  } else if (kind == 4) { /* one large DataRow */
+    size_t body = (size_t)(in_u8() % 128 + 1) * 1024;
+    put_u8(out, 'D');
+    put_u32(out, (uint32_t)(body + 4));
+    put_pattern(out, body, u->srv.sent.n);
+  } else if (kind == 5) { /* a message cut short: its rest may come in a later write */
+    put_u8(out, 'D');
+    put_u32(out, 200);
+    put_pattern(out, in_u8() % 200, u->srv.sent.n);
+  } else if (kind == 6) { /* COPY IN, which the fast path cannot carry, or a ParameterStatus beyond what is kept */
+    if (in_u8() & 1) {
+      put(out, "G\0\0\0\7\0\0\0", 8);
+    } else {
+      bytes_t body = { 0 };
+      put(&body, "x\0", 2);
+      put_pattern(&body, (size_t)(in_u8() % 4 + 63) * 1024, 1);
+      put_u8(&body, 0);
+      put_message(out, 'S', &body);
+      bytes_free(&body);
+    }
+  } else { /* ReadyForQuery alone */
+    put(out, "Z\0\0\0\5", 5);
+    put_u8(out, "ITE"[in_u8() % 3]);
+  }
+}
+
+/* The cooperating server: CommandComplete and ReadyForQuery (idle) for every Query and Sync it has read. */
+static void server_answer(upstream_t *u) {
+  bytes_t out = { 0 };
+  while (u->answered + 5 <= u->srv.got.n) {
+    const unsigned char *m = u->srv.got.d + u->answered;
+    uint32_t len = be32(m + 1);
+    if (len < 4) {
+      u->answered = u->srv.got.n; /* the check of what it read says what went wrong */
+      break;
+    }
+    if (u->answered + 1 + len > u->srv.got.n) break;
+    static const unsigned char done[] = "C\0\0\0\015SELECT 1\0" "Z\0\0\0\5I";
+    if (m[0] == 'Q' || m[0] == 'S') put(&out, done, sizeof done - 1);
+    u->answered += 1 + len;
+  }
+  if (out.n && server_write(&u->srv, out.d, out.n) && verbose) fprintf(stderr, "server %d: answers %zu bytes\n", u->index, out.n);
+  bytes_free(&out);
+}
+
+static void srv_read(upstream_t *u, size_t max) {
+  server_read(&u->srv, max);
+  check_server_bytes(u);
+}
+
+/* ---------- opening ---------- */
+
+static void open_client(client_t *c) {
+  int fds[2];
+  connected_pair((S->config & CFG_TCP_CLIENT) != 0, fds);
+  set_nonblocking(fds[1]);
+  if ((S->config & CFG_SMALL) && !(S->config & CFG_TCP_CLIENT)) {
+    small_buffers(fds[0], 4096);
+    small_buffers(fds[1], 4096);
+  }
+  c->fd = fds[1];
+  c->open = 1;
+  const char *error = NULL;
+  c->k = lp_client_open(&S->loop, fds[0], &client_callbacks, c, c->counters, &error);
+  if (!c->k) fail("lp_client_open: %s", error ? error : "?");
+  if (verbose) fprintf(stderr, "client %d: open\n", c->index);
+}
+
+/* A connection, logged in: the TLS handshake and the startup message's answer, both peers cooperating. */
+static void open_upstream(upstream_t *u) {
+  const char *saved = phase;
+  phase = "login";
+  int fds[2];
+  connected_pair((S->config & CFG_TCP_UP) != 0, fds);
+  set_nonblocking(fds[1]);
+  server_init(&u->srv, (S->config & CFG_TLS12) ? server_ctx_tls12 : server_ctx, fds[1]);
+  u->open = 1;
+  const char *error = NULL;
+  lp_conn *conn = lp_conn_connect(&S->loop, S->ctx, fds[0], "localhost", NULL, &conn_callbacks, u, &error);
+  if (!conn) fail("lp_conn_connect: %s", error ? error : "?");
+  if (!u->ends) u->conn = conn;
+  for (int turns = 0; turns < 200 && u->conn && !u->handshake_ok; turns++) {
+    server_read(&u->srv, 65536);
+    server_flush(&u->srv, SIZE_MAX);
+    run_loop(1);
+  }
+  if (!u->handshake_ok) fail("connection %d: no handshake", u->index);
+  static const unsigned char startup[8] = { 0, 0, 0, 8, 0, 3, 0, 0 };
+  if (lp_conn_write(u->conn, startup, sizeof startup) < 0) fail("connection %d: the startup message was refused", u->index);
+  put(&u->up_expected, startup, sizeof startup);
+  for (int turns = 0; turns < 200 && u->srv.got.n < sizeof startup; turns++) {
+    run_loop(1);
+    server_read(&u->srv, 65536);
+  }
+  if (u->srv.got.n != sizeof startup) fail("connection %d: the server read %zu bytes of the startup message", u->index, u->srv.got.n);
+  u->answered = sizeof startup;
+  static const unsigned char login[] = "R\0\0\0\10\0\0\0\0" "S\0\0\0\031client_encoding\0UTF8\0" "K\0\0\0\14\0\0\0\1\0\0\0\2" "Z\0\0\0\5I";
+  u->pool_outstanding = 1;
+  if (!server_write(&u->srv, login, sizeof login - 1)) fail("connection %d: the server could not write the login", u->index);
+  for (int turns = 0; turns < 200 && u->conn && u->pool_outstanding > 0; turns++) {
+    server_flush(&u->srv, SIZE_MAX);
+    run_loop(1);
+  }
+  if (u->pool_outstanding > 0) fail("connection %d: the login's answer did not arrive", u->index);
+  u->logged_in = 1;
+  if (verbose) fprintf(stderr, "connection %d: logged in\n", u->index);
+  phase = saved;
+}
+
+/* ---------- the script ---------- */
+
+/* The open client (or connection) the step names: `which` among those opened so far. */
+static client_t *pick_client(unsigned which) {
+  int n = 0;
+  for (int i = 0; i < MAX_CLIENTS; i++) n += S->clients[i].open;
+  if (n == 0) return NULL;
+  for (int i = 0, k = (int)(which % (unsigned)n); i < MAX_CLIENTS; i++)
+    if (S->clients[i].open && k-- == 0) return &S->clients[i];
+  return NULL;
+}
+
+static upstream_t *pick_upstream(unsigned which) {
+  int n = 0;
+  for (int i = 0; i < MAX_CONNS; i++) n += S->ups[i].open;
+  if (n == 0) return NULL;
+  for (int i = 0, k = (int)(which % (unsigned)n); i < MAX_CONNS; i++)
+    if (S->ups[i].open && k-- == 0) return &S->ups[i];
+  return NULL;
+}
+
+static void step(void) {
+  unsigned op = in_u8(), which = op / 24;
+  client_t *c = pick_client(which);
+  upstream_t *u = pick_upstream(which);
+  if (verbose) fprintf(stderr, "step %u (%u): client %d, connection %d\n", op % 24, op, c ? c->index : -1, u ? u->index : -1);
+  bytes_t b = { 0 };
+  switch (op % 24) {
+    case 0: case 1: /* the client sends */
+      make_client_bytes(c, &b);
+      put(&c->pending, b.d, b.n);
+      cl_flush(c, SIZE_MAX);
+      break;
+    case 2: cl_flush(c, 1 + in_size(70000)); break;
+    case 3: cl_read(c, 1 + in_size(70000)); break;
+    case 4: case 5: /* the server answers */
+      make_server_bytes(u, &b);
+      server_write(&u->srv, b.d, b.n);
+      break;
+    case 6: server_flush(&u->srv, 1 + in_size(70000)); break;
+    case 7: srv_read(u, 1 + in_size(70000)); break;
+    case 8: case 9: run_loop(1 + in_u8() % 4); break;
+    case 10: engine_fast(c, in_u8()); break;
+    case 11: attach(c, u); break;
+    case 12: engine_js(c); break;
+    case 13: engine_write(c); break;
+    case 14: if (which & 1) engine_close(c); else engine_end(c); break;
+    case 15:
+      if (c->k) {
+        c->paused = which & 1;
+        lp_client_pause(c->k, c->paused);
+      }
+      break;
+    case 16: /* the client's end: a FIN, a close, a reset (TCP; a socketpair closed with bytes unread resets too), or no more reading */
+      if (c->fd < 0) break;
+      if (which % 4 == 0) {
+        if (c->pending.n) c->lossy = 1;
+        shutdown(c->fd, SHUT_WR);
+        c->shut = c->peer_gone = 1;
+      } else if (which % 4 == 3) {
+        shutdown(c->fd, SHUT_RD);
+        c->stopped = c->lossy = 1;
+      } else {
+        peer_close(&c->fd, &c->shut, &c->eof, which % 4 == 2);
+        c->lossy = c->peer_gone = 1;
+      }
+      break;
+    case 17: /* the server's end: close_notify (and FIN), FIN, a close, a reset */
+      u->faults = 1;
+      if (which % 4 == 0) {
+        server_close_notify(&u->srv);
+        if (which & 4) {
+          server_flush(&u->srv, SIZE_MAX);
+          server_fin(&u->srv);
+        }
+      } else if (which % 4 == 1) {
+        server_fin(&u->srv);
+      } else {
+        peer_close(&u->srv.fd, &u->srv.shut, &u->srv.eof, which % 4 == 3);
+      }
+      break;
+    case 18: pool_query(u, (which & 1) ? "SELECT 1" : "ROLLBACK"); break;
+    case 19: /* the state the engine reads */
+      if (c->k) {
+        int lent, running;
+        double idle;
+        lp_client_state(c->k, &lent, &running, &idle);
+        if (lent != (c->lent != NULL)) fail("client %d: lp_client_state says lent %d, it is %d", c->index, lent, c->lent != NULL);
+        if (running && !lent) fail("client %d: running with nothing lent", c->index);
+      }
+      if (u->conn) {
+        int running;
+        double idle;
+        lp_conn_state(u->conn, &running, &idle);
+        if (running) fail("connection %d: a query runs, with no relay", u->index);
+      }
+      break;
+    case 20: /* another client, or connection */
+      for (int i = 0; i < MAX_CLIENTS && !(which & 1); i++)
+        if (!S->clients[i].open) {
+          open_client(&S->clients[i]);
+          break;
+        }
+      for (int i = 0; i < MAX_CONNS && (which & 1); i++)
+        if (!S->ups[i].open) {
+          open_upstream(&S->ups[i]);
+          break;
+        }
+      break;
+    case 21: /* the pool's reader pauses the connection, or resumes it; or the pool closes it */
+      if (!u->conn || u->lent_to) break;
+      if (which % 3 == 2) {
+        pool_close(u);
+      } else {
+        u->paused = which % 3 == 1;
+        lp_conn_pause(u->conn, u->paused);
+      }
+      break;
+    case 22: server_answer(u); break;
+    default: { /* the engine's client drains, or the pool's idle connection is lent to whoever needs one */
+      upstream_t *idle = idle_upstream();
+      for (int i = 0; i < MAX_CLIENTS && idle; i++)
+        if (S->clients[i].needing && S->clients[i].k) {
+          attach(&S->clients[i], idle);
+          break;
+        }
+      break;
+    }
+  }
+  bytes_free(&b);
+}
+
+/* ---------- the end ---------- */
+
+static size_t moved(void) {
+  size_t n = 0;
+  for (int i = 0; i < MAX_CLIENTS; i++) n += S->clients[i].sent.n + S->clients[i].got.n + S->clients[i].at + (size_t)S->clients[i].counters[1];
+  for (int i = 0; i < MAX_CONNS; i++) n += S->ups[i].srv.flushed + S->ups[i].srv.got.n + S->ups[i].srv_at + S->ups[i].srv.sent.n;
+  return n;
+}
+
+/* Both kinds of peer do their part until nothing moves. */
+static void cooperate(void) {
+  enum { STALLED = 12 };
+  for (int stalled = 0, turns = 0; stalled < STALLED && turns < 5000; turns++) {
+    size_t before = moved();
+    for (int i = 0; i < MAX_CLIENTS; i++) {
+      client_t *c = &S->clients[i];
+      if (!c->open) continue;
+      if (c->k && c->paused) {
+        c->paused = 0;
+        lp_client_pause(c->k, 0);
+      }
+      if (c->k && c->needing) {
+        upstream_t *u = idle_upstream();
+        if (u) attach(c, u);
+      }
+      cl_flush(c, SIZE_MAX);
+      cl_read(c, 65536);
+    }
+    for (int i = 0; i < MAX_CONNS; i++) {
+      upstream_t *u = &S->ups[i];
+      if (!u->open) continue;
+      if (u->conn && u->paused && !u->lent_to) {
+        u->paused = 0;
+        lp_conn_pause(u->conn, 0);
+      }
+      srv_read(u, 65536);
+      server_answer(u);
+      server_flush(&u->srv, SIZE_MAX);
+    }
+    run_loop(1);
+    stalled = moved() == before ? stalled + 1 : 0;
+    /* TCP's own timers (delayed ACKs, window probes) need time, not turns. */
+    if (stalled > 6 && (S->config & (CFG_TCP_CLIENT | CFG_TCP_UP))) usleep(1000);
+  }
+}
+
+/*
+ * Once the peers cooperated, nothing is left waiting that could go: a client's whole unit was
+ * sent (a connection was lent to it) or handed to the engine, every byte a client sent was read,
+ * and a server read all that was written to it.
+ */
+static void check_settled(void) {
+  phase = "settled";
+  for (int i = 0; i < MAX_CLIENTS; i++) {
+    client_t *c = &S->clients[i];
+    if (!c->k || c->input_done || c->peer_gone || c->stopped || c->fd < 0) continue;
+    /* A lent connection that went wrong may hold the client back (its queue full): the engine closes it. */
+    if (c->lent && (c->lent->dead || c->lent->faults || c->lent->srv.broken)) continue;
+    size_t total = c->input.n + (c->sent.n - c->sock_in_input);
+    if (c->pending.n > 0 && !c->lent) fail("client %d: %zu bytes it sends are not read", c->index, c->pending.n);
+    if (!c->fast) {
+      if (total != c->at) fail("client %d: in JS mode with %zu bytes of its input not handed to the engine", c->index, total - c->at);
+      continue;
+    }
+    answers_t a;
+    read_answers(&c->answers, &a);
+    int parsed = 0, bound = 0, made = 0, units = 0;
+    for (size_t at = c->lend_start; c->lent && at < c->at;) {
+      const unsigned char *unit = input_at(c, at, c->at - at);
+      size_t n = unit_contract(unit, c->at - at, parsed, bound, UNIT_LIMIT);
+      if (n == 0 || n == LP_NOT_FAST) break; /* check_lending says so at the back */
+      made |= unit_makes(unit, n);
+      parsed = (made & LP_LENT_PARSED) != 0;
+      bound = (made & LP_LENT_BOUND) != 0;
+      units++;
+      at += n;
+    }
+    int answered = !a.broken && a.whole && a.ready == units;
+    bytes_free(&a.reports);
+    size_t head = total > c->at ? unit_contract(input_at(c, c->at, total - c->at), total - c->at, parsed, bound, UNIT_LIMIT) : 0;
+    if (head == LP_NOT_FAST && c->lent && !answered) continue; /* it waits for the answers, which may never be whole */
+    if (head != 0) fail("client %d: after the peers cooperated, a %s waits (%zu bytes in, %s)", c->index, head == LP_NOT_FAST ? "unit for the engine" : "whole fast unit", total - c->at,
+                        c->lent ? "a connection lent" : c->needing ? "needing" : "nothing lent");
+  }
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *u = &S->ups[i];
+    if (!u->conn || u->dead || u->faults || u->srv.broken) continue;
+    account_all();
+    if (u->srv.got.n != u->up_expected.n) fail("server %d read %zu of the %zu bytes sent to it", u->index, u->srv.got.n, u->up_expected.n);
+  }
+}
+
+/*
+ * The end of every input. The peers cooperate until nothing moves; the engine takes back what
+ * waits for a connection none can give, and they cooperate again; then the checks of a settled
+ * session. Then the engine ends or closes every client (each peer answers a FIN with a close),
+ * the pool closes every connection, and all must end within a few turns: the client's linger
+ * timer is stopped as it starts, so a client only that timer would end shows as a hang.
+ */
+static void drain(void) {
+  phase = "drain";
+  cooperate();
+  for (int i = 0; i < MAX_CLIENTS; i++)
+    if (S->clients[i].k && S->clients[i].needing) engine_js(&S->clients[i]);
+  cooperate();
+  check_settled();
+  phase = "closing";
+  for (int i = 0; i < MAX_CLIENTS; i++) {
+    client_t *c = &S->clients[i];
+    if (c->k && (S->config & CFG_END)) engine_end(c);
+    else if (c->k) engine_close(c);
+  }
+  int turns = 0;
+  for (int open = 1; open && turns < 300; turns++) {
+    open = 0;
+    for (int i = 0; i < MAX_CLIENTS; i++) {
+      client_t *c = &S->clients[i];
+      if (!c->open) continue;
+      cl_read(c, 65536);
+      if (c->eof || c->stopped) peer_close(&c->fd, &c->shut, &c->eof, 0);
+      open |= c->k != NULL;
+    }
+    for (int i = 0; i < MAX_CONNS; i++) {
+      upstream_t *u = &S->ups[i];
+      if (!u->open) continue;
+      if (u->conn && !u->lent_to) pool_close(u);
+      srv_read(u, 65536);
+      open |= u->conn != NULL;
+    }
+    run_loop(1);
+    if (turns > 100) usleep(1000);
+  }
+  for (int i = 0; i < MAX_CLIENTS; i++)
+    if (S->clients[i].k) fail("client %d did not end (%d turns after the engine ended it)", i, turns);
+  for (int i = 0; i < MAX_CONNS; i++)
+    if (S->ups[i].conn) fail("connection %d did not end (%d turns after the pool closed it)", i, turns);
+}
+
+static void verify_session(void) {
+  phase = "checks";
+  for (int i = 0; i < MAX_CLIENTS; i++) {
+    client_t *c = &S->clients[i];
+    if (!c->open) continue;
+    if (verbose) fprintf(stderr, "client %d: sent %zu, got %zu of %zu, input %zu handed on %zu, attaches %d, backs %d, counters [%g, %g]\n", i, c->sent.n, c->got.n, c->expected.n,
+                         c->input.n, c->at, c->attaches, c->backs, c->counters[0], c->counters[1]);
+    if (c->ends != 1) fail("client %d: %d end callbacks", i, c->ends);
+    if (c->backs != c->attaches) fail("client %d: %d lendings, %d came back", i, c->attaches, c->backs);
+    check_client_bytes(c);
+  }
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *u = &S->ups[i];
+    if (!u->open) continue;
+    if (u->ends != 1) fail("connection %d: %d end callbacks", i, u->ends);
+    check_server_bytes(u);
+  }
+}
+
+static void free_session(void) {
+  for (int i = 0; i < MAX_CLIENTS; i++) {
+    client_t *c = &S->clients[i];
+    if (c->fd >= 0) close(c->fd);
+    bytes_free(&c->pending);
+    bytes_free(&c->sent);
+    bytes_free(&c->got);
+    bytes_free(&c->input);
+    bytes_free(&c->expected);
+    bytes_free(&c->held);
+    bytes_free(&c->answers);
+  }
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *u = &S->ups[i];
+    if (u->open) server_free(&u->srv);
+    bytes_free(&u->up_expected);
+    bytes_free(&u->unread);
+  }
+}
+
+static void run_session(unsigned config) {
+  session_t s;
+  memset(&s, 0, sizeof s);
+  S = &s;
+  s.config = config;
+  s.descriptors = open_descriptors();
+  for (int i = 0; i < MAX_CLIENTS; i++) {
+    s.clients[i].index = i;
+    s.clients[i].fd = -1;
+  }
+  for (int i = 0; i < MAX_CONNS; i++) {
+    s.ups[i].index = i;
+    s.ups[i].srv.fd = -1;
+  }
+  const char *error = NULL;
+  s.ctx = lp_ctx_new(0, 0, NULL, 0, &error);
+  if (!s.ctx) fail("lp_ctx_new: %s", error);
+  if (uv_loop_init(&s.loop) != 0) fail("uv_loop_init");
+  open_upstream(&s.ups[0]);
+  open_client(&s.clients[0]);
+  if (config & CFG_TWO) open_client(&s.clients[1]);
+  phase = "script";
+  while (in_left > 0) step();
+  drain();
+  verify_session();
+  free_session();
+  lp_ctx_release(s.ctx);
+  /* What libuv still has to close (the handles' close callbacks ran: `end` came). */
+  uv_run(&s.loop, UV_RUN_NOWAIT);
+  if (uv_loop_close(&s.loop) != 0) fail("the loop still holds handles after the end");
+  int descriptors = open_descriptors();
+  if (descriptors != s.descriptors) fail("%d descriptors open after the session, %d before", descriptors, s.descriptors);
+  S = NULL;
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+  (void)argc;
+  (void)argv;
+  fuzz_target = "TXCLIENT";
+  verbose = getenv("FUZZ_VERBOSE") != NULL;
+  signal(SIGPIPE, SIG_IGN); /* as in Node.js: OpenSSL writes the upstream socket with write() */
+  make_server();
+  /* libuv's first loop opens the pipe of its signal handling, for the process: before the first count of descriptors. */
+  uv_loop_t loop;
+  if (uv_loop_init(&loop) != 0 || uv_loop_close(&loop) != 0) fail("uv_loop_init");
+  return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  in_data = data;
+  in_left = size;
+  phase = "setup";
+  unsigned config = in_u8();
+  if (config & CFG_PURE) {
+    phase = "pure";
+    run_pure();
+    return 0;
+  }
+  run_session(config);
+  return 0;
+}

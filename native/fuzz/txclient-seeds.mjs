@@ -1,0 +1,140 @@
+#!/usr/bin/env node
+/**
+ * Writes the named seed inputs of native/fuzz/txclient-harness.c into native/fuzz/txclient-corpus/
+ * (`node native/fuzz/txclient-seeds.mjs`). Each seed is a script in the harness's input language:
+ * a config byte, then steps (see step() in txclient-harness.c), or, with PURE, bytes for
+ * lp_unit_length and lp_text_plain. libFuzzer grows the corpus from these; the files it found
+ * and kept are committed beside them (see .ci/fuzz.sh).
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const corpus = join(dirname(fileURLToPath(import.meta.url)), 'txclient-corpus');
+
+// The config byte.
+const PURE = 0x01, REACT = 0x02, SMALL_BUFFERS = 0x04, TLS12 = 0x08, TCP_CLIENT = 0x10, TCP_UPSTREAM = 0x20, END_CLIENTS = 0x40, TWO_CLIENTS = 0x80;
+
+const u16 = (n) => [(n >> 8) & 0xff, n & 0xff];
+// A step's byte: its kind (op % 24) and `which` (op / 24: the client or connection, and the variant).
+const op = (kind, which = 0) => which * 24 + kind;
+
+// Indexes into TEXTS of txclient-harness.c.
+const TEXT = { select1: 0, now: 1, empty: 2, insertUpdate: 3, begin: 4, commit: 5, set: 7, setLocal: 8, tempTable: 10, selectSemicolonSet: 20 };
+
+// The client's messages, as put_client_message() reads them.
+const msg = {
+  query: (text) => [0, text],
+  parse: (text, named = false) => [1, named ? 1 : 0, text],
+  bind: (portal = false, statement = false) => [2, portal ? 1 : 0, statement ? 1 : 0],
+  describe: (statement = true, named = false) => [3, statement ? 1 : 0, named ? 1 : 0],
+  execute: (named = false) => [4, named ? 1 : 0],
+  sync: () => [5],
+  flush: () => [7],
+  close: (statement = true) => [8, statement ? 1 : 0],
+  terminate: () => [9],
+};
+
+// The server's messages, as make_server_bytes() reads them (indexes into "DDCZZZSNEA12n").
+const ANSWER = { D: 0, C: 2, Z: 3, S: 6, N: 7, E: 8, A: 9, ParseComplete: 10, BindComplete: 11, NoData: 12 };
+const STATUS = { I: 0, T: 2, E: 3 };
+
+const step = {
+  clientQuery: (text = TEXT.select1) => [op(0), 1, text],
+  // Parse, Bind, Describe, Execute, Sync of the unnamed statement and portal: `parts` leaves some out (see make_client_bytes).
+  clientExtended: (text = TEXT.select1, parts = 4) => [op(0), 3, parts, ...(parts & 1 ? [] : [0, text]), ...(parts & 2 ? [] : [0, 0]), ...(parts & 4 ? [1, 0] : []), ...(parts & 8 ? [] : [0])],
+  clientMessage: (message) => [op(0), 5, ...message],
+  clientRaw: (bytes) => [op(0), 0, bytes.length, ...bytes],
+  clientBigQuery: (kib) => [op(0), 6, kib - 1],
+  clientHugeLength: () => [op(0), 0x86], // a Query whose length is more than a unit may hold
+  clientCut: (message, cut) => [op(0), 7, ...message, cut],
+  clientFlush: (n, which = 0) => [op(2, which), ...u16(n - 1)],
+  clientRead: (n = 65536, which = 0) => [op(3, which), ...u16(Math.min(n, 65535) - 1)],
+  serverMessages: (...messages) => [op(4), 1, messages.length - 1, ...messages.flatMap(([type, arg]) => [ANSWER[type], ...(type === 'Z' ? [STATUS[arg ?? 'I']] : 'DNEA'.includes(type) ? [arg ?? 20] : [])])],
+  serverRaw: (bytes) => [op(4), 0, bytes.length, ...bytes],
+  serverBigRow: (kib) => [op(4), 4, kib - 1],
+  serverCut: (n) => [op(4), 5, n],
+  serverCopyIn: () => [op(4), 6, 1],
+  serverBigReport: () => [op(4), 6, 0, 2],
+  serverReady: (status = 'I') => [op(4), 7, { I: 0, T: 1, E: 2 }[status]],
+  serverFlush: (n = 65536) => [op(6), ...u16(Math.min(n, 65535) - 1)],
+  serverRead: (n = 65536) => [op(7), ...u16(Math.min(n, 65535) - 1)],
+  loop: (n = 1) => [op(8), n - 1],
+  fast: (how = 0, which = 0) => [op(10, which), how], // how % 3: 0 nothing held, 1 all the engine holds, 2 what it holds from an offset
+  attach: (which = 0) => [op(11, which)],
+  js: (which = 0) => [op(12, which)],
+  engineWrite: (size = 20, which = 0) => [op(13, which), size],
+  engineEnd: () => [op(14, 0)],
+  engineClose: () => [op(14, 1)],
+  pause: (paused) => [op(15, paused ? 1 : 0)],
+  clientFin: () => [op(16, 0)],
+  clientClose: () => [op(16, 1)],
+  clientReset: () => [op(16, 2)],
+  clientStopReading: () => [op(16, 3)],
+  serverCloseNotify: (fin = false) => [op(17, fin ? 4 : 0)],
+  serverFin: () => [op(17, 1)],
+  serverClose: () => [op(17, 2)],
+  serverReset: () => [op(17, 3)],
+  poolQuery: () => [op(18, 1)],
+  state: () => [op(19)],
+  openClient: () => [op(20, 0)],
+  openConnection: () => [op(20, 1)],
+  poolPause: (paused) => [op(21, paused ? 1 : 0)],
+  poolClose: () => [op(21, 2)],
+  answer: () => [op(22)],
+  lend: () => [op(23)], // the pool lends an idle connection to a client that waits for one
+};
+
+/** The unit reaches the server and its answer the client. */
+const roundTrip = [step.loop(2), step.lend(), step.loop(2), step.serverRead(), step.answer(), step.serverFlush(), step.loop(2), step.clientRead()];
+
+const seeds = {
+  'query-unit': [0, step.fast(), step.clientQuery(), ...roundTrip, step.state()],
+  'extended-unit': [0, step.fast(), step.clientExtended(TEXT.select1, 4), ...roundTrip],
+  // A SET is not the fast path's: the engine gets it, answers, and gives the client back to C.
+  'non-fast-unit': [0, step.fast(), step.clientQuery(TEXT.set), step.loop(2), step.engineWrite(30), step.clientRead(), step.fast(), step.clientQuery(), ...roundTrip],
+  'pipelined-pair': [0, step.fast(), step.clientQuery(TEXT.insertUpdate), step.clientExtended(TEXT.now, 0), ...roundTrip, step.loop(2), step.serverRead(), step.answer(),
+    step.serverFlush(), step.loop(2), step.clientRead()],
+  'client-eof-mid-unit': [0, step.fast(), step.clientCut(msg.query(TEXT.select1), 4), step.loop(2), step.clientFin(), step.loop(3)],
+  'client-eof-mid-second-unit': [0, step.fast(), step.clientQuery(), step.loop(2), step.lend(), step.loop(), step.clientCut(msg.parse(TEXT.now), 2), step.clientFin(),
+    step.loop(2), step.serverRead(), step.answer(), step.serverFlush(), step.loop(3)],
+  'upstream-close-mid-answer': [0, step.fast(), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), step.serverRead(), step.serverMessages(['D', 30]),
+    step.serverCut(100), step.serverFlush(), step.loop(), step.serverClose(), step.loop(3), step.clientRead()],
+  'upstream-reset-mid-answer': [TCP_UPSTREAM, step.fast(), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), step.serverRead(), step.serverBigRow(40),
+    step.serverFlush(20000), step.serverReset(), step.loop(3), step.clientRead()],
+  // BEGIN answered in a transaction: the connection stays lent; a SET inside it hands the client and the connection over.
+  'handover-in-transaction': [0, step.fast(), step.clientQuery(TEXT.begin), step.loop(2), step.lend(), step.loop(2), step.serverRead(),
+    step.serverMessages(['C'], ['Z', 'T']), step.serverFlush(), step.loop(2), step.clientQuery(TEXT.set), step.loop(3), step.poolQuery(), step.loop(2), step.clientRead()],
+  'parameter-status-reported': [0, step.fast(), step.clientExtended(TEXT.now, 16), ...roundTrip.slice(0, 4), step.serverMessages(['ParseComplete'], ['BindComplete'], ['S'], ['C']),
+    step.answer(), step.serverFlush(), step.loop(3), step.clientRead()],
+  'copy-in-upstream-gone': [0, step.fast(), step.clientQuery(), ...roundTrip.slice(0, 4), step.serverCopyIn(), step.serverFlush(), step.loop(3), step.clientRead()],
+  // The need callback lends at once (REACT: the byte after the loop is its reaction).
+  'attach-inside-need': [REACT, step.fast(), step.clientQuery(), step.loop(), 0, step.loop(), step.serverRead(), step.answer(), step.serverFlush(), step.loop(2), 9, step.clientRead()],
+  'two-clients-one-connection': [TWO_CLIENTS, step.fast(0, 0), step.fast(0, 1), step.clientQuery(), [op(0, 1), 1, TEXT.now], step.loop(2), step.lend(), step.loop(2),
+    step.serverRead(), step.answer(), step.serverFlush(), step.loop(3), step.lend(), step.loop(2), step.serverRead(), step.answer(), step.serverFlush(), step.loop(3),
+    step.clientRead(), step.clientRead(65536, 1)],
+  'second-connection': [0, step.openConnection(), step.openClient(), step.fast(0, 0), step.fast(0, 1), step.clientQuery(), [op(0, 1), 1, TEXT.commit], ...roundTrip, step.lend(),
+    step.loop(2)],
+  'backpressure-big-units': [SMALL_BUFFERS, step.fast(), step.clientBigQuery(128), step.clientBigQuery(128), step.clientBigQuery(100), step.loop(2), step.lend(),
+    step.loop(3), step.clientFlush(65535), step.loop(3), step.serverRead(), step.loop(3), step.serverRead(), step.answer(), step.serverFlush(), step.loop(3)],
+  'client-stops-reading-big-answer': [SMALL_BUFFERS, step.fast(), step.clientQuery(), ...roundTrip.slice(0, 4), step.serverBigRow(128), step.serverBigRow(128),
+    step.serverBigRow(100), step.answer(), step.serverFlush(), step.loop(3), step.serverFlush(), step.loop(3), step.clientRead(1000), step.loop(3)],
+  'engine-writes-client-slow': [SMALL_BUFFERS, step.engineWrite(40), step.engineWrite(230), step.engineWrite(255), step.loop(2), step.clientRead(), step.loop(2), step.clientRead(), step.loop(2)],
+  'unread-bytes-lent': [0, step.serverMessages(['N', 10]), step.serverFlush(), step.loop(2), step.fast(), step.clientQuery(), ...roundTrip],
+  'paused-pool-reader-then-lend': [0, step.poolPause(true), step.serverMessages(['N', 10]), step.serverFlush(), step.loop(2), step.fast(), step.clientQuery(), ...roundTrip],
+  'huge-length-to-engine': [0, step.fast(), step.clientHugeLength(), step.loop(3), step.js()],
+  'close-client-while-lent': [0, step.fast(), step.clientQuery(), ...roundTrip.slice(0, 4), step.engineClose(), step.loop(3)],
+  'client-reset-while-lent': [TCP_CLIENT, step.fast(), step.clientQuery(), ...roundTrip.slice(0, 4), step.serverBigRow(64), step.serverFlush(), step.loop(), step.clientReset(),
+    step.loop(3)],
+  'tls12-end-clients': [TLS12 | END_CLIENTS, step.fast(), step.clientExtended(TEXT.select1, 16), ...roundTrip],
+  // Raw: the first half of the bytes is the unit, the second what comes behind it.
+  'pure-raw-query': [PURE, 0, 0x51, 0, 0, 0, 13, ...Buffer.from('SELECT 1\0'), 0x53, 0, 0, 0, 4, ...Buffer.from('garbage\0\0')],
+  // Built: a count of messages (less one), the messages, a count of bytes behind them, the bytes.
+  'pure-built-extended': [PURE, 4, 4, ...msg.parse(TEXT.select1), ...msg.bind(), ...msg.describe(false), ...msg.execute(), ...msg.sync(), 3, 1, 2, 3],
+  'pure-built-close': [PURE, 4 | 3, 1, ...msg.close(), ...msg.sync(), 0],
+  'pure-limit': [PURE, 4 | (6 << 3), 0, ...msg.query(TEXT.insertUpdate), 0, 0, 40],
+};
+
+mkdirSync(corpus, { recursive: true });
+for (const [name, parts] of Object.entries(seeds)) writeFileSync(join(corpus, `seed-${name}`), Buffer.from(parts.flat(2)));
+console.log(`${Object.keys(seeds).length} seeds in ${corpus}`);
