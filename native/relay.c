@@ -282,6 +282,12 @@ static int box_open(lp_conn *c, side_t *side, int fd) {
 static void teardown(lp_conn *c, enum lp_end end) {
   if (c->closing) return;
   c->closing = 1; /* first: decide() may call into JavaScript, which may ask to close again */
+  if (c->sink) {
+    /* Closed while lent (lp_conn_close): the borrower hears of it, or it would keep a freed connection. */
+    lp_sink sink = c->sink;
+    c->sink = NULL;
+    sink(c, c->sink_user, NULL, 0, "the connection was closed");
+  }
   decide(c, end);
   if (c->ssl && c->state != S_HANDSHAKE && !c->tls_broken && !(SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN)) {
     /* Best effort, before the socket closes: a close_notify, so the server knows the end was ours. */

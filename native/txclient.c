@@ -261,10 +261,12 @@ static void linger(lp_client *k) {
 
 /* Our FIN; the socket closes at the client's end, or after LINGER_MS. */
 static void shut(lp_client *k) {
-  if (k->write_shut) return;
-  k->write_shut = 1;
-  buf_free(&k->out);
-  shutdown(k->fd, SHUT_WR);
+  if (!k->write_shut) {
+    k->write_shut = 1;
+    buf_free(&k->out);
+    shutdown(k->fd, SHUT_WR);
+  }
+  /* Also when writing had failed already: the socket must close either way (found by the fuzzer). */
   if (k->read_done) teardown(k);
   else linger(k);
 }

@@ -129,8 +129,9 @@ static int checked_plain(const unsigned char *text, size_t n) {
 /* A Query's body: a NUL-terminated text (Postgres refuses bytes after its NUL) that is plain. */
 static int query_plain(const unsigned char *body, size_t blen) { return blen >= 1 && body[blen - 1] == 0 && checked_plain(body, blen - 1); }
 
-/* One message of an extended sequence the fast path carries, given what the unit made before it. */
-static int extended_fast(int type, const unsigned char *body, size_t blen, int *parsed, int *bound) {
+/* One message of an extended sequence the fast path carries, given what the unit made before it;
+   `named`: a client's named statement may be bound (to the unnamed portal) or described. */
+static int extended_fast(int type, const unsigned char *body, size_t blen, int *parsed, int *bound, int named) {
   switch (type) {
     case 'P': { /* the unnamed statement, a plain text */
       if (blen < 1 || body[0] != 0) return 0;
@@ -139,11 +140,13 @@ static int extended_fast(int type, const unsigned char *body, size_t blen, int *
       *parsed = 1;
       return 1;
     }
-    case 'B': /* the unnamed portal, of the unnamed statement, which the lending made */
-      if (blen < 2 || body[0] != 0 || body[1] != 0 || !*parsed) return 0;
+    case 'B': /* the unnamed portal, of the unnamed statement the lending made, or of a named one */
+      if (blen < 2 || body[0] != 0) return 0;
+      if (body[1] == 0 ? !*parsed : !named || !memchr(body + 1, 0, blen - 1)) return 0;
       *bound = 1;
       return 1;
     case 'D':
+      if (blen >= 2 && body[0] == 'S' && body[1] != 0) return named && memchr(body + 1, 0, blen - 1) == body + blen - 1;
       return blen >= 2 && body[1] == 0 && ((body[0] == 'S' && *parsed) || (body[0] == 'P' && *bound));
     case 'E':
       return blen >= 1 && body[0] == 0 && *bound;
@@ -159,17 +162,27 @@ static int extended_fast(int type, const unsigned char *body, size_t blen, int *
  * too, before its length is known); the unit is one Query alone, or extended messages up to the
  * first Sync.
  */
-static size_t unit_contract(const unsigned char *d, size_t n, int parsed, int bound, size_t limit) {
+static size_t unit_contract(const unsigned char *d, size_t n, int parsed, int bound, size_t limit, int named, int *unfinished_flush) {
+  /* An unfinished sequence with a Flush in it is the engine's: its client may wait for the answers it flushed. */
+  int flushed = 0;
+  *unfinished_flush = 0;
   for (size_t at = 0;;) {
-    if (n - at < 5) return at + 5 > limit ? LP_NOT_FAST : 0;
+    if (n - at < 5) {
+      *unfinished_flush = flushed;
+      return at + 5 > limit || flushed ? LP_NOT_FAST : 0;
+    }
     uint32_t len = be32(d + at + 1);
     if (len < 4 || at + 1 + (size_t)len > limit) return LP_NOT_FAST;
-    if (at + 1 + (size_t)len > n) return 0;
+    if (at + 1 + (size_t)len > n) {
+      *unfinished_flush = flushed;
+      return flushed ? LP_NOT_FAST : 0;
+    }
     size_t end = at + 1 + (size_t)len;
     int type = d[at];
+    flushed |= type == 'H';
     if (type == 'S') return end;
     if (type == 'Q') return at == 0 && query_plain(d + at + 5, len - 4) ? end : LP_NOT_FAST;
-    if (!extended_fast(type, d + at + 5, len - 4, &parsed, &bound)) return LP_NOT_FAST;
+    if (!extended_fast(type, d + at + 5, len - 4, &parsed, &bound, named)) return LP_NOT_FAST;
     at = end;
   }
 }
@@ -184,27 +197,44 @@ static int unit_makes(const unsigned char *d, size_t n) {
   return flags;
 }
 
+/* Whether the messages of `d` (whole ones) include one of `type`. */
+static int memchr_type(const unsigned char *d, size_t n, int type) {
+  for (size_t at = 0; at + 5 <= n; at += 1 + be32(d + at + 1)) {
+    if (d[at] == type) return 1;
+    if (be32(d + at + 1) < 4) return 0;
+  }
+  return 0;
+}
+
 /* lp_unit_length, checked against the contract and against itself with bytes added or taken away. */
 static size_t checked_unit(const unsigned char *d, size_t n, int parsed, int bound, size_t limit, const unsigned char *more, size_t more_n) {
-  size_t got = lp_unit_length(d, n, parsed, bound, limit);
-  size_t expected = unit_contract(d, n, parsed, bound, limit);
+  size_t got = lp_unit_length(d, n, parsed, bound, limit, NULL);
+  int unfinished_flush;
+  size_t expected = unit_contract(d, n, parsed, bound, limit, 0, &unfinished_flush);
   if (got != expected)
     fail("lp_unit_length of %zu bytes (parsed %d, bound %d, limit %zu) is %zd, the contract says %zd", n, parsed, bound, limit, (ssize_t)got, (ssize_t)expected);
   if (got != 0 && got != LP_NOT_FAST && (got > n || got > limit || got < 5)) fail("lp_unit_length: a unit of %zu bytes in %zu (limit %zu)", got, n, limit);
+  /* Where names of the client's statements may be (a lending's first unit): the contract with them,
+     and a unit that names none says so. */
+  int named = -1, unfinished_named;
+  size_t with_names = lp_unit_length(d, n, parsed, bound, limit, &named);
+  size_t expected_named = unit_contract(d, n, parsed, bound, limit, 1, &unfinished_named);
+  if (with_names != expected_named) fail("lp_unit_length with names allowed is %zd, the contract says %zd", (ssize_t)with_names, (ssize_t)expected_named);
+  if (got != LP_NOT_FAST && named != 0) fail("lp_unit_length says a unit without names names some");
   if (got == 0) return got;
-  if (got != LP_NOT_FAST) {
-    /* Any prefix of a unit is a unit not all there yet. */
+  if (got != LP_NOT_FAST && !memchr_type(d, got, 'H')) {
+    /* Any prefix of a unit is a unit not all there yet (unless it has a Flush: then the engine's). */
     size_t cuts[] = { got - 1, got / 2, 1 };
     for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++)
-      if (lp_unit_length(d, cuts[i], parsed, bound, limit) != 0) fail("lp_unit_length: a prefix of %zu bytes of a %zu-byte unit is not 0", cuts[i], got);
+      if (lp_unit_length(d, cuts[i], parsed, bound, limit, NULL) != 0) fail("lp_unit_length: a prefix of %zu bytes of a %zu-byte unit is not 0", cuts[i], got);
   }
-  if (more_n > 0) {
+  if (more_n > 0 && !unfinished_flush) {
     /* What comes behind a unit, or behind what decided against one, changes nothing. */
     size_t decided = got == LP_NOT_FAST ? n : got;
     unsigned char *longer = malloc(decided + more_n);
     memcpy(longer, d, decided);
     memcpy(longer + decided, more, more_n);
-    size_t again = lp_unit_length(longer, decided + more_n, parsed, bound, limit);
+    size_t again = lp_unit_length(longer, decided + more_n, parsed, bound, limit, NULL);
     free(longer);
     if (again != got) fail("lp_unit_length: %zd for %zu bytes, %zd with %zu more behind", (ssize_t)got, decided, (ssize_t)again, more_n);
   }
@@ -414,6 +444,7 @@ typedef struct {
   size_t lend_start;      /* where in `input` the lending's units start */
   bytes_t answers;        /* the lending's bytes for the client: the pool's unread bytes, then the sink's */
   int attaches, backs;
+  bytes_t named;          /* the waiting unit, when `need` said it names statements: attached as its own rewrite */
 } client_t;
 
 struct upstream {
@@ -601,9 +632,10 @@ static void check_lending(client_t *c, enum lp_back how, int status, int flags, 
                           const unsigned char *rest, size_t rest_len) {
   /* What went upstream: whole fast units, each by the contract given what the ones before made. */
   int parsed = 0, bound = 0, units = 0, made = 0;
+  int uf;
   for (size_t at = c->lend_start; at < c->at;) {
     const unsigned char *unit = input_at(c, at, c->at - at);
-    size_t n = unit_contract(unit, c->at - at, parsed, bound, UNIT_LIMIT);
+    size_t n = unit_contract(unit, c->at - at, parsed, bound, UNIT_LIMIT, at == c->lend_start, &uf);
     if (n == 0 || n == LP_NOT_FAST) fail("client %d: the %zu bytes it sent upstream from input byte %zu on are no whole fast unit", c->index, c->at - at, at);
     made |= unit_makes(unit, n);
     parsed = (made & LP_LENT_PARSED) != 0;
@@ -633,7 +665,7 @@ static void check_lending(client_t *c, enum lp_back how, int status, int flags, 
   }
   if (how == LP_BACK_HANDOVER) {
     if (rest_len == 0) fail("client %d: handover with nothing to hand over", c->index);
-    size_t n = unit_contract(rest, rest_len, (flags & LP_LENT_PARSED) != 0, (flags & LP_LENT_BOUND) != 0, UNIT_LIMIT);
+    size_t n = unit_contract(rest, rest_len, (flags & LP_LENT_PARSED) != 0, (flags & LP_LENT_BOUND) != 0, UNIT_LIMIT, 0, &uf);
     if (n != LP_NOT_FAST) fail("client %d: handover of %zu bytes whose head the fast path carries (%zd)", c->index, rest_len, (ssize_t)n);
   } else if (rest_len != 0 || rest) {
     fail("client %d: %s with %zu bytes of rest", c->index, LP_BACK_NAMES[how], rest_len);
@@ -795,8 +827,11 @@ static void on_client_data(lp_client *k, void *user, const unsigned char *data, 
   if (reacting()) react_client(c, "data");
 }
 
-static void on_need(lp_client *k, void *user) {
+static void on_need(lp_client *k, void *user, const unsigned char *unit, size_t unit_n) {
   client_t *c = client_of(k, user, "need");
+  /* A unit with the client's statement names goes back rewritten: here, the same names (the server does not care). */
+  c->named.n = 0;
+  if (unit) put(&c->named, unit, unit_n);
   account_all();
   if (verbose) fprintf(stderr, "client %d: need\n", c->index);
   if (!c->fast) fail("client %d: need outside fast mode", c->index);
@@ -979,7 +1014,8 @@ static int attach(client_t *c, upstream_t *u) {
   put(&c->answers, unread.d, unread.n);
   c->counted_cl += (double)unread.n; /* C counts them as it relays them */
   c->needing = 0;
-  int r = lp_client_attach(c->k, u->conn, unread.d ? unread.d : (const unsigned char *)"", unread.n);
+  int r = lp_client_attach(c->k, u->conn, unread.d ? unread.d : (const unsigned char *)"", unread.n, NULL, 0, c->named.n ? c->named.d : NULL, c->named.n);
+  if (r == 0) c->named.n = 0;
   if (verbose) fprintf(stderr, "pool: attach connection %d to client %d with %zu unread bytes: %d\n", u->index, c->index, unread.n, r);
   if (r != 0) {
     c->lent = NULL;
@@ -1402,10 +1438,10 @@ static void check_settled(void) {
     }
     answers_t a;
     read_answers(&c->answers, &a);
-    int parsed = 0, bound = 0, made = 0, units = 0;
+    int parsed = 0, bound = 0, made = 0, units = 0, uf;
     for (size_t at = c->lend_start; c->lent && at < c->at;) {
       const unsigned char *unit = input_at(c, at, c->at - at);
-      size_t n = unit_contract(unit, c->at - at, parsed, bound, UNIT_LIMIT);
+      size_t n = unit_contract(unit, c->at - at, parsed, bound, UNIT_LIMIT, at == c->lend_start, &uf);
       if (n == 0 || n == LP_NOT_FAST) break; /* check_lending says so at the back */
       made |= unit_makes(unit, n);
       parsed = (made & LP_LENT_PARSED) != 0;
@@ -1415,7 +1451,7 @@ static void check_settled(void) {
     }
     int answered = !a.broken && a.whole && a.ready == units;
     bytes_free(&a.reports);
-    size_t head = total > c->at ? unit_contract(input_at(c, c->at, total - c->at), total - c->at, parsed, bound, UNIT_LIMIT) : 0;
+    size_t head = total > c->at ? unit_contract(input_at(c, c->at, total - c->at), total - c->at, parsed, bound, UNIT_LIMIT, !c->lent, &uf) : 0;
     if (head == LP_NOT_FAST && c->lent && !answered) continue; /* it waits for the answers, which may never be whole */
     if (head != 0) fail("client %d: after the peers cooperated, a %s waits (%zu bytes in, %s)", c->index, head == LP_NOT_FAST ? "unit for the engine" : "whole fast unit", total - c->at,
                         c->lent ? "a connection lent" : c->needing ? "needing" : "nothing lent");
@@ -1504,6 +1540,7 @@ static void free_session(void) {
     bytes_free(&c->expected);
     bytes_free(&c->held);
     bytes_free(&c->answers);
+    bytes_free(&c->named);
   }
   for (int i = 0; i < MAX_CONNS; i++) {
     upstream_t *u = &S->ups[i];
