@@ -90,7 +90,8 @@ interface ClientFacing {
 
 interface Session {
   relay: SessionRelay | undefined;
-  socket: Socket;
+  /** The client's Node.js socket; dropped once C has taken the client over (an idle client holds less). */
+  socket: Socket | undefined;
   /** Past its startup and authentication: counted against maxConnections. */
   established: boolean;
   /** Accepted while refusing new clients: turned away with 57P03, never waited for by drained(). */
@@ -237,7 +238,7 @@ export class ProxyServer {
     for (const session of this.#sessions) {
       if (session.state.id !== id) continue;
       if (session.relay) session.relay.close('shutdown');
-      else session.socket.destroy();
+      else session.socket?.destroy();
       return true;
     }
     return false;
@@ -337,7 +338,7 @@ export class ProxyServer {
   closeAll(): void {
     for (const session of this.#sessions) {
       if (session.relay) session.relay.close('shutdown');
-      else session.socket.destroy();
+      else session.socket?.destroy();
     }
   }
 
@@ -395,7 +396,7 @@ export class ProxyServer {
   }
 
   #start(session: Session, adopted?: Adopted): void {
-    const { socket } = session;
+    const socket = session.socket as Socket; // set until C takes the client over, later
     session.state.target = this.options.name;
     this.#sessions.add(session);
     this.#observer.clientOpened();
@@ -413,7 +414,7 @@ export class ProxyServer {
 
   async #run(session: Session, adopted?: Adopted): Promise<void> {
     const started = adopted?.started ?? Date.now();
-    const raw = session.socket;
+    const raw = session.socket as Socket;
     const peer = raw.remoteAddress ? `${raw.remoteAddress}:${raw.remotePort}` : 'unix socket';
     const handshake = adopted?.handshake ?? (await this.#handshake(raw, peer));
     if (handshake === undefined) return;
@@ -708,6 +709,7 @@ export class ProxyServer {
     if (adopted) {
       stream = adopted.client;
       current = stream;
+      session.socket = undefined;
       if (adopted.unread.length > 0) first = Buffer.concat([first, adopted.unread]);
     }
     if (!adopted && raw.destroyed) {
