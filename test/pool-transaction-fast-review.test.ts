@@ -119,13 +119,12 @@ test('a CancelRequest stops a query the fast path runs', async () => {
     const w = await wire(proxy.port);
     try {
       await warm(w);
-      const started = Date.now();
       w.send(serialize.query('select pg_sleep(20)'));
       await sleep(300);
       await cancelRequest(proxy.port, w.processId, w.secretKey);
       const got = (await w.untilReady(1, 10_000)).map(summary);
+      // Cancelled: 57014 (uncancelled, pg_sleep(20) would outlast the 10 s wait above).
       assert.ok(got.includes('error 57014'), got.join(','));
-      assert.ok(Date.now() - started < 5000);
       // the connection is usable afterwards by another client
       assert.equal(await one(proxy.port, 'select 42::text'), '42');
     } finally {
@@ -148,11 +147,11 @@ test('QueryWaitTimeout still refuses a client waiting for a full pool; one that 
       leaver.send(serialize.query('select 1'));
       await sleep(100);
       leaver.socket.destroy(); // leaves while it waits
-      const started = Date.now();
       waiter.send(serialize.query('select 2'));
-      const got = (await waiter.untilReady(1, 5000).catch((e: Error) => [{ name: e.message }] as never)).map((m: { name: string }) => (m.name === 'error' ? summary(m as never) : m.name));
-      const waited = Date.now() - started;
-      assert.ok(waited >= 900 && waited < 3000, `waited ${waited} ms: ${got.join(',')}`);
+      // Refused, naming the setting (not by a timing: the connection stays held until the commit below).
+      const refused = await waiter.next(10_000);
+      assert.equal(refused.name, 'error');
+      assert.match((refused as unknown as { message: string }).message, /QueryWaitTimeout/);
       holder.send(serialize.query('commit'));
       await holder.untilReady();
       assert.equal(await one(proxy.port, 'select 7::text'), '7');

@@ -268,23 +268,8 @@ static const lp_callbacks callbacks = { on_handshake, on_data, on_abandoned, on_
 
 /* ---------- the peers ---------- */
 
-static void stop_timer(uv_handle_t *handle, void *arg) {
-  (void)arg;
-  if (uv_handle_get_type(handle) == UV_TIMER && uv_is_active(handle)) uv_timer_stop((uv_timer_t *)handle);
-}
-
-/*
- * Turns of the loop. The relay's linger timer (its last resort against a peer that never
- * answers) is stopped as soon as it starts: the harness's peers always answer, so a session
- * that would end only by that timer (5 s later, after spinning or waiting on nothing) hangs
- * instead, and the drain reports it.
- */
-static void run_loop(int times) {
-  for (int i = 0; i < times; i++) {
-    uv_run(&S->loop, UV_RUN_NOWAIT);
-    uv_walk(&S->loop, stop_timer, NULL);
-  }
-}
+/* Turns of the loop, the relay's linger timer stopped as it starts (support.h). */
+static void run_loop(int times) { run_loop_of(&S->loop, times); }
 
 /* The server's ciphertext onto the socket, up to `max` bytes. */
 static void srv_flush(size_t max) { server_flush(&S->srv, max); }

@@ -299,3 +299,15 @@ int server_fin(tls_server_t *s) {
   s->shut = 1;
   return cut;
 }
+
+static void stop_timer(uv_handle_t *handle, void *arg) {
+  (void)arg;
+  if (uv_handle_get_type(handle) == UV_TIMER && uv_is_active(handle)) uv_timer_stop((uv_timer_t *)handle);
+}
+
+void run_loop_of(uv_loop_t *loop, int times) {
+  for (int i = 0; i < times; i++) {
+    uv_run(loop, UV_RUN_NOWAIT);
+    uv_walk(loop, stop_timer, NULL);
+  }
+}

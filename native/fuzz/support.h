@@ -11,6 +11,7 @@
 #define LAKEBASE_PROXY_FUZZ_SUPPORT_H
 
 #include <openssl/ssl.h>
+#include <uv.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -99,5 +100,12 @@ int server_write(tls_server_t *s, const unsigned char *data, size_t n);
 void server_close_notify(tls_server_t *s);
 /* FIN; returns 1 when that cut something short (records not flushed, or the handshake). */
 int server_fin(tls_server_t *s);
+
+/*
+ * `times` turns of `loop`. A linger timer (the last resort against a peer that never answers) is
+ * stopped as soon as it starts: the harnesses' peers always answer, so what only that timer would
+ * end hangs instead, and the drain reports it.
+ */
+void run_loop_of(uv_loop_t *loop, int times);
 
 #endif

@@ -1035,18 +1035,8 @@ static int attach(client_t *c, upstream_t *u) {
 
 /* ---------- the peers ---------- */
 
-/* Turns of the loop; the client's linger timer is stopped as it starts (see drain()). */
-static void stop_timer(uv_handle_t *handle, void *arg) {
-  (void)arg;
-  if (uv_handle_get_type(handle) == UV_TIMER && uv_is_active(handle)) uv_timer_stop((uv_timer_t *)handle);
-}
-
-static void run_loop(int times) {
-  for (int i = 0; i < times; i++) {
-    uv_run(&S->loop, UV_RUN_NOWAIT);
-    uv_walk(&S->loop, stop_timer, NULL);
-  }
-}
+/* Turns of the loop (support.h; the client's linger timer is stopped as it starts, see drain()). */
+static void run_loop(int times) { run_loop_of(&S->loop, times); }
 
 static void cl_flush(client_t *c, size_t max) {
   if (c->fd < 0 || c->shut || c->pending.n == 0) return;

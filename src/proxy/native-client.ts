@@ -6,7 +6,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
-import { LENT_BACK, native, type Handle, type LentBack, type NativeUpstream } from './native-relay.js';
+import { fdOf, LENT_BACK, native, type Handle, type LentBack, type NativeUpstream } from './native-relay.js';
 
 /** What the engine needs of a client stream: net.Socket and NativeClient both are one. */
 export interface ClientStream {
@@ -52,11 +52,6 @@ const LENT_BOUND = 2;
 const LENT_REPORTS_LOST = 4;
 const LENT_LEAKED = 8;
 const LENT_SETTINGS_FAILED = 16;
-
-function fdOf(socket: Socket): number | undefined {
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  return fd === undefined || fd < 0 ? undefined : fd;
-}
 
 export class NativeClient extends EventEmitter implements ClientStream {
   /** [to upstream, to client]: bytes the fast path moved, added to by C. */

@@ -166,7 +166,8 @@ function usesOpenSslStore(): boolean {
   return flags.includes('--use-openssl-ca') || flags.includes('--use-system-ca') || built === true || built === 'true';
 }
 
-function fdOf(socket: Socket): number | undefined {
+/** The socket's descriptor, while Node.js has one. */
+export function fdOf(socket: Socket): number | undefined {
   const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
   return fd === undefined || fd < 0 ? undefined : fd;
 }
