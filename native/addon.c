@@ -14,13 +14,19 @@
  *   detach(conn, end);  close(conn, end);  state(conn) -> [queryRunning 0|1, idleMs]
  *
  * A transaction-mode client (txclient.h):
- *   client(fd, counters: Float64Array(2), onData(buffer|null, error|null), onNeed(unit|null),
- *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null), onEnd()) -> client | string
+ *   client(fd, counters: Float64Array(2), totals: Float64Array(2), onData(buffer|null, error|null), onNeed(unit|null, waitedMs),
+ *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null, deskId), onEnd()) -> client | string
  *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
- *   clientEnd(client);  clientClose(client);  clientPause(client, paused)
- *   clientFast(client, first) -> boolean;  clientAttach(client, conn, unread, settings, unit) -> undefined | string
+ *   clientEnd(client);  clientClose(client);  clientPause(client, paused);  clientDesk(client, desk|null, sid)
+ *   clientFast(client, first) -> boolean
+ *   clientAttach(client, conn, unread, settings, unit, joinId, sid, expiresInMs) -> true (joined the desk) | false | string (refused)
  *   textPlain(buffer) -> boolean (lp_text_plain)
- *   clientJs(client) -> Buffer (the unread bytes);  clientState(client) -> [lent 0|1, running 0|1, idleMs]
+ *   clientJs(client) -> Buffer (the unread bytes);  clientState(client) -> [lent 0|1, running 0|1, idleMs, deskId]
+ * A desk (txclient.h):
+ *   desk(counts: Float64Array(2), waits: Float64Array, onOut(id, why), onFull()) -> desk | string
+ *   deskSet(desk, room, jsWaiting);  deskConfig(desk, waitTimeoutMs, checkDelayMs);  deskStop(desk, stopped);  deskClose(desk)
+ *   deskOffer(desk, conn, id, sid, expiresInMs) -> boolean;  deskWake(desk) -> boolean;  deskReclaim(desk, id) -> boolean
+ *   deskIdleMs(desk, id) -> ms | -1;  deskReclaimAny(desk) -> [id (0: none), idleMs]  deskStats(desk) -> [idle, count, waiting, maxWaitMs]
  *
  * Descriptors are taken as copies (dup): the caller closes its own.
  */
@@ -46,6 +52,7 @@ static napi_async_context async_context;
 static const napi_type_tag CTX_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d31ULL };
 static const napi_type_tag CONN_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d32ULL };
 static const napi_type_tag CLIENT_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d33ULL };
+static const napi_type_tag DESK_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d34ULL };
 
 static int tagged(napi_env env, napi_value value, const napi_type_tag *tag) {
   bool ok = false;
@@ -491,7 +498,7 @@ typedef struct {
   napi_env env;
   lp_client *client; /* NULL once ended */
   int js_released;
-  napi_ref on_data, on_need, on_back, on_end, counters;
+  napi_ref on_data, on_need, on_back, on_end, counters, totals;
 } kbinding_t;
 
 static void kbinding_release(kbinding_t *b) {
@@ -520,24 +527,25 @@ static void k_on_data(lp_client *k, void *user, const unsigned char *data, size_
   napi_close_handle_scope(b->env, scope);
 }
 
-static void k_on_need(lp_client *k, void *user, const unsigned char *unit, size_t n) {
+static void k_on_need(lp_client *k, void *user, const unsigned char *unit, size_t n, double waited_ms) {
   (void)k;
   kbinding_t *b = user;
   napi_handle_scope scope;
   napi_open_handle_scope(b->env, &scope);
-  napi_value argv[1] = { buffer_or_null(b->env, unit, n) };
-  call_js(b->env, b->on_need, 1, argv);
+  napi_value argv[2] = { buffer_or_null(b->env, unit, n), NULL };
+  napi_create_double(b->env, waited_ms, &argv[1]);
+  call_js(b->env, b->on_need, 2, argv);
   napi_close_handle_scope(b->env, scope);
 }
 
 static void k_on_back(lp_client *k, void *user, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
-                      const unsigned char *rest, size_t rest_len, const char *reason) {
+                      const unsigned char *rest, size_t rest_len, const char *reason, int id) {
   (void)k;
   kbinding_t *b = user;
   napi_env env = b->env;
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
-  napi_value argv[7];
+  napi_value argv[8];
   /* Numbers, not strings: this runs once a transaction. */
   napi_create_int32(env, (int32_t)how, &argv[0]);
   napi_create_int32(env, status, &argv[1]);
@@ -547,7 +555,8 @@ static void k_on_back(lp_client *k, void *user, enum lp_back how, int status, in
   argv[5] = buffer_or_null(env, rest, rest_len);
   if (reason) argv[6] = string(env, reason);
   else napi_get_null(env, &argv[6]);
-  call_js(env, b->on_back, 7, argv);
+  napi_create_int32(env, id, &argv[7]);
+  call_js(env, b->on_back, 8, argv);
   napi_close_handle_scope(env, scope);
 }
 
@@ -565,6 +574,7 @@ static void k_on_end(lp_client *k, void *user) {
   delete_ref(env, &b->on_back);
   delete_ref(env, &b->on_end);
   delete_ref(env, &b->counters);
+  delete_ref(env, &b->totals);
   kbinding_release(b);
 }
 
@@ -585,28 +595,38 @@ static kbinding_t *kbinding_of(napi_env env, napi_value value) {
   return data;
 }
 
-static napi_value open_client(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
-  if (get_args(env, info, 6, argv)) return NULL;
-  int32_t fd;
-  CHECK(napi_get_value_int32(env, argv[0], &fd));
-  napi_typedarray_type counters_type;
-  size_t counters_len;
-  void *counters;
-  CHECK(napi_get_typedarray_info(env, argv[1], &counters_type, &counters_len, &counters, NULL, NULL));
-  if (counters_type != napi_float64_array || counters_len < 2) {
-    napi_throw_type_error(env, NULL, "client: counters must be a Float64Array(2)");
+/* A Float64Array of at least `want` elements, or NULL with a TypeError thrown naming `what`. */
+static double *float64s(napi_env env, napi_value value, size_t want, size_t *length, const char *what) {
+  bool is_typed = false;
+  napi_typedarray_type type;
+  size_t n = 0;
+  void *data = NULL;
+  if (napi_is_typedarray(env, value, &is_typed) != napi_ok || !is_typed || napi_get_typedarray_info(env, value, &type, &n, &data, NULL, NULL) != napi_ok ||
+      type != napi_float64_array || n < want || !data) {
+    napi_throw_type_error(env, NULL, what);
     return NULL;
   }
+  if (length) *length = n;
+  return data;
+}
+
+static napi_value open_client(napi_env env, napi_callback_info info) {
+  napi_value argv[7];
+  if (get_args(env, info, 7, argv)) return NULL;
+  int32_t fd;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  double *counters = float64s(env, argv[1], 2, NULL, "client: counters must be a Float64Array(2)");
+  double *totals = counters ? float64s(env, argv[2], 2, NULL, "client: totals must be a Float64Array(2)") : NULL;
+  if (!totals) return NULL;
   kbinding_t *b = calloc(1, sizeof *b);
   if (!b) return string(env, "out of memory");
   b->env = env;
   napi_value handle = NULL;
   const char *error = NULL;
   int copy = -1;
-  if (napi_create_reference(env, argv[1], 1, &b->counters) != napi_ok || napi_create_reference(env, argv[2], 1, &b->on_data) != napi_ok ||
-      napi_create_reference(env, argv[3], 1, &b->on_need) != napi_ok || napi_create_reference(env, argv[4], 1, &b->on_back) != napi_ok ||
-      napi_create_reference(env, argv[5], 1, &b->on_end) != napi_ok || napi_create_external(env, b, client_finalize, NULL, &handle) != napi_ok ||
+  if (napi_create_reference(env, argv[1], 1, &b->counters) != napi_ok || napi_create_reference(env, argv[2], 1, &b->totals) != napi_ok ||
+      napi_create_reference(env, argv[3], 1, &b->on_data) != napi_ok || napi_create_reference(env, argv[4], 1, &b->on_need) != napi_ok ||
+      napi_create_reference(env, argv[5], 1, &b->on_back) != napi_ok || napi_create_reference(env, argv[6], 1, &b->on_end) != napi_ok || napi_create_external(env, b, client_finalize, NULL, &handle) != napi_ok ||
       napi_type_tag_object(env, handle, &CLIENT_TAG) != napi_ok) {
     error = "client: could not keep the callbacks";
   } else if ((copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
@@ -614,7 +634,7 @@ static napi_value open_client(napi_env env, napi_callback_info info) {
   } else {
     uv_loop_t *loop;
     if (napi_get_uv_event_loop(env, &loop) != napi_ok) error = "client: no event loop";
-    else b->client = lp_client_open(loop, copy, &client_callbacks, b, counters, &error);
+    else b->client = lp_client_open(loop, copy, &client_callbacks, b, counters, totals, &error);
   }
   if (!b->client) {
     if (copy >= 0) close(copy);
@@ -623,6 +643,7 @@ static napi_value open_client(napi_env env, napi_callback_info info) {
     delete_ref(env, &b->on_back);
     delete_ref(env, &b->on_end);
     delete_ref(env, &b->counters);
+    delete_ref(env, &b->totals);
     if (!handle) free(b); /* else the finalizer frees it */
     return string(env, error ? error : "client: could not open");
   }
@@ -686,8 +707,8 @@ static napi_value client_fast(napi_env env, napi_callback_info info) {
 }
 
 static napi_value client_attach(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  if (get_args(env, info, 5, argv)) return NULL;
+  napi_value argv[8];
+  if (get_args(env, info, 8, argv)) return NULL;
   kbinding_t *k = kbinding_of(env, argv[0]);
   binding_t *c = binding_of(env, argv[1]);
   void *data, *settings, *unit;
@@ -696,11 +717,18 @@ static napi_value client_attach(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "clientAttach: Buffers expected");
     return NULL;
   }
+  lp_desk_join join;
+  CHECK(napi_get_value_int32(env, argv[5], &join.id));
+  CHECK(napi_get_value_int32(env, argv[6], &join.sid));
+  CHECK(napi_get_value_double(env, argv[7], &join.expires_in_ms));
   if (!k || !k->client) return string(env, "the client has ended");
   if (!c || !c->conn) return string(env, "the upstream connection has ended");
   if (c->farewell) return string(env, "the upstream connection is relaying");
-  if (lp_client_attach(k->client, c->conn, data, length, settings, settings_len, unit, unit_len) != 0) return string(env, "the client waits for no connection, or the connection cannot be lent");
-  return undefined(env);
+  int joined = lp_client_attach(k->client, c->conn, data, length, settings, settings_len, unit, unit_len, &join);
+  if (joined < 0) return string(env, "the client waits for no connection, or the connection cannot be lent");
+  napi_value result;
+  CHECK(napi_get_boolean(env, joined == 1, &result));
+  return result;
 }
 
 static napi_value client_js(napi_env env, napi_callback_info info) {
@@ -718,18 +746,264 @@ static napi_value client_state(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (get_args(env, info, 1, argv)) return NULL;
   kbinding_t *b = kbinding_of(env, argv[0]);
-  int lent = 0, running = 0;
+  int lent = 0, running = 0, desk_id = 0;
   double idle = 0;
-  if (b && b->client) lp_client_state(b->client, &lent, &running, &idle);
+  if (b && b->client) lp_client_state(b->client, &lent, &running, &idle, &desk_id);
   napi_value result, v;
-  CHECK(napi_create_array_with_length(env, 3, &result));
+  CHECK(napi_create_array_with_length(env, 4, &result));
   CHECK(napi_create_int32(env, lent, &v));
   CHECK(napi_set_element(env, result, 0, v));
   CHECK(napi_create_int32(env, running, &v));
   CHECK(napi_set_element(env, result, 1, v));
   CHECK(napi_create_double(env, idle, &v));
   CHECK(napi_set_element(env, result, 2, v));
+  CHECK(napi_create_int32(env, desk_id, &v));
+  CHECK(napi_set_element(env, result, 3, v));
   return result;
+}
+
+/* ---------- desks (txclient.h) ---------- */
+
+typedef struct {
+  napi_env env;
+  lp_desk *desk; /* NULL once closed by the caller (C frees it later) */
+  int ended, js_released;
+  napi_ref on_out, on_full, counts, waits;
+} dbinding_t;
+
+static void dbinding_release(dbinding_t *b) {
+  if (!b->ended || !b->js_released) return;
+  free(b);
+}
+
+static void d_on_out(lp_desk *d, void *user, int id, enum lp_desk_out why) {
+  (void)d;
+  dbinding_t *b = user;
+  if (b->js_released) return; /* closed by the finalizer: no JavaScript then */
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  napi_value argv[2];
+  napi_create_int32(b->env, id, &argv[0]);
+  napi_create_int32(b->env, (int32_t)why, &argv[1]);
+  call_js(b->env, b->on_out, 2, argv);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static void d_on_full(lp_desk *d, void *user) {
+  (void)d;
+  dbinding_t *b = user;
+  if (b->js_released) return;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  call_js(b->env, b->on_full, 0, NULL);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static void d_on_end(lp_desk *d, void *user) {
+  (void)d;
+  dbinding_t *b = user;
+  b->ended = 1;
+  b->desk = NULL;
+  delete_ref(b->env, &b->on_out);
+  delete_ref(b->env, &b->on_full);
+  delete_ref(b->env, &b->counts);
+  delete_ref(b->env, &b->waits);
+  dbinding_release(b);
+}
+
+static const lp_desk_callbacks desk_callbacks = { d_on_out, d_on_full, d_on_end };
+
+static void desk_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  dbinding_t *b = data;
+  b->js_released = 1;
+  /* Dropped without deskClose: closed now (freed once no client or connection refers to it). No
+     client refers to it then (each one's callbacks keep its pool, and so this handle, alive), and
+     the callbacks above stay quiet: a finalizer may not run JavaScript. */
+  if (b->desk) {
+    lp_desk *d = b->desk;
+    b->desk = NULL;
+    lp_desk_close(d);
+  }
+  dbinding_release(b);
+}
+
+/* The desk behind a handle; NULL once closed. */
+static lp_desk *desk_of(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (!tagged(env, value, &DESK_TAG) || napi_get_value_external(env, value, &data) != napi_ok) return NULL;
+  return ((dbinding_t *)data)->desk;
+}
+
+static napi_value open_desk(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  if (get_args(env, info, 4, argv)) return NULL;
+  size_t waits_cap = 0;
+  double *counts = float64s(env, argv[0], 2, NULL, "desk: counts must be a Float64Array(2)");
+  double *waits = counts ? float64s(env, argv[1], 1, &waits_cap, "desk: waits must be a Float64Array") : NULL;
+  if (!waits) return NULL;
+  dbinding_t *b = calloc(1, sizeof *b);
+  if (!b) return string(env, "out of memory");
+  b->env = env;
+  uv_loop_t *loop;
+  napi_value handle = NULL;
+  if (napi_create_reference(env, argv[0], 1, &b->counts) != napi_ok || napi_create_reference(env, argv[1], 1, &b->waits) != napi_ok ||
+      napi_create_reference(env, argv[2], 1, &b->on_out) != napi_ok || napi_create_reference(env, argv[3], 1, &b->on_full) != napi_ok ||
+      napi_get_uv_event_loop(env, &loop) != napi_ok || !(b->desk = lp_desk_open(loop, &desk_callbacks, b, counts, waits, waits_cap))) {
+    delete_ref(env, &b->on_out);
+    delete_ref(env, &b->on_full);
+    delete_ref(env, &b->counts);
+    delete_ref(env, &b->waits);
+    free(b);
+    return string(env, "desk: could not open");
+  }
+  if (napi_create_external(env, b, desk_finalize, NULL, &handle) != napi_ok || napi_type_tag_object(env, handle, &DESK_TAG) != napi_ok) {
+    if (!handle) {
+      b->js_released = 1;
+      lp_desk_close(b->desk); /* frees it at once (nothing refers to it): d_on_end frees b */
+    }
+    return string(env, "desk: could not make its handle");
+  }
+  return handle;
+}
+
+static napi_value desk_set(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  if (get_args(env, info, 3, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  bool room, js_waiting;
+  CHECK(napi_get_value_bool(env, argv[1], &room));
+  CHECK(napi_get_value_bool(env, argv[2], &js_waiting));
+  if (d) lp_desk_set(d, room, js_waiting);
+  return undefined(env);
+}
+
+static napi_value desk_config(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  if (get_args(env, info, 3, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  double wait_timeout, check_delay;
+  CHECK(napi_get_value_double(env, argv[1], &wait_timeout));
+  CHECK(napi_get_value_double(env, argv[2], &check_delay));
+  if (d) lp_desk_config(d, wait_timeout, check_delay);
+  return undefined(env);
+}
+
+static napi_value desk_stop(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  bool stopped;
+  CHECK(napi_get_value_bool(env, argv[1], &stopped));
+  if (d) lp_desk_stop(d, stopped);
+  return undefined(env);
+}
+
+static napi_value desk_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  void *data = NULL;
+  if (tagged(env, argv[0], &DESK_TAG) && napi_get_value_external(env, argv[0], &data) == napi_ok && ((dbinding_t *)data)->desk) {
+    dbinding_t *b = data;
+    lp_desk *d = b->desk;
+    b->desk = NULL; /* the handle is done with; C frees the desk once nothing refers to it */
+    lp_desk_close(d);
+  }
+  return undefined(env);
+}
+
+static napi_value desk_offer(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  if (get_args(env, info, 5, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  binding_t *c = binding_of(env, argv[1]);
+  lp_desk_join join;
+  CHECK(napi_get_value_int32(env, argv[2], &join.id));
+  CHECK(napi_get_value_int32(env, argv[3], &join.sid));
+  CHECK(napi_get_value_double(env, argv[4], &join.expires_in_ms));
+  napi_value result;
+  CHECK(napi_get_boolean(env, d && c && c->conn && !c->farewell && lp_desk_offer(d, c->conn, &join) == 1, &result));
+  return result;
+}
+
+static napi_value desk_wake(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  napi_value result;
+  CHECK(napi_get_boolean(env, d && lp_desk_wake(d), &result));
+  return result;
+}
+
+static napi_value desk_reclaim(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  int32_t id;
+  CHECK(napi_get_value_int32(env, argv[1], &id));
+  napi_value result;
+  CHECK(napi_get_boolean(env, d && lp_desk_reclaim(d, id), &result));
+  return result;
+}
+
+static napi_value desk_reclaim_any(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  double idle = 0;
+  int id = d ? lp_desk_reclaim_any(d, &idle) : 0;
+  napi_value result, v;
+  CHECK(napi_create_array_with_length(env, 2, &result));
+  CHECK(napi_create_int32(env, id, &v));
+  CHECK(napi_set_element(env, result, 0, v));
+  CHECK(napi_create_double(env, idle, &v));
+  CHECK(napi_set_element(env, result, 1, v));
+  return result;
+}
+
+static napi_value desk_idle_ms(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  int32_t id;
+  CHECK(napi_get_value_int32(env, argv[1], &id));
+  napi_value result;
+  CHECK(napi_create_double(env, d ? lp_desk_idle_ms(d, id) : -1, &result));
+  return result;
+}
+
+static napi_value desk_stats(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  lp_desk *d = desk_of(env, argv[0]);
+  int idle = 0, count = 0, waiting = 0;
+  double max_wait = 0;
+  if (d) lp_desk_stats(d, &idle, &count, &waiting, &max_wait);
+  napi_value result, v;
+  CHECK(napi_create_array_with_length(env, 4, &result));
+  CHECK(napi_create_int32(env, idle, &v));
+  CHECK(napi_set_element(env, result, 0, v));
+  CHECK(napi_create_int32(env, count, &v));
+  CHECK(napi_set_element(env, result, 1, v));
+  CHECK(napi_create_int32(env, waiting, &v));
+  CHECK(napi_set_element(env, result, 2, v));
+  CHECK(napi_create_double(env, max_wait, &v));
+  CHECK(napi_set_element(env, result, 3, v));
+  return result;
+}
+
+static napi_value client_desk(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  if (get_args(env, info, 3, argv)) return NULL;
+  kbinding_t *k = kbinding_of(env, argv[0]);
+  napi_valuetype type;
+  CHECK(napi_typeof(env, argv[1], &type));
+  lp_desk *d = type == napi_null ? NULL : desk_of(env, argv[1]);
+  int32_t sid;
+  CHECK(napi_get_value_int32(env, argv[2], &sid));
+  if (k && k->client) lp_client_desk(k->client, d, sid);
+  return undefined(env);
 }
 
 static napi_value text_plain(napi_env env, napi_callback_info info) {
@@ -769,6 +1043,18 @@ static napi_value init(napi_env env, napi_value exports) {
     { "clientAttach", NULL, client_attach, NULL, NULL, NULL, napi_default, NULL },
     { "clientJs", NULL, client_js, NULL, NULL, NULL, napi_default, NULL },
     { "clientState", NULL, client_state, NULL, NULL, NULL, napi_default, NULL },
+    { "clientDesk", NULL, client_desk, NULL, NULL, NULL, napi_default, NULL },
+    { "desk", NULL, open_desk, NULL, NULL, NULL, napi_default, NULL },
+    { "deskSet", NULL, desk_set, NULL, NULL, NULL, napi_default, NULL },
+    { "deskConfig", NULL, desk_config, NULL, NULL, NULL, napi_default, NULL },
+    { "deskStop", NULL, desk_stop, NULL, NULL, NULL, napi_default, NULL },
+    { "deskClose", NULL, desk_close, NULL, NULL, NULL, napi_default, NULL },
+    { "deskOffer", NULL, desk_offer, NULL, NULL, NULL, napi_default, NULL },
+    { "deskWake", NULL, desk_wake, NULL, NULL, NULL, napi_default, NULL },
+    { "deskReclaim", NULL, desk_reclaim, NULL, NULL, NULL, napi_default, NULL },
+    { "deskIdleMs", NULL, desk_idle_ms, NULL, NULL, NULL, napi_default, NULL },
+    { "deskReclaimAny", NULL, desk_reclaim_any, NULL, NULL, NULL, napi_default, NULL },
+    { "deskStats", NULL, desk_stats, NULL, NULL, NULL, napi_default, NULL },
     { "textPlain", NULL, text_plain, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));

@@ -39,6 +39,8 @@ typedef struct {
   size_t tag_have;
 } scan_t;
 
+typedef struct desk_entry desk_entry;
+
 struct lp_client {
   uv_loop_t *loop;
   const lp_client_callbacks *cb;
@@ -70,8 +72,41 @@ struct lp_client {
   int broken;     /* the upstream sent what the fast path cannot follow */
   scan_t scan;
   buf_t reports;
-  double *counters;
+  double *counters, *totals;
   uint64_t last_activity;
+  lp_desk *desk;      /* whose connections it takes without asking (lp_client_desk) */
+  int sid;
+  desk_entry *entry;  /* the lent connection is the desk's */
+  int waiting;        /* on the desk's queue (needing too) */
+  uint64_t wait_since;
+  lp_client *wprev, *wnext;
+};
+
+/* A connection on a desk: lent to `client`, or idle. */
+struct desk_entry {
+  lp_desk *desk;
+  lp_conn *conn;
+  int id, sid;
+  uint64_t expires;
+  uint64_t idle_since;
+  lp_client *client;
+  desk_entry *prev, *next;
+};
+
+struct lp_desk {
+  uv_loop_t *loop;
+  const lp_desk_callbacks *cb;
+  void *user;
+  uv_timer_t *timer; /* the first waiting client's wait timeout */
+  desk_entry *entries;
+  int count, idle;
+  lp_client *head, *tail; /* waiting, first come first */
+  int waiting;
+  int room, js_waiting, stopped, closed, freeing;
+  uint64_t wait_timeout, check_delay;
+  int refs; /* clients whose `desk` this is, and calls under way that may close it */
+  double *counts, *waits;
+  size_t waits_cap;
 };
 
 static unsigned char scratch[READ_SIZE];
@@ -221,6 +256,21 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason);
 
 static void touch(lp_client *k) { k->last_activity = uv_now(k->loop); }
 
+/* Bytes the fast path moved: `dir` 0 to the upstream, 1 to the client. */
+static void count(lp_client *k, int dir, size_t n) {
+  if (k->counters) k->counters[dir] += (double)n;
+  if (k->totals) k->totals[dir] += (double)n;
+}
+
+static void unqueue(lp_client *k);
+static void drop_desk(lp_client *k);
+
+/* The client waits for no connection any more (on the desk's queue or the caller's). */
+static void stop_needing(lp_client *k) {
+  if (k->waiting) unqueue(k);
+  k->needing = 0;
+}
+
 static void handle_closed(uv_handle_t *handle) {
   lp_client *k = uv_handle_get_data(handle);
   free(handle);
@@ -237,6 +287,7 @@ static void teardown(lp_client *k) {
   if (k->closing) return;
   k->closing = 1;
   if (k->conn) give_back(k, LP_BACK_CLIENT_GONE, NULL);
+  drop_desk(k);
   k->open_handles = 1 + (k->linger != NULL);
   close(k->fd);
   k->fd = -1;
@@ -313,7 +364,7 @@ static void client_ended(lp_client *k, const char *error) {
   if (k->fast) {
     /* A unit that waited for a connection goes nowhere: the engine ends the client's session. */
     k->fast = 0;
-    k->needing = 0;
+    stop_needing(k);
     buf_free(&k->in);
   }
   k->cb->data(k, k->user, NULL, 0, error);
@@ -405,7 +456,7 @@ static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, co
 /* The rest of `in` to the engine, in JS mode. */
 static void to_js(lp_client *k) {
   k->fast = 0;
-  k->needing = 0;
+  stop_needing(k);
   if (pending(&k->in) == 0) return;
   /* The bytes leave `in` before the call: the engine may call back in. */
   buf_t rest = k->in;
@@ -414,11 +465,18 @@ static void to_js(lp_client *k) {
   buf_free(&rest);
 }
 
-/* The lent connection goes back to the caller, with what the lending learnt. */
+static int desk_keeps(const lp_client *k, const desk_entry *e);
+static void desk_serve(desk_entry *e);
+static void entry_leave(desk_entry *e);
+
+/* The lent connection goes back to the caller with what the lending learnt, or stays on its desk. */
 static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   lp_conn *conn = k->conn;
   if (!conn) return;
+  desk_entry *entry = k->entry;
+  int kept = entry && how == LP_BACK_RELEASED && desk_keeps(k, entry);
   k->conn = NULL;
+  k->entry = NULL;
   k->up_full = 0;
   lp_conn_sink(conn, NULL, NULL);
   /* Back unpaused, as it was lent (NativeUpstream.lend): what comes next goes to the caller's reader. */
@@ -428,7 +486,7 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   int running = k->outstanding > 0 || k->scan.have != 0; /* answers to come, or one cut short */
   if (how == LP_BACK_HANDOVER || how == LP_BACK_SETTINGS_FAILED) {
     k->fast = 0;
-    k->needing = 0;
+    stop_needing(k);
     rest = k->in;
     memset(&k->in, 0, sizeof k->in);
   }
@@ -439,11 +497,27 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   k->sent = 0;
   k->hidden = 0;
   k->settings_wait = 0;
+  if (kept) {
+    /* A clean transaction: the desk's next client, or idle there; the caller counts it later. */
+    buf_free(&reports);
+    entry->client = NULL;
+    if (entry->desk->counts) entry->desk->counts[0]++;
+    desk_serve(entry);
+    return;
+  }
+  int id = 0;
+  if (entry) {
+    id = entry->id;
+    entry_leave(entry);
+  }
   k->cb->back(k, k->user, how, k->status, flags, running, reports.data ? reports.data + reports.off : NULL, pending(&reports),
-              rest.data ? rest.data + rest.off : NULL, pending(&rest), reason);
+              rest.data ? rest.data + rest.off : NULL, pending(&rest), reason, id);
   buf_free(&reports);
   buf_free(&rest);
 }
+
+static int desk_take(lp_client *k);
+static int desk_queue(lp_client *k);
 
 /*
  * Fast mode: sends the whole units at the head of `in` while a connection is lent; asks for one
@@ -464,15 +538,21 @@ static void process(lp_client *k) {
       break; /* else at the answer that settles the transaction */
     }
     if (!k->conn) {
+      if (k->desk && !named) {
+        /* The desk's connection at once, or the desk's queue: no call to the caller. */
+        if (desk_take(k)) continue;
+        if (k->closing || !k->fast || k->needing || k->conn) continue; /* the loop's condition decides */
+        if (desk_queue(k)) break;
+      }
       k->needing = 1;
       k->head_named = named ? unit : 0;
-      k->cb->need(k, k->user, named ? head : NULL, named ? unit : 0);
+      k->cb->need(k, k->user, named ? head : NULL, named ? unit : 0, 0);
       break;
     }
     k->flags |= unit_flags(head, unit);
     k->outstanding++;
     k->sent = 1;
-    if (k->counters) k->counters[0] += (double)unit;
+    count(k, 0, unit);
     touch(k);
     lp_conn *conn = k->conn;
     long queued = lp_conn_write(conn, head, unit); /* copies the unit first */
@@ -566,7 +646,7 @@ static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, co
   }
   touch(k);
   size_t hidden = scan(k, data, n);
-  if (k->counters) k->counters[1] += (double)(n - hidden);
+  count(k, 1, n - hidden);
   to_client(k, data + hidden, n - hidden);
   if (k->closing || k->conn != c) return;
   if (k->broken) {
@@ -591,9 +671,363 @@ static void sink(lp_conn *c, void *user, const unsigned char *data, size_t n, co
   if (!k->closing) update_poll(k); /* what the client did not take waits for its socket */
 }
 
+/* ---------- the desk: the pool's hand-off in C ---------- */
+
+/* Lends `conn` to `k` (fast mode, nothing lent), `entry` its place on a desk (or NULL). */
+static void lend(lp_client *k, lp_conn *conn, desk_entry *entry) {
+  stop_needing(k);
+  k->conn = conn;
+  k->entry = entry;
+  if (entry) entry->client = k;
+  k->outstanding = 0;
+  k->status = 'I';
+  k->flags = 0;
+  k->sent = 0;
+  k->hidden = 0;
+  k->settings_wait = 0;
+  k->broken = 0;
+  memset(&k->scan, 0, sizeof k->scan);
+  lp_conn_sink(conn, sink, k);
+  lp_conn_pause(conn, 0); /* lent unpaused (NativeUpstream.lend): a no-op, unless a backpressure pause was left */
+}
+
+static uint64_t deadline_of(lp_desk *d, double in_ms) {
+  if (!(in_ms < 1e15)) return UINT64_MAX; /* no expiry (and NaN) */
+  return in_ms <= 0 ? 0 : uv_now(d->loop) + (uint64_t)in_ms;
+}
+
+/* A connection joins the desk, lent (its client set by lend()); NULL when there is no memory for it. */
+static desk_entry *entry_new(lp_desk *d, lp_conn *conn, const lp_desk_join *join) {
+  desk_entry *e = calloc(1, sizeof *e);
+  if (!e) return NULL;
+  e->desk = d;
+  e->conn = conn;
+  e->id = join->id;
+  e->sid = join->sid;
+  e->expires = deadline_of(d, join->expires_in_ms);
+  e->next = d->entries;
+  if (d->entries) d->entries->prev = e;
+  d->entries = e;
+  d->count++;
+  return e;
+}
+
+static void desk_maybe_free(lp_desk *d);
+static void idle_sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
+
+/* The connection leaves the desk (it is the caller's again, its reader unset when it was idle). */
+static void entry_leave(desk_entry *e) {
+  lp_desk *d = e->desk;
+  if (e->prev) e->prev->next = e->next;
+  else d->entries = e->next;
+  if (e->next) e->next->prev = e->prev;
+  d->count--;
+  if (!e->client) {
+    d->idle--;
+    lp_conn_sink(e->conn, NULL, NULL);
+  }
+  free(e);
+  desk_maybe_free(d);
+}
+
+/* An idle connection goes out to the caller, for `why`. */
+static void entry_out(desk_entry *e, enum lp_desk_out why) {
+  lp_desk *d = e->desk;
+  int id = e->id;
+  d->refs++; /* the callback may close the desk: it is freed after this */
+  entry_leave(e);
+  d->cb->out(d, d->user, id, why);
+  d->refs--;
+  desk_maybe_free(d);
+}
+
+static void idle_sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error) {
+  (void)c;
+  (void)error;
+  if (data && n == 0) return; /* a write queue drained: nothing to do */
+  entry_out(user, data ? LP_DESK_SPOKE : LP_DESK_ENDED);
+}
+
+/* A transaction on the desk's connection ended cleanly: whether the connection stays on the desk. */
+static int desk_keeps(const lp_client *k, const desk_entry *e) {
+  const lp_desk *d = e->desk;
+  if (d->stopped || d->js_waiting || k->status != 'I' || pending(&k->reports) > 0) return 0;
+  if (k->flags & (LP_LENT_LEAKED | LP_LENT_REPORTS_LOST | LP_LENT_SETTINGS_FAILED)) return 0;
+  return uv_now(d->loop) < e->expires && lp_conn_lendable(e->conn);
+}
+
+static void record_wait(lp_desk *d, uint64_t since) {
+  if (!d->counts || !d->waits) return;
+  size_t n = d->counts[1] > 0 ? (size_t)d->counts[1] : 0;
+  if (n >= d->waits_cap) return; /* the caller did not read them: not recorded */
+  d->waits[n] = (double)(uv_now(d->loop) - since) / 1000.0;
+  d->counts[1] = (double)(n + 1);
+}
+
+/* `full` when `waits` filled up; after everything else (the callback may call back in). */
+static void maybe_full(lp_desk *d) {
+  if (d->counts && d->counts[1] >= (double)d->waits_cap) d->cb->full(d, d->user);
+}
+
+static void arm(lp_desk *d);
+
+static void unqueue(lp_client *k) {
+  lp_desk *d = k->desk;
+  if (k->wprev) k->wprev->wnext = k->wnext;
+  else d->head = k->wnext;
+  if (k->wnext) k->wnext->wprev = k->wprev;
+  else d->tail = k->wprev;
+  k->wprev = k->wnext = NULL;
+  k->waiting = 0;
+  d->waiting--;
+}
+
+/* A waiting client to the caller (`need`), with how long it waited. */
+static void to_caller(lp_client *k) {
+  unqueue(k);
+  k->cb->need(k, k->user, NULL, 0, (double)(uv_now(k->loop) - k->wait_since));
+}
+
+/* An idle (or just released) connection: to the first client waiting with its settings, else idle. */
+static void desk_serve(desk_entry *e) {
+  lp_desk *d = e->desk;
+  lp_client *w = d->head;
+  while (w && w->sid != e->sid) w = w->wnext;
+  if (!w) {
+    e->idle_since = uv_now(d->loop);
+    d->idle++;
+    lp_conn_sink(e->conn, idle_sink, e);
+    return;
+  }
+  uint64_t since = w->wait_since;
+  lend(w, e->conn, e);
+  record_wait(d, since);
+  process(w);
+  maybe_full(d);
+}
+
+/* The client's unit takes an idle connection of the desk with its settings: 1 when it did. */
+static int desk_take(lp_client *k) {
+  lp_desk *d = k->desk;
+  for (;;) {
+    if (d->stopped || k->closing || !k->fast || k->conn) return 0;
+    desk_entry *best = NULL;
+    for (desk_entry *e = d->entries; e; e = e->next) {
+      if (!e->client && e->sid == k->sid && (!best || e->idle_since > best->idle_since)) best = e;
+    }
+    if (!best) return 0;
+    uint64_t now = uv_now(d->loop);
+    if (now >= best->expires || now - best->idle_since >= d->check_delay || !lp_conn_lendable(best->conn)) {
+      /* The caller checks it, or closes it; the next is looked at. */
+      entry_out(best, LP_DESK_STALE);
+      continue;
+    }
+    d->idle--;
+    lp_conn_sink(best->conn, NULL, NULL);
+    lend(k, best->conn, best);
+    record_wait(d, now);
+    maybe_full(d);
+    return !k->closing && k->conn != NULL;
+  }
+}
+
+/* The client waits on the desk: when the caller has no connection to give now, and one of the desk has its settings. */
+static int desk_queue(lp_client *k) {
+  lp_desk *d = k->desk;
+  if (d->stopped || d->room) return 0;
+  desk_entry *e = d->entries;
+  while (e && e->sid != k->sid) e = e->next;
+  if (!e) return 0;
+  k->needing = 1;
+  k->head_named = 0;
+  k->waiting = 1;
+  k->wait_since = uv_now(k->loop);
+  k->wprev = d->tail;
+  k->wnext = NULL;
+  if (d->tail) d->tail->wnext = k;
+  else d->head = k;
+  d->tail = k;
+  d->waiting++;
+  if (!uv_is_active((uv_handle_t *)d->timer)) arm(d);
+  return 1;
+}
+
+/* The wait timeout: clients waiting longer go to the caller (which refuses them, or has a connection by now). */
+static void timer_fired(uv_timer_t *timer) {
+  lp_desk *d = uv_handle_get_data((uv_handle_t *)timer);
+  d->refs++;
+  uint64_t now = uv_now(d->loop);
+  while (d->head && now - d->head->wait_since >= d->wait_timeout) to_caller(d->head);
+  d->refs--;
+  if (d->head) arm(d);
+  desk_maybe_free(d);
+}
+
+static void arm(lp_desk *d) {
+  if (!d->head || d->freeing) return;
+  uint64_t now = uv_now(d->loop), due = d->head->wait_since + d->wait_timeout;
+  uv_timer_start(d->timer, timer_fired, due > now ? due - now : 0, 0);
+}
+
+static void drop_desk(lp_client *k) {
+  lp_desk *d = k->desk;
+  if (!d) return;
+  if (k->waiting) unqueue(k);
+  k->desk = NULL;
+  d->refs--;
+  desk_maybe_free(d);
+}
+
+static void timer_closed(uv_handle_t *handle) {
+  lp_desk *d = uv_handle_get_data(handle);
+  free(handle);
+  d->cb->end(d, d->user);
+  free(d);
+}
+
+static void desk_maybe_free(lp_desk *d) {
+  if (!d->closed || d->refs > 0 || d->count > 0 || d->freeing) return;
+  d->freeing = 1;
+  uv_close((uv_handle_t *)d->timer, timer_closed);
+}
+
+void lp_client_desk(lp_client *k, lp_desk *desk, int sid) {
+  if (k->closing || (desk && desk->closed)) desk = NULL;
+  if (desk == k->desk && !k->waiting) {
+    k->sid = sid;
+    return;
+  }
+  int waited = k->waiting;
+  uint64_t since = k->wait_since;
+  if (desk) desk->refs++; /* before the old one goes: it may be the same */
+  drop_desk(k);
+  k->desk = desk;
+  k->sid = sid;
+  /* It waited on the desk: the caller's now. */
+  if (waited) k->cb->need(k, k->user, NULL, 0, (double)(uv_now(k->loop) - since));
+}
+
+lp_desk *lp_desk_open(uv_loop_t *loop, const lp_desk_callbacks *cb, void *user, double *counts, double *waits, size_t waits_cap) {
+  lp_desk *d = calloc(1, sizeof *d);
+  uv_timer_t *timer = malloc(sizeof *timer);
+  if (!d || !timer) {
+    free(d);
+    free(timer);
+    return NULL;
+  }
+  uv_timer_init(loop, timer);
+  uv_unref((uv_handle_t *)timer); /* a waiting client's socket keeps the loop alive, not this */
+  uv_handle_set_data((uv_handle_t *)timer, d);
+  d->loop = loop;
+  d->cb = cb;
+  d->user = user;
+  d->timer = timer;
+  d->counts = counts;
+  d->waits = waits;
+  d->waits_cap = waits_cap;
+  d->wait_timeout = 120000;
+  d->check_delay = 30000;
+  return d;
+}
+
+void lp_desk_set(lp_desk *d, int room, int js_waiting) {
+  d->room = !!room;
+  d->js_waiting = !!js_waiting;
+}
+
+static uint64_t ms(double value) { return !(value > 0) ? 0 : value >= 1e15 ? UINT64_MAX / 2 : (uint64_t)value; }
+
+void lp_desk_config(lp_desk *d, double wait_timeout_ms, double check_delay_ms) {
+  d->wait_timeout = ms(wait_timeout_ms);
+  d->check_delay = ms(check_delay_ms);
+  if (d->head) arm(d);
+}
+
+void lp_desk_stop(lp_desk *d, int stopped) {
+  d->stopped = !!stopped;
+  if (!stopped) return;
+  d->refs++;
+  while (d->head) to_caller(d->head);
+  for (desk_entry *e = d->entries; e;) {
+    if (e->client) {
+      e = e->next;
+      continue;
+    }
+    entry_out(e, LP_DESK_RECLAIMED);
+    e = d->entries; /* the list may have changed: from the start (the idle ones are gone one by one) */
+  }
+  d->refs--;
+  desk_maybe_free(d);
+}
+
+void lp_desk_close(lp_desk *d) {
+  if (d->closed) return;
+  lp_desk_stop(d, 1);
+  d->closed = 1;
+  uv_timer_stop(d->timer);
+  desk_maybe_free(d);
+}
+
+int lp_desk_offer(lp_desk *d, lp_conn *conn, const lp_desk_join *join) {
+  if (d->stopped || join->id <= 0 || !lp_conn_lendable(conn)) return 0;
+  lp_client *w = d->head;
+  while (w && w->sid != join->sid) w = w->wnext;
+  if (!w) return 0;
+  desk_entry *e = entry_new(d, conn, join);
+  if (!e) return 0;
+  uint64_t since = w->wait_since;
+  lend(w, conn, e);
+  record_wait(d, since);
+  process(w);
+  maybe_full(d);
+  return 1;
+}
+
+int lp_desk_wake(lp_desk *d) {
+  if (!d->head) return 0;
+  to_caller(d->head);
+  return 1;
+}
+
+int lp_desk_reclaim(lp_desk *d, int id) {
+  for (desk_entry *e = d->entries; e; e = e->next) {
+    if (e->id != id) continue;
+    if (e->client) return 0;
+    entry_leave(e);
+    return 1;
+  }
+  return 0;
+}
+
+int lp_desk_reclaim_any(lp_desk *d, double *idle_ms) {
+  desk_entry *best = NULL;
+  for (desk_entry *e = d->entries; e; e = e->next) {
+    if (!e->client && (!best || e->idle_since > best->idle_since)) best = e;
+  }
+  if (!best) return 0;
+  int id = best->id;
+  *idle_ms = (double)(uv_now(d->loop) - best->idle_since);
+  entry_leave(best);
+  return id;
+}
+
+double lp_desk_idle_ms(lp_desk *d, int id) {
+  for (desk_entry *e = d->entries; e; e = e->next) {
+    if (e->id == id) return e->client ? -1 : (double)(uv_now(d->loop) - e->idle_since);
+  }
+  return -1;
+}
+
+void lp_desk_stats(lp_desk *d, int *idle, int *count, int *waiting, double *max_wait_ms) {
+  *idle = d->idle;
+  *count = d->count;
+  *waiting = d->waiting;
+  *max_wait_ms = d->head ? (double)(uv_now(d->loop) - d->head->wait_since) : 0;
+}
+
 /* ---------- the API ---------- */
 
-lp_client *lp_client_open(uv_loop_t *loop, int fd, const lp_client_callbacks *cb, void *user, double *counters, const char **error) {
+lp_client *lp_client_open(uv_loop_t *loop, int fd, const lp_client_callbacks *cb, void *user, double *counters, double *totals, const char **error) {
   int flags = fcntl(fd, F_GETFL);
   if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
     *error = "could not make the client socket non-blocking";
@@ -613,6 +1047,7 @@ lp_client *lp_client_open(uv_loop_t *loop, int fd, const lp_client_callbacks *cb
   k->poll = poll;
   k->fd = fd;
   k->counters = counters;
+  k->totals = totals;
   k->status = 'I';
   uv_handle_set_data((uv_handle_t *)poll, k);
   touch(k);
@@ -636,7 +1071,7 @@ void lp_client_end(lp_client *k) {
   if (k->conn) give_back(k, LP_BACK_CLIENT_GONE, NULL);
   if (k->closing) return;
   k->fast = 0;
-  k->needing = 0;
+  stop_needing(k);
   buf_free(&k->in);
   if (pending(&k->out) == 0) shut(k);
   else linger(k); /* a client that does not read what is queued does not keep the socket */
@@ -667,24 +1102,16 @@ static int readies(const unsigned char *data, size_t n) {
 }
 
 int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len,
-                     const unsigned char *unit, size_t unit_len) {
-  if (k->closing || !k->fast || !k->needing || k->conn || !lp_conn_lendable(conn)) return -1;
+                     const unsigned char *unit, size_t unit_len, const lp_desk_join *join) {
+  if (k->closing || !k->fast || !k->needing || k->waiting || k->conn || !lp_conn_lendable(conn)) return -1;
   /* A unit of named statements goes rewritten, or not at all; a rewritten one is one unit. */
   if ((k->head_named > 0) != (unit_len > 0) || (unit_len > 0 && (readies(unit, unit_len) != 1 || pending(&k->in) < k->head_named))) return -1;
   /* The settings' answers come before the client's units go: a rewritten unit would have to wait too. */
   if (settings_len > 0 && unit_len > 0) return -1;
-  k->needing = 0;
-  k->conn = conn;
-  k->outstanding = 0;
-  k->status = 'I';
-  k->flags = 0;
-  k->sent = 0;
-  k->hidden = 0;
-  k->settings_wait = 0;
-  k->broken = 0;
-  memset(&k->scan, 0, sizeof k->scan);
-  lp_conn_sink(conn, sink, k);
-  lp_conn_pause(conn, 0); /* lent unpaused (NativeUpstream.lend): a no-op, unless a backpressure pause was left */
+  /* Joins the desk only as the client's settings are, with nothing to rewrite: it stays there clean. */
+  desk_entry *entry = NULL;
+  if (join && join->id > 0 && k->desk && !k->desk->stopped && settings_len == 0 && unit_len == 0) entry = entry_new(k->desk, conn, join);
+  lend(k, conn, entry);
   if (k->conn == conn && n > 0) sink(conn, k, unread, n, NULL);
   if (k->conn == conn && !k->closing && settings_len > 0) {
     /* Its answers, to its ReadyForQuery messages, are the caller's: counted as outstanding, not relayed. */
@@ -698,14 +1125,14 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
     k->flags |= unit_flags(unit, unit_len);
     k->outstanding++;
     k->sent = 1;
-    if (k->counters) k->counters[0] += (double)unit_len;
+    count(k, 0, unit_len);
     buf_consumed(&k->in, k->head_named);
     k->head_named = 0;
     if (lp_conn_write(conn, unit, unit_len) < 0 && k->conn == conn) give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
   }
   k->head_named = 0;
   if (!k->closing && k->conn == conn) process(k);
-  return 0;
+  return entry ? 1 : 0;
 }
 
 const unsigned char *lp_client_js(lp_client *k, size_t *n) {
@@ -715,7 +1142,7 @@ const unsigned char *lp_client_js(lp_client *k, size_t *n) {
   *n = 0;
   if (k->closing || !k->fast || k->conn) return NULL;
   k->fast = 0;
-  k->needing = 0;
+  stop_needing(k);
   k->head_named = 0;
   handed = k->in;
   memset(&k->in, 0, sizeof k->in);
@@ -724,7 +1151,8 @@ const unsigned char *lp_client_js(lp_client *k, size_t *n) {
   return *n ? handed.data + handed.off : NULL;
 }
 
-void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms) {
+void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms, int *desk_id) {
+  *desk_id = k->entry ? k->entry->id : 0;
   *lent = k->conn != NULL;
   *running = k->conn != NULL && k->outstanding > k->hidden; /* the client's own units, not the settings ahead of them */
   *idle_ms = (double)(uv_now(k->loop) - k->last_activity);

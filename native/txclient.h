@@ -27,6 +27,12 @@
 #include "relay.h"
 
 typedef struct lp_client lp_client;
+typedef struct lp_desk lp_desk;
+/* A connection joining a desk (see lp_desk below): the caller's id for it, the id of its settings. */
+typedef struct {
+  int id, sid;
+  double expires_in_ms; /* no new transaction after this (token, ServerLifetime) */
+} lp_desk_join;
 
 enum lp_back { LP_BACK_RELEASED = 1, LP_BACK_HANDOVER, LP_BACK_CLIENT_GONE, LP_BACK_UPSTREAM_GONE, LP_BACK_SETTINGS_FAILED };
 extern const char *const LP_BACK_NAMES[];
@@ -47,21 +53,22 @@ typedef struct {
   void (*data)(lp_client *k, void *user, const unsigned char *data, size_t n, const char *error);
   /* Fast mode: a unit waits for a connection: lp_client_attach, or lp_client_js. `unit`: the
      unit when it names a client's statements (the caller sends it rewritten), else NULL. */
-  void (*need)(lp_client *k, void *user, const unsigned char *unit, size_t n);
+  void (*need)(lp_client *k, void *user, const unsigned char *unit, size_t n, double waited_ms);
   /* The lent connection is back (see enum lp_back): `status` of its last ReadyForQuery; `flags`
      LP_LENT_*; `reports`: the ParameterStatus messages relayed; `rest`: LP_BACK_HANDOVER's unread
      client bytes (the client is in JS mode); `reason`: why the upstream went (LP_BACK_UPSTREAM_GONE),
-     NULL for a clean end; `running` (LP_BACK_CLIENT_GONE): answers were still to come.
+     NULL for a clean end; `running` (LP_BACK_CLIENT_GONE): answers were still to come. `id`: the
+     connection's id on a desk (it has left the desk), else 0.
      LP_BACK_SETTINGS_FAILED: the settings sent ahead of the client's units failed; none of them
      went, the client is in JS mode with them in `rest`, the connection at its ReadyForQuery. */
   void (*back)(lp_client *k, void *user, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
-               const unsigned char *rest, size_t rest_len, const char *reason);
+               const unsigned char *rest, size_t rest_len, const char *reason, int id);
   /* Last call: the socket is closed, `k` is about to be freed. */
   void (*end)(lp_client *k, void *user);
 } lp_client_callbacks;
 
-/* Takes over `fd` (closed at the end). `counters`: [to upstream, to client] of the fast path, added to (may be NULL). */
-lp_client *lp_client_open(uv_loop_t *loop, int fd, const lp_client_callbacks *cb, void *user, double *counters, const char **error);
+/* Takes over `fd` (closed at the end). `counters`, `totals`: [to upstream, to client] of the fast path, added to (may be NULL). */
+lp_client *lp_client_open(uv_loop_t *loop, int fd, const lp_client_callbacks *cb, void *user, double *counters, double *totals, const char **error);
 /* Bytes for the client (not while a connection is lent): returns what stays queued, -1 once closed. */
 long lp_client_write(lp_client *k, const unsigned char *data, size_t n);
 /* FIN once what is queued is written, then the socket closes (at the client's end, or after a linger). */
@@ -79,14 +86,67 @@ int lp_client_fast(lp_client *k, const unsigned char *first, size_t n);
  * answers not relayed (their ParameterStatus messages are not the client's news: the caller knows
  * what it set); `unit`: the waiting unit with the server's names of the client's statements, when
  * `need` said it names some (then required: one unit, sent instead of the client's; not with
- * `settings`). -1 when refused.
+ * `settings`). `join`: the connection joins the client's desk (not with `settings` or `unit`), and
+ * comes back to `back` with its id. -1 when refused, 1 when it joined the desk, else 0.
  */
 int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len,
-                     const unsigned char *unit, size_t unit_len);
+                     const unsigned char *unit, size_t unit_len, const lp_desk_join *join);
 /* Fast mode with nothing lent, to JS mode: returns the unread bytes (valid until the next call of this function, for any client). */
 const unsigned char *lp_client_js(lp_client *k, size_t *n);
-/* Whether a connection is lent, whether answers are still to come, ms since the last byte either way. */
-void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms);
+/* Whether a connection is lent, whether answers are still to come, ms since the last byte either way, the desk id of the one lent (0: none). */
+void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms, int *desk_id);
+/* The desk whose connections this client may take without a call to the caller (NULL: none), with its settings' id (see lp_desk). */
+void lp_client_desk(lp_client *k, lp_desk *desk, int sid);
+
+/*
+ * A desk: the pool's hand-off in C. Connections the caller lent to a client of the desk with
+ * `join` (lp_client_attach), or offered (lp_desk_offer), stay on the desk between transactions:
+ * a transaction released cleanly (ReadyForQuery idle, nothing leaked or reported, the desk not
+ * stopped, no client of the caller waiting, not expired) hands its connection to the first client
+ * waiting on the desk with the same settings id, or leaves it idle there; a client of the desk
+ * whose unit finds an idle one of its settings takes it. No call to the caller either way: it is
+ * told after the fact, through `counts` and `waits` (read them when it likes).
+ *
+ * Anything else goes the caller's way as before: the connection leaves the desk with `back`
+ * (with its id), and a client the desk cannot serve gets `need`. A client waits on the desk only
+ * when the caller has no room (lp_desk_set: no idle connection of its own, no room for a login),
+ * and some connection of the desk has its settings; it goes to `need` after the desk's wait
+ * timeout, with how long it waited. `sid`: an id of the settings a connection is in, and a client
+ * wants (the caller's; 0 matches nothing).
+ */
+
+enum lp_desk_out { LP_DESK_ENDED = 1, LP_DESK_SPOKE, LP_DESK_STALE, LP_DESK_RECLAIMED };
+typedef struct {
+  /* An idle connection left the desk: it ended (LP_DESK_ENDED), the server sent something
+     (LP_DESK_SPOKE), it expired or has been idle past the check delay (LP_DESK_STALE), or the
+     desk was stopped (LP_DESK_RECLAIMED). It is the caller's again (its reader unset). */
+  void (*out)(lp_desk *d, void *user, int id, enum lp_desk_out why);
+  /* `waits` is full: read it now (set counts[1] to 0). */
+  void (*full)(lp_desk *d, void *user);
+  /* Last call: the desk is freed. */
+  void (*end)(lp_desk *d, void *user);
+} lp_desk_callbacks;
+
+/* `counts`: [transactions released on the desk, waits in `waits`] (added to); `waits`: seconds each client of the desk waited, `waits_cap` of them. */
+lp_desk *lp_desk_open(uv_loop_t *loop, const lp_desk_callbacks *cb, void *user, double *counts, double *waits, size_t waits_cap);
+/* `room`: the caller can give a connection now (an idle one, or a login); `js_waiting`: clients wait for the caller's connections. */
+void lp_desk_set(lp_desk *d, int room, int js_waiting);
+void lp_desk_config(lp_desk *d, double wait_timeout_ms, double check_delay_ms);
+/* Stops (pause): the waiting clients go to `need`, idle connections out (LP_DESK_RECLAIMED), releases to `back`; or goes on. */
+void lp_desk_stop(lp_desk *d, int stopped);
+/* Stops for good; freed once no client and no connection refers to it (`end`). The handle is not used again. */
+void lp_desk_close(lp_desk *d);
+/* A connection of the caller for the first client waiting with `join->sid`: 1 when taken (it is on the desk, lent), else 0. */
+int lp_desk_offer(lp_desk *d, lp_conn *conn, const lp_desk_join *join);
+/* The first waiting client to `need` (the caller has room now): 1 when there was one. */
+int lp_desk_wake(lp_desk *d);
+/* An idle connection of the desk back to the caller: 1 when it was idle there. */
+int lp_desk_reclaim(lp_desk *d, int id);
+/* The most recently used idle connection of the desk back to the caller (its clients wait): its id (0: none), and how long it was idle. */
+int lp_desk_reclaim_any(lp_desk *d, double *idle_ms);
+/* How long the connection `id` has been idle on the desk, -1 when it is not idle there. */
+double lp_desk_idle_ms(lp_desk *d, int id);
+void lp_desk_stats(lp_desk *d, int *idle, int *count, int *waiting, double *max_wait_ms);
 
 /*
  * Pure parts, for the fuzzer. lp_unit_length: the length of the unit at the head of `data`, 0

@@ -152,7 +152,9 @@ test('a transaction begun on the fast path goes on in the engine at a named Pars
 test("a setting a function changes on the fast path follows its client to another connection, and is reported to it at once", async () => {
   await withCountedPool('PoolSize=2', async ({ proxy }) => {
     const w = await WireClient.open(proxy.port, { user: 'anyone', database: db.database, application_name: 'from_startup' });
-    const other = pgClient(proxy.port, db, { application_name: 'the_other' });
+    // A setting of its startup that the server does not report keeps this client off the desk
+    // (native/txclient.h, lp_desk): the pool hands it the connection used most recently.
+    const other = pgClient(proxy.port, db, { application_name: 'the_other', options: '-c work_mem=5MB' });
     await other.connect();
     try {
       // Two connections in the pool: two transactions at once.

@@ -827,7 +827,8 @@ static void on_client_data(lp_client *k, void *user, const unsigned char *data, 
   if (reacting()) react_client(c, "data");
 }
 
-static void on_need(lp_client *k, void *user, const unsigned char *unit, size_t unit_n) {
+static void on_need(lp_client *k, void *user, const unsigned char *unit, size_t unit_n, double waited_ms) {
+  (void)waited_ms;
   client_t *c = client_of(k, user, "need");
   /* A unit with the client's statement names goes back rewritten: here, the same names (the server does not care). */
   c->named.n = 0;
@@ -848,8 +849,9 @@ static void on_need(lp_client *k, void *user, const unsigned char *unit, size_t 
 }
 
 static void on_back(lp_client *k, void *user, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
-                    const unsigned char *rest, size_t rest_len, const char *reason) {
+                    const unsigned char *rest, size_t rest_len, const char *reason, int id) {
   client_t *c = client_of(k, user, "back");
+  if (id != 0) fail("client %d: back with desk id %d, no desk here", c->index, id);
   if (how < LP_BACK_RELEASED || how > LP_BACK_UPSTREAM_GONE) fail("client %d: back %d", c->index, (int)how);
   account_all();
   upstream_t *u = c->lent;
@@ -1014,7 +1016,7 @@ static int attach(client_t *c, upstream_t *u) {
   put(&c->answers, unread.d, unread.n);
   c->counted_cl += (double)unread.n; /* C counts them as it relays them */
   c->needing = 0;
-  int r = lp_client_attach(c->k, u->conn, unread.d ? unread.d : (const unsigned char *)"", unread.n, NULL, 0, c->named.n ? c->named.d : NULL, c->named.n);
+  int r = lp_client_attach(c->k, u->conn, unread.d ? unread.d : (const unsigned char *)"", unread.n, NULL, 0, c->named.n ? c->named.d : NULL, c->named.n, NULL);
   if (r == 0) c->named.n = 0;
   if (verbose) fprintf(stderr, "pool: attach connection %d to client %d with %zu unread bytes: %d\n", u->index, c->index, unread.n, r);
   if (r != 0) {
@@ -1184,7 +1186,7 @@ static void open_client(client_t *c) {
   c->fd = fds[1];
   c->open = 1;
   const char *error = NULL;
-  c->k = lp_client_open(&S->loop, fds[0], &client_callbacks, c, c->counters, &error);
+  c->k = lp_client_open(&S->loop, fds[0], &client_callbacks, c, c->counters, NULL, &error);
   if (!c->k) fail("lp_client_open: %s", error ? error : "?");
   if (verbose) fprintf(stderr, "client %d: open\n", c->index);
 }
@@ -1314,9 +1316,9 @@ static void step(void) {
     case 18: pool_query(u, (which & 1) ? "SELECT 1" : "ROLLBACK"); break;
     case 19: /* the state the engine reads */
       if (c->k) {
-        int lent, running;
+        int lent, running, desk_id;
         double idle;
-        lp_client_state(c->k, &lent, &running, &idle);
+        lp_client_state(c->k, &lent, &running, &idle, &desk_id);
         if (lent != (c->lent != NULL)) fail("client %d: lp_client_state says lent %d, it is %d", c->index, lent, c->lent != NULL);
         if (running && !lent) fail("client %d: running with nothing lent", c->index);
       }

@@ -402,6 +402,7 @@ export class Metrics {
   traffic(target: string): { bytesToUpstream: number; bytesToClient: number; sessions: number; logins: number; reuses: number; failures: number; waits: number; waitSeconds: number } {
     const c = this.#targets.get(target)?.counts;
     if (!c) return { bytesToUpstream: 0, bytesToClient: 0, sessions: 0, logins: 0, reuses: 0, failures: 0, waits: 0, waitSeconds: 0 };
+    c.pools(); // what the desks served, counted first (see text())
     return {
       bytesToUpstream: c.bytesToUpstream + (c.nativeBytes[0] as number),
       bytesToClient: c.bytesToClient + (c.nativeBytes[1] as number),
@@ -431,6 +432,8 @@ export class Metrics {
 
   /** The exposition text of every metric. */
   async text(): Promise<string> {
+    // Reading the pools first counts what their desks (native/txclient.h) served since the last read.
+    for (const { counts } of this.#targets.values()) counts.pools();
     return await this.#registry.metrics();
   }
 

@@ -119,6 +119,15 @@ export class ClientSettings {
     return changed;
   }
 
+  /**
+   * The reported settings while they are a map shared with other clients and nothing else is set
+   * (no unreported startup setting): a connection landed in them needs nothing set for this
+   * client (landOn), and the desk (desk.ts) hands such connections on by this map's identity.
+   */
+  get shared(): ReadonlyMap<string, string> | undefined {
+    return this.#sharing && this.unreported.size === 0 ? this.#reported : undefined;
+  }
+
   /** Reported parameters as the server reported them to this client (its greeting, then ParameterStatus). */
   get reported(): ReadonlyMap<string, string> {
     return this.#reported;

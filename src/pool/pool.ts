@@ -22,6 +22,7 @@ import { FrameReader } from '../wire/frame-reader.js';
 import { SocketFrames } from '../wire/socket-frames.js';
 import type { Duplex } from 'node:stream';
 import type { Detached } from '../proxy/native-relay.js';
+import { Desk, serverSettingsId, type DeskOut } from './desk.js';
 import { ServerConnection, type ServerCloseReason } from './server-connection.js';
 
 export interface PoolSettings {
@@ -123,6 +124,8 @@ export class Pool {
    * client with the same ones is greeted without a round trip (kept for the pool's life).
    */
   readonly greetings = new Map<string, unknown>();
+  /** Transaction mode with the native addon: the hand-off in C (desk.ts), made at the first use. */
+  #desk: Desk | undefined;
 
   constructor(name: string, settings: PoolSettings, observer: PoolObserver) {
     this.name = name;
@@ -131,8 +134,23 @@ export class Pool {
     this.#janitor = setInterval(() => this.#sweep(), JANITOR_MS).unref();
   }
 
-  /** Connections by state, and clients waiting: for /metrics. */
+  /**
+   * Transaction mode's desk (desk.ts), made now when there is none; undefined without the
+   * native addon, or once the pool is closed.
+   */
+  get desk(): Desk | undefined {
+    if (this.#desk || this.#closed) return this.#desk;
+    this.#desk = Desk.open({ out: (server, why) => this.#fromDesk(server, why), served: (transactions, waits, count) => this.#served(transactions, waits, count) });
+    this.#desk?.config(this.#settings.queryWaitTimeoutMs, this.#settings.checkDelayMs);
+    if (this.#paused) this.#desk?.stop(true);
+    this.#sync();
+    return this.#desk;
+  }
+
+  /** Connections by state, and clients waiting: for /metrics (what the desk served is counted first). */
   get stats(): { idle: number; active: number; loggingIn: number; checking: number; resetting: number; waiting: number } {
+    const desk = this.#desk?.stats;
+    this.#desk?.drain();
     let active = 0;
     let checking = 0;
     let resetting = 0;
@@ -141,7 +159,9 @@ export class Pool {
       else if (server.state === 'checking') checking++;
       else if (server.state === 'resetting') resetting++;
     }
-    return { idle: this.#idle.length, active, loggingIn: this.#loggingIn, checking, resetting, waiting: this.#waiters.length };
+    // The desk's idle connections are 'active' to the pool (lent to the desk).
+    const deskIdle = desk?.idle ?? 0;
+    return { idle: this.#idle.length + deskIdle, active: active - deskIdle, loggingIn: this.#loggingIn, checking, resetting, waiting: this.#waiters.length + (desk?.waiting ?? 0) };
   }
 
   /** Server connections open or logging in. */
@@ -157,7 +177,7 @@ export class Pool {
   /** How long the client waiting longest has waited, in milliseconds; 0 when none waits. */
   get maxWaitMs(): number {
     const first = this.#waiters[0];
-    return first ? Date.now() - first.since : 0;
+    return Math.max(first ? Date.now() - first.since : 0, this.#desk?.stats.maxWaitMs ?? 0);
   }
 
   /** Settings in force (a reload may change them). */
@@ -197,11 +217,13 @@ export class Pool {
       }
       if (this.size < this.#settings.size) {
         this.#loggingIn++;
+        this.#sync();
         let server: ServerConnection;
         try {
           server = await login();
         } catch (error) {
           this.#loggingIn--;
+          this.#sync();
           this.#wakeOne(); // the room this login held is free: a client waiting may log in
           throw error;
         }
@@ -212,6 +234,7 @@ export class Pool {
           throw new PoolClosedError(`pool ${this.name} is closed: the proxy is shutting down`);
         }
         this.#all.add(server);
+        this.#sync();
         server.state = 'active';
         server.watchClose(() => this.#forget(server, 'server_closed'));
         this.#observer.login();
@@ -307,7 +330,15 @@ export class Pool {
   /** New settings from a reload: a smaller size closes idle connections above it. */
   update(settings: PoolSettings): void {
     this.#settings = settings;
+    this.#desk?.config(settings.queryWaitTimeoutMs, settings.checkDelayMs);
     while (this.size > settings.size && this.#idle.length > 0) this.#close(this.#idle.shift() as ServerConnection, 'evicted');
+    // Above the new size, the desk's idle connections go too.
+    for (const id of [...(this.#desk?.servers.keys() ?? [])]) {
+      if (this.size <= settings.size) break;
+      const server = this.#desk?.reclaim(id);
+      if (server) this.#close(server, 'evicted');
+    }
+    this.#sync();
     this.#wakeAll();
   }
 
@@ -318,10 +349,12 @@ export class Pool {
   pause(): void {
     this.#paused = true;
     for (const server of this.#idle.splice(0)) this.#close(server, 'shutdown');
+    this.#desk?.stop(true); // its idle connections come out ('reclaimed') and close
   }
 
   resume(): void {
     this.#paused = false;
+    this.#desk?.stop(false);
   }
 
   /** Closes every idle connection and those released from now on; waiting clients are refused. */
@@ -331,6 +364,7 @@ export class Pool {
     clearTimeout(this.#deadlineTimer);
     this.#deadlineTimer = undefined;
     for (const server of this.#idle.splice(0)) this.#close(server, 'shutdown');
+    this.#desk?.close(); // its waiting clients ask the pool, and are refused; its idle connections close
     this.#wakeAll();
   }
 
@@ -342,6 +376,7 @@ export class Pool {
       if (server.loginKey !== loginKey) continue;
       if (!unchecked && now - server.lastUsedAt >= this.#settings.checkDelayMs) return undefined;
       this.#idle.splice(i, 1);
+      this.#sync();
       server.stopWatchingIdle();
       if (now >= server.expiresAt) {
         this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
@@ -349,6 +384,22 @@ export class Pool {
         continue;
       }
       return server;
+    }
+    // The desk's idle connections are this pool's too: one for a client that asks here.
+    for (let taken = this.#desk?.reclaimAny(); taken; taken = this.#desk?.reclaimAny()) {
+      const { server, idleMs } = taken;
+      server.lastUsedAt = now - idleMs;
+      if (now >= server.expiresAt) {
+        this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
+        continue;
+      }
+      if (server.loginKey === loginKey && (unchecked || idleMs < this.#settings.checkDelayMs)) return server;
+      // To be checked first (or of other parameters): the pool's idle list, where acquire() finds it.
+      server.state = 'idle';
+      server.watchIdle(() => this.#close(server, 'server_closed'));
+      this.#idle.push(server);
+      this.#sync();
+      return undefined;
     }
     return undefined;
   }
@@ -407,14 +458,52 @@ export class Pool {
     const at = this.#waiters[0]?.loginKey === server.loginKey ? 0 : this.#waiters.findIndex((waiter) => waiter.loginKey === server.loginKey);
     if (at >= 0) {
       const waiter = at === 0 ? this.#waiters.shift() : this.#waiters.splice(at, 1)[0];
+      this.#sync();
       server.state = 'active';
       waiter?.wake(server);
       return;
     }
+    // Then to a client waiting on the desk for a connection in these settings.
+    server.state = 'active';
+    if (this.#desk?.offer(server, serverSettingsId(server))) return;
     server.state = 'idle';
     server.watchIdle(() => this.#close(server, 'server_closed'));
     this.#idle.push(server);
+    this.#sync();
     this.#wakeOne();
+  }
+
+  /**
+   * Tells the desk whether this pool can give a connection now (an idle one, room for a login:
+   * then the desk's clients ask here) and whether clients wait here (then connections the desk
+   * releases come back here).
+   */
+  #sync(): void {
+    this.#desk?.set(this.#idle.length > 0 || this.size < this.#settings.size, this.#waiters.length > 0);
+  }
+
+  /** An idle connection came off the desk by itself (desk.ts, DeskOut). */
+  #fromDesk(server: ServerConnection, why: DeskOut): void {
+    if (why === 'ended' || why === 'spoke' || this.#closed || this.#paused || server.closed) {
+      // It ended, or the server said something while nothing ran (a shutdown's notice, a terminated backend's error).
+      this.#close(server, this.#closed || this.#paused ? 'shutdown' : 'server_closed');
+      return;
+    }
+    // Stale (expired, or idle past ServerCheckDelay): the pool's idle list, where the next take checks or closes it.
+    server.lastUsedAt = Math.min(server.lastUsedAt, Date.now() - this.#settings.checkDelayMs);
+    server.state = 'idle';
+    server.watchIdle(() => this.#close(server, 'server_closed'));
+    this.#idle.unshift(server); // the least recently used end
+    this.#sync();
+  }
+
+  /** What the desk served: counted as the pool's own hand-offs are. */
+  #served(transactions: number, waits: Float64Array, count: number): void {
+    for (let i = 0; i < transactions; i++) this.#observer.transaction(true);
+    for (let i = 0; i < count; i++) {
+      this.#observer.reuse();
+      this.#observer.waited(waits[i] as number);
+    }
   }
 
   /** ROLLBACK when a transaction was left open, then ServerResetQuery; false (and closed) when that failed or the connection may serve no more. */
@@ -452,6 +541,7 @@ export class Pool {
     if (!this.#all.delete(server)) return;
     const at = this.#idle.indexOf(server);
     if (at >= 0) this.#idle.splice(at, 1);
+    this.#sync();
     this.#observer.closed(reason);
     this.#wakeOne();
   }
@@ -462,6 +552,17 @@ export class Pool {
     for (const server of [...this.#idle]) {
       if (now >= server.expiresAt) this.#close(server, server.tokenExpired(now) ? 'token_expired' : 'lifetime');
       else if (this.#settings.idleTimeoutMs > 0 && now - server.lastUsedAt >= this.#settings.idleTimeoutMs && this.#all.size > this.#settings.minSize) this.#close(server, 'idle');
+    }
+    const desk = this.#desk;
+    if (!desk) return;
+    desk.drain();
+    for (const [id, server] of [...desk.servers]) {
+      const idleMs = desk.idleMs(id);
+      if (idleMs < 0) continue; // lent to a client
+      server.lastUsedAt = now - idleMs;
+      const expired = now >= server.expiresAt;
+      if (!expired && !(this.#settings.idleTimeoutMs > 0 && idleMs >= this.#settings.idleTimeoutMs && this.#all.size > this.#settings.minSize)) continue;
+      if (desk.reclaim(id)) this.#close(server, expired ? (server.tokenExpired(now) ? 'token_expired' : 'lifetime') : 'idle');
     }
   }
 
@@ -477,6 +578,7 @@ export class Pool {
     const last = this.#waiters[this.#waiters.length - 1];
     if (!last || last.since <= waiter.since) this.#waiters.push(waiter);
     else this.#waiters.splice(this.#waiters.findIndex((other) => other.since > waiter.since), 0, waiter);
+    this.#sync();
     this.#watchAbort(waiter.signal);
     this.#armDeadline(waiter.deadline);
   }
@@ -492,6 +594,7 @@ export class Pool {
           const waiter = this.#waiters[i] as Waiter;
           if (waiter.signal !== signal) continue;
           this.#waiters.splice(i, 1);
+          this.#sync();
           waiter.fail(new Error('the client went away'));
         }
       },
@@ -517,6 +620,7 @@ export class Pool {
       const waiter = this.#waiters[i] as Waiter;
       if (waiter.deadline <= now) {
         this.#waiters.splice(i, 1);
+        this.#sync();
         waiter.fail(this.#timeout());
       } else {
         next = Math.min(next, waiter.deadline);
@@ -533,12 +637,18 @@ export class Pool {
     );
   }
 
+  /** Room came free: the first client waiting here looks again, else the first waiting on the desk asks here. */
   #wakeOne(): void {
-    this.#waiters.shift()?.wake();
+    const waiter = this.#waiters.shift();
+    this.#sync();
+    if (waiter) waiter.wake();
+    else this.#desk?.wake();
   }
 
   #wakeAll(): void {
-    for (const waiter of this.#waiters.splice(0)) waiter.wake();
+    const waiters = this.#waiters.splice(0);
+    this.#sync();
+    for (const waiter of waiters) waiter.wake();
   }
 }
 

@@ -32,6 +32,7 @@ import { NativeClient, type Back, type ClientStream } from '../proxy/native-clie
 import { converse, type Login, type Pool, type PoolObserver } from './pool.js';
 import type { ServerConnection } from './server-connection.js';
 import { carried, ClientSettings, literal } from './client-settings.js';
+import { serverSettingsId, settingsId } from './desk.js';
 
 export interface TransactionContext {
   readonly pool: Pool;
@@ -346,7 +347,7 @@ export class TransactionSession implements SessionRelay {
     this.#client = client;
     if (client instanceof NativeClient) {
       this.#native = client;
-      client.onNeed = (unit) => this.#lend(unit);
+      client.onNeed = (unit, waitedMs) => this.#lend(unit, waitedMs);
       client.onBack = (back) => this.#back(back);
     }
     this.#context = context;
@@ -367,18 +368,21 @@ export class TransactionSession implements SessionRelay {
 
   /** Something sent that the server has not answered yet. */
   get queryRunning(): boolean {
-    if (this.#lent) return this.#native?.state.running === true;
-    return this.#server !== undefined && (this.#queue.length > 0 || this.#unsynced);
+    if (this.#server === undefined) return this.#native?.state.running === true; // lent to C, or nothing held
+    return this.#queue.length > 0 || this.#unsynced;
   }
 
-  /** The server connection the client holds now, if any (the console's SHOW CLIENTS). */
+  /** The server connection the client holds now, if any (the console's SHOW CLIENTS): the engine's, or one lent to C. */
   get server(): ServerConnection | undefined {
-    return this.#server ?? this.#lent;
+    if (this.#server) return this.#server;
+    if (this.#lent) return this.#lent;
+    const deskId = this.#native?.state.deskId ?? 0;
+    return deskId > 0 ? this.#context.pool.desk?.server(deskId) : undefined;
   }
 
   /** The client's CancelRequest: to the connection running its query, else dropped. */
   cancel(): Promise<void> {
-    const server = this.#server ?? this.#lent;
+    const server = this.server;
     const running = this.#server ? this.#queue.length > 0 && !this.#draining : this.#native?.state.running === true;
     if (!server || !running) return Promise.resolve();
     const sent: Promise<void> = this.#context.cancel(server).finally(() => {
@@ -394,7 +398,9 @@ export class TransactionSession implements SessionRelay {
    */
   endAfterTransaction(): void {
     this.#ending = true;
-    if (!this.#server && !this.#acquiring && !this.#lent) this.#shutDown();
+    // Off the desk: its transaction under way comes back here (not to the desk's next client), a wait on it asks the pool.
+    this.#native?.desk(undefined, 0);
+    if (!this.#server && !this.#acquiring && !this.#lent && this.#native?.state.lent !== true) this.#shutDown();
   }
 
   close(end: RelayEnd = 'shutdown'): void {
@@ -448,6 +454,11 @@ export class TransactionSession implements SessionRelay {
     if (!native || this.#server || this.#lent || this.#acquiring || this.#held || this.#queue.length > 0 || this.#end !== undefined || this.#ending) return;
     if (this.#unsynced || this.#clientSkipping || this.#serverSkipping || this.#draining || this.#discardAhead || this.#toClient.length > 0) return;
     native.resume();
+    // C hands the pool's connections to this client itself (the desk) while its settings are a
+    // shared set (a connection in them needs nothing set) and its unnamed statement is plain (a
+    // Parse of the fast path's leaves it so, unseen here).
+    const sid = this.#unnamed === PLAIN && this.#unnamedSent === PLAIN ? settingsId(this.#settings.shared) : 0;
+    native.desk(sid > 0 ? this.#context.pool.desk : undefined, sid);
     native.fast(this.#fromClient.takeRemaining());
   }
 
@@ -455,14 +466,22 @@ export class TransactionSession implements SessionRelay {
    * The fast path waits with a unit: a connection is lent to it, or, where it cannot be, the unit
    * comes here. The pool hands a connection over synchronously when it can (Pool.lendTo).
    */
-  #lend(unit: Buffer | null): void {
+  #lend(unit: Buffer | null, waitedMs = 0): void {
     if (this.#acquiring || this.#end !== undefined) return;
     this.#acquiring = true;
-    this.#context.pool.lendTo(this.#context.loginKey, this.#context.login, (this.#abort ??= new AbortController()).signal, (server, error) => {
-      this.#acquiring = false;
-      if (server) this.#landFast(server, unit);
-      else this.#leaseFailed(error);
-    });
+    // `waitedMs`: on the desk already (its wait counts against QueryWaitTimeout).
+    const started = Date.now() - waitedMs;
+    this.#context.pool.lendTo(
+      this.#context.loginKey,
+      this.#context.login,
+      (this.#abort ??= new AbortController()).signal,
+      (server, error) => {
+        this.#acquiring = false;
+        if (server) this.#landFast(server, unit);
+        else this.#leaseFailed(error);
+      },
+      started,
+    );
   }
 
   #landFast(server: ServerConnection, unit: Buffer | null): void {
@@ -479,8 +498,15 @@ export class TransactionSession implements SessionRelay {
       // Lent before the call: the connection may come back inside it (its end read at once).
       this.#lent = server;
       this.#lentSettings = query;
+      // In the client's settings already, with nothing to rewrite: it joins the desk (C hands it on from there).
+      const desk = !unit && query === undefined ? native.deskOf : undefined;
+      const sid = desk ? serverSettingsId(server) : 0;
+      const join = desk && sid > 0 && sid === native.deskSid ? desk.join(server, sid) : undefined;
       // The client's settings, where they differ, go ahead of its unit (answered first, kept from it).
-      if (native.attach(server.upstream, query === undefined ? undefined : queryMessage(query), rewritten) === undefined) return;
+      const attached = native.attach(server.upstream, query === undefined ? undefined : queryMessage(query), rewritten, join);
+      if (join && attached !== 'joined') desk?.left(join[0]);
+      if (attached === 'joined' && this.#lent === server) this.#lent = undefined; // the desk's now (it comes back with its id)
+      if (typeof attached === 'string') return;
       this.#lent = undefined;
     }
     // A connection C cannot take, or a statement it does not have yet: this transaction runs here.
@@ -542,9 +568,9 @@ export class TransactionSession implements SessionRelay {
 
   /** The lent connection is back from the fast path (see native/txclient.h). */
   #back(back: Back): void {
-    const server = this.#lent;
+    const server = back.deskId > 0 ? this.#context.pool.desk?.left(back.deskId) : this.#lent;
     if (!server) return;
-    this.#lent = undefined;
+    if (back.deskId === 0) this.#lent = undefined;
     const settings = this.#lentSettings;
     this.#lentSettings = undefined;
     (server.upstream as NativeUpstream).reclaim();
@@ -628,9 +654,9 @@ export class TransactionSession implements SessionRelay {
     if (up === 0 && down === 0) return;
     this.#fastCounted[0] = counters[0] ?? 0;
     this.#fastCounted[1] = counters[1] ?? 0;
+    // The metrics count them as C moves them (NativeClient's totals).
     this.stats.bytesToUpstream += up;
     this.stats.bytesToClient += down;
-    this.#context.onBytes(up, down);
   }
 
   /** Handles one client message; false when it must wait until the server's status is known. */

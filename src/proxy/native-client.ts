@@ -7,6 +7,7 @@
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { fdOf, LENT_BACK, native, type Handle, type LentBack, type NativeUpstream } from './native-relay.js';
+import type { Desk, Join } from '../pool/desk.js';
 
 /** What the engine needs of a client stream: net.Socket and NativeClient both are one. */
 export interface ClientStream {
@@ -42,6 +43,8 @@ export interface Back {
   readonly rest: Buffer | null;
   /** upstream_gone: why (null: it closed). */
   readonly reason: string | null;
+  /** The connection's id on the pool's desk (it has left the desk now), 0 when the engine lent it. */
+  readonly deskId: number;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -56,14 +59,19 @@ const LENT_SETTINGS_FAILED = 16;
 export class NativeClient extends EventEmitter implements ClientStream {
   /** [to upstream, to client]: bytes the fast path moved, added to by C. */
   readonly counters: Float64Array;
-  /** Set by the engine: a unit waits for a connection; `unit` when it names the client's statements (attach() takes it rewritten). */
-  onNeed: (unit: Buffer | null) => void = () => {};
+  /**
+   * Set by the engine: a unit waits for a connection; `unit` when it names the client's
+   * statements (attach() takes it rewritten); `waitedMs`: how long it waited on the desk first.
+   */
+  onNeed: (unit: Buffer | null, waitedMs: number) => void = () => {};
   /** Set by the engine: the lent connection is back. */
   onBack: (back: Back) => void = () => {};
   readonly #addon: NonNullable<typeof native.addon>;
   readonly #client: Handle;
   #closed = false;
   #ended = false;
+  #desk: Desk | undefined;
+  #deskSid = 0;
 
   private constructor(addon: NonNullable<typeof native.addon>, client: Handle, counters: Float64Array) {
     super();
@@ -77,7 +85,7 @@ export class NativeClient extends EventEmitter implements ClientStream {
    * once what Node.js still queues for it is written. Returns undefined when C cannot take it
    * (then `socket` is untouched), or the client's bytes Node.js read beside it.
    */
-  static async adopt(socket: Socket): Promise<{ client: NativeClient; unread: Buffer } | undefined> {
+  static async adopt(socket: Socket, totals: Float64Array): Promise<{ client: NativeClient; unread: Buffer } | undefined> {
     const addon = native.addon;
     if (!addon) return undefined;
     socket.pause(); // what the client sends meanwhile stays in Node's buffer, read below
@@ -89,9 +97,10 @@ export class NativeClient extends EventEmitter implements ClientStream {
     const handle = addon.client(
       fd,
       counters,
+      totals,
       (data, error) => made.#data(data, error),
-      (unit) => made.onNeed(unit),
-      (how, status, flags, running, reports, rest, reason) =>
+      (unit, waitedMs) => made.onNeed(unit, waitedMs),
+      (how, status, flags, running, reports, rest, reason, deskId) =>
         made.onBack({
           how: LENT_BACK[how - 1] ?? 'upstream_gone',
           status: STATUS[status] ?? String.fromCharCode(status),
@@ -104,6 +113,7 @@ export class NativeClient extends EventEmitter implements ClientStream {
           running,
           rest,
           reason,
+          deskId,
         }),
       () => made.#closedByC(),
     );
@@ -155,14 +165,34 @@ export class NativeClient extends EventEmitter implements ClientStream {
   /**
    * Lends `upstream` to the unit that waits (after onNeed), `settings` (messages: a Query) sent
    * ahead of it with their answers kept from the client, and `unit` sent instead of the waiting
-   * one (its statement names the server's) when onNeed gave one; a string says why not (nothing changed).
+   * one (its statement names the server's) when onNeed gave one. With `join` (Desk.join) the
+   * connection joins this client's desk: 'joined' (it comes back with its desk id), else 'lent';
+   * `refused` says why not (nothing changed).
    */
-  attach(upstream: NativeUpstream, settings: Buffer = EMPTY, unit: Buffer = EMPTY): string | undefined {
+  attach(upstream: NativeUpstream, settings: Buffer = EMPTY, unit: Buffer = EMPTY, join?: Join): 'joined' | 'lent' | { refused: string } {
     const lent = upstream.lend();
-    if (!lent) return 'the upstream connection has ended';
-    const refused = this.#addon.clientAttach(this.#client, lent.conn, lent.unread, settings, unit);
-    if (refused !== undefined) upstream.giveBack(lent.unread);
-    return refused;
+    if (!lent) return { refused: 'the upstream connection has ended' };
+    const [id, sid, expiresInMs] = join ?? [0, 0, 0];
+    const attached = this.#addon.clientAttach(this.#client, lent.conn, lent.unread, settings, unit, id, sid, expiresInMs);
+    if (typeof attached !== 'string') return attached ? 'joined' : 'lent';
+    upstream.giveBack(lent.unread);
+    return { refused: attached };
+  }
+
+  /** The desk whose connections C hands this client itself, for units in settings `sid` (undefined: none). */
+  desk(desk: Desk | undefined, sid: number): void {
+    if (desk === this.#desk && sid === this.#deskSid) return;
+    this.#desk = desk;
+    this.#deskSid = desk ? sid : 0;
+    this.#addon.clientDesk(this.#client, desk?.handle ?? null, this.#deskSid);
+  }
+
+  get deskOf(): Desk | undefined {
+    return this.#desk;
+  }
+
+  get deskSid(): number {
+    return this.#deskSid;
   }
 
   /** Back to the engine, with nothing lent: the bytes it reads next. */
@@ -171,9 +201,9 @@ export class NativeClient extends EventEmitter implements ClientStream {
   }
 
   /** Whether a query runs on the lent connection, and ms since the last byte either way. */
-  get state(): { lent: boolean; running: boolean; idleMs: number } {
-    const [lent = 0, running = 0, idleMs = 0] = this.#addon.clientState(this.#client);
-    return { lent: lent === 1, running: running === 1, idleMs };
+  get state(): { lent: boolean; running: boolean; idleMs: number; deskId: number } {
+    const [lent = 0, running = 0, idleMs = 0, deskId = 0] = this.#addon.clientState(this.#client);
+    return { lent: lent === 1, running: running === 1, idleMs, deskId };
   }
 
   /** Closes the session after `ms` with no byte either way and no query running (as server.ts' idleTimeout does for sockets). */

@@ -55,9 +55,10 @@ interface Addon {
   client(
     fd: number,
     counters: Float64Array,
+    totals: Float64Array,
     onData: (data: Buffer | null, error: string | null) => void,
-    onNeed: (unit: Buffer | null) => void,
-    onBack: (how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null) => void,
+    onNeed: (unit: Buffer | null, waitedMs: number) => void,
+    onBack: (how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null, deskId: number) => void,
     onEnd: () => void,
   ): Handle | string;
   clientWrite(client: Handle, data: Buffer): number;
@@ -65,11 +66,25 @@ interface Addon {
   clientClose(client: Handle): void;
   clientPause(client: Handle, paused: boolean): void;
   clientFast(client: Handle, first: Buffer): boolean;
-  clientAttach(client: Handle, conn: Handle, unread: Buffer, settings: Buffer, unit: Buffer): string | undefined;
+  /** true: the connection joined the client's desk; a string: refused. */
+  clientAttach(client: Handle, conn: Handle, unread: Buffer, settings: Buffer, unit: Buffer, joinId: number, sid: number, expiresInMs: number): boolean | string;
+  clientDesk(client: Handle, desk: Handle | null, sid: number): void;
   /** Whether the fast path carries a statement of this text (native/txclient.c, lp_text_plain). */
   textPlain(text: Buffer): boolean;
   clientJs(client: Handle): Buffer;
-  clientState(client: Handle): [number, number, number];
+  clientState(client: Handle): [number, number, number, number];
+  /** A transaction pool's hand-off in C (native/txclient.h, lp_desk; src/pool/desk.ts). */
+  desk(counts: Float64Array, waits: Float64Array, onOut: (id: number, why: number) => void, onFull: () => void): Handle | string;
+  deskSet(desk: Handle, room: boolean, jsWaiting: boolean): void;
+  deskConfig(desk: Handle, waitTimeoutMs: number, checkDelayMs: number): void;
+  deskStop(desk: Handle, stopped: boolean): void;
+  deskClose(desk: Handle): void;
+  deskOffer(desk: Handle, conn: Handle, id: number, sid: number, expiresInMs: number): boolean;
+  deskWake(desk: Handle): boolean;
+  deskReclaim(desk: Handle, id: number): boolean;
+  deskIdleMs(desk: Handle, id: number): number;
+  deskReclaimAny(desk: Handle): [number, number];
+  deskStats(desk: Handle): [number, number, number, number];
 }
 
 /** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back, from 1). */
@@ -86,7 +101,7 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
   try {
     // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
     const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.clientAttach !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
+    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskOffer !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };

@@ -705,7 +705,7 @@ export class ProxyServer {
     let first = frames.detach();
     // A plain client's socket goes to C, whose fast path carries the commonest transactions (native/txclient.h).
     let stream: ClientStream = client;
-    const adopted = this.#nativeUpstream && client === raw ? await NativeClient.adopt(raw) : undefined;
+    const adopted = this.#nativeUpstream && client === raw ? await NativeClient.adopt(raw, this.#nativeBytes) : undefined;
     if (adopted) {
       stream = adopted.client;
       current = stream;
