@@ -103,6 +103,7 @@ struct lp_desk {
   lp_client *head, *tail; /* waiting, first come first */
   int waiting;
   int room, js_waiting, stopped, closed, freeing;
+  int unstarve; /* a connection left: waiting clients of settings no connection here has go to the caller (at the timer) */
   uint64_t wait_timeout, check_delay;
   int refs; /* clients whose `desk` this is, and calls under way that may close it */
   double *counts, *waits;
@@ -713,6 +714,7 @@ static desk_entry *entry_new(lp_desk *d, lp_conn *conn, const lp_desk_join *join
 }
 
 static void desk_maybe_free(lp_desk *d);
+static void timer_fired(uv_timer_t *timer);
 static void idle_sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
 
 /* The connection leaves the desk (it is the caller's again, its reader unset when it was idle). */
@@ -727,6 +729,12 @@ static void entry_leave(desk_entry *e) {
     lp_conn_sink(e->conn, NULL, NULL);
   }
   free(e);
+  /* Clients waiting for a connection of its settings may wait for none now: looked at from the
+     timer, outside whatever call this is (the caller may be in the middle of its own bookkeeping). */
+  if (d->head && !d->closed) {
+    d->unstarve = 1;
+    uv_timer_start(d->timer, timer_fired, 0, 0);
+  }
   desk_maybe_free(d);
 }
 
@@ -831,13 +839,17 @@ static int desk_take(lp_client *k) {
   }
 }
 
+static int has_sid(const lp_desk *d, int sid) {
+  for (const desk_entry *e = d->entries; e; e = e->next) {
+    if (e->sid == sid) return 1;
+  }
+  return 0;
+}
+
 /* The client waits on the desk: when the caller has no connection to give now, and one of the desk has its settings. */
 static int desk_queue(lp_client *k) {
   lp_desk *d = k->desk;
-  if (d->stopped || d->room) return 0;
-  desk_entry *e = d->entries;
-  while (e && e->sid != k->sid) e = e->next;
-  if (!e) return 0;
+  if (d->stopped || d->room || !has_sid(d, k->sid)) return 0;
   k->needing = 1;
   k->head_named = 0;
   k->waiting = 1;
@@ -852,10 +864,23 @@ static int desk_queue(lp_client *k) {
   return 1;
 }
 
-/* The wait timeout: clients waiting longer go to the caller (which refuses them, or has a connection by now). */
+/*
+ * The wait timeout: clients waiting longer go to the caller (which refuses them, or has a
+ * connection by now). After a connection left (`unstarve`), so do clients of settings that no
+ * connection of the desk has any more: none would come to them.
+ */
 static void timer_fired(uv_timer_t *timer) {
   lp_desk *d = uv_handle_get_data((uv_handle_t *)timer);
   d->refs++;
+  while (d->unstarve) {
+    d->unstarve = 0;
+    for (lp_client *w = d->head; w; w = w->wnext) {
+      if (has_sid(d, w->sid)) continue;
+      to_caller(w);
+      d->unstarve = 1; /* the callback may have changed anything: from the start */
+      break;
+    }
+  }
   uint64_t now = uv_now(d->loop);
   while (d->head && now - d->head->wait_since >= d->wait_timeout) to_caller(d->head);
   d->refs--;

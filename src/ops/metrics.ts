@@ -61,6 +61,8 @@ interface TargetCounts {
   transactions: number;
   /** Of those, carried from start to end by the native fast path (native/txclient.h). */
   fastTransactions: number;
+  /** Of those, given back to the pool in C, on its desk (src/pool/desk.ts), no JavaScript per transaction. */
+  deskTransactions: number;
   prepared: number;
   preparedReused: number;
   leaked: number;
@@ -220,6 +222,15 @@ export class Metrics {
       },
     });
     new Counter({
+      name: `${METRIC_PREFIX}pool_desk_transactions_total`,
+      help: "Of pool_fast_path_transactions_total, those whose server connection C kept for the pool's next client itself (the pool's desk): no JavaScript for the hand-off either.",
+      labelNames: ['target'],
+      registers,
+      collect() {
+        publish(this, (c, target) => this.inc({ target }, c.deskTransactions));
+      },
+    });
+    new Counter({
       name: `${METRIC_PREFIX}prepared_statements_total`,
       help: "PoolMode=transaction: uses of clients' named prepared statements (Parse, Bind, Describe), by outcome (prepared: the connection had to prepare it; reused: it had it already).",
       labelNames: ['target', 'outcome'],
@@ -344,6 +355,7 @@ export class Metrics {
       resets: 0,
       transactions: 0,
       fastTransactions: 0,
+      deskTransactions: 0,
       prepared: 0,
       preparedReused: 0,
       leaked: 0,
@@ -378,9 +390,10 @@ export class Metrics {
         reuse: () => void counts.reuses++,
         reset: () => void counts.resets++,
         closed: (reason) => void counts.serverCloses[reason]++,
-        transaction: (fast) => {
+        transaction: (fast, desk) => {
           counts.transactions++;
           if (fast) counts.fastTransactions++;
+          if (desk) counts.deskTransactions++;
         },
         prepared: (reused) => void (reused ? counts.preparedReused++ : counts.prepared++),
         leaked: () => void counts.leaked++,

@@ -26,17 +26,30 @@ export interface DeskOwner {
   served(transactions: number, waits: Float64Array, count: number): void;
 }
 
-/** Settings ids: one per shared, unchanging map of reported settings (0 matches nothing). */
-const settingsIds = new WeakMap<object, number>();
+/**
+ * Settings ids: one per set of reported settings (0 matches nothing), by content, so that clients
+ * greeted at the same time (each with its own map) share one; cached per map, which never
+ * changes once shared (client-settings.ts).
+ */
+const idsByMap = new WeakMap<ReadonlyMap<string, string>, number>();
+const idsByContent = new Map<string, number>();
+/** Contents remembered at most (each distinct application_name is one): past it they are forgotten, and a new map gets a new id (a missed match, never a false one). */
+const CONTENTS_KEPT = 10_000;
 let nextSettingsId = 1;
 
-export function settingsId(reported: object | undefined): number {
+export function settingsId(reported: ReadonlyMap<string, string> | undefined): number {
   if (!reported) return 0;
-  let id = settingsIds.get(reported);
+  let id = idsByMap.get(reported);
+  if (id !== undefined) return id;
+  let content = '';
+  for (const [name, value] of reported) content += `${name}\0${value}\0`;
+  id = idsByContent.get(content);
   if (id === undefined) {
+    if (idsByContent.size >= CONTENTS_KEPT) idsByContent.clear();
     id = nextSettingsId++;
-    settingsIds.set(reported, id);
+    idsByContent.set(content, id);
   }
+  idsByMap.set(reported, id);
   return id;
 }
 

@@ -46,8 +46,11 @@ export interface PoolObserver {
   reset(): void;
   closed(reason: ServerCloseReason): void;
   waited(seconds: number): void;
-  /** Transaction mode: a transaction ended and its client gave the connection back; `fast`: the native fast path carried it. */
-  transaction(fast?: boolean): void;
+  /**
+   * Transaction mode: a transaction ended and its client gave the connection back; `fast`: the
+   * native fast path carried it; `desk`: and C kept the connection for the next client (desk.ts).
+   */
+  transaction(fast?: boolean, desk?: boolean): void;
   /** Transaction mode: a client's prepared statement was prepared on a server, or found there already. */
   prepared(reused: boolean): void;
   /** Transaction mode: a connection was reset because a client left session state on it. */
@@ -499,7 +502,7 @@ export class Pool {
 
   /** What the desk served: counted as the pool's own hand-offs are. */
   #served(transactions: number, waits: Float64Array, count: number): void {
-    for (let i = 0; i < transactions; i++) this.#observer.transaction(true);
+    for (let i = 0; i < transactions; i++) this.#observer.transaction(true, true);
     for (let i = 0; i < count; i++) {
       this.#observer.reuse();
       this.#observer.waited(waits[i] as number);
