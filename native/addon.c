@@ -15,7 +15,8 @@
  *
  * A transaction-mode client (txclient.h):
  *   client(fd, counters: Float64Array(2), totals: Float64Array(2), onData(buffer|null, error|null), onNeed(unit|null, waitedMs),
- *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null, deskId), onEnd()) -> client | string
+ *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null, deskId), onEnd(),
+ *          onRewrite(unit, deskId) -> Buffer | null) -> client | string
  *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
  *   clientEnd(client);  clientClose(client);  clientPause(client, paused);  clientDesk(client, desk|null, sid)
  *   clientFast(client, first) -> boolean
@@ -38,6 +39,7 @@
 
 #include "relay.h"
 #include "txclient.h"
+#include "buffer.h"
 
 typedef struct {
   napi_env env;
@@ -85,6 +87,28 @@ static napi_value call_js(napi_env env, napi_ref ref, size_t argc, napi_value *a
   if (!ref || napi_get_reference_value(env, ref, &fn) != napi_ok || !fn) return NULL;
   napi_get_global(env, &recv);
   if (napi_make_callback(env, async_context, recv, fn, argc, argv, &result) != napi_ok) {
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (pending) {
+      napi_value error;
+      napi_get_and_clear_last_exception(env, &error);
+      napi_fatal_exception(env, error);
+    }
+    return NULL;
+  }
+  return result;
+}
+
+/*
+ * A callback whose answer C needs now, with nothing queued by it to run after (no promises): a
+ * plain call, without call_js' callback scope (whose microtask and tick queues cost more than the
+ * callback itself, once a transaction). An exception is Node's uncaught exception all the same.
+ */
+static napi_value call_js_now(napi_env env, napi_ref ref, size_t argc, napi_value *argv) {
+  napi_value fn, recv, result = NULL;
+  if (!ref || napi_get_reference_value(env, ref, &fn) != napi_ok || !fn) return NULL;
+  napi_get_global(env, &recv);
+  if (napi_call_function(env, recv, fn, argc, argv, &result) != napi_ok) {
     bool pending = false;
     napi_is_exception_pending(env, &pending);
     if (pending) {
@@ -498,7 +522,7 @@ typedef struct {
   napi_env env;
   lp_client *client; /* NULL once ended */
   int js_released;
-  napi_ref on_data, on_need, on_back, on_end, counters, totals;
+  napi_ref on_data, on_need, on_back, on_end, on_rewrite, counters, totals;
 } kbinding_t;
 
 static void kbinding_release(kbinding_t *b) {
@@ -573,12 +597,38 @@ static void k_on_end(lp_client *k, void *user) {
   delete_ref(env, &b->on_need);
   delete_ref(env, &b->on_back);
   delete_ref(env, &b->on_end);
+  delete_ref(env, &b->on_rewrite);
   delete_ref(env, &b->counters);
   delete_ref(env, &b->totals);
   kbinding_release(b);
 }
 
-static const lp_client_callbacks client_callbacks = { k_on_data, k_on_need, k_on_back, k_on_end };
+/* What JavaScript's last rewrite returned (one loop thread: valid until the next call). */
+static buf_t rewritten;
+
+static const unsigned char *k_on_rewrite(lp_client *k, void *user, const unsigned char *unit, size_t n, int id, size_t *out_n) {
+  (void)k;
+  kbinding_t *b = user;
+  napi_env env = b->env;
+  *out_n = 0;
+  buf_free(&rewritten);
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value argv[2] = { buffer_or_null(env, unit, n), NULL };
+  napi_create_int32(env, id, &argv[1]);
+  napi_value result = call_js_now(env, b->on_rewrite, 2, argv);
+  void *data;
+  size_t length;
+  const unsigned char *out = NULL;
+  if (result && get_buffer(env, result, &data, &length) == 0 && length > 0 && buf_append(&rewritten, data, length) == 0) {
+    out = rewritten.data + rewritten.off;
+    *out_n = length;
+  }
+  napi_close_handle_scope(env, scope);
+  return out;
+}
+
+static const lp_client_callbacks client_callbacks = { k_on_data, k_on_need, k_on_back, k_on_end, k_on_rewrite };
 
 static void client_finalize(napi_env env, void *data, void *hint) {
   (void)env;
@@ -611,8 +661,8 @@ static double *float64s(napi_env env, napi_value value, size_t want, size_t *len
 }
 
 static napi_value open_client(napi_env env, napi_callback_info info) {
-  napi_value argv[7];
-  if (get_args(env, info, 7, argv)) return NULL;
+  napi_value argv[8];
+  if (get_args(env, info, 8, argv)) return NULL;
   int32_t fd;
   CHECK(napi_get_value_int32(env, argv[0], &fd));
   double *counters = float64s(env, argv[1], 2, NULL, "client: counters must be a Float64Array(2)");
@@ -626,7 +676,8 @@ static napi_value open_client(napi_env env, napi_callback_info info) {
   int copy = -1;
   if (napi_create_reference(env, argv[1], 1, &b->counters) != napi_ok || napi_create_reference(env, argv[2], 1, &b->totals) != napi_ok ||
       napi_create_reference(env, argv[3], 1, &b->on_data) != napi_ok || napi_create_reference(env, argv[4], 1, &b->on_need) != napi_ok ||
-      napi_create_reference(env, argv[5], 1, &b->on_back) != napi_ok || napi_create_reference(env, argv[6], 1, &b->on_end) != napi_ok || napi_create_external(env, b, client_finalize, NULL, &handle) != napi_ok ||
+      napi_create_reference(env, argv[5], 1, &b->on_back) != napi_ok || napi_create_reference(env, argv[6], 1, &b->on_end) != napi_ok ||
+      napi_create_reference(env, argv[7], 1, &b->on_rewrite) != napi_ok || napi_create_external(env, b, client_finalize, NULL, &handle) != napi_ok ||
       napi_type_tag_object(env, handle, &CLIENT_TAG) != napi_ok) {
     error = "client: could not keep the callbacks";
   } else if ((copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
@@ -642,6 +693,7 @@ static napi_value open_client(napi_env env, napi_callback_info info) {
     delete_ref(env, &b->on_need);
     delete_ref(env, &b->on_back);
     delete_ref(env, &b->on_end);
+    delete_ref(env, &b->on_rewrite);
     delete_ref(env, &b->counters);
     delete_ref(env, &b->totals);
     if (!handle) free(b); /* else the finalizer frees it */

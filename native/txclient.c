@@ -519,6 +519,32 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
 
 static int desk_take(lp_client *k);
 static int desk_queue(lp_client *k);
+static int readies(const unsigned char *data, size_t n);
+
+/*
+ * The first unit of a desk's lending names the client's statements: the caller gives it with the
+ * names this connection has them by (`rewrite`), and it goes instead; or, when the connection
+ * lacks one, the connection and the unit go to the caller (LP_BACK_HANDOVER, nothing sent).
+ * Returns whether to go on with the next unit.
+ */
+static int send_rewritten(lp_client *k, size_t unit) {
+  lp_conn *conn = k->conn;
+  size_t len = 0;
+  const unsigned char *out = k->cb->rewrite(k, k->user, k->in.data + k->in.off, unit, k->entry->id, &len);
+  if (k->closing || k->conn != conn || !k->fast || pending(&k->in) < unit) return 0;
+  if (!out || len == 0 || readies(out, len) != 1) {
+    give_back(k, LP_BACK_HANDOVER, NULL);
+    return 0;
+  }
+  k->flags |= unit_flags(out, len);
+  k->outstanding++;
+  k->sent = 1;
+  count(k, 0, len);
+  touch(k);
+  buf_consumed(&k->in, unit);
+  if (lp_conn_write(conn, out, len) < 0 && k->conn == conn) give_back(k, LP_BACK_UPSTREAM_GONE, "the server connection closed");
+  return !k->closing && k->conn == conn;
+}
 
 /*
  * Fast mode: sends the whole units at the head of `in` while a connection is lent; asks for one
@@ -529,9 +555,11 @@ static void process(lp_client *k) {
     size_t n = pending(&k->in);
     if (n == 0) break;
     const unsigned char *head = k->in.data + k->in.off;
-    /* A client's named statement only in the first unit of a lending: the caller rewrites it (lp_client_attach). */
+    /* A client's named statement only in the first unit of a lending: the caller rewrites it
+       (lp_client_attach, or `rewrite` for a lending of the desk). */
     int named = 0;
-    size_t unit = lp_unit_length(head, n, (k->flags & LP_LENT_PARSED) != 0, (k->flags & LP_LENT_BOUND) != 0, UNIT_LIMIT, k->conn ? NULL : &named);
+    int may_name = !k->conn || (k->entry && !k->sent);
+    size_t unit = lp_unit_length(head, n, (k->flags & LP_LENT_PARSED) != 0, (k->flags & LP_LENT_BOUND) != 0, UNIT_LIMIT, may_name ? &named : NULL);
     if (unit == 0) break; /* the rest has yet to come */
     if (unit == LP_NOT_FAST) {
       if (!k->conn) to_js(k);
@@ -539,8 +567,8 @@ static void process(lp_client *k) {
       break; /* else at the answer that settles the transaction */
     }
     if (!k->conn) {
-      if (k->desk && !named) {
-        /* The desk's connection at once, or the desk's queue: no call to the caller. */
+      if (k->desk) {
+        /* The desk's connection at once, or the desk's queue: no call to the caller (but `rewrite`). */
         if (desk_take(k)) continue;
         if (k->closing || !k->fast || k->needing || k->conn) continue; /* the loop's condition decides */
         if (desk_queue(k)) break;
@@ -549,6 +577,10 @@ static void process(lp_client *k) {
       k->head_named = named ? unit : 0;
       k->cb->need(k, k->user, named ? head : NULL, named ? unit : 0, 0);
       break;
+    }
+    if (named) {
+      if (!send_rewritten(k, unit)) break;
+      continue;
     }
     k->flags |= unit_flags(head, unit);
     k->outstanding++;
@@ -1133,9 +1165,9 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
   if ((k->head_named > 0) != (unit_len > 0) || (unit_len > 0 && (readies(unit, unit_len) != 1 || pending(&k->in) < k->head_named))) return -1;
   /* The settings' answers come before the client's units go: a rewritten unit would have to wait too. */
   if (settings_len > 0 && unit_len > 0) return -1;
-  /* Joins the desk only as the client's settings are, with nothing to rewrite: it stays there clean. */
+  /* Joins the desk only as the client's settings are (nothing set ahead): it stays there clean. */
   desk_entry *entry = NULL;
-  if (join && join->id > 0 && k->desk && !k->desk->stopped && settings_len == 0 && unit_len == 0) entry = entry_new(k->desk, conn, join);
+  if (join && join->id > 0 && k->desk && !k->desk->stopped && settings_len == 0) entry = entry_new(k->desk, conn, join);
   lend(k, conn, entry);
   if (k->conn == conn && n > 0) sink(conn, k, unread, n, NULL);
   if (k->conn == conn && !k->closing && settings_len > 0) {

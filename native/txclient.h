@@ -65,6 +65,11 @@ typedef struct {
                const unsigned char *rest, size_t rest_len, const char *reason, int id);
   /* Last call: the socket is closed, `k` is about to be freed. */
   void (*end)(lp_client *k, void *user);
+  /* A lending of the desk (connection `id`) begins with a unit that names the client's statements:
+     the unit with the names the connection has them by (valid until the next call of any client's
+     `rewrite`; *n its length), or NULL when it lacks one (then the connection and the unit go back
+     with LP_BACK_HANDOVER, nothing sent). */
+  const unsigned char *(*rewrite)(lp_client *k, void *user, const unsigned char *unit, size_t n, int id, size_t *out_n);
 } lp_client_callbacks;
 
 /* Takes over `fd` (closed at the end). `counters`, `totals`: [to upstream, to client] of the fast path, added to (may be NULL). */
@@ -86,7 +91,7 @@ int lp_client_fast(lp_client *k, const unsigned char *first, size_t n);
  * answers not relayed (their ParameterStatus messages are not the client's news: the caller knows
  * what it set); `unit`: the waiting unit with the server's names of the client's statements, when
  * `need` said it names some (then required: one unit, sent instead of the client's; not with
- * `settings`). `join`: the connection joins the client's desk (not with `settings` or `unit`), and
+ * `settings`). `join`: the connection joins the client's desk (not with `settings`), and
  * comes back to `back` with its id. -1 when refused, 1 when it joined the desk, else 0.
  */
 int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, size_t n, const unsigned char *settings, size_t settings_len,

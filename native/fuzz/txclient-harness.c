@@ -894,7 +894,17 @@ static void on_client_end(lp_client *k, void *user) {
   c->fast = c->needing = 0;
 }
 
-static const lp_client_callbacks client_callbacks = { on_client_data, on_need, on_back, on_client_end };
+static const unsigned char *on_rewrite(lp_client *k, void *user, const unsigned char *unit, size_t n, int id, size_t *out_n) {
+  (void)unit;
+  (void)n;
+  (void)id;
+  *out_n = 0;
+  client_t *c = client_of(k, user, "rewrite");
+  fail("client %d: rewrite, with no desk", c->index);
+  return NULL;
+}
+
+static const lp_client_callbacks client_callbacks = { on_client_data, on_need, on_back, on_client_end, on_rewrite };
 
 /* How the engine reacts inside a client's callback, as the input says. */
 static void react_client(client_t *c, const char *where) {

@@ -349,6 +349,11 @@ export class TransactionSession implements SessionRelay {
       this.#native = client;
       client.onNeed = (unit, waitedMs) => this.#lend(unit, waitedMs);
       client.onBack = (back) => this.#back(back);
+      client.onRewrite = (unit, deskId) => {
+        // A connection of the desk, lent by C: the statements by its names, when it has them all (else the engine takes both).
+        const server = this.#end === undefined ? this.#context.pool.desk?.server(deskId) : undefined;
+        return (server && this.#deskNames(server, unit)) ?? null;
+      };
     }
     this.#context = context;
     this.#settings = settings;
@@ -498,8 +503,8 @@ export class TransactionSession implements SessionRelay {
       // Lent before the call: the connection may come back inside it (its end read at once).
       this.#lent = server;
       this.#lentSettings = query;
-      // In the client's settings already, with nothing to rewrite: it joins the desk (C hands it on from there).
-      const desk = !unit && query === undefined ? native.deskOf : undefined;
+      // In the client's settings already: it joins the desk (C hands it on from there).
+      const desk = query === undefined ? native.deskOf : undefined;
       const sid = desk ? serverSettingsId(server) : 0;
       const join = desk && sid > 0 && sid === native.deskSid ? desk.join(server, sid) : undefined;
       // The client's settings, where they differ, go ahead of its unit (answered first, kept from it).
@@ -564,6 +569,41 @@ export class TransactionSession implements SessionRelay {
       this.#context.observer.prepared(true);
     }
     return Buffer.concat(out);
+  }
+
+  /**
+   * #serverNames for the desk's lendings, once a transaction and so on bytes: C passed the unit as
+   * lp_unit_length took it (whole messages to a Sync; a named statement only in the unnamed
+   * portal's Bind and in a Describe of a statement), so only those two messages change.
+   */
+  #deskNames(server: ServerConnection, unit: Buffer): Buffer | undefined {
+    const parts: Buffer[] = [];
+    let length = 0;
+    for (let at = 0; at + 5 <= unit.length; ) {
+      const end = at + 1 + unit.readUInt32BE(at + 1);
+      const type = unit[at] as number;
+      // Bind: portal (unnamed: one NUL), then the statement's name; Describe 'S': the name.
+      const nameAt = type === FrontendCode.Bind ? at + 6 : type === FrontendCode.Describe && unit[at + 5] === 0x53 ? at + 6 : -1;
+      const nameEnd = nameAt < 0 ? -1 : unit.indexOf(0, nameAt);
+      if (nameAt < 0 || nameEnd === nameAt || nameEnd < 0 || nameEnd >= end) {
+        parts.push(unit.subarray(at, end));
+        length += end - at;
+        at = end;
+        continue;
+      }
+      const statement = this.#statements.get(unit.toString('utf8', nameAt, nameEnd));
+      if (!statement?.plain || !server.prepared.has(statement.serverName)) return undefined;
+      this.#touch(server, statement.serverName);
+      this.#context.observer.prepared(true);
+      const name = Buffer.from(statement.serverName);
+      const header = Buffer.allocUnsafe(nameAt - at);
+      unit.copy(header, 0, at, nameAt);
+      header.writeUInt32BE(end - at - 1 + name.length - (nameEnd - nameAt), 1);
+      parts.push(header, name, unit.subarray(nameEnd, end));
+      length += header.length + name.length + (end - nameEnd);
+      at = end;
+    }
+    return Buffer.concat(parts, length);
   }
 
   /** The lent connection is back from the fast path (see native/txclient.h). */

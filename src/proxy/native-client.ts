@@ -66,6 +66,12 @@ export class NativeClient extends EventEmitter implements ClientStream {
   onNeed: (unit: Buffer | null, waitedMs: number) => void = () => {};
   /** Set by the engine: the lent connection is back. */
   onBack: (back: Back) => void = () => {};
+  /**
+   * Set by the engine: a lending of the desk (connection `deskId`) begins with a unit that names
+   * the client's statements; the unit with the connection's names for them, or null when it lacks
+   * one (the connection and the unit then come back to onBack as a handover).
+   */
+  onRewrite: (unit: Buffer, deskId: number) => Buffer | null = () => null;
   readonly #addon: NonNullable<typeof native.addon>;
   readonly #client: Handle;
   #closed = false;
@@ -116,6 +122,7 @@ export class NativeClient extends EventEmitter implements ClientStream {
           deskId,
         }),
       () => made.#closedByC(),
+      (unit, deskId) => made.onRewrite(unit, deskId),
     );
     if (typeof handle === 'string') {
       socket.resume();

@@ -60,6 +60,7 @@ interface Addon {
     onNeed: (unit: Buffer | null, waitedMs: number) => void,
     onBack: (how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null, deskId: number) => void,
     onEnd: () => void,
+    onRewrite: (unit: Buffer, deskId: number) => Buffer | null,
   ): Handle | string;
   clientWrite(client: Handle, data: Buffer): number;
   clientEnd(client: Handle): void;
