@@ -18,7 +18,7 @@
  *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null, deskId), onEnd(),
  *          onRewrite(unit, deskId) -> Buffer | null) -> client | string
  *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
- *   clientEnd(client);  clientClose(client);  clientPause(client, paused);  clientDesk(client, desk|null, sid)
+ *   clientEnd(client);  clientClose(client);  clientPause(client, paused);  clientDesk(client, desk|null, sid);  clientHold(client)
  *   clientFast(client, first) -> boolean
  *   clientAttach(client, conn, unread, settings, unit, joinId, sid, expiresInMs) -> true (joined the desk) | false | string (refused)
  *   textPlain(buffer) -> boolean (lp_text_plain)
@@ -1045,6 +1045,14 @@ static napi_value desk_stats(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value client_hold(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  kbinding_t *k = kbinding_of(env, argv[0]);
+  if (k && k->client) lp_client_hold(k->client);
+  return undefined(env);
+}
+
 static napi_value client_desk(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   if (get_args(env, info, 3, argv)) return NULL;
@@ -1096,6 +1104,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "clientJs", NULL, client_js, NULL, NULL, NULL, napi_default, NULL },
     { "clientState", NULL, client_state, NULL, NULL, NULL, napi_default, NULL },
     { "clientDesk", NULL, client_desk, NULL, NULL, NULL, napi_default, NULL },
+    { "clientHold", NULL, client_hold, NULL, NULL, NULL, napi_default, NULL },
     { "desk", NULL, open_desk, NULL, NULL, NULL, napi_default, NULL },
     { "deskSet", NULL, desk_set, NULL, NULL, NULL, napi_default, NULL },
     { "deskConfig", NULL, desk_config, NULL, NULL, NULL, napi_default, NULL },

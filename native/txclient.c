@@ -77,6 +77,7 @@ struct lp_client {
   lp_desk *desk;      /* whose connections it takes without asking (lp_client_desk) */
   int sid;
   desk_entry *entry;  /* the lent connection is the desk's */
+  int hold;           /* this lending goes back to the caller at its end, not on (lp_client_hold) */
   int waiting;        /* on the desk's queue (needing too) */
   uint64_t wait_since;
   lp_client *wprev, *wnext;
@@ -478,6 +479,7 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   int kept = entry && how == LP_BACK_RELEASED && desk_keeps(k, entry);
   k->conn = NULL;
   k->entry = NULL;
+  k->hold = 0;
   k->up_full = 0;
   lp_conn_sink(conn, NULL, NULL);
   /* Back unpaused, as it was lent (NativeUpstream.lend): what comes next goes to the caller's reader. */
@@ -791,7 +793,7 @@ static void idle_sink(lp_conn *c, void *user, const unsigned char *data, size_t 
 /* A transaction on the desk's connection ended cleanly: whether the connection stays on the desk. */
 static int desk_keeps(const lp_client *k, const desk_entry *e) {
   const lp_desk *d = e->desk;
-  if (d->stopped || d->js_waiting || k->status != 'I' || pending(&k->reports) > 0) return 0;
+  if (d->stopped || d->js_waiting || k->hold || k->desk != d || k->status != 'I' || pending(&k->reports) > 0) return 0;
   if (k->flags & (LP_LENT_LEAKED | LP_LENT_REPORTS_LOST | LP_LENT_SETTINGS_FAILED)) return 0;
   return uv_now(d->loop) < e->expires && lp_conn_lendable(e->conn);
 }
@@ -881,7 +883,8 @@ static int has_sid(const lp_desk *d, int sid) {
 /* The client waits on the desk: when the caller has no connection to give now, and one of the desk has its settings. */
 static int desk_queue(lp_client *k) {
   lp_desk *d = k->desk;
-  if (d->stopped || d->room || !has_sid(d, k->sid)) return 0;
+  /* An idle connection of other settings: the caller takes it (setting them) sooner than one of these comes free. */
+  if (d->stopped || d->room || d->idle > 0 || !has_sid(d, k->sid)) return 0;
   k->needing = 1;
   k->head_named = 0;
   k->waiting = 1;
@@ -946,6 +949,10 @@ static void desk_maybe_free(lp_desk *d) {
   if (!d->closed || d->refs > 0 || d->count > 0 || d->freeing) return;
   d->freeing = 1;
   uv_close((uv_handle_t *)d->timer, timer_closed);
+}
+
+void lp_client_hold(lp_client *k) {
+  if (k->conn) k->hold = 1;
 }
 
 void lp_client_desk(lp_client *k, lp_desk *desk, int sid) {

@@ -100,8 +100,11 @@ int lp_client_attach(lp_client *k, lp_conn *conn, const unsigned char *unread, s
 const unsigned char *lp_client_js(lp_client *k, size_t *n);
 /* Whether a connection is lent, whether answers are still to come, ms since the last byte either way, the desk id of the one lent (0: none). */
 void lp_client_state(lp_client *k, int *lent, int *running, double *idle_ms, int *desk_id);
-/* The desk whose connections this client may take without a call to the caller (NULL: none), with its settings' id (see lp_desk). */
+/* The desk whose connections this client may take without a call to the caller (NULL: none), with its settings' id (see lp_desk).
+   A lending of the desk under way still goes on to the desk's next client only while it is the client's desk. */
 void lp_client_desk(lp_client *k, lp_desk *desk, int sid);
+/* The lending under way goes back to the caller at its end (`back`), not to the desk's next client (a cancel is on its way to it). */
+void lp_client_hold(lp_client *k);
 
 /*
  * A desk: the pool's hand-off in C. Connections the caller lent to a client of the desk with

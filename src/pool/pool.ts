@@ -343,6 +343,8 @@ export class Pool {
     }
     this.#sync();
     this.#wakeAll();
+    // Room for more logins: as many clients waiting on the desk ask here.
+    for (let room = settings.size - this.size; room > 0 && this.#desk?.wake(); room--);
   }
 
   /**
@@ -459,6 +461,12 @@ export class Pool {
     }
     // Almost always the first: shift() is cheap where splice() moves the whole queue.
     const at = this.#waiters[0]?.loginKey === server.loginKey ? 0 : this.#waiters.findIndex((waiter) => waiter.loginKey === server.loginKey);
+    // First come, first served across both queues: a client waiting on the desk since before this one goes first.
+    const deskWait = at >= 0 && this.#desk ? this.#desk.stats.maxWaitMs : 0;
+    if (deskWait > 0 && Date.now() - deskWait < (this.#waiters[at] as Waiter).since) {
+      server.state = 'active';
+      if (this.#desk?.offer(server, serverSettingsId(server))) return;
+    }
     if (at >= 0) {
       const waiter = at === 0 ? this.#waiters.shift() : this.#waiters.splice(at, 1)[0];
       this.#sync();

@@ -390,6 +390,8 @@ export class TransactionSession implements SessionRelay {
     const server = this.server;
     const running = this.#server ? this.#queue.length > 0 && !this.#draining : this.#native?.state.running === true;
     if (!server || !running) return Promise.resolve();
+    // A connection of the desk comes back here at the transaction's end, to wait for the cancel (#giveBackLent), not on to the next client.
+    if (!this.#server && !this.#lent) this.#native?.hold();
     const sent: Promise<void> = this.#context.cancel(server).finally(() => {
       if (this.#cancelling === sent) this.#cancelling = undefined;
     });
@@ -459,12 +461,18 @@ export class TransactionSession implements SessionRelay {
     if (!native || this.#server || this.#lent || this.#acquiring || this.#held || this.#queue.length > 0 || this.#end !== undefined || this.#ending) return;
     if (this.#unsynced || this.#clientSkipping || this.#serverSkipping || this.#draining || this.#discardAhead || this.#toClient.length > 0) return;
     native.resume();
-    // C hands the pool's connections to this client itself (the desk) while its settings are a
-    // shared set (a connection in them needs nothing set) and its unnamed statement is plain (a
-    // Parse of the fast path's leaves it so, unseen here).
-    const sid = this.#unnamed === PLAIN && this.#unnamedSent === PLAIN ? settingsId(this.#settings.shared) : 0;
-    native.desk(sid > 0 ? this.#context.pool.desk : undefined, sid);
+    this.#deskTerms(native);
     native.fast(this.#fromClient.takeRemaining());
+  }
+
+  /**
+   * C hands the pool's connections to this client itself (the desk) while its settings are a
+   * shared set (a connection in them needs nothing set) and its unnamed statement is plain (a
+   * Parse of the fast path's leaves it so, unseen here); not once it is to end.
+   */
+  #deskTerms(native: NativeClient): void {
+    const sid = this.#unnamed === PLAIN && this.#unnamedSent === PLAIN && !this.#ending ? settingsId(this.#settings.shared) : 0;
+    native.desk(sid > 0 ? this.#context.pool.desk : undefined, sid);
   }
 
   /**
@@ -626,6 +634,8 @@ export class TransactionSession implements SessionRelay {
         server.setParameter(name, value);
         this.#settings.report(name, value);
       }
+      // Its settings changed: the desk's connections in the old ones are not its any more.
+      this.#deskTerms(this.#native as NativeClient);
     }
     // Its texts were plain (native/txclient.c, lp_text_plain): so are the unnamed statement and portal it made.
     if (back.parsed) this.#unnamed = this.#unnamedSent = PLAIN;

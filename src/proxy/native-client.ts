@@ -194,6 +194,11 @@ export class NativeClient extends EventEmitter implements ClientStream {
     this.#addon.clientDesk(this.#client, desk?.handle ?? null, this.#deskSid);
   }
 
+  /** The lending under way comes back to onBack at its end, not to the desk's next client (a cancel is on its way to its connection). */
+  hold(): void {
+    this.#addon.clientHold(this.#client);
+  }
+
   get deskOf(): Desk | undefined {
     return this.#desk;
   }

@@ -70,6 +70,7 @@ interface Addon {
   /** true: the connection joined the client's desk; a string: refused. */
   clientAttach(client: Handle, conn: Handle, unread: Buffer, settings: Buffer, unit: Buffer, joinId: number, sid: number, expiresInMs: number): boolean | string;
   clientDesk(client: Handle, desk: Handle | null, sid: number): void;
+  clientHold(client: Handle): void;
   /** Whether the fast path carries a statement of this text (native/txclient.c, lp_text_plain). */
   textPlain(text: Buffer): boolean;
   clientJs(client: Handle): Buffer;

@@ -1,0 +1,94 @@
+/** What the desk review's tests share (native/txclient.c, lp_desk; src/pool/desk.ts). */
+import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import type { TestPostgres } from './harness/postgres.js';
+import type { InProcessProxy } from './harness/proxy.js';
+import { native } from '../src/proxy/native-relay.js';
+import { serialize, WireClient, type summary } from './harness/wire.js';
+
+type Message = Parameters<typeof summary>[0];
+
+export const wireOpen = (port: number, db: TestPostgres, extra: Record<string, string> = {}): Promise<WireClient> =>
+  WireClient.open(port, { user: 'anyone', database: db.database, ...extra });
+
+/** One simple Query and its answers up to ReadyForQuery. */
+export async function ask(w: WireClient, sql: string, timeoutMs = 20_000): Promise<Message[]> {
+  w.send(serialize.query(sql));
+  return await w.untilReady(1, timeoutMs);
+}
+
+/** The first field of the first DataRow, or the error's code. */
+export function firstValue(messages: Message[]): string | undefined {
+  const error = messages.find((m) => m.name === 'error') as unknown as { code?: string; message?: string } | undefined;
+  if (error) return `error ${error.code ?? ''} ${error.message ?? ''}`;
+  const row = messages.find((m) => m.name === 'dataRow') as unknown as { fields: Array<string | null> } | undefined;
+  return row?.fields[0] ?? undefined;
+}
+
+/** The pool's desk stats (undefined: no desk). */
+export function deskStats(proxy: InProcessProxy, db: TestPostgres): { idle: number; count: number; waiting: number; maxWaitMs: number } | undefined {
+  return proxy.server.pools.get(db.database)?.desk?.stats;
+}
+
+/**
+ * A TCP forwarder to the test Postgres (TLS stays end to end). Once `hold()` was called, every
+ * new connection is held (nothing forwarded) until `release()`: with the pool's connections all
+ * open already, that is the proxy's CancelRequest connection (sendCancel opens a new one).
+ */
+export async function startHoldingForwarder(db: TestPostgres): Promise<{
+  port: number;
+  hold(): void;
+  readonly held: number;
+  release(): void;
+  close(): Promise<void>;
+}> {
+  const sockets = new Set<Socket>();
+  let holding = false;
+  const waiting: Array<() => void> = [];
+  let held = 0;
+  const pipeTo = (front: Socket): void => {
+    const back = netConnect({ host: '127.0.0.1', port: db.port });
+    sockets.add(back);
+    back.on('error', () => front.destroy());
+    back.once('close', () => {
+      sockets.delete(back);
+      front.destroy();
+    });
+    front.once('close', () => back.destroy());
+    front.pipe(back);
+    back.pipe(front);
+    front.resume();
+  };
+  const server: Server = createServer((front) => {
+    sockets.add(front);
+    front.on('error', () => {});
+    front.once('close', () => sockets.delete(front));
+    if (!holding) {
+      pipeTo(front);
+      return;
+    }
+    front.pause();
+    held++;
+    waiting.push(() => pipeTo(front));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+  return {
+    port: (server.address() as { port: number }).port,
+    hold() {
+      holding = true;
+    },
+    get held() {
+      return held;
+    },
+    release() {
+      holding = false;
+      for (const go of waiting.splice(0)) go();
+    },
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+/** These tests watch the desk itself: without the native fast path (no build, or LAKEBASE_PROXY_TEST_RELAY=js) there is none. */
+export const deskSkip = native.addon === undefined || process.env['LAKEBASE_PROXY_TEST_RELAY'] === 'js' ? 'no desk without the native fast path' : false;
