@@ -6,8 +6,9 @@
 #   .ci/fuzz.sh                  (FUZZ_SECONDS=60 by default, for each target)
 #
 # native/fuzz/harness.c drives relay.c through relay.h against a real OpenSSL server;
-# native/fuzz/txclient-harness.c drives txclient.c (its pure parts, and clients lent connections
-# of relay.c logged in to that server). Their headers say what they check; support.c holds what
+# native/fuzz/txclient-harness.c drives txclient.c (its pure parts, clients lent connections of
+# relay.c logged in to that server, and the desk that hands them on; linked with
+# --wrap=lp_conn_sink to see the desk's hand-offs). Their headers say what they check; support.c holds what
 # they share. Each run starts from its committed corpus (native/fuzz/corpus/ and
 # native/fuzz/txclient-corpus/: every input there must pass) and fuzzes for FUZZ_SECONDS more
 # (TXCLIENT_FUZZ_SECONDS for the second, FUZZ_SECONDS unless set); inputs found go to
@@ -43,7 +44,7 @@ clang "${flags[@]}" -c native/fuzz/harness.c -o "$out/harness.o"
 clang "${flags[@]}" -c native/fuzz/txclient-harness.c -o "$out/txclient-harness.o"
 link=(-fsanitize=fuzzer,address,undefined -luv -lssl -lcrypto)
 clang "$out/relay.o" "$out/support.o" "$out/harness.o" -o "$out/harness" "${link[@]}"
-clang "$out/relay.o" "$out/txclient.o" "$out/support.o" "$out/txclient-harness.o" -o "$out/txclient-harness" "${link[@]}"
+clang "$out/relay.o" "$out/txclient.o" "$out/support.o" "$out/txclient-harness.o" -o "$out/txclient-harness" "${link[@]}" -Wl,--wrap=lp_conn_sink
 
 export ASAN_OPTIONS=detect_leaks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
