@@ -6,8 +6,9 @@
 #   .ci/fuzz.sh                  (FUZZ_SECONDS=60 by default, for each target)
 #
 # native/fuzz/harness.c drives relay.c through relay.h against a real OpenSSL server;
-# native/fuzz/txclient-harness.c drives txclient.c (its pure parts, and clients lent connections
-# of relay.c logged in to that server). Their headers say what they check; support.c holds what
+# native/fuzz/txclient-harness.c drives txclient.c (its pure parts, clients lent connections of
+# relay.c logged in to that server, and the desk that hands them on; linked with
+# --wrap=lp_conn_sink to see the desk's hand-offs). Their headers say what they check; support.c holds what
 # they share. Each run starts from its committed corpus (native/fuzz/corpus/ and
 # native/fuzz/txclient-corpus/: every input there must pass) and fuzzes for FUZZ_SECONDS more
 # (TXCLIENT_FUZZ_SECONDS for the second, FUZZ_SECONDS unless set); inputs found go to
@@ -16,6 +17,8 @@
 # FILE, with FUZZ_VERBOSE=1 to see each step). To keep what a run found:
 #   build-fuzz/harness -merge=1 native/fuzz/corpus build-fuzz/corpus
 #   build-fuzz/txclient-harness -merge=1 native/fuzz/txclient-corpus build-fuzz/txclient-corpus
+# native/fuzz/txclient-crashes/ holds inputs of defects found and not fixed yet: not replayed here
+# (a failing corpus input would stop the run before any fuzzing); each moves to the corpus with its fix.
 # Debian 12's clang 14 and libFuzzer, and the libuv and OpenSSL 3.0 development packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +46,7 @@ clang "${flags[@]}" -c native/fuzz/harness.c -o "$out/harness.o"
 clang "${flags[@]}" -c native/fuzz/txclient-harness.c -o "$out/txclient-harness.o"
 link=(-fsanitize=fuzzer,address,undefined -luv -lssl -lcrypto)
 clang "$out/relay.o" "$out/support.o" "$out/harness.o" -o "$out/harness" "${link[@]}"
-clang "$out/relay.o" "$out/txclient.o" "$out/support.o" "$out/txclient-harness.o" -o "$out/txclient-harness" "${link[@]}"
+clang "$out/relay.o" "$out/txclient.o" "$out/support.o" "$out/txclient-harness.o" -o "$out/txclient-harness" "${link[@]}" -Wl,--wrap=lp_conn_sink
 
 export ASAN_OPTIONS=detect_leaks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

@@ -301,13 +301,15 @@ int server_fin(tls_server_t *s) {
 }
 
 static void stop_timer(uv_handle_t *handle, void *arg) {
-  (void)arg;
-  if (uv_handle_get_type(handle) == UV_TIMER && uv_is_active(handle)) uv_timer_stop((uv_timer_t *)handle);
+  int (*const *keep)(uv_handle_t *) = arg;
+  if (uv_handle_get_type(handle) == UV_TIMER && uv_is_active(handle) && !(*keep && (*keep)(handle))) uv_timer_stop((uv_timer_t *)handle);
 }
 
-void run_loop_of(uv_loop_t *loop, int times) {
+void run_loop_keeping(uv_loop_t *loop, int times, int (*keep)(uv_handle_t *timer)) {
   for (int i = 0; i < times; i++) {
     uv_run(loop, UV_RUN_NOWAIT);
-    uv_walk(loop, stop_timer, NULL);
+    uv_walk(loop, stop_timer, &keep);
   }
 }
+
+void run_loop_of(uv_loop_t *loop, int times) { run_loop_keeping(loop, times, NULL); }

@@ -107,5 +107,7 @@ int server_fin(tls_server_t *s);
  * end hangs instead, and the drain reports it.
  */
 void run_loop_of(uv_loop_t *loop, int times);
+/* The same, leaving running the timers `keep` names: ones the code under test relies on (a wait timeout). */
+void run_loop_keeping(uv_loop_t *loop, int times, int (*keep)(uv_handle_t *timer));
 
 #endif

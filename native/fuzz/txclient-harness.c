@@ -29,6 +29,17 @@
  * to every client that waits and takes back what none can carry; then every client and
  * connection is ended.
  *
+ * The desk (op 19 with an odd `which`, see desk_step()): the script opens one (a second after it
+ * closed), with a wait timeout and a check delay of a few ms, puts clients on it in settings 1 to 3
+ * (or 0), and flips lp_desk_set's room and js_waiting, offers the pool's connections, wakes,
+ * reclaims (by id, any), stops and goes on, and closes it; the engine's attaches carry a ticket
+ * (lp_desk_join) in the client's settings or others, expiring never, at once or soon. C's
+ * hand-offs call nobody: the target is linked with --wrap=lp_conn_sink, so the harness sees every
+ * lending C starts and ends and every connection left idle on a desk (__wrap_lp_conn_sink), and
+ * its model follows each connection on and off the desk by its ticket. While the peers cooperate
+ * the pool tells the desk the truth (room, js_waiting), wakes it when it has room and reclaims
+ * from it for a client that asks; at the end the desk closes before the clients or after them.
+ *
  * Checked for every input:
  *  - every byte a server receives is a prefix of, in order, its login, the pool's writes and the
  *    units of the clients it was lent to, each taken from that client's stream (the engine's
@@ -48,8 +59,18 @@
  *    it is given back (give_back() lets it read just before `back`), and the client none after;
  *  - once the peers cooperated, no client keeps a whole unit unsent or bytes unread, and every
  *    server has what was sent to it;
- *  - exactly one `end` per client and per connection, no descriptor more than at the start, and
- *    the loop holds no handle.
+ *  - with a desk: a connection is lent to one client at a time; C hands one on (to the next
+ *    client, or idle on the desk) only after a clean lending (every unit answered, idle, no
+ *    ParameterStatus, no tag of session state), with the desk not stopped, js_waiting unset and
+ *    the ticket not expired, only to a client of the desk in the ticket's settings (never 0) that
+ *    is not waiting for the engine, takes an idle one only within the check delay, and the pool's
+ *    reader gets nothing of a connection on the desk; every ticket leaves its desk exactly once
+ *    (`back` with its id, `out` for a reason that holds, a reclaim), `reclaimed` only by a stop or
+ *    the close; lp_desk_stats, lp_desk_idle_ms, lp_client_state's desk id, counts[0] and the waits
+ *    agree with the model; a client waiting on the desk is served or gets `need` (with how long it
+ *    waited) once the peers cooperate; a stop leaves none waiting and none idle;
+ *  - exactly one `end` per client, per connection and per desk, no descriptor more than at the
+ *    start, and the loop holds no handle.
  * ASan, UBSan and LeakSanitizer watch the memory. A failed check aborts, so libFuzzer keeps the
  * input. native/fuzz/txclient-seeds.mjs writes named examples.
  */
@@ -416,6 +437,41 @@ static size_t frame(framer_t *f, const unsigned char *d, size_t n, int *started,
 
 typedef struct upstream upstream_t;
 
+/* ---------- the desk's model ---------- */
+
+#define MAX_DESKS 2   /* one open at a time; a second after the first closed */
+#define MAX_JOINS 200 /* tickets per session: ids 1 up, each used once */
+#define WAITS_CAP 3   /* small, so `full` comes often */
+
+typedef struct desk desk_t;
+
+/* A connection's ticket on a desk (lp_desk_join): made by an attach with `join` or an offer. */
+typedef struct {
+  int id, sid;
+  desk_t *desk;
+  int up;           /* the connection's index */
+  int made;         /* the connection joined (a ticket C did not take is not counted) */
+  int on;           /* on the desk: joined, not left yet */
+  int lefts;        /* times it left (`back` with its id, `out`, a reclaim): once by the end */
+  uint64_t expires; /* txclient.c's deadline_of for the ticket's expires_in_ms: no hand-off from then on */
+} join_t;
+
+struct desk {
+  int index;
+  lp_desk *handle;    /* from lp_desk_open to `end` (callbacks are told apart by it) */
+  int opened, closed; /* lp_desk_close was called: the handle is not used again */
+  int ends;
+  int room, js_waiting, stopped; /* as the harness set them */
+  uint64_t wait_timeout, check_delay;
+  double counts[2], waits[WAITS_CAP];
+  double waits_read;  /* waits taken out of `waits` in `full` */
+  int kept;           /* releases the harness saw C keep on the desk (counts[0] must agree) */
+  int handed;         /* lendings C made from the desk: each records a wait */
+};
+
+/* Where a connection of a desk is between two of txclient.c's calls to lp_conn_sink. */
+enum { LIMBO_NONE, LIMBO_RELEASED, LIMBO_IDLE };
+
 typedef struct {
   int index;
   int open;               /* the slot was used */
@@ -443,8 +499,10 @@ typedef struct {
   upstream_t *lent;       /* the connection lent to it */
   size_t lend_start;      /* where in `input` the lending's units start */
   bytes_t answers;        /* the lending's bytes for the client: the pool's unread bytes, then the sink's */
-  int attaches, backs;
+  int attaches, backs;    /* lendings (the engine's attaches and the desk's hand-offs), and their ends (`back`, or kept by the desk) */
   bytes_t named;          /* the waiting unit, when `need` said it names statements: attached as its own rewrite */
+  desk_t *desk;           /* lp_client_desk's, as the harness last set it (NULL: none) */
+  int sid;
 } client_t;
 
 struct upstream {
@@ -469,6 +527,15 @@ struct upstream {
   bytes_t unread;         /* what the pool's reader got between its queries: for the next lending */
   client_t *lent_to;
   int returning;          /* the pool's reader got bytes while lent: the lending is ending, `back` is due */
+  /* Seen through lp_conn_sink (see __wrap_lp_conn_sink): */
+  join_t *join;           /* on a desk (lent or idle there): its ticket */
+  client_t *released_by;  /* C unset the lending's reader: `back` is due, or C keeps it on the desk */
+  int idle;               /* idle on the desk */
+  int limbo;              /* LIMBO_*: off a lending or idle, inside C, on its way to the next */
+  uint64_t idle_since;
+  int spoke, idle_ended;  /* what came while idle on the desk: the `out` it must give */
+  lp_sink real_sink;      /* txclient.c's reader, behind the harness's (sink_seen) */
+  void *real_user;
 };
 
 #define CFG_PURE 0x01
@@ -487,6 +554,19 @@ typedef struct {
   client_t clients[MAX_CLIENTS];
   upstream_t ups[MAX_CONNS];
   int descriptors; /* open before the session */
+  desk_t desks[MAX_DESKS];
+  int desks_opened;
+  desk_t *desk;    /* the open one (not closed), or NULL */
+  join_t joins[MAX_JOINS];
+  int joins_made;
+  int join_mode;   /* the engine's tickets at an attach: 0 none, 1 the client's sid, 2 another sid, 3 sid 0 */
+  int expiry_mode; /* their expires_in_ms: 0 never, 1 already, 2 a few ms */
+  int close_desk_last; /* at the end the desk closes after the clients, not before */
+  client_t *attaching; /* inside the engine's lp_client_attach for this client */
+  upstream_t *offering; /* inside lp_desk_offer of this connection, */
+  join_t *offer_join;   /* with this ticket, */
+  int offer_taken;      /* which a waiting client took */
+  desk_t *stopping;     /* inside lp_desk_stop(1) or lp_desk_close: `out` reclaims */
 } session_t;
 
 static session_t *S;
@@ -576,16 +656,28 @@ typedef struct {
   int whole;        /* the answers end between two messages */
   int broken;       /* a length below 4, or COPY IN or BOTH: no more can be told */
   int lost;         /* ParameterStatus beyond the 64 KiB kept */
+  int leaked;       /* a whole CommandComplete whose tag is of session state (txclient.c's leaky_tag) */
   bytes_t reports;  /* the ParameterStatus messages, as far as they came */
 } answers_t;
+
+/* The tags whose CommandComplete marks a lending LP_LENT_LEAKED: the word, then the tag's end or a space. */
+static int leaky_tag(const unsigned char *tag, size_t n) {
+  static const char *const tags[] = { "SET", "RESET", "LISTEN", "PREPARE", "LOAD", "DEALLOCATE", "DISCARD" };
+  for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
+    size_t len = strlen(tags[i]);
+    if (n > len && memcmp(tag, tags[i], len) == 0 && (tag[len] == 0 || tag[len] == ' ')) return 1;
+  }
+  return 0;
+}
 
 #define REPORTS_LIMIT 65536
 
 static void read_answers(const bytes_t *b, answers_t *a) {
   memset(a, 0, sizeof *a);
   a->status = 'I';
-  unsigned char header[5];
+  unsigned char header[5], tag[12];
   int have = 0, type = 0, status_due = 0;
+  size_t tag_have = 0;
   uint32_t remaining = 0;
   for (size_t i = 0; i < b->n;) {
     if (have < 5) {
@@ -599,6 +691,7 @@ static void read_answers(const bytes_t *b, answers_t *a) {
       }
       remaining = len - 4;
       status_due = type == 'Z';
+      tag_have = 0;
       if (type == 'S' && !a->lost) {
         if (a->reports.n + 5 + remaining > REPORTS_LIMIT) a->lost = 1;
         else put(&a->reports, header, 5);
@@ -606,6 +699,7 @@ static void read_answers(const bytes_t *b, answers_t *a) {
     } else {
       size_t take = b->n - i < remaining ? b->n - i : remaining;
       if (type == 'S' && !a->lost) put(&a->reports, b->d + i, take);
+      for (size_t t = 0; type == 'C' && t < take && tag_have < sizeof tag; t++) tag[tag_have++] = b->d[i + t];
       if (status_due && take > 0) {
         a->status = b->d[i];
         status_due = 0;
@@ -615,6 +709,7 @@ static void read_answers(const bytes_t *b, answers_t *a) {
     }
     if (have == 5 && remaining == 0) {
       a->ready += type == 'Z';
+      a->leaked |= type == 'C' && leaky_tag(tag, tag_have);
       have = 0;
     }
   }
@@ -628,21 +723,27 @@ static int whole_reports(const unsigned char *d, size_t n) {
   return at == n;
 }
 
-static void check_lending(client_t *c, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
-                          const unsigned char *rest, size_t rest_len) {
-  /* What went upstream: whole fast units, each by the contract given what the ones before made. */
-  int parsed = 0, bound = 0, units = 0, made = 0;
-  int uf;
+/* What a lending sent upstream: whole fast units, each by the contract given what the ones before made. */
+static int lending_units(client_t *c, int *made) {
+  int parsed = 0, bound = 0, units = 0, uf;
+  *made = 0;
   for (size_t at = c->lend_start; at < c->at;) {
     const unsigned char *unit = input_at(c, at, c->at - at);
     size_t n = unit_contract(unit, c->at - at, parsed, bound, UNIT_LIMIT, at == c->lend_start, &uf);
     if (n == 0 || n == LP_NOT_FAST) fail("client %d: the %zu bytes it sent upstream from input byte %zu on are no whole fast unit", c->index, c->at - at, at);
-    made |= unit_makes(unit, n);
-    parsed = (made & LP_LENT_PARSED) != 0;
-    bound = (made & LP_LENT_BOUND) != 0;
+    *made |= unit_makes(unit, n);
+    parsed = (*made & LP_LENT_PARSED) != 0;
+    bound = (*made & LP_LENT_BOUND) != 0;
     units++;
     at += n;
   }
+  return units;
+}
+
+static void check_lending(client_t *c, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
+                          const unsigned char *rest, size_t rest_len) {
+  int made, uf;
+  int units = lending_units(c, &made);
   if ((flags & (LP_LENT_PARSED | LP_LENT_BOUND)) != made) fail("client %d: back (%s) with flags %d, its units made %d", c->index, LP_BACK_NAMES[how], flags, made);
   answers_t a;
   read_answers(&c->answers, &a);
@@ -659,6 +760,7 @@ static void check_lending(client_t *c, enum lp_back how, int status, int flags, 
     if (status != a.status) fail("client %d: %s with status 0x%02x, the last ReadyForQuery says 0x%02x", c->index, LP_BACK_NAMES[how], status, a.status);
     if (how == LP_BACK_CLIENT_GONE && running != (a.ready < units || !a.whole))
       fail("client %d: client_gone with running %d, %d units sent and %d ReadyForQuery (whole %d)", c->index, running, units, a.ready, a.whole);
+    if (((flags & LP_LENT_LEAKED) != 0) != a.leaked) fail("client %d: %s with leaked %d, its answers say %d", c->index, LP_BACK_NAMES[how], (flags & LP_LENT_LEAKED) != 0, a.leaked);
     if (((flags & LP_LENT_REPORTS_LOST) != 0) != a.lost) fail("client %d: %s with reports_lost %d, expected %d", c->index, LP_BACK_NAMES[how], (flags & LP_LENT_REPORTS_LOST) != 0, a.lost);
     if (!a.lost && (reports_len != a.reports.n || (reports_len && memcmp(reports, a.reports.d, reports_len) != 0)))
       fail("client %d: %s with %zu bytes of reports, its answers held %zu", c->index, LP_BACK_NAMES[how], reports_len, a.reports.n);
@@ -761,20 +863,24 @@ static void engine_close(client_t *c) {
   c->js_closed = c->lossy = c->input_done = 1;
   c->fast = c->needing = 0;
   lp_client_close(c->k);
+  c->desk = NULL; /* it let go of the desk as it closed */
 }
+
+/* The pool has the connection: not lent, not on a desk (whose connections are C's until they leave it). */
+static int pool_holds(const upstream_t *u) { return u->conn && !u->lent_to && !u->join; }
 
 /* A connection the pool can lend now: logged in, idle for the pool, not lent, not going. */
 static upstream_t *idle_upstream(void) {
   for (int i = 0; i < MAX_CONNS; i++) {
     upstream_t *u = &S->ups[i];
-    if (u->conn && u->logged_in && !u->dead && !u->lent_to && u->pool_outstanding == 0) return u;
+    if (pool_holds(u) && u->logged_in && !u->dead && u->pool_outstanding == 0) return u;
   }
   return NULL;
 }
 
 /* The pool writes a query of its own (a ROLLBACK after a lending left a transaction, say). */
 static void pool_query(upstream_t *u, const char *text) {
-  if (!u->conn || u->lent_to || u->closed) return;
+  if (!pool_holds(u) || u->closed) return;
   bytes_t q = { 0 };
   put_u8(&q, 'Q');
   put_u32(&q, (uint32_t)(strlen(text) + 5));
@@ -788,9 +894,480 @@ static void pool_query(upstream_t *u, const char *text) {
 static void pool_close(upstream_t *u) {
   if (!u->conn || u->closed) return;
   if (u->lent_to) fail("the harness closes connection %d while it is lent", u->index);
+  if (u->join) fail("the harness closes connection %d while it is on desk %d", u->index, u->join->desk->index);
   if (verbose) fprintf(stderr, "pool: close connection %d\n", u->index);
   u->closed = u->dead = 1;
   lp_conn_close(u->conn, LP_END_SHUTDOWN);
+}
+
+/* ---------- the desk ---------- */
+
+static client_t *pick_client(unsigned which);
+
+static client_t *client_of_handle(const void *k) {
+  for (int i = 0; i < MAX_CLIENTS; i++)
+    if (k && S->clients[i].k == k) return &S->clients[i];
+  return NULL;
+}
+
+static upstream_t *upstream_of_conn(const lp_conn *conn) {
+  for (int i = 0; i < MAX_CONNS; i++)
+    if (conn && S->ups[i].conn == conn) return &S->ups[i];
+  fail("txclient.c set the reader of a connection the harness does not know");
+}
+
+static uint64_t now_ms(void) { return uv_now(&S->loop); }
+
+/* A ticket for `u` on `k` in settings `sid`, its expiry as the session's mode says (NULL: no tickets left). */
+static join_t *join_new(upstream_t *u, desk_t *k, int sid, lp_desk_join *ticket) {
+  if (S->joins_made >= MAX_JOINS) return NULL;
+  join_t *j = &S->joins[S->joins_made++];
+  memset(j, 0, sizeof *j);
+  j->id = S->joins_made;
+  j->sid = sid;
+  j->desk = k;
+  j->up = u->index;
+  double in_ms = S->expiry_mode == 0 ? 1e300 : S->expiry_mode == 1 ? 0 : (double)(1 + j->id % 8);
+  /* As txclient.c's deadline_of: no expiry, already expired, or this many ms from the loop's now. */
+  j->expires = !(in_ms < 1e15) ? UINT64_MAX : in_ms <= 0 ? 0 : now_ms() + (uint64_t)in_ms;
+  ticket->id = j->id;
+  ticket->sid = sid;
+  ticket->expires_in_ms = in_ms;
+  return j;
+}
+
+static void join_on(upstream_t *u, join_t *j) {
+  if (u->join) fail("connection %d joins desk %d (ticket %d) while on desk %d (ticket %d)", u->index, j->desk->index, j->id, u->join->desk->index, u->join->id);
+  j->made = j->on = 1;
+  u->join = j;
+}
+
+/* The connection left its desk (`back` with its id, `out`, a reclaim): the pool's again. */
+static void join_off(upstream_t *u, const char *how) {
+  join_t *j = u->join;
+  if (!j || !j->on) fail("connection %d left a desk by %s, it was on none", u->index, how);
+  if (verbose) fprintf(stderr, "desk %d: connection %d (ticket %d) leaves by %s\n", j->desk->index, u->index, j->id, how);
+  j->on = 0;
+  j->lefts++;
+  u->join = NULL;
+  u->idle = 0;
+  u->limbo = LIMBO_NONE;
+}
+
+static join_t *join_of_id(desk_t *k, int id) {
+  if (id < 1 || id > S->joins_made) return NULL;
+  join_t *j = &S->joins[id - 1];
+  return j->desk == k ? j : NULL;
+}
+
+/* The client's lending is over without `back`: C kept its connection on the desk. */
+static void lending_over(client_t *c, upstream_t *u) {
+  c->backs++;
+  c->lent = NULL;
+  u->lent_to = NULL;
+  u->returning = 0;
+  c->answers.n = 0;
+}
+
+/*
+ * C unset the lending's reader with no `back` to follow: it kept the connection on the desk, for
+ * the next client or idle there. Only after a clean transaction: every unit answered, idle, no
+ * ParameterStatus, no tag of session state; the desk not stopped, no client of the pool waiting,
+ * the ticket not expired.
+ */
+static void kept_on_desk(upstream_t *u) {
+  client_t *c = u->released_by;
+  join_t *j = u->join;
+  u->released_by = NULL;
+  if (!j) fail("connection %d: its lending to client %d ended with no `back`, and it is on no desk", u->index, c->index);
+  desk_t *k = j->desk;
+  if (c->lent != u) fail("connection %d kept on desk %d after client %d, which it was not lent to", u->index, k->index, c->index);
+  if (k->stopped) fail("desk %d: connection %d kept after the desk was stopped", k->index, u->index);
+  if (k->js_waiting) fail("desk %d: connection %d kept while the pool's clients wait (js_waiting)", k->index, u->index);
+  if (now_ms() >= j->expires) fail("desk %d: connection %d kept past its ticket's expiry", k->index, u->index);
+  if (u->returning) fail("desk %d: connection %d kept after the pool's reader got its bytes (they are lost to the next client)", k->index, u->index);
+  if (!lp_conn_lendable(u->conn)) fail("desk %d: connection %d kept, not lendable", k->index, u->index);
+  int made;
+  int units = lending_units(c, &made);
+  answers_t a;
+  read_answers(&c->answers, &a);
+  const char *dirty = a.broken ? "answers it could not follow" : !a.whole ? "an answer cut short" : units == 0 ? "nothing sent" : a.ready != units ? "a unit unanswered"
+                      : a.status != 'I' ? "a transaction open" : a.reports.n > 0 ? "a ParameterStatus" : a.lost ? "ParameterStatus lost" : a.leaked ? "a tag of session state" : NULL;
+  bytes_free(&a.reports);
+  if (dirty)
+    fail("desk %d: connection %d kept after client %d's lending (%d units, %d ReadyForQuery, status %c) with %s", k->index, u->index, c->index, units, a.ready,
+         a.status > 32 && a.status < 127 ? a.status : '?', dirty);
+  if (verbose) fprintf(stderr, "desk %d: connection %d kept after client %d's %d units\n", k->index, u->index, c->index, units);
+  k->kept++;
+  lending_over(c, u);
+  u->limbo = LIMBO_RELEASED;
+}
+
+/* C lent `u` to `c`: the engine's attach (set up already), or a hand-off of the desk's, checked here. */
+static void lent_by_c(upstream_t *u, client_t *c) {
+  if (S->attaching == c && c->lent == u && u->lent_to == c) return;
+  if (u->lent_to) fail("connection %d lent to client %d while lent to client %d", u->index, c->index, u->lent_to->index);
+  if (c->lent) fail("client %d lent connection %d while connection %d is lent to it", c->index, u->index, c->lent->index);
+  account(c);
+  int offered = S->offering == u && !u->join;
+  if (offered) {
+    join_on(u, S->offer_join);
+    S->offer_taken = 1;
+  } else if (!u->join) {
+    fail("connection %d lent to client %d by C, neither attached nor on a desk", u->index, c->index);
+  } else if (u->limbo == LIMBO_NONE) {
+    fail("connection %d lent to client %d from desk %d, neither idle nor just released", u->index, c->index, u->join->desk->index);
+  }
+  join_t *j = u->join;
+  desk_t *k = j->desk;
+  uint64_t now = now_ms();
+  if (k->stopped) fail("desk %d: connection %d handed to client %d after the desk was stopped", k->index, u->index, c->index);
+  if (c->desk != k) fail("desk %d: connection %d handed to client %d, which is %s", k->index, u->index, c->index, c->desk ? "on another desk" : "on no desk");
+  if (j->sid != c->sid) fail("desk %d: connection %d (sid %d) handed to client %d of sid %d", k->index, u->index, j->sid, c->index, c->sid);
+  if (j->sid == 0) fail("desk %d: connection %d of sid 0 (which matches nothing) handed to client %d", k->index, u->index, c->index);
+  if (!offered && now >= j->expires) fail("desk %d: connection %d handed to client %d past its ticket's expiry", k->index, u->index, c->index);
+  if (u->limbo == LIMBO_IDLE && now - u->idle_since >= k->check_delay)
+    fail("desk %d: connection %d handed to client %d after %llu ms idle (check delay %llu)", k->index, u->index, c->index, (unsigned long long)(now - u->idle_since),
+         (unsigned long long)k->check_delay);
+  if (c->needing) fail("desk %d: connection %d handed to client %d, which waits for the pool's (need)", k->index, u->index, c->index);
+  if (!c->fast) fail("desk %d: connection %d handed to client %d in JS mode", k->index, u->index, c->index);
+  if (u->unread.n) fail("desk %d: connection %d handed on with %zu bytes its pool's reader kept", k->index, u->index, u->unread.n);
+  if (verbose) fprintf(stderr, "desk %d: connection %d (ticket %d) to client %d (%s)\n", k->index, u->index, j->id, c->index, offered ? "offered" : u->limbo == LIMBO_IDLE ? "idle" : "released");
+  u->limbo = LIMBO_NONE;
+  u->idle = 0;
+  k->handed++;
+  c->lent = u;
+  u->lent_to = c;
+  c->lend_start = c->at;
+  c->answers.n = 0;
+  c->attaches++;
+}
+
+/* The harness's reader in front of txclient.c's: what an idle connection of a desk says is swallowed (`out` follows). */
+static void sink_seen(lp_conn *conn, void *user, const unsigned char *data, size_t n, const char *error) {
+  upstream_t *u = user;
+  lp_sink sink = u->real_sink;
+  void *real_user = u->real_user;
+  if (u->idle) {
+    if (!data) {
+      u->idle_ended = 1;
+    } else if (n > 0) {
+      if (u->srv_at + n > u->srv.sent.n || memcmp(data, u->srv.sent.d + u->srv_at, n) != 0)
+        fail("connection %d: %zu bytes for its idle reader on the desk are not the server's plaintext from byte %zu on", u->index, n, u->srv_at);
+      u->srv_at += n;
+      u->spoke = 1;
+    }
+  } else {
+    client_t *c = client_of_handle(real_user);
+    if (!c || c->lent != u) fail("connection %d: bytes for a lending the harness does not know", u->index);
+  }
+  sink(conn, real_user, data, n, error);
+}
+
+void __real_lp_conn_sink(lp_conn *c, lp_sink sink, void *user);
+
+/*
+ * Between txclient.c and relay.c (the target is linked with --wrap=lp_conn_sink): every lending,
+ * its end, and every stay idle on a desk go through here, also those C makes with no callback to
+ * tell (a desk's hand-offs). The model follows them, and checks each.
+ */
+void __wrap_lp_conn_sink(lp_conn *conn, lp_sink sink, void *user) {
+  upstream_t *u = upstream_of_conn(conn);
+  if (!sink) {
+    if (u->lent_to) {
+      account(u->lent_to); /* what was counted so far is this lending's */
+      if (u->released_by) fail("connection %d: its lending's reader unset twice", u->index);
+      u->released_by = u->lent_to;
+    } else if (u->idle) {
+      u->idle = 0;
+      u->limbo = LIMBO_IDLE;
+    } else {
+      fail("connection %d: its reader unset, it was neither lent nor idle on a desk", u->index);
+    }
+    u->real_sink = NULL;
+    __real_lp_conn_sink(conn, NULL, NULL);
+    return;
+  }
+  if (u->released_by) kept_on_desk(u);
+  client_t *c = client_of_handle(user);
+  if (c) {
+    lent_by_c(u, c);
+  } else {
+    if (u->limbo != LIMBO_RELEASED) fail("connection %d idle on a desk with no clean release before", u->index);
+    u->limbo = LIMBO_NONE;
+    u->idle = 1;
+    u->idle_since = now_ms();
+    u->spoke = u->idle_ended = 0;
+    if (verbose) fprintf(stderr, "desk %d: connection %d idle\n", u->join->desk->index, u->index);
+  }
+  u->real_sink = sink;
+  u->real_user = user;
+  __real_lp_conn_sink(conn, sink_seen, u);
+}
+
+/* lp_desk_stats and lp_desk_idle_ms against the model; counts[0] and the waits against what the harness saw. */
+static void desk_check(desk_t *k) {
+  if (!k || !k->handle || k->closed) return;
+  int idle, count, waiting;
+  double max_wait;
+  lp_desk_stats(k->handle, &idle, &count, &waiting, &max_wait);
+  int on = 0, idle_here = 0, may_wait = 0;
+  uint64_t now = now_ms();
+  for (int i = 0; i < S->joins_made; i++) {
+    join_t *j = &S->joins[i];
+    if (j->desk != k || !j->on) continue;
+    upstream_t *u = &S->ups[j->up];
+    on++;
+    idle_here += u->idle;
+    double idle_ms = lp_desk_idle_ms(k->handle, j->id);
+    double expected = u->idle ? (double)(now - u->idle_since) : -1;
+    if (idle_ms != expected) fail("desk %d: lp_desk_idle_ms of connection %d (ticket %d) is %g, the model says %g", k->index, u->index, j->id, idle_ms, expected);
+  }
+  for (int i = 0; i < MAX_CLIENTS; i++) {
+    client_t *c = &S->clients[i];
+    may_wait += c->k && c->desk == k && c->fast && !c->lent && !c->needing;
+  }
+  if (count != on) fail("desk %d: lp_desk_stats counts %d connections, %d joined and did not leave", k->index, count, on);
+  if (idle != idle_here) fail("desk %d: lp_desk_stats counts %d idle, the model %d", k->index, idle, idle_here);
+  if (waiting < 0 || waiting > may_wait) fail("desk %d: %d clients waiting, %d could", k->index, waiting, may_wait);
+  if (max_wait < 0 || (waiting == 0 && max_wait != 0)) fail("desk %d: max wait %g ms with %d waiting", k->index, max_wait, waiting);
+  if (k->counts[0] != k->kept) fail("desk %d: counts[0] says %g transactions released on the desk, the harness saw %d", k->index, k->counts[0], k->kept);
+  if (k->waits_read + k->counts[1] != k->handed) fail("desk %d: %g waits recorded, the desk handed %d connections", k->index, k->waits_read + k->counts[1], k->handed);
+}
+
+static desk_t *desk_of(lp_desk *d, void *user, const char *callback) {
+  desk_t *k = user;
+  if (!k || k < S->desks || k >= S->desks + MAX_DESKS) fail("desk %s: wrong user pointer", callback);
+  if (k->ends) fail("desk %d: %s after its end", k->index, callback);
+  if (k->handle != d) fail("desk %d: %s with another desk", k->index, callback);
+  return k;
+}
+
+static void on_desk_out(lp_desk *d, void *user, int id, enum lp_desk_out why) {
+  desk_t *k = desk_of(d, user, "out");
+  join_t *j = join_of_id(k, id);
+  if (!j || !j->on) fail("desk %d: out of ticket %d, which is not on it", k->index, id);
+  upstream_t *u = &S->ups[j->up];
+  if (u->limbo != LIMBO_IDLE) fail("desk %d: out of connection %d, which was not idle there", k->index, u->index);
+  uint64_t now = now_ms();
+  switch (why) {
+    case LP_DESK_RECLAIMED: if (S->stopping != k) fail("desk %d: connection %d out (reclaimed), the desk was not being stopped", k->index, u->index); break;
+    case LP_DESK_SPOKE: if (!u->spoke) fail("desk %d: connection %d out (spoke), its server sent nothing", k->index, u->index); break;
+    case LP_DESK_ENDED: if (!u->idle_ended) fail("desk %d: connection %d out (ended), its stream did not end", k->index, u->index); break;
+    case LP_DESK_STALE:
+      if (now < j->expires && now - u->idle_since < k->check_delay && lp_conn_lendable(u->conn))
+        fail("desk %d: connection %d out (stale) after %llu ms idle, not expired, lendable", k->index, u->index, (unsigned long long)(now - u->idle_since));
+      break;
+    default: fail("desk %d: out %d", k->index, (int)why);
+  }
+  static const char *const names[] = { "", "out (ended)", "out (spoke)", "out (stale)", "out (reclaimed)" };
+  join_off(u, names[why]);
+  /* What it said was swallowed: the pool closes it, as it closes one that ended; a stale one it checks, here: closes, or keeps. */
+  if (why == LP_DESK_SPOKE || why == LP_DESK_ENDED || (why == LP_DESK_STALE && reacting() && (in_u8() & 1))) {
+    u->dead = 1;
+    pool_close(u);
+  }
+}
+
+static void on_desk_full(lp_desk *d, void *user) {
+  desk_t *k = desk_of(d, user, "full");
+  size_t n = (size_t)k->counts[1];
+  if (n > WAITS_CAP) fail("desk %d: %zu waits in %d places", k->index, n, WAITS_CAP);
+  for (size_t i = 0; i < n; i++)
+    if (!(k->waits[i] >= 0 && k->waits[i] < 60)) fail("desk %d: a wait of %g s", k->index, k->waits[i]);
+  k->waits_read += (double)n;
+  k->counts[1] = 0;
+}
+
+static void on_desk_end(lp_desk *d, void *user) {
+  desk_t *k = desk_of(d, user, "end");
+  if (verbose) fprintf(stderr, "desk %d: end\n", k->index);
+  if (!k->closed) fail("desk %d: end before lp_desk_close", k->index);
+  for (int i = 0; i < S->joins_made; i++)
+    if (S->joins[i].desk == k && S->joins[i].on) fail("desk %d: end with connection %d (ticket %d) on it", k->index, S->joins[i].up, S->joins[i].id);
+  /* A client still on it holds a reference (a client torn down let go before its `end`): freed early, ASan says so. */
+  k->ends++;
+  k->handle = NULL;
+}
+
+static const lp_desk_callbacks desk_callbacks = { on_desk_out, on_desk_full, on_desk_end };
+
+/* The desk's wait timer: the harness's turns of the loop leave it running (they stop the clients' linger timers). */
+static int desk_timer(uv_handle_t *timer) {
+  void *data = uv_handle_get_data(timer);
+  for (int i = 0; i < MAX_DESKS; i++)
+    if (data && S->desks[i].handle == data) return 1;
+  return 0;
+}
+
+/* The engine puts the client on a desk with settings `sid`, or takes it off (k NULL). */
+static void desk_client(client_t *c, desk_t *k, int sid) {
+  if (!c->k) return;
+  if (verbose) fprintf(stderr, "engine: client %d on desk %d, sid %d\n", c->index, k ? k->index : -1, sid);
+  lp_client_desk(c->k, k ? k->handle : NULL, sid); /* a client that waited there gets `need` (with the model's desk still) */
+  if (!c->k) return;
+  c->desk = k;
+  c->sid = sid;
+}
+
+/* Wait timeouts and check delays in ms: a few, so inputs stay fast (the check delays: stale at once, soon, or not in a run). */
+static const uint64_t WAIT_MS[] = { 1, 3, 0, 8 };
+static const uint64_t CHECK_MS[] = { 100000, 4, 0, 30 };
+
+static void desk_config(desk_t *k, unsigned param) {
+  k->wait_timeout = WAIT_MS[param & 3];
+  k->check_delay = CHECK_MS[(param >> 2) & 3];
+  lp_desk_config(k->handle, (double)k->wait_timeout, (double)k->check_delay);
+}
+
+static void desk_open(unsigned param) {
+  if (S->desk || S->desks_opened >= MAX_DESKS) return;
+  desk_t *k = &S->desks[S->desks_opened];
+  memset(k, 0, sizeof *k);
+  k->index = S->desks_opened++;
+  k->handle = lp_desk_open(&S->loop, &desk_callbacks, k, k->counts, k->waits, WAITS_CAP);
+  if (!k->handle) fail("lp_desk_open");
+  k->opened = 1;
+  S->desk = k;
+  S->join_mode = 1;
+  S->expiry_mode = 0;
+  desk_config(k, param);
+  if (verbose) fprintf(stderr, "desk %d: open (wait timeout %llu ms, check delay %llu ms)\n", k->index, (unsigned long long)k->wait_timeout, (unsigned long long)k->check_delay);
+  /* Every client on it, in settings 1: the engine's clients of one pool are mostly alike. */
+  for (int i = 0; i < MAX_CLIENTS; i++) desk_client(&S->clients[i], k, 1);
+}
+
+static void desk_stop(desk_t *k, int stopped) {
+  if (verbose) fprintf(stderr, "desk %d: %s\n", k->index, stopped ? "stop" : "go on");
+  desk_t *was = S->stopping;
+  k->stopped = stopped;
+  if (stopped) S->stopping = k;
+  lp_desk_stop(k->handle, stopped);
+  S->stopping = was;
+  if (!stopped || !k->handle) return;
+  int idle, count, waiting;
+  double max_wait;
+  lp_desk_stats(k->handle, &idle, &count, &waiting, &max_wait);
+  if (idle || waiting) fail("desk %d: stopped with %d idle, %d waiting", k->index, idle, waiting);
+}
+
+/* For good: the waiting clients go to `need`, the idle connections out (reclaimed); `end` once nothing refers to it. */
+static void desk_close(desk_t *k) {
+  if (!k || k->closed) return;
+  if (verbose) fprintf(stderr, "desk %d: close\n", k->index);
+  desk_check(k);
+  desk_t *was = S->stopping;
+  k->stopped = k->closed = 1;
+  if (S->desk == k) S->desk = NULL;
+  S->stopping = k;
+  lp_desk_close(k->handle);
+  S->stopping = was;
+}
+
+/* The pool offers a connection it holds to the first client waiting on the desk with `sid`. */
+static void desk_offer(desk_t *k, upstream_t *u, int sid) {
+  if (!pool_holds(u) || !u->logged_in || u->dead || u->pool_outstanding > 0 || u->unread.n > 0) return;
+  if (u->paused) { /* lent unpaused (NativeUpstream.lend); what OpenSSL held goes to the pool's reader first */
+    u->paused = 0;
+    lp_conn_pause(u->conn, 0);
+    if (!pool_holds(u) || u->dead || u->pool_outstanding > 0 || u->unread.n > 0) return;
+  }
+  lp_desk_join ticket;
+  join_t *j = join_new(u, k, sid, &ticket);
+  if (!j) return;
+  account_all();
+  upstream_t *was_u = S->offering;
+  join_t *was_j = S->offer_join;
+  int was_taken = S->offer_taken;
+  S->offering = u;
+  S->offer_join = j;
+  S->offer_taken = 0;
+  int r = lp_desk_offer(k->handle, u->conn, &ticket);
+  int taken = S->offer_taken;
+  S->offering = was_u;
+  S->offer_join = was_j;
+  S->offer_taken = was_taken;
+  if (verbose) fprintf(stderr, "pool: offer connection %d (ticket %d, sid %d) to desk %d: %d\n", u->index, j->id, sid, k->index, r);
+  if (r != taken) fail("desk %d: lp_desk_offer returned %d, a client %s it", k->index, r, taken ? "took" : "did not take");
+}
+
+/* The pool takes an idle connection back from the desk: the one named, or the most recently used. */
+static void desk_reclaim(desk_t *k, unsigned which, int any) {
+  if (any) {
+    upstream_t *best = NULL;
+    int was_idle[MAX_CONNS];
+    for (int i = 0; i < MAX_CONNS; i++) {
+      upstream_t *u = &S->ups[i];
+      was_idle[i] = u->idle && u->join && u->join->desk == k;
+      if (was_idle[i] && (!best || u->idle_since > best->idle_since)) best = u;
+    }
+    double idle_ms = -1;
+    int id = lp_desk_reclaim_any(k->handle, &idle_ms);
+    if (verbose) fprintf(stderr, "pool: reclaim any from desk %d: ticket %d\n", k->index, id);
+    if (!best) {
+      if (id != 0) fail("desk %d: lp_desk_reclaim_any gave ticket %d, none is idle", k->index, id);
+      return;
+    }
+    join_t *j = join_of_id(k, id);
+    upstream_t *u = j ? &S->ups[j->up] : NULL;
+    if (!u || !was_idle[u->index] || u->join != j || u->limbo != LIMBO_IDLE) fail("desk %d: lp_desk_reclaim_any gave ticket %d, not an idle one", k->index, id);
+    if (u->idle_since != best->idle_since) fail("desk %d: lp_desk_reclaim_any gave connection %d, not the most recently used", k->index, u->index);
+    if (idle_ms != (double)(now_ms() - u->idle_since)) fail("desk %d: reclaimed connection %d idle %g ms, the model says %llu", k->index, u->index, idle_ms, (unsigned long long)(now_ms() - u->idle_since));
+    join_off(u, "lp_desk_reclaim_any");
+    return;
+  }
+  /* The ticket: one of those of the session (on this desk or not, idle or not), or one never given. */
+  int id = S->joins_made ? (int)(which % (unsigned)(S->joins_made + 1)) + 1 : 1;
+  join_t *j = join_of_id(k, id);
+  upstream_t *u = j && j->on ? &S->ups[j->up] : NULL;
+  int expected = u && u->idle;
+  int r = lp_desk_reclaim(k->handle, id);
+  if (verbose) fprintf(stderr, "pool: reclaim ticket %d from desk %d: %d\n", id, k->index, r);
+  if (r != expected) fail("desk %d: lp_desk_reclaim of ticket %d returned %d, the model says %d", k->index, id, r, expected);
+  if (r && u->limbo != LIMBO_IDLE) fail("desk %d: connection %d reclaimed, its reader was not unset", k->index, u->index);
+  if (r) join_off(u, "lp_desk_reclaim");
+}
+
+/* A step of the engine or the pool with the desk: the next byte's low bits say which, its high bits how. */
+static void desk_step(unsigned which, upstream_t *u) {
+  unsigned b = in_u8(), what = b % 16, param = b / 16;
+  desk_t *k = S->desk;
+  if (verbose) fprintf(stderr, "desk step %u (%u)\n", what, param);
+  if (what == 0) {
+    desk_open(param);
+    return;
+  }
+  if (!k) return;
+  switch (what) {
+    case 1: /* a client (any: `which` is odd here) off the desk, or on it in settings 1 to 3, or 0 (which matches nothing) */
+      desk_client(pick_client(which / 2 + param / 8), param % 8 == 0 ? NULL : k, param % 8 == 4 ? 0 : (int)(param % 4));
+      break;
+    case 2:
+      k->room = param & 1;
+      k->js_waiting = (param >> 1) & 1;
+      if (verbose) fprintf(stderr, "pool: desk %d: room %d, js_waiting %d\n", k->index, k->room, k->js_waiting);
+      lp_desk_set(k->handle, k->room, k->js_waiting);
+      break;
+    case 3: desk_config(k, param); break;
+    case 4: desk_offer(k, u, (int)(param % 3) + 1); break;
+    case 5: {
+      int r = lp_desk_wake(k->handle);
+      if (verbose) fprintf(stderr, "pool: wake desk %d: %d\n", k->index, r);
+      break;
+    }
+    case 6: desk_reclaim(k, param, 0); break;
+    case 7: desk_reclaim(k, param, 1); break;
+    case 8: desk_stop(k, 1); break;
+    case 9: desk_stop(k, 0); break;
+    case 10: desk_close(k); break;
+    case 11:
+      S->join_mode = (int)(param % 4);
+      S->expiry_mode = (int)(param / 4 % 3);
+      break;
+    case 12: S->close_desk_last = param & 1; break;
+    default: break;
+  }
+  desk_check(S->desk);
 }
 
 /* ---------- client callbacks ---------- */
@@ -828,13 +1405,15 @@ static void on_client_data(lp_client *k, void *user, const unsigned char *data, 
 }
 
 static void on_need(lp_client *k, void *user, const unsigned char *unit, size_t unit_n, double waited_ms) {
-  (void)waited_ms;
   client_t *c = client_of(k, user, "need");
+  if (waited_ms != 0 && !c->desk) fail("client %d: need after %g ms waiting, on no desk", c->index, waited_ms);
+  if (!(waited_ms >= 0)) fail("client %d: need after %g ms waiting", c->index, waited_ms);
+  if (waited_ms != 0 && unit) fail("client %d: need with a unit of named statements after waiting on a desk", c->index);
   /* A unit with the client's statement names goes back rewritten: here, the same names (the server does not care). */
   c->named.n = 0;
   if (unit) put(&c->named, unit, unit_n);
   account_all();
-  if (verbose) fprintf(stderr, "client %d: need\n", c->index);
+  if (verbose) fprintf(stderr, "client %d: need (waited %g ms)\n", c->index, waited_ms);
   if (!c->fast) fail("client %d: need outside fast mode", c->index);
   if (c->needing) fail("client %d: need twice", c->index);
   if (c->lent) fail("client %d: need while a connection is lent", c->index);
@@ -851,11 +1430,16 @@ static void on_need(lp_client *k, void *user, const unsigned char *unit, size_t 
 static void on_back(lp_client *k, void *user, enum lp_back how, int status, int flags, int running, const unsigned char *reports, size_t reports_len,
                     const unsigned char *rest, size_t rest_len, const char *reason, int id) {
   client_t *c = client_of(k, user, "back");
-  if (id != 0) fail("client %d: back with desk id %d, no desk here", c->index, id);
   if (how < LP_BACK_RELEASED || how > LP_BACK_UPSTREAM_GONE) fail("client %d: back %d", c->index, (int)how);
   account_all();
   upstream_t *u = c->lent;
   if (!u) fail("client %d: back (%s) with no connection lent: given back twice?", c->index, LP_BACK_NAMES[how]);
+  if (u->released_by != c) fail("client %d: back (%s) of connection %d, whose reader C did not unset first", c->index, LP_BACK_NAMES[how], u->index);
+  u->released_by = NULL;
+  /* A connection of a desk leaves it here, with its ticket; any other comes back with 0. */
+  int expected_id = u->join ? u->join->id : 0;
+  if (id != expected_id) fail("client %d: back (%s) of connection %d with id %d, its ticket is %d", c->index, LP_BACK_NAMES[how], u->index, id, expected_id);
+  if (u->join) join_off(u, "back");
   c->backs++;
   check_lending(c, how, status, flags, running, reports, reports_len, rest, rest_len);
   if (how != LP_BACK_UPSTREAM_GONE && reason) fail("client %d: %s with a reason", c->index, LP_BACK_NAMES[how]);
@@ -892,6 +1476,7 @@ static void on_client_end(lp_client *k, void *user) {
   c->ends++;
   c->k = NULL;
   c->fast = c->needing = 0;
+  c->desk = NULL;
 }
 
 static const unsigned char *on_rewrite(lp_client *k, void *user, const unsigned char *unit, size_t n, int id, size_t *out_n) {
@@ -962,6 +1547,7 @@ static void on_conn_data(lp_conn *conn, void *user, const unsigned char *data, s
   /* give_back() hands the connection to the pool's reader (unpaused, reading) just before `back`:
      bytes may come first. The lending must be over: none for the client after these. */
   if (u->lent_to) u->returning = 1;
+  else if (u->join) fail("connection %d: the pool's reader got %s while it is on desk %d", u->index, data ? "bytes" : "its end", u->join->desk->index);
   if (!data) {
     if (verbose) fprintf(stderr, "connection %d: end of its stream (%s)\n", u->index, error ? error : "clean");
     u->dead = 1;
@@ -996,6 +1582,7 @@ static void on_conn_end(lp_conn *conn, void *user, enum lp_end end, double to_up
   if (u->conn && u->conn != conn) fail("connection %d: end of another connection", u->index);
   if (verbose) fprintf(stderr, "connection %d: end %s\n", u->index, LP_END_NAMES[end]);
   if (u->lent_to) fail("connection %d: ended while lent to client %d, which was not told", u->index, u->lent_to->index);
+  if (u->join) fail("connection %d: ended while on desk %d, which did not let it go", u->index, u->join->desk->index);
   u->ends++;
   u->conn = NULL;
   u->dead = 1;
@@ -1007,12 +1594,22 @@ static const lp_callbacks conn_callbacks = { on_handshake, on_conn_data, on_aban
 
 /* The pool lends `u` to `c` (after `need`, or to see a refusal change nothing), with the bytes its reader kept. */
 static int attach(client_t *c, upstream_t *u) {
-  if (!c->k || c->lent || !u->conn || !u->logged_in || u->lent_to || u->dead || u->pool_outstanding > 0) return -1;
+  if (!c->k || c->lent || !pool_holds(u) || !u->logged_in || u->dead || u->pool_outstanding > 0) return -1;
   if (u->paused) { /* lent unpaused, as NativeUpstream.lend() does: what OpenSSL held goes to the pool's reader first */
     u->paused = 0;
     lp_conn_pause(u->conn, 0);
     if (!u->conn || u->dead || u->pool_outstanding > 0) return -1;
   }
+  /* The engine's ticket, when the client is on a desk (transaction-session.ts, #landFast): the
+     connection joins it unless the desk is stopped or the unit goes rewritten. */
+  lp_desk_join ticket;
+  join_t *j = NULL;
+  if (c->desk && S->join_mode != 0 && !c->desk->closed) {
+    int sid = S->join_mode == 1 ? c->sid : S->join_mode == 2 ? c->sid % 3 + 1 : 0;
+    j = join_new(u, c->desk, sid, &ticket);
+  }
+  int joins = j && !c->desk->stopped && c->named.n == 0;
+  if (joins) join_on(u, j); /* before the call: the connection may come back inside it, with its id */
   account_all();
   bytes_t unread = u->unread;
   memset(&u->unread, 0, sizeof u->unread);
@@ -1026,10 +1623,19 @@ static int attach(client_t *c, upstream_t *u) {
   put(&c->answers, unread.d, unread.n);
   c->counted_cl += (double)unread.n; /* C counts them as it relays them */
   c->needing = 0;
-  int r = lp_client_attach(c->k, u->conn, unread.d ? unread.d : (const unsigned char *)"", unread.n, NULL, 0, c->named.n ? c->named.d : NULL, c->named.n, NULL);
-  if (r == 0) c->named.n = 0;
-  if (verbose) fprintf(stderr, "pool: attach connection %d to client %d with %zu unread bytes: %d\n", u->index, c->index, unread.n, r);
-  if (r != 0) {
+  client_t *was_attaching = S->attaching;
+  S->attaching = c;
+  int r = lp_client_attach(c->k, u->conn, unread.d ? unread.d : (const unsigned char *)"", unread.n, NULL, 0, c->named.n ? c->named.d : NULL, c->named.n, j ? &ticket : NULL);
+  S->attaching = was_attaching;
+  if (r >= 0) c->named.n = 0;
+  if (verbose) fprintf(stderr, "pool: attach connection %d to client %d with %zu unread bytes, ticket %d: %d\n", u->index, c->index, unread.n, j ? j->id : 0, r);
+  if (r >= 0 && r != joins) fail("client %d: lp_client_attach returned %d with %s", c->index, r, joins ? "a ticket for its desk" : j ? "a ticket it may not take" : "no ticket");
+  if (r == -1 && joins) {
+    if (j->lefts) fail("client %d: lp_client_attach refused, and connection %d left the desk", c->index, u->index);
+    j->made = j->on = 0;
+    u->join = NULL;
+  }
+  if (r < 0) {
     c->lent = NULL;
     u->lent_to = NULL;
     c->expected.n -= unread.n;
@@ -1048,7 +1654,7 @@ static int attach(client_t *c, upstream_t *u) {
 /* ---------- the peers ---------- */
 
 /* Turns of the loop (support.h; the client's linger timer is stopped as it starts, see drain()). */
-static void run_loop(int times) { run_loop_of(&S->loop, times); }
+static void run_loop(int times) { run_loop_keeping(&S->loop, times, desk_timer); }
 
 static void cl_flush(client_t *c, size_t max) {
   if (c->fd < 0 || c->shut || c->pending.n == 0) return;
@@ -1128,7 +1734,11 @@ static void make_server_bytes(upstream_t *u, bytes_t *out) {
       bytes_t body = { 0 };
       if (type == 'Z') put_u8(&body, "IITE"[in_u8() % 4]);
       else if (type == 'S') put(&body, "application_name\0fuzz\0", 22);
-      else if (type == 'C') put(&body, "SELECT 1", 9);
+      else if (type == 'C' && S->desks_opened) { /* with a desk: sometimes a tag of session state (LP_LENT_LEAKED) */
+        static const char *const tags[] = { "SELECT 1", "SET", "LISTEN", "DISCARD ALL" };
+        const char *tag = tags[in_u8() % 4];
+        put(&body, tag, strlen(tag) + 1);
+      } else if (type == 'C') put(&body, "SELECT 1", 9);
       else if (type != '1' && type != '2' && type != 'n') put_pattern(&body, in_u8() % 64, u->srv.sent.n);
       put_message(out, type, &body);
       bytes_free(&body);
@@ -1283,7 +1893,10 @@ static void step(void) {
       break;
     case 6: server_flush(&u->srv, 1 + in_size(70000)); break;
     case 7: srv_read(u, 1 + in_size(70000)); break;
-    case 8: case 9: run_loop(1 + in_u8() % 4); break;
+    case 8: case 9:
+      if (op % 24 == 9 && S->desk) usleep(1000); /* with a desk, time for its wait timeout and check delay to pass */
+      run_loop(1 + in_u8() % 4);
+      break;
     case 10: engine_fast(c, in_u8()); break;
     case 11: attach(c, u); break;
     case 12: engine_js(c); break;
@@ -1324,14 +1937,23 @@ static void step(void) {
       }
       break;
     case 18: pool_query(u, (which & 1) ? "SELECT 1" : "ROLLBACK"); break;
-    case 19: /* the state the engine reads */
-      if (c->k) {
+    case 19: /* the state the engine reads; or a step with the desk */
+      if (which & 1) {
+        desk_step(which, u);
+        break;
+      }
+      for (int i = 0; i < MAX_CLIENTS; i++) {
+        client_t *o = &S->clients[i];
+        if (!o->k) continue;
         int lent, running, desk_id;
         double idle;
-        lp_client_state(c->k, &lent, &running, &idle, &desk_id);
-        if (lent != (c->lent != NULL)) fail("client %d: lp_client_state says lent %d, it is %d", c->index, lent, c->lent != NULL);
-        if (running && !lent) fail("client %d: running with nothing lent", c->index);
+        lp_client_state(o->k, &lent, &running, &idle, &desk_id);
+        if (lent != (o->lent != NULL)) fail("client %d: lp_client_state says lent %d, it is %d", o->index, lent, o->lent != NULL);
+        if (running && !lent) fail("client %d: running with nothing lent", o->index);
+        int ticket = o->lent && o->lent->join ? o->lent->join->id : 0;
+        if (desk_id != ticket) fail("client %d: lp_client_state says desk id %d, the lent connection's ticket is %d", o->index, desk_id, ticket);
       }
+      desk_check(S->desk);
       if (u->conn) {
         int running;
         double idle;
@@ -1352,7 +1974,7 @@ static void step(void) {
         }
       break;
     case 21: /* the pool's reader pauses the connection, or resumes it; or the pool closes it */
-      if (!u->conn || u->lent_to) break;
+      if (!pool_holds(u)) break;
       if (which % 3 == 2) {
         pool_close(u);
       } else {
@@ -1361,8 +1983,12 @@ static void step(void) {
       }
       break;
     case 22: server_answer(u); break;
-    default: { /* the engine's client drains, or the pool's idle connection is lent to whoever needs one */
+    default: { /* the pool's idle connection is lent to whoever needs one, or offered to the desk's waiting clients */
       upstream_t *idle = idle_upstream();
+      if (idle && S->desk && (which & 1)) {
+        desk_offer(S->desk, idle, (int)(which / 2 % 3) + 1);
+        break;
+      }
       for (int i = 0; i < MAX_CLIENTS && idle; i++)
         if (S->clients[i].needing && S->clients[i].k) {
           attach(&S->clients[i], idle);
@@ -1383,11 +2009,37 @@ static size_t moved(void) {
   return n;
 }
 
+static int desk_waiting(void) {
+  if (!S->desk) return 0;
+  int idle, count, waiting;
+  double max_wait;
+  lp_desk_stats(S->desk->handle, &idle, &count, &waiting, &max_wait);
+  return waiting;
+}
+
+/* The pool as it runs (pool.ts): tells the desk the truth about its room and its waiting clients, wakes the desk's when it has room. */
+static void pool_tells_desk(void) {
+  desk_t *k = S->desk;
+  if (!k) return;
+  int needing = 0;
+  for (int i = 0; i < MAX_CLIENTS; i++) needing |= S->clients[i].k && S->clients[i].needing;
+  int room = idle_upstream() != NULL;
+  if (room != k->room || needing != k->js_waiting) {
+    if (verbose) fprintf(stderr, "pool: desk %d: room %d, js_waiting %d\n", k->index, room, needing);
+    k->room = room;
+    k->js_waiting = needing;
+    lp_desk_set(k->handle, room, needing);
+  }
+  if (room && desk_waiting() > 0) lp_desk_wake(k->handle);
+}
+
 /* Both kinds of peer do their part until nothing moves. */
 static void cooperate(void) {
   enum { STALLED = 12 };
+  int waited = 0;
   for (int stalled = 0, turns = 0; stalled < STALLED && turns < 5000; turns++) {
     size_t before = moved();
+    pool_tells_desk();
     for (int i = 0; i < MAX_CLIENTS; i++) {
       client_t *c = &S->clients[i];
       if (!c->open) continue;
@@ -1397,6 +2049,10 @@ static void cooperate(void) {
       }
       if (c->k && c->needing) {
         upstream_t *u = idle_upstream();
+        if (!u && S->desk) { /* the desk's idle connections are the pool's too (pool.ts, #takeIdle) */
+          desk_reclaim(S->desk, 0, 1);
+          u = idle_upstream();
+        }
         if (u) attach(c, u);
       }
       cl_flush(c, SIZE_MAX);
@@ -1405,7 +2061,7 @@ static void cooperate(void) {
     for (int i = 0; i < MAX_CONNS; i++) {
       upstream_t *u = &S->ups[i];
       if (!u->open) continue;
-      if (u->conn && u->paused && !u->lent_to) {
+      if (u->paused && pool_holds(u)) {
         u->paused = 0;
         lp_conn_pause(u->conn, 0);
       }
@@ -1415,6 +2071,11 @@ static void cooperate(void) {
     }
     run_loop(1);
     stalled = moved() == before ? stalled + 1 : 0;
+    /* A client waiting on the desk is served, or goes to `need` at the wait timeout: a few ms. */
+    if (desk_waiting() > 0 && waited++ < 300) {
+      usleep(1000);
+      stalled = 0;
+    }
     /* TCP's own timers (delayed ACKs, window probes) need time, not turns. */
     if (stalled > 6 && (S->config & (CFG_TCP_CLIENT | CFG_TCP_UP))) usleep(1000);
   }
@@ -1427,6 +2088,8 @@ static void cooperate(void) {
  */
 static void check_settled(void) {
   phase = "settled";
+  desk_check(S->desk);
+  if (desk_waiting() > 0) fail("desk %d: %d clients wait on it after the peers cooperated", S->desk->index, desk_waiting());
   for (int i = 0; i < MAX_CLIENTS; i++) {
     client_t *c = &S->clients[i];
     if (!c->k || c->input_done || c->peer_gone || c->stopped || c->fd < 0) continue;
@@ -1481,6 +2144,7 @@ static void drain(void) {
   cooperate();
   check_settled();
   phase = "closing";
+  if (!S->close_desk_last) desk_close(S->desk);
   for (int i = 0; i < MAX_CLIENTS; i++) {
     client_t *c = &S->clients[i];
     if (c->k && (S->config & CFG_END)) engine_end(c);
@@ -1499,10 +2163,15 @@ static void drain(void) {
     for (int i = 0; i < MAX_CONNS; i++) {
       upstream_t *u = &S->ups[i];
       if (!u->open) continue;
-      if (u->conn && !u->lent_to) pool_close(u);
+      if (pool_holds(u)) pool_close(u);
       srv_read(u, 65536);
       open |= u->conn != NULL;
     }
+    /* The desk last: once its clients are gone (then its end comes at once, or as its connections leave). */
+    int clients = 0;
+    for (int i = 0; i < MAX_CLIENTS; i++) clients += S->clients[i].k != NULL;
+    if (!clients) desk_close(S->desk);
+    for (int i = 0; i < S->desks_opened; i++) open |= S->desks[i].handle != NULL;
     run_loop(1);
     if (turns > 100) usleep(1000);
   }
@@ -1510,6 +2179,8 @@ static void drain(void) {
     if (S->clients[i].k) fail("client %d did not end (%d turns after the engine ended it)", i, turns);
   for (int i = 0; i < MAX_CONNS; i++)
     if (S->ups[i].conn) fail("connection %d did not end (%d turns after the pool closed it)", i, turns);
+  for (int i = 0; i < S->desks_opened; i++)
+    if (S->desks[i].handle) fail("desk %d did not end (%d turns after it was closed)", i, turns);
 }
 
 static void verify_session(void) {
@@ -1527,8 +2198,15 @@ static void verify_session(void) {
     upstream_t *u = &S->ups[i];
     if (!u->open) continue;
     if (u->ends != 1) fail("connection %d: %d end callbacks", i, u->ends);
+    if (u->released_by) fail("connection %d: its lending to client %d ended with neither `back` nor a stay on the desk", i, u->released_by->index);
     check_server_bytes(u);
   }
+  for (int i = 0; i < S->joins_made; i++) {
+    join_t *j = &S->joins[i];
+    if (j->made && (j->on || j->lefts != 1)) fail("ticket %d (connection %d, desk %d): %s, left %d times", j->id, j->up, j->desk->index, j->on ? "still on the desk" : "off", j->lefts);
+  }
+  for (int i = 0; i < S->desks_opened; i++)
+    if (S->desks[i].ends != 1) fail("desk %d: %d end callbacks", i, S->desks[i].ends);
 }
 
 static void free_session(void) {

@@ -60,6 +60,7 @@ const step = {
   serverFlush: (n = 65536) => [op(6), ...u16(Math.min(n, 65535) - 1)],
   serverRead: (n = 65536) => [op(7), ...u16(Math.min(n, 65535) - 1)],
   loop: (n = 1) => [op(8), n - 1],
+  later: (n = 1) => [op(9), n - 1], // with a desk open: 1 ms later (its timers)
   fast: (how = 0, which = 0) => [op(10, which), how], // how % 3: 0 nothing held, 1 all the engine holds, 2 what it holds from an offset
   attach: (which = 0) => [op(11, which)],
   js: (which = 0) => [op(12, which)],
@@ -83,7 +84,37 @@ const step = {
   poolClose: () => [op(21, 2)],
   answer: () => [op(22)],
   lend: () => [op(23)], // the pool lends an idle connection to a client that waits for one
+  offer: (sid = 1) => [op(23, 1 + 2 * (sid - 1))], // with a desk: the pool offers its idle connection to the desk's clients waiting in `sid`
 };
+
+// A step with the desk (op 19, `which` odd: with two clients open, client 1): its kind, and how (see desk_step()).
+const deskStep = (what, how = 0, which = 1) => [op(19, which), what + 16 * how];
+// Wait timeouts and check delays (indexes into WAIT_MS and CHECK_MS): a few ms, so inputs stay fast.
+const WAIT = { ms1: 0, ms3: 1, ms0: 2, ms8: 3 };
+const CHECK = { never: 0, ms4: 1, ms0: 2, ms30: 3 };
+const desk = {
+  // Opened with every client on it in settings 1; the engine's attaches give tickets in the client's settings.
+  open: (wait = WAIT.ms8, check = CHECK.never) => deskStep(0, wait | (check << 2)),
+  // Client `k` (of three open, or of two with k < 2) off the desk, or on it in `sid`.
+  client: (sid, k = 1) => deskStep(1, (sid === null ? 0 : sid === 0 ? 4 : sid) + (k > 0 ? 8 : 0), k === 2 ? 3 : 1),
+  set: (room, jsWaiting) => deskStep(2, (room ? 1 : 0) | (jsWaiting ? 2 : 0)),
+  config: (wait, check) => deskStep(3, wait | (check << 2)),
+  offer: (sid = 1) => deskStep(4, sid - 1),
+  wake: () => deskStep(5),
+  reclaim: (which = 0) => deskStep(6, which), // the ticket: which % (tickets + 1) + 1
+  reclaimAny: () => deskStep(7),
+  stop: () => deskStep(8),
+  goOn: () => deskStep(9),
+  close: () => deskStep(10),
+  // The engine's tickets: 0 none, 1 in the client's settings, 2 in other settings, 3 in settings 0; expiry 0 never, 1 already, 2 a few ms.
+  tickets: (mode, expiry = 0) => deskStep(11, mode + 4 * expiry),
+  closeLast: () => deskStep(12, 1),
+};
+// With a desk open, a CommandComplete takes one more byte: its tag (SELECT 1, SET, LISTEN, DISCARD ALL).
+const TAG = { select: 0, set: 1 };
+const deskAnswer = (...messages) => [op(4), 1, messages.length - 1, ...messages.flatMap(([type, arg]) => [ANSWER[type], ...(type === 'Z' ? [STATUS[arg ?? 'I']] : type === 'C' ? [TAG[arg ?? 'select']] : 'DNEA'.includes(type) ? [arg ?? 20] : [])])];
+/** The server reads, answers every Query and Sync, and the answers reach the clients. */
+const answerAll = [step.serverRead(), step.answer(), step.serverFlush(), step.loop(3), step.clientRead(), step.clientRead(65536, 1)];
 
 /** The unit reaches the server and its answer the client. */
 const roundTrip = [step.loop(2), step.lend(), step.loop(2), step.serverRead(), step.answer(), step.serverFlush(), step.loop(2), step.clientRead()];
@@ -126,6 +157,45 @@ const seeds = {
   'close-client-while-lent': [0, step.fast(), step.clientQuery(), ...roundTrip.slice(0, 4), step.engineClose(), step.loop(3)],
   'client-reset-while-lent': [TCP_CLIENT, step.fast(), step.clientQuery(), ...roundTrip.slice(0, 4), step.serverBigRow(64), step.serverFlush(), step.loop(), step.clientReset(),
     step.loop(3)],
+  // The desk: a connection released cleanly goes to the client waiting on the desk (no room in the pool), with no call to the engine.
+  'desk-hand-off-to-waiting': [TWO_CLIENTS, desk.open(), step.fast(0, 0), step.fast(0, 1), step.clientQuery(), step.loop(2), step.lend(), step.loop(2),
+    [op(0, 1), 1, TEXT.now], step.loop(2), step.state(), ...answerAll, ...answerAll, step.state()],
+  // Idle on the desk after its transaction; the client's next unit takes it there.
+  'desk-idle-take': [0, desk.open(), step.fast(), step.clientQuery(), ...roundTrip, step.state(), step.clientQuery(TEXT.now), step.loop(2), ...answerAll, step.state()],
+  // A second client in other settings does not get the first one's connection; it waits for the pool's.
+  'desk-other-settings': [TWO_CLIENTS, desk.open(), desk.client(2), step.fast(0, 0), step.fast(0, 1), step.clientQuery(), ...roundTrip, [op(0, 1), 1, TEXT.select1], step.loop(2),
+    desk.reclaimAny(), step.lend(), step.loop(2), ...answerAll],
+  // The waiting client leaves the queue at the wait timeout (the first holds the connection in a transaction), with how long it waited.
+  'desk-wait-timeout': [TWO_CLIENTS, desk.open(WAIT.ms1), step.fast(0, 0), step.fast(0, 1), step.clientQuery(), step.loop(2), step.lend(), step.loop(2),
+    [op(0, 1), 1, TEXT.now], step.loop(2), step.state(), step.later(), step.later(), step.state(), ...answerAll],
+  // Stopped: the idle connection comes out (reclaimed); going on, the next unit asks the pool.
+  'desk-stop-go-on': [0, desk.open(), step.fast(), step.clientQuery(), ...roundTrip, desk.stop(), step.state(), desk.goOn(), step.clientQuery(), ...roundTrip, step.state()],
+  // Closed while its connection is lent: it comes back with its id at the release.
+  'desk-close-while-lent': [0, desk.open(), step.fast(), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), desk.close(), ...answerAll],
+  // The pool offers its second connection to the client waiting on the desk.
+  'desk-offer': [TWO_CLIENTS, step.openConnection(), desk.open(), step.fast(0, 0), step.fast(0, 1), step.clientQuery(), step.loop(2), step.lend(), step.loop(2),
+    [op(0, 1), 1, TEXT.now], step.loop(2), step.offer(1), step.loop(2), ...answerAll, step.state()],
+  // The pool's own clients wait: a release goes back to the pool (`back` with the id), not to the desk.
+  'desk-js-waiting': [0, desk.open(), step.fast(), desk.set(false, true), step.clientQuery(), ...roundTrip, step.state()],
+  // Not clean: a ParameterStatus, or a SET's tag, sends the connection back to the pool.
+  'desk-dirty-release': [0, desk.open(), step.fast(), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), step.serverRead(), deskAnswer(['S'], ['C'], ['Z']),
+    step.serverFlush(), step.loop(3), step.clientRead(), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), step.serverRead(), deskAnswer(['C', 'set'], ['Z']),
+    step.serverFlush(), step.loop(3), step.clientRead(), step.state()],
+  // Idle on the desk, the server speaks: out (spoke), and the pool closes it.
+  'desk-idle-spoke': [0, desk.open(), step.fast(), step.clientQuery(), ...roundTrip, step.serverMessages(['N', 10]), step.serverFlush(), step.loop(3), step.state()],
+  // A check delay of 0: the idle connection is stale at the next unit (out), which asks the pool.
+  'desk-stale': [0, desk.open(WAIT.ms8, CHECK.ms0), step.fast(), step.clientQuery(), ...roundTrip, step.clientQuery(), step.loop(2), step.lend(), step.loop(2), ...answerAll],
+  // The pool reclaims the idle connection by its id, then asks for any.
+  'desk-reclaim': [0, desk.open(), step.fast(), step.clientQuery(), ...roundTrip, desk.reclaim(0), desk.reclaimAny(), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), ...answerAll],
+  // Tickets that expire at once: released to the pool, never kept; and the desk closes after its clients.
+  'desk-expired-close-last': [0, desk.open(), desk.closeLast(), desk.tickets(1, 1), step.fast(), step.clientQuery(), ...roundTrip, step.clientQuery(), ...roundTrip],
+  // Three clients: 0 in settings 1, 1 and 2 in settings 2; client 2 waits on the desk for client 1's connection, and client 0's, released, is not for it.
+  'desk-waiting-other-settings': [0, step.openClient(), step.openClient(), step.openConnection(), desk.open(), desk.client(2, 1), desk.client(2, 2),
+    step.fast(0, 0), step.fast(0, 1), step.fast(0, 2), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), [op(0, 1), 1, TEXT.now], step.loop(2), step.lend(), step.loop(2),
+    [op(0, 2), 1, TEXT.select1], step.loop(2), step.state(), step.serverRead(), step.answer(), step.serverFlush(), step.loop(3), step.state()],
+  // A client waiting on the desk put in other settings: it asks the pool (need, with how long it waited).
+  'desk-moved-while-waiting': [TWO_CLIENTS, desk.open(), step.fast(0, 0), step.fast(0, 1), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), [op(0, 1), 1, TEXT.now],
+    step.loop(2), step.later(), desk.client(3), step.state(), ...answerAll],
   'tls12-end-clients': [TLS12 | END_CLIENTS, step.fast(), step.clientExtended(TEXT.select1, 16), ...roundTrip],
   // Raw: the first half of the bytes is the unit, the second what comes behind it.
   'pure-raw-query': [PURE, 0, 0x51, 0, 0, 0, 13, ...Buffer.from('SELECT 1\0'), 0x53, 0, 0, 0, 4, ...Buffer.from('garbage\0\0')],
