@@ -17,8 +17,8 @@
 # FILE, with FUZZ_VERBOSE=1 to see each step). To keep what a run found:
 #   build-fuzz/harness -merge=1 native/fuzz/corpus build-fuzz/corpus
 #   build-fuzz/txclient-harness -merge=1 native/fuzz/txclient-corpus build-fuzz/txclient-corpus
-# native/fuzz/txclient-crashes/ holds inputs of defects found and not fixed yet: not replayed here
-# (a failing corpus input would stop the run before any fuzzing); each moves to the corpus with its fix.
+# An input of a defect found and not fixed yet goes in native/fuzz/txclient-crashes/, not replayed
+# here (a failing corpus input would stop the run before any fuzzing); it moves to the corpus with its fix.
 # Debian 12's clang 14 and libFuzzer, and the libuv and OpenSSL 3.0 development packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."

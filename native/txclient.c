@@ -482,8 +482,10 @@ static void give_back(lp_client *k, enum lp_back how, const char *reason) {
   k->hold = 0;
   k->up_full = 0;
   lp_conn_sink(conn, NULL, NULL);
-  /* Back unpaused, as it was lent (NativeUpstream.lend): what comes next goes to the caller's reader. */
-  if (how != LP_BACK_UPSTREAM_GONE) lp_conn_pause(conn, 0);
+  /* Back unpaused, as it was lent (NativeUpstream.lend): what comes next goes to the caller's
+     reader; or, kept on the desk, to its next reader (desk_serve unpauses it once that is set:
+     an unpause reads what OpenSSL holds at once, found by the fuzzer). */
+  if (how != LP_BACK_UPSTREAM_GONE && !kept) lp_conn_pause(conn, 0);
   buf_t reports = k->reports, rest = { 0 };
   memset(&k->reports, 0, sizeof k->reports);
   int running = k->outstanding > 0 || k->scan.have != 0; /* answers to come, or one cut short */
@@ -833,12 +835,13 @@ static void to_caller(lp_client *k) {
 /* An idle (or just released) connection: to the first client waiting with its settings, else idle. */
 static void desk_serve(desk_entry *e) {
   lp_desk *d = e->desk;
-  lp_client *w = d->head;
+  lp_client *w = e->sid == 0 ? NULL : d->head;
   while (w && w->sid != e->sid) w = w->wnext;
   if (!w) {
     e->idle_since = uv_now(d->loop);
     d->idle++;
     lp_conn_sink(e->conn, idle_sink, e);
+    lp_conn_pause(e->conn, 0); /* it may have been paused for a slow client: what it holds goes to idle_sink */
     return;
   }
   uint64_t since = w->wait_since;
@@ -855,7 +858,7 @@ static int desk_take(lp_client *k) {
     if (d->stopped || k->closing || !k->fast || k->conn) return 0;
     desk_entry *best = NULL;
     for (desk_entry *e = d->entries; e; e = e->next) {
-      if (!e->client && e->sid == k->sid && (!best || e->idle_since > best->idle_since)) best = e;
+      if (!e->client && k->sid != 0 && e->sid == k->sid && (!best || e->idle_since > best->idle_since)) best = e;
     }
     if (!best) return 0;
     uint64_t now = uv_now(d->loop);
@@ -874,6 +877,7 @@ static int desk_take(lp_client *k) {
 }
 
 static int has_sid(const lp_desk *d, int sid) {
+  if (sid == 0) return 0; /* matches nothing */
   for (const desk_entry *e = d->entries; e; e = e->next) {
     if (e->sid == sid) return 1;
   }
@@ -1033,7 +1037,7 @@ void lp_desk_close(lp_desk *d) {
 }
 
 int lp_desk_offer(lp_desk *d, lp_conn *conn, const lp_desk_join *join) {
-  if (d->stopped || join->id <= 0 || !lp_conn_lendable(conn)) return 0;
+  if (d->stopped || join->id <= 0 || join->sid == 0 || !lp_conn_lendable(conn)) return 0;
   lp_client *w = d->head;
   while (w && w->sid != join->sid) w = w->wnext;
   if (!w) return 0;

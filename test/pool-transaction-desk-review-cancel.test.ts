@@ -34,7 +34,7 @@ test("a client's cancel still on its way does not cancel the query of the next c
     await ask(a, 'select 1'); // the fast path: the only connection joins the desk
     await waitUntil(() => deskStats(proxy, db)?.count === 1, 5000, 'the connection on the desk (precondition)');
 
-    a.send(serialize.query('select pg_sleep(1.5)'));
+    a.send(serialize.query('select pg_sleep(3)')); // long enough for the steps below on a busy machine
     const aDone = a.untilReady(1, 30_000);
     await sleep(200);
     // b waits on the desk for a's connection.

@@ -1479,14 +1479,17 @@ static void on_client_end(lp_client *k, void *user) {
   c->desk = NULL;
 }
 
+/* The engine names the client's statements as the desk's connection has them: here, the same
+   names (the servers do not care), so the bytes checks hold as for any unit. */
 static const unsigned char *on_rewrite(lp_client *k, void *user, const unsigned char *unit, size_t n, int id, size_t *out_n) {
-  (void)unit;
-  (void)n;
-  (void)id;
-  *out_n = 0;
+  static bytes_t rewritten;
   client_t *c = client_of(k, user, "rewrite");
-  fail("client %d: rewrite, with no desk", c->index);
-  return NULL;
+  account_all();
+  if (!c->lent || !c->lent->join || c->lent->join->id != id) fail("client %d: rewrite for connection %d, not the desk's lending it has", c->index, id);
+  rewritten.n = 0;
+  put(&rewritten, unit, n);
+  *out_n = n;
+  return rewritten.d;
 }
 
 static const lp_client_callbacks client_callbacks = { on_client_data, on_need, on_back, on_client_end, on_rewrite };
@@ -1601,14 +1604,14 @@ static int attach(client_t *c, upstream_t *u) {
     if (!u->conn || u->dead || u->pool_outstanding > 0) return -1;
   }
   /* The engine's ticket, when the client is on a desk (transaction-session.ts, #landFast): the
-     connection joins it unless the desk is stopped or the unit goes rewritten. */
+     connection joins it unless the desk is stopped (a rewritten unit too). */
   lp_desk_join ticket;
   join_t *j = NULL;
   if (c->desk && S->join_mode != 0 && !c->desk->closed) {
     int sid = S->join_mode == 1 ? c->sid : S->join_mode == 2 ? c->sid % 3 + 1 : 0;
     j = join_new(u, c->desk, sid, &ticket);
   }
-  int joins = j && !c->desk->stopped && c->named.n == 0;
+  int joins = j && !c->desk->stopped;
   if (joins) join_on(u, j); /* before the call: the connection may come back inside it, with its id */
   account_all();
   bytes_t unread = u->unread;
