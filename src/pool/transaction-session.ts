@@ -245,6 +245,18 @@ async function taken(context: TransactionContext, startup: ReadonlyMap<string, s
   return settings;
 }
 
+/** A server-side statement name's bytes, made once (the desk's rewrite asks for them once a transaction). */
+const serverNameCache = new Map<string, Buffer>();
+function serverNameBytes(name: string): Buffer {
+  let bytes = serverNameCache.get(name);
+  if (!bytes) {
+    if (serverNameCache.size >= 10_000) serverNameCache.clear();
+    bytes = Buffer.from(name);
+    serverNameCache.set(name, bytes);
+  }
+  return bytes;
+}
+
 export class TransactionSession implements SessionRelay {
   readonly stats: RelayStats = { bytesToUpstream: 0, bytesToClient: 0 };
   readonly done: Promise<RelayEnd>;
@@ -585,33 +597,44 @@ export class TransactionSession implements SessionRelay {
    * portal's Bind and in a Describe of a statement), so only those two messages change.
    */
   #deskNames(server: ServerConnection, unit: Buffer): Buffer | undefined {
-    const parts: Buffer[] = [];
-    let length = 0;
-    for (let at = 0; at + 5 <= unit.length; ) {
-      const end = at + 1 + unit.readUInt32BE(at + 1);
+    // First the names and the length, then one buffer: this runs once a transaction.
+    let length = unit.length;
+    let renamed: Array<{ nameAt: number; nameEnd: number; name: Buffer }> | undefined;
+    for (let at = 0; at + 5 <= unit.length; at += 1 + unit.readUInt32BE(at + 1)) {
       const type = unit[at] as number;
       // Bind: portal (unnamed: one NUL), then the statement's name; Describe 'S': the name.
-      const nameAt = type === FrontendCode.Bind ? at + 6 : type === FrontendCode.Describe && unit[at + 5] === 0x53 ? at + 6 : -1;
-      const nameEnd = nameAt < 0 ? -1 : unit.indexOf(0, nameAt);
-      if (nameAt < 0 || nameEnd === nameAt || nameEnd < 0 || nameEnd >= end) {
-        parts.push(unit.subarray(at, end));
-        length += end - at;
-        at = end;
-        continue;
-      }
+      const nameAt = at + 6;
+      if (type !== FrontendCode.Bind && !(type === FrontendCode.Describe && unit[at + 5] === 0x53)) continue;
+      const nameEnd = unit.indexOf(0, nameAt);
+      if (nameEnd <= nameAt) continue; // the unnamed statement
       const statement = this.#statements.get(unit.toString('utf8', nameAt, nameEnd));
       if (!statement?.plain || !server.prepared.has(statement.serverName)) return undefined;
       this.#touch(server, statement.serverName);
       this.#context.observer.prepared(true);
-      const name = Buffer.from(statement.serverName);
-      const header = Buffer.allocUnsafe(nameAt - at);
-      unit.copy(header, 0, at, nameAt);
-      header.writeUInt32BE(end - at - 1 + name.length - (nameEnd - nameAt), 1);
-      parts.push(header, name, unit.subarray(nameEnd, end));
-      length += header.length + name.length + (end - nameEnd);
+      const name = serverNameBytes(statement.serverName);
+      (renamed ??= []).push({ nameAt, nameEnd, name });
+      length += name.length - (nameEnd - nameAt);
+    }
+    if (!renamed) return unit;
+    const out = Buffer.allocUnsafe(length);
+    let from = 0;
+    let to = 0;
+    let next = 0;
+    for (let at = 0; at + 5 <= unit.length; ) {
+      const end = at + 1 + unit.readUInt32BE(at + 1);
+      const change = renamed[next];
+      if (change && change.nameAt === at + 6) {
+        const grown = change.name.length - (change.nameEnd - change.nameAt);
+        to += unit.copy(out, to, from, change.nameAt);
+        out.writeUInt32BE(end - at - 1 + grown, to - (change.nameAt - at) + 1);
+        to += change.name.copy(out, to);
+        from = change.nameEnd;
+        next++;
+      }
       at = end;
     }
-    return Buffer.concat(parts, length);
+    unit.copy(out, to, from);
+    return out;
   }
 
   /** The lent connection is back from the fast path (see native/txclient.h). */
