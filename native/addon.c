@@ -14,9 +14,10 @@
  *   detach(conn, end);  close(conn, end);  state(conn) -> [queryRunning 0|1, idleMs]
  *
  * A transaction-mode client (txclient.h):
- *   client(fd, counters: Float64Array(2), totals: Float64Array(2), onData(buffer|null, error|null), onNeed(unit|null, waitedMs),
- *          onBack(how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null, deskId), onEnd(),
- *          onRewrite(unit, deskId) -> Buffer | null) -> client | string
+ *   clientCallbacks(onData(self, buffer|null, error|null), onNeed(self, unit|null, waitedMs),
+ *          onBack(self, how (enum lp_back), status (a char code), flags, running, reports|null, rest|null, reason|null, deskId), onEnd(self),
+ *          onRewrite(self, unit, deskId) -> Buffer | null): once, before any client
+ *   client(fd, counters: Float64Array(2), totals: Float64Array(2), self) -> client | string
  *   clientWrite(client, buffer) -> bytes still queued (-1: closed; onData gets an empty Buffer once written)
  *   clientEnd(client);  clientClose(client);  clientPause(client, paused);  clientDesk(client, desk|null, sid);  clientHold(client)
  *   clientFast(client, first) -> boolean
@@ -522,8 +523,48 @@ typedef struct {
   napi_env env;
   lp_client *client; /* NULL once ended */
   int js_released;
-  napi_ref on_data, on_need, on_back, on_end, on_rewrite, counters, totals;
+  napi_ref self, counters; /* self: the JavaScript object the callbacks get first (clientCallbacks) */
 } kbinding_t;
+
+/*
+ * The clients' callbacks, set once for all (clientCallbacks): each gets the client's own object
+ * first. Five references and closures per client would cost more than the rest of an idle one.
+ */
+enum { K_DATA, K_NEED, K_BACK, K_END, K_REWRITE, K_CALLBACKS };
+static napi_ref client_fns[K_CALLBACKS];
+
+static napi_value call_js_now(napi_env env, napi_ref ref, size_t argc, napi_value *argv);
+
+/* Calls client callback `which` with the client's object before `argv` (`now`: call_js_now). */
+static napi_value call_client(kbinding_t *b, int which, size_t argc, napi_value *argv, int now) {
+  napi_value all[9];
+  if (argc + 1 > sizeof all / sizeof all[0] || !b->self || napi_get_reference_value(b->env, b->self, &all[0]) != napi_ok || !all[0]) return NULL;
+  for (size_t i = 0; i < argc; i++) all[i + 1] = argv[i];
+  return now ? call_js_now(b->env, client_fns[which], argc + 1, all) : call_js(b->env, client_fns[which], argc + 1, all);
+}
+
+/*
+ * The totals arrays clients add to: one per target, shared by all its clients, so kept here once
+ * (a reference per client would cost as much as the rest of an idle client's binding). Never
+ * released: a target's array lives as long as the process's metrics do.
+ */
+#define TOTALS_KEPT 64
+static struct {
+  double *data;
+  napi_ref ref;
+} totals_kept[TOTALS_KEPT];
+
+/* Keeps `value` (a Float64Array at `data`) alive for C; -1 when there are too many. */
+static int keep_totals(napi_env env, napi_value value, double *data) {
+  for (int i = 0; i < TOTALS_KEPT; i++) {
+    if (totals_kept[i].data == data) return 0;
+    if (totals_kept[i].data) continue;
+    if (napi_create_reference(env, value, 1, &totals_kept[i].ref) != napi_ok) return -1;
+    totals_kept[i].data = data;
+    return 0;
+  }
+  return -1;
+}
 
 static void kbinding_release(kbinding_t *b) {
   if (b->client || !b->js_released) return;
@@ -547,7 +588,7 @@ static void k_on_data(lp_client *k, void *user, const unsigned char *data, size_
   else napi_get_null(b->env, &argv[0]);
   if (error) argv[1] = string(b->env, error);
   else napi_get_null(b->env, &argv[1]);
-  call_js(b->env, b->on_data, 2, argv);
+  call_client(b, K_DATA, 2, argv, 0);
   napi_close_handle_scope(b->env, scope);
 }
 
@@ -558,7 +599,7 @@ static void k_on_need(lp_client *k, void *user, const unsigned char *unit, size_
   napi_open_handle_scope(b->env, &scope);
   napi_value argv[2] = { buffer_or_null(b->env, unit, n), NULL };
   napi_create_double(b->env, waited_ms, &argv[1]);
-  call_js(b->env, b->on_need, 2, argv);
+  call_client(b, K_NEED, 2, argv, 0);
   napi_close_handle_scope(b->env, scope);
 }
 
@@ -580,7 +621,7 @@ static void k_on_back(lp_client *k, void *user, enum lp_back how, int status, in
   if (reason) argv[6] = string(env, reason);
   else napi_get_null(env, &argv[6]);
   napi_create_int32(env, id, &argv[7]);
-  call_js(env, b->on_back, 8, argv);
+  call_client(b, K_BACK, 8, argv, 0);
   napi_close_handle_scope(env, scope);
 }
 
@@ -591,15 +632,10 @@ static void k_on_end(lp_client *k, void *user) {
   b->client = NULL;
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
-  call_js(env, b->on_end, 0, NULL);
+  call_client(b, K_END, 0, NULL, 0);
   napi_close_handle_scope(env, scope);
-  delete_ref(env, &b->on_data);
-  delete_ref(env, &b->on_need);
-  delete_ref(env, &b->on_back);
-  delete_ref(env, &b->on_end);
-  delete_ref(env, &b->on_rewrite);
+  delete_ref(env, &b->self);
   delete_ref(env, &b->counters);
-  delete_ref(env, &b->totals);
   kbinding_release(b);
 }
 
@@ -616,7 +652,7 @@ static const unsigned char *k_on_rewrite(lp_client *k, void *user, const unsigne
   napi_open_handle_scope(env, &scope);
   napi_value argv[2] = { buffer_or_null(env, unit, n), NULL };
   napi_create_int32(env, id, &argv[1]);
-  napi_value result = call_js_now(env, b->on_rewrite, 2, argv);
+  napi_value result = call_client(b, K_REWRITE, 2, argv, 1);
   void *data;
   size_t length;
   const unsigned char *out = NULL;
@@ -661,23 +697,27 @@ static double *float64s(napi_env env, napi_value value, size_t want, size_t *len
 }
 
 static napi_value open_client(napi_env env, napi_callback_info info) {
-  napi_value argv[8];
-  if (get_args(env, info, 8, argv)) return NULL;
+  napi_value argv[4];
+  if (get_args(env, info, 4, argv)) return NULL;
   int32_t fd;
   CHECK(napi_get_value_int32(env, argv[0], &fd));
   double *counters = float64s(env, argv[1], 2, NULL, "client: counters must be a Float64Array(2)");
   double *totals = counters ? float64s(env, argv[2], 2, NULL, "client: totals must be a Float64Array(2)") : NULL;
   if (!totals) return NULL;
+  for (int i = 0; i < K_CALLBACKS; i++) {
+    if (!client_fns[i]) {
+      napi_throw_error(env, NULL, "client: clientCallbacks first");
+      return NULL;
+    }
+  }
   kbinding_t *b = calloc(1, sizeof *b);
   if (!b) return string(env, "out of memory");
   b->env = env;
   napi_value handle = NULL;
   const char *error = NULL;
   int copy = -1;
-  if (napi_create_reference(env, argv[1], 1, &b->counters) != napi_ok || napi_create_reference(env, argv[2], 1, &b->totals) != napi_ok ||
-      napi_create_reference(env, argv[3], 1, &b->on_data) != napi_ok || napi_create_reference(env, argv[4], 1, &b->on_need) != napi_ok ||
-      napi_create_reference(env, argv[5], 1, &b->on_back) != napi_ok || napi_create_reference(env, argv[6], 1, &b->on_end) != napi_ok ||
-      napi_create_reference(env, argv[7], 1, &b->on_rewrite) != napi_ok || napi_create_external(env, b, client_finalize, NULL, &handle) != napi_ok ||
+  if (napi_create_reference(env, argv[1], 1, &b->counters) != napi_ok || keep_totals(env, argv[2], totals) != 0 ||
+      napi_create_reference(env, argv[3], 1, &b->self) != napi_ok || napi_create_external(env, b, client_finalize, NULL, &handle) != napi_ok ||
       napi_type_tag_object(env, handle, &CLIENT_TAG) != napi_ok) {
     error = "client: could not keep the callbacks";
   } else if ((copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
@@ -689,17 +729,22 @@ static napi_value open_client(napi_env env, napi_callback_info info) {
   }
   if (!b->client) {
     if (copy >= 0) close(copy);
-    delete_ref(env, &b->on_data);
-    delete_ref(env, &b->on_need);
-    delete_ref(env, &b->on_back);
-    delete_ref(env, &b->on_end);
-    delete_ref(env, &b->on_rewrite);
+    delete_ref(env, &b->self);
     delete_ref(env, &b->counters);
-    delete_ref(env, &b->totals);
     if (!handle) free(b); /* else the finalizer frees it */
     return string(env, error ? error : "client: could not open");
   }
   return handle;
+}
+
+static napi_value client_callbacks_set(napi_env env, napi_callback_info info) {
+  napi_value argv[K_CALLBACKS];
+  if (get_args(env, info, K_CALLBACKS, argv)) return NULL;
+  for (int i = 0; i < K_CALLBACKS; i++) {
+    delete_ref(env, &client_fns[i]);
+    CHECK(napi_create_reference(env, argv[i], 1, &client_fns[i]));
+  }
+  return undefined(env);
 }
 
 static napi_value client_write(napi_env env, napi_callback_info info) {
@@ -1095,6 +1140,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "close", NULL, close_conn, NULL, NULL, NULL, napi_default, NULL },
     { "state", NULL, state, NULL, NULL, NULL, napi_default, NULL },
     { "client", NULL, open_client, NULL, NULL, NULL, napi_default, NULL },
+    { "clientCallbacks", NULL, client_callbacks_set, NULL, NULL, NULL, napi_default, NULL },
     { "clientWrite", NULL, client_write, NULL, NULL, NULL, napi_default, NULL },
     { "clientEnd", NULL, client_end, NULL, NULL, NULL, napi_default, NULL },
     { "clientClose", NULL, client_close, NULL, NULL, NULL, napi_default, NULL },

@@ -29,25 +29,30 @@ export interface DeskOwner {
 /**
  * Settings ids: one per set of reported settings (0 matches nothing), by content, so that clients
  * greeted at the same time (each with its own map) share one; cached per map, which never
- * changes once shared (client-settings.ts).
+ * changes once shared (client-settings.ts). Compared entry by entry with one map of each set seen
+ * (no key is built: 10,000 idle clients would each leave a string behind).
  */
 const idsByMap = new WeakMap<ReadonlyMap<string, string>, number>();
-const idsByContent = new Map<string, number>();
-/** Contents remembered at most (each distinct application_name is one): past it they are forgotten, and a new map gets a new id (a missed match, never a false one). */
-const CONTENTS_KEPT = 10_000;
+/** One map of each set seen, most recent last; past SETS_KEPT a new set gets a new id (a missed match, never a false one). */
+const sets: Array<{ readonly map: ReadonlyMap<string, string>; readonly id: number }> = [];
+const SETS_KEPT = 64;
 let nextSettingsId = 1;
+
+function sameSettings(a: ReadonlyMap<string, string>, b: ReadonlyMap<string, string>): boolean {
+  if (a.size !== b.size) return false;
+  for (const [name, value] of a) if (b.get(name) !== value) return false;
+  return true;
+}
 
 export function settingsId(reported: ReadonlyMap<string, string> | undefined): number {
   if (!reported) return 0;
   let id = idsByMap.get(reported);
   if (id !== undefined) return id;
-  let content = '';
-  for (const [name, value] of reported) content += `${name}\0${value}\0`;
-  id = idsByContent.get(content);
+  id = sets.find((set) => sameSettings(set.map, reported))?.id;
   if (id === undefined) {
-    if (idsByContent.size >= CONTENTS_KEPT) idsByContent.clear();
     id = nextSettingsId++;
-    idsByContent.set(content, id);
+    if (sets.length >= SETS_KEPT) sets.shift();
+    sets.push({ map: reported, id });
   }
   idsByMap.set(reported, id);
   return id;

@@ -73,17 +73,43 @@ export class NativeClient extends EventEmitter implements ClientStream {
    */
   onRewrite: (unit: Buffer, deskId: number) => Buffer | null = () => null;
   readonly #addon: NonNullable<typeof native.addon>;
-  readonly #client: Handle;
+  /** Set by adopt() as soon as C made it (before anything can call back). */
+  #client!: Handle;
   #closed = false;
   #ended = false;
   #desk: Desk | undefined;
   #deskSid = 0;
 
-  private constructor(addon: NonNullable<typeof native.addon>, client: Handle, counters: Float64Array) {
+  private constructor(addon: NonNullable<typeof native.addon>, counters: Float64Array) {
     super();
     this.#addon = addon;
-    this.#client = client;
     this.counters = counters;
+  }
+
+  // C calls every client through these, with the client's object first (native/addon.c): no
+  // closures and references per client, which would cost more than the rest of an idle one.
+  static {
+    native.addon?.clientCallbacks(
+      (client: NativeClient, data: Buffer | null, error: string | null) => client.#data(data, error),
+      (client: NativeClient, unit: Buffer | null, waitedMs: number) => client.onNeed(unit, waitedMs),
+      (client: NativeClient, how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null, deskId: number) =>
+        client.onBack({
+          how: LENT_BACK[how - 1] ?? 'upstream_gone',
+          status: STATUS[status] ?? String.fromCharCode(status),
+          parsed: (flags & LENT_PARSED) !== 0,
+          bound: (flags & LENT_BOUND) !== 0,
+          reportsLost: (flags & LENT_REPORTS_LOST) !== 0,
+          leaked: (flags & LENT_LEAKED) !== 0,
+          settingsFailed: (flags & LENT_SETTINGS_FAILED) !== 0,
+          reports: (flags & LENT_REPORTS_LOST) !== 0 ? null : reports,
+          running,
+          rest,
+          reason,
+          deskId,
+        }),
+      (client: NativeClient) => client.#closedByC(),
+      (client: NativeClient, unit: Buffer, deskId: number) => client.onRewrite(unit, deskId),
+    );
   }
 
   /**
@@ -98,37 +124,13 @@ export class NativeClient extends EventEmitter implements ClientStream {
     if (socket.writableLength > 0) await new Promise<void>((resolve) => socket.write(Buffer.alloc(0), () => resolve()));
     const fd = fdOf(socket);
     if (fd === undefined || socket.destroyed) return undefined;
-    let made!: NativeClient;
-    const counters = new Float64Array(2);
-    const handle = addon.client(
-      fd,
-      counters,
-      totals,
-      (data, error) => made.#data(data, error),
-      (unit, waitedMs) => made.onNeed(unit, waitedMs),
-      (how, status, flags, running, reports, rest, reason, deskId) =>
-        made.onBack({
-          how: LENT_BACK[how - 1] ?? 'upstream_gone',
-          status: STATUS[status] ?? String.fromCharCode(status),
-          parsed: (flags & LENT_PARSED) !== 0,
-          bound: (flags & LENT_BOUND) !== 0,
-          reportsLost: (flags & LENT_REPORTS_LOST) !== 0,
-          leaked: (flags & LENT_LEAKED) !== 0,
-          settingsFailed: (flags & LENT_SETTINGS_FAILED) !== 0,
-          reports: (flags & LENT_REPORTS_LOST) !== 0 ? null : reports,
-          running,
-          rest,
-          reason,
-          deskId,
-        }),
-      () => made.#closedByC(),
-      (unit, deskId) => made.onRewrite(unit, deskId),
-    );
+    const made = new NativeClient(addon, new Float64Array(2));
+    const handle = addon.client(fd, made.counters, totals, made);
     if (typeof handle === 'string') {
       socket.resume();
       return undefined;
     }
-    made = new NativeClient(addon, handle, counters);
+    made.#client = handle;
     const chunks: Buffer[] = [];
     for (let chunk = socket.read() as Buffer | null; chunk !== null; chunk = socket.read() as Buffer | null) chunks.push(chunk);
     socket.destroy(); // Node's descriptor only

@@ -51,17 +51,16 @@ interface Addon {
   detach(conn: Handle, end: RelayEnd): void;
   close(conn: Handle, end: RelayEnd): void;
   state(conn: Handle): [number, number];
-  /** A transaction-mode client (native/txclient.h; src/proxy/native-client.ts). */
-  client(
-    fd: number,
-    counters: Float64Array,
-    totals: Float64Array,
-    onData: (data: Buffer | null, error: string | null) => void,
-    onNeed: (unit: Buffer | null, waitedMs: number) => void,
-    onBack: (how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null, deskId: number) => void,
-    onEnd: () => void,
-    onRewrite: (unit: Buffer, deskId: number) => Buffer | null,
-  ): Handle | string;
+  /** A transaction-mode client (native/txclient.h; src/proxy/native-client.ts): C calls `self` through clientCallbacks' functions. */
+  client(fd: number, counters: Float64Array, totals: Float64Array, self: object): Handle | string;
+  /** Once, before any client: what C calls with each client's `self` first. */
+  clientCallbacks(
+    onData: (self: never, data: Buffer | null, error: string | null) => void,
+    onNeed: (self: never, unit: Buffer | null, waitedMs: number) => void,
+    onBack: (self: never, how: number, status: number, flags: number, running: boolean, reports: Buffer | null, rest: Buffer | null, reason: string | null, deskId: number) => void,
+    onEnd: (self: never) => void,
+    onRewrite: (self: never, unit: Buffer, deskId: number) => Buffer | null,
+  ): void;
   clientWrite(client: Handle, data: Buffer): number;
   clientEnd(client: Handle): void;
   clientClose(client: Handle): void;
