@@ -105,6 +105,7 @@ struct lp_desk {
   int waiting;
   int room, js_waiting, stopped, closed, freeing;
   int unstarve; /* a connection left: waiting clients of settings no connection here has go to the caller (at the timer) */
+  int spill;    /* a connection went idle with clients of other settings waiting: as many go to the caller (at the timer) */
   uint64_t wait_timeout, check_delay;
   int refs; /* clients whose `desk` this is, and calls under way that may close it */
   double *counts, *waits;
@@ -841,6 +842,11 @@ static void desk_serve(desk_entry *e) {
     e->idle_since = uv_now(d->loop);
     d->idle++;
     lp_conn_sink(e->conn, idle_sink, e);
+    /* Clients of other settings wait: the caller gives them this one, with their settings (from the timer, outside this call). */
+    if (d->head && !d->closed) {
+      d->spill = 1;
+      uv_timer_start(d->timer, timer_fired, 0, 0);
+    }
     lp_conn_pause(e->conn, 0); /* it may have been paused for a slow client: what it holds goes to idle_sink */
     return;
   }
@@ -919,6 +925,11 @@ static void timer_fired(uv_timer_t *timer) {
       d->unstarve = 1; /* the callback may have changed anything: from the start */
       break;
     }
+  }
+  if (d->spill) {
+    /* One waiting client per idle connection (the caller takes it back from the desk for it: reclaim_any). */
+    d->spill = 0;
+    for (int n = d->idle; n > 0 && d->head; n--) to_caller(d->head);
   }
   uint64_t now = uv_now(d->loop);
   while (d->head && now - d->head->wait_since >= d->wait_timeout) to_caller(d->head);

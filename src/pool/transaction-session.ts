@@ -599,7 +599,7 @@ export class TransactionSession implements SessionRelay {
   #deskNames(server: ServerConnection, unit: Buffer): Buffer | undefined {
     // First the names and the length, then one buffer: this runs once a transaction.
     let length = unit.length;
-    let renamed: Array<{ nameAt: number; nameEnd: number; name: Buffer }> | undefined;
+    let renamed: Array<{ nameAt: number; nameEnd: number; name: Buffer; serverName: string }> | undefined;
     for (let at = 0; at + 5 <= unit.length; at += 1 + unit.readUInt32BE(at + 1)) {
       const type = unit[at] as number;
       // Bind: portal (unnamed: one NUL), then the statement's name; Describe 'S': the name.
@@ -609,13 +609,16 @@ export class TransactionSession implements SessionRelay {
       if (nameEnd <= nameAt) continue; // the unnamed statement
       const statement = this.#statements.get(unit.toString('utf8', nameAt, nameEnd));
       if (!statement?.plain || !server.prepared.has(statement.serverName)) return undefined;
-      this.#touch(server, statement.serverName);
-      this.#context.observer.prepared(true);
       const name = serverNameBytes(statement.serverName);
-      (renamed ??= []).push({ nameAt, nameEnd, name });
+      (renamed ??= []).push({ nameAt, nameEnd, name, serverName: statement.serverName });
       length += name.length - (nameEnd - nameAt);
     }
     if (!renamed) return unit;
+    // Counted once the connection has them all (else the engine counts them as it prepares them).
+    for (const { serverName } of renamed) {
+      this.#touch(server, serverName);
+      this.#context.observer.prepared(true);
+    }
     const out = Buffer.allocUnsafe(length);
     let from = 0;
     let to = 0;
@@ -1366,7 +1369,8 @@ export class TransactionSession implements SessionRelay {
       this.#toClient = [];
       this.stats.bytesToClient += out.length;
       this.#context.onBytes(0, out.length);
-      if (!this.#client.write(out)) server?.upstream.pause();
+      // The write may end the client's session (its socket failed): the connection is someone else's then.
+      if (!this.#client.write(out) && server && this.#server === server) server.upstream.pause();
     }
   }
 

@@ -79,6 +79,8 @@ export class NativeClient extends EventEmitter implements ClientStream {
   #ended = false;
   #desk: Desk | undefined;
   #deskSid = 0;
+  /** Inside write() (see there). */
+  #writing = false;
 
   private constructor(addon: NonNullable<typeof native.addon>, counters: Float64Array) {
     super();
@@ -138,7 +140,14 @@ export class NativeClient extends EventEmitter implements ClientStream {
   }
 
   write(data: Buffer): boolean {
-    return this.#addon.clientWrite(this.#client, data) === 0;
+    // A write that fails ends the client inside the call: its end is told after the write
+    // returns (as a socket's is), not to a caller in the middle of its own bookkeeping.
+    this.#writing = true;
+    try {
+      return this.#addon.clientWrite(this.#client, data) === 0;
+    } finally {
+      this.#writing = false;
+    }
   }
 
   end(data?: Buffer): this {
@@ -232,6 +241,10 @@ export class NativeClient extends EventEmitter implements ClientStream {
   }
 
   #data(data: Buffer | null, error: string | null): void {
+    if (data === null && this.#writing) {
+      process.nextTick(() => this.#data(data, error));
+      return;
+    }
     if (data === null) {
       if (this.#ended) return;
       this.#ended = true;
