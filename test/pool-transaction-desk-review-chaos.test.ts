@@ -15,7 +15,7 @@ import { connectionFor, startProxy } from './harness/proxy.js';
 import { seeded } from './pool-transaction-support.js';
 import { sleep, waitUntil } from './reliability-support.js';
 import { serialize, WireClient } from './harness/wire.js';
-import { ask, deskStats, wireOpen, deskSkip } from './pool-transaction-desk-review-support.js';
+import { ask, deskStats, wireOpen, deskSkip, poolChaos, quietly } from './pool-transaction-desk-review-support.js';
 
 let db: TestPostgres;
 const token = 'tok-' + randomBytes(600).toString('base64url');
@@ -24,14 +24,6 @@ before(async () => {
   db = await startTokenPostgres(token, { extraConf: { max_connections: '200' } });
 });
 after(() => db?.stop());
-
-async function quietly<T>(p: Promise<T>): Promise<T | undefined> {
-  try {
-    return await p;
-  } catch {
-    return undefined;
-  }
-}
 
 test('the desk under chaos: counts that match, and a shutdown with clients waiting on it', { skip: deskSkip }, async () => {
   const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=transaction;PoolSize=3;QueryWaitTimeout=2s;ServerCheckDelay=1s')]);
@@ -87,37 +79,7 @@ test('the desk under chaos: counts that match, and a shutdown with clients waiti
         }
       }
     };
-    const chaos = async (): Promise<void> => {
-      let step = 0;
-      while (running) {
-        await sleep(100 + random(100));
-        step++;
-        const p = proxy.server.pools.get(db.database);
-        if (!p) continue;
-        switch (step % 6) {
-          case 0:
-            await quietly(db.query(`select pg_terminate_backend(pid) from pg_stat_activity where usename = $1 and state = 'idle' and random() < 0.5`, [db.tokenRole]));
-            break;
-          case 1:
-            await quietly(db.query(`select pg_terminate_backend(pid) from pg_stat_activity where usename = $1 and state = 'active' and random() < 0.3`, [db.tokenRole]));
-            break;
-          case 2:
-            p.pause();
-            await sleep(random(50));
-            p.resume();
-            break;
-          case 3:
-            p.update({ ...p.settings, size: 1 });
-            break;
-          case 4:
-            p.update({ ...p.settings, size: 4 });
-            break;
-          case 5:
-            p.update({ ...p.settings, size: 3 });
-            break;
-        }
-      }
-    };
+    const chaos = (): Promise<void> => poolChaos(proxy, db, random, () => running);
     const workers = Array.from({ length: 24 }, (_, i) => worker(i));
     const chaotic = chaos();
     await sleep(15_000);

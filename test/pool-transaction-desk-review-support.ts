@@ -92,3 +92,49 @@ export async function startHoldingForwarder(db: TestPostgres): Promise<{
 
 /** These tests watch the desk itself: without the native fast path (no build, or LAKEBASE_PROXY_TEST_RELAY=js) there is none. */
 export const deskSkip = native.addon === undefined || process.env['LAKEBASE_PROXY_TEST_RELAY'] === 'js' ? 'no desk without the native fast path' : false;
+
+/** The promise's value, or undefined when it fails (chaos: failures are expected). */
+export async function quietly<T>(p: Promise<T>): Promise<T | undefined> {
+  try {
+    return await p;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The chaos both chaos tests put the pool through until `running()` says stop, a step every 100
+ * to 200 ms: backends terminated (idle, then busy), PAUSE and RESUME, reloads of PoolSize to 1, 4
+ * and 3. CHAOS_ONLY=0,3 (step numbers) narrows it down when one fails.
+ */
+export async function poolChaos(proxy: InProcessProxy, db: TestPostgres, random: (n: number) => number, running: () => boolean): Promise<void> {
+  for (let step = 1; running(); step++) {
+    await new Promise((resolve) => setTimeout(resolve, 100 + random(100)));
+    const p = proxy.server.pools.get(db.database);
+    if (!p) continue;
+    const only = process.env['CHAOS_ONLY'];
+    if (only !== undefined && !only.split(',').includes(String(step % 6))) continue;
+    switch (step % 6) {
+      case 0:
+        await quietly(db.query(`select pg_terminate_backend(pid) from pg_stat_activity where usename = $1 and state = 'idle' and random() < 0.5`, [db.tokenRole]));
+        break;
+      case 1:
+        await quietly(db.query(`select pg_terminate_backend(pid) from pg_stat_activity where usename = $1 and state = 'active' and random() < 0.3`, [db.tokenRole]));
+        break;
+      case 2:
+        p.pause();
+        await new Promise((resolve) => setTimeout(resolve, random(50)));
+        p.resume();
+        break;
+      case 3:
+        p.update({ ...p.settings, size: 1 });
+        break;
+      case 4:
+        p.update({ ...p.settings, size: 4 });
+        break;
+      case 5:
+        p.update({ ...p.settings, size: 3 });
+        break;
+    }
+  }
+}

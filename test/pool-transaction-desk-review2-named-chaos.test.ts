@@ -16,7 +16,7 @@ import { connectionFor, startProxy } from './harness/proxy.js';
 import { seeded } from './pool-transaction-support.js';
 import { sleep, waitUntil } from './reliability-support.js';
 import { serialize, summary } from './harness/wire.js';
-import { deskStats, wireOpen, deskSkip } from './pool-transaction-desk-review-support.js';
+import { deskStats, wireOpen, deskSkip, poolChaos, quietly } from './pool-transaction-desk-review-support.js';
 
 let db: TestPostgres;
 const token = 'tok-' + randomBytes(600).toString('base64url');
@@ -25,14 +25,6 @@ before(async () => {
   db = await startTokenPostgres(token, { extraConf: { max_connections: '200' } });
 });
 after(() => db?.stop());
-
-async function quietly<T>(p: Promise<T>): Promise<T | undefined> {
-  try {
-    return await p;
-  } catch {
-    return undefined;
-  }
-}
 
 test('named statements on the desk under chaos: never another statement', { skip: deskSkip }, async () => {
   const proxy = await startProxy(['--connection', connectionFor(db, token, 'PoolMode=transaction;PoolSize=3;QueryWaitTimeout=3s;ServerCheckDelay=1s;MaxPreparedStatements=2')]);
@@ -115,39 +107,7 @@ test('named statements on the desk under chaos: never another statement', { skip
         }
       }
     };
-    const chaos = async (): Promise<void> => {
-      let step = 0;
-      while (running) {
-        await sleep(100 + random(100));
-        step++;
-        const p = proxy.server.pools.get(db.database);
-        if (!p) continue;
-        const only = process.env['CHAOS_ONLY'];
-        if (only !== undefined && !only.split(',').includes(String(step % 6))) continue;
-        switch (step % 6) {
-          case 0:
-            await quietly(db.query(`select pg_terminate_backend(pid) from pg_stat_activity where usename = $1 and state = 'idle' and random() < 0.5`, [db.tokenRole]));
-            break;
-          case 1:
-            await quietly(db.query(`select pg_terminate_backend(pid) from pg_stat_activity where usename = $1 and state = 'active' and random() < 0.3`, [db.tokenRole]));
-            break;
-          case 2:
-            p.pause();
-            await sleep(random(50));
-            p.resume();
-            break;
-          case 3:
-            p.update({ ...p.settings, size: 1 });
-            break;
-          case 4:
-            p.update({ ...p.settings, size: 4 });
-            break;
-          case 5:
-            p.update({ ...p.settings, size: 3 });
-            break;
-        }
-      }
-    };
+    const chaos = (): Promise<void> => poolChaos(proxy, db, random, () => running);
     const workers = Array.from({ length: 16 }, (_, i) => worker(i));
     const chaotic = chaos();
     await sleep(15_000);
