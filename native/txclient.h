@@ -118,9 +118,12 @@ void lp_client_hold(lp_client *k);
  * Anything else goes the caller's way as before: the connection leaves the desk with `back`
  * (with its id), and a client the desk cannot serve gets `need`. A client waits on the desk only
  * when the caller has no room (lp_desk_set: no idle connection of its own, no room for a login),
- * and some connection of the desk has its settings; it goes to `need` after the desk's wait
- * timeout, with how long it waited. `sid`: an id of the settings a connection is in, and a client
- * wants (the caller's; 0 matches nothing).
+ * no connection of the desk is idle, and some connection of the desk has its settings; it goes to
+ * `need` after the desk's wait timeout, when no connection of its settings is left on the desk,
+ * or when one of other settings goes idle there (one waiting client for each), with how long it
+ * waited. A unit that names the client's statements goes with the names `rewrite` gives it.
+ * `sid`: an id of the settings a connection is in, and a client wants (the caller's; 0 matches
+ * nothing).
  */
 
 enum lp_desk_out { LP_DESK_ENDED = 1, LP_DESK_SPOKE, LP_DESK_STALE, LP_DESK_RECLAIMED };
