@@ -134,6 +134,13 @@ export class Desk {
     return server;
   }
 
+  /** An idle connection C let go of: the pool's again, its reader back in JavaScript. */
+  #reclaimed(id: number): ServerConnection | undefined {
+    const server = this.left(id);
+    if (server?.upstream instanceof NativeUpstream) server.upstream.reclaim();
+    return server;
+  }
+
   /** The connection on the desk with `id` (lent to a client now, or idle). */
   server(id: number): ServerConnection | undefined {
     return this.#servers.get(id);
@@ -168,19 +175,15 @@ export class Desk {
   /** An idle connection of the desk back to the pool (reclaimed), or undefined when `id` is not idle there. */
   reclaim(id: number): ServerConnection | undefined {
     if (this.#closed || !this.#addon.deskReclaim(this.handle, id)) return undefined;
-    const server = this.left(id);
-    if (server?.upstream instanceof NativeUpstream) server.upstream.reclaim();
-    return server;
+    return this.#reclaimed(id);
   }
 
   /** The desk's most recently used idle connection back to the pool (reclaimed), with how long it was idle there. */
   reclaimAny(): { server: ServerConnection; idleMs: number } | undefined {
     if (this.#closed) return undefined;
     const [id, idleMs] = this.#addon.deskReclaimAny(this.handle);
-    const server = id > 0 ? this.left(id) : undefined;
-    if (!server) return undefined;
-    if (server.upstream instanceof NativeUpstream) server.upstream.reclaim();
-    return { server, idleMs };
+    const server = id > 0 ? this.#reclaimed(id) : undefined;
+    return server ? { server, idleMs } : undefined;
   }
 
   /** How long `id` has been idle on the desk; -1 when lent. */
@@ -227,9 +230,7 @@ export class Desk {
   }
 
   #out(id: number, why: number): void {
-    const server = this.left(id);
-    if (!server) return;
-    if (server.upstream instanceof NativeUpstream) server.upstream.reclaim();
-    this.#owner.out(server, OUT[why - 1] ?? 'ended');
+    const server = this.#reclaimed(id);
+    if (server) this.#owner.out(server, OUT[why - 1] ?? 'ended');
   }
 }

@@ -400,10 +400,7 @@ export class Pool {
       }
       if (server.loginKey === loginKey && (unchecked || idleMs < this.#settings.checkDelayMs)) return server;
       // To be checked first (or of other parameters): the pool's idle list, where acquire() finds it.
-      server.state = 'idle';
-      server.watchIdle(() => this.#close(server, 'server_closed'));
-      this.#idle.push(server);
-      this.#sync();
+      this.#toIdle(server, 'newest');
       return undefined;
     }
     return undefined;
@@ -477,11 +474,17 @@ export class Pool {
     // Then to a client waiting on the desk for a connection in these settings.
     server.state = 'active';
     if (this.#desk?.offer(server, serverSettingsId(server))) return;
+    this.#toIdle(server, 'newest');
+    this.#wakeOne();
+  }
+
+  /** Into the idle list (most recently used last), watched for the server's end. */
+  #toIdle(server: ServerConnection, end: 'newest' | 'oldest'): void {
     server.state = 'idle';
     server.watchIdle(() => this.#close(server, 'server_closed'));
-    this.#idle.push(server);
+    if (end === 'newest') this.#idle.push(server);
+    else this.#idle.unshift(server);
     this.#sync();
-    this.#wakeOne();
   }
 
   /**
@@ -502,10 +505,7 @@ export class Pool {
     }
     // Stale (expired, or idle past ServerCheckDelay): the pool's idle list, where the next take checks or closes it.
     server.lastUsedAt = Math.min(server.lastUsedAt, Date.now() - this.#settings.checkDelayMs);
-    server.state = 'idle';
-    server.watchIdle(() => this.#close(server, 'server_closed'));
-    this.#idle.unshift(server); // the least recently used end
-    this.#sync();
+    this.#toIdle(server, 'oldest');
   }
 
   /** What the desk served: counted as the pool's own hand-offs are. */

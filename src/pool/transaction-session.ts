@@ -364,7 +364,7 @@ export class TransactionSession implements SessionRelay {
       client.onRewrite = (unit, deskId) => {
         // A connection of the desk, lent by C: the statements by its names, when it has them all (else the engine takes both).
         const server = this.#end === undefined ? this.#context.pool.desk?.server(deskId) : undefined;
-        return (server && this.#deskNames(server, unit)) ?? null;
+        return (server && this.#serverNames(server, unit)) ?? null;
       };
     }
     this.#context = context;
@@ -544,59 +544,11 @@ export class TransactionSession implements SessionRelay {
    * names of the client's statements, or undefined when one is unknown, not plain, or not
    * prepared on `server` yet (the engine prepares it). Nothing is in flight: every Parse and
    * Close of the client has been answered, so its statements and the connection's are settled.
+   * On bytes, once a transaction (the desk's `rewrite`, or a lending of the pool): C passed the
+   * unit as lp_unit_length took it (whole messages to a Sync; a named statement only in the
+   * unnamed portal's Bind and in a Describe of a statement), so only those two messages change.
    */
   #serverNames(server: ServerConnection, unit: Buffer): Buffer | undefined {
-    const reader = new FrameReader(MAX_MESSAGE, true);
-    reader.push(unit);
-    const out: Buffer[] = [];
-    const named = (name: string): Statement | undefined => {
-      const statement = this.#statements.get(name);
-      return statement?.plain && server.prepared.has(statement.serverName) ? statement : undefined;
-    };
-    const used: Statement[] = [];
-    try {
-      for (let frame = reader.next(); frame; frame = reader.next()) {
-        if (frame.type === FrontendCode.Bind) {
-          const bind = readBind(frame.body);
-          if (bind.statement === '') {
-            out.push(rawOf(frame.body));
-            continue;
-          }
-          const statement = named(bind.statement);
-          if (!statement) return undefined;
-          used.push(statement);
-          out.push(bindMessage(bind.portal, statement.serverName, bind.rest));
-        } else if (frame.type === FrontendCode.Describe) {
-          const target = readTarget(frame.body, 'Describe');
-          if (target.kind !== 'S' || target.name === '') {
-            out.push(rawOf(frame.body));
-            continue;
-          }
-          const statement = named(target.name);
-          if (!statement) return undefined;
-          used.push(statement);
-          out.push(describeMessage('S', statement.serverName));
-        } else {
-          out.push(rawOf(frame.body));
-        }
-      }
-    } catch (error) {
-      if (error instanceof MalformedMessage || error instanceof FramingError) return undefined; // the engine answers it
-      throw error;
-    }
-    for (const statement of used) {
-      this.#touch(server, statement.serverName);
-      this.#context.observer.prepared(true);
-    }
-    return Buffer.concat(out);
-  }
-
-  /**
-   * #serverNames for the desk's lendings, once a transaction and so on bytes: C passed the unit as
-   * lp_unit_length took it (whole messages to a Sync; a named statement only in the unnamed
-   * portal's Bind and in a Describe of a statement), so only those two messages change.
-   */
-  #deskNames(server: ServerConnection, unit: Buffer): Buffer | undefined {
     // First the names and the length, then one buffer: this runs once a transaction.
     let length = unit.length;
     let renamed: Array<{ nameAt: number; nameEnd: number; name: Buffer; serverName: string }> | undefined;
