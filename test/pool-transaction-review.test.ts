@@ -407,6 +407,24 @@ test('a statement to prepare after an error, before the Sync, on a connection at
   });
 });
 
+// Found in session 8 (the named-pipeline model test failed 1 run in 10 under load): the second
+// sequence evicted the statement whose Parse the first had sent, then prepared it again. The
+// first one's error undid its Parse in the proxy's account after that: the server had the
+// statement and the proxy did not, so the third sequence's Bind got 42P05.
+test('pipelined sequences at MaxPreparedStatements=1, the first failing before its Parse, the next evicting and preparing that statement again: as Postgres answers', async () => {
+  await withDirect(async (direct) => {
+    await withTransactionPool('PoolSize=1;MaxPreparedStatements=1', async (proxy) => {
+      const bad = serialize.describe({ type: 'S', name: 'no_such_statement' });
+      const use = (name: string): Buffer[] => [serialize.bind({ statement: name }), serialize.execute()];
+      await differential(proxy.port, direct, [
+        { send: [serialize.parse({ name: 'a', text: 'select 1 as one' }), serialize.parse({ name: 'b', text: 'select 2 as two' }), serialize.parse({ name: 'c', text: 'select 3 as three' }), serialize.sync()] },
+        { send: [bad, ...use('a'), serialize.sync(), ...use('b'), ...use('a'), serialize.sync(), ...use('a'), serialize.sync()], readies: 3 },
+        { send: [...use('a'), ...use('b'), ...use('c'), serialize.sync()] },
+      ]);
+    });
+  });
+});
+
 test('a Close or an answered Parse that an earlier error skips, then a Sync, then a Bind of that name in the same pipeline: as Postgres answers', async () => {
   await withDirect(async (direct) => {
     await withTransactionPool('PoolSize=1', async (proxy) => {

@@ -306,8 +306,11 @@ export class TransactionSession implements SessionRelay {
   /** The client has not ended the COPY FROM STDIN the server waits for: Postgres ignores its Syncs meanwhile. */
   #clientCopying = false;
   readonly #statements = new Map<string, Statement>();
-  /** Statements a Parse, a Close or an eviction changed (see #unsettle), with the count of `#boundaries` sent before that change. */
-  readonly #unsettled = new Map<string, number>();
+  /**
+   * Statements a Parse, a Close or an eviction changed (see #unsettle), with the count of
+   * `#boundaries` sent before the first change still unanswered (`first`) and before the last.
+   */
+  readonly #unsettled = new Map<string, { first: number; last: number }>();
   /** Syncs and Queries sent (the ends of sequences). */
   #boundaries = 0;
   /** This client left state on the connection it holds: reset before another client uses it. */
@@ -744,6 +747,7 @@ export class TransactionSession implements SessionRelay {
         const bind = readBind(body);
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
         if (this.#unsettledBefore(bind.statement, statement)) return false;
+        if (statement && this.#evictsUnsettled(this.#server as ServerConnection, statement.serverName)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#portalsSent.set(bind.portal, bind.statement === '' ? this.#unnamedSent : (statement?.kind ?? PLAIN));
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
@@ -755,6 +759,7 @@ export class TransactionSession implements SessionRelay {
         const { kind, name } = readTarget(body, 'Describe');
         const statement = kind === 'S' && name !== '' ? this.#statements.get(name) : undefined;
         if (kind === 'S' && this.#unsettledBefore(name, statement)) return false;
+        if (statement && this.#evictsUnsettled(this.#server as ServerConnection, statement.serverName)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? describeMessage('S', statement.serverName) : rawOf(body));
         this.#expect({ expect: Expect.Describe });
@@ -824,6 +829,7 @@ export class TransactionSession implements SessionRelay {
     // transaction, and not for a name whose own Parse may still fail in an earlier sequence.
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#readyPending > 0) return false;
     if (this.#unsettledBefore(parse.name, { serverName })) return false;
+    if (!this.#statements.has(parse.name) && this.#evictsUnsettled(server, serverName)) return false;
     if ((server.prepared.has(serverName) || this.#statements.has(parse.name)) && this.#queue.some(dropsAhead)) {
       // A DISCARD ALL or DEALLOCATE ahead in the pipeline may drop the name or the statement first, as Postgres runs them: its answer decides, and a Flush brings it.
       this.#send(FLUSH);
@@ -929,7 +935,10 @@ export class TransactionSession implements SessionRelay {
    * an eviction changes: an error before it in its sequence makes the server skip that change.
    */
   #unsettle(key: string): void {
-    this.#unsettled.set(key, this.#boundaries);
+    // The first change is kept: a later one in this sequence must not hide one still unanswered in an earlier.
+    const changes = this.#unsettled.get(key);
+    if (changes) changes.last = this.#boundaries;
+    else this.#unsettled.set(key, { first: this.#boundaries, last: this.#boundaries });
   }
 
   /**
@@ -939,8 +948,24 @@ export class TransactionSession implements SessionRelay {
    */
   #unsettledBefore(name: string, statement: { readonly serverName: string } | undefined): boolean {
     if (this.#readyPending === 0) return false;
-    const before = (key: string): boolean => (this.#unsettled.get(key) ?? Number.POSITIVE_INFINITY) < this.#boundaries;
+    const before = (key: string): boolean => (this.#unsettled.get(key)?.first ?? Number.POSITIVE_INFINITY) < this.#boundaries;
     return (name !== '' && before(`c:${name}`)) || (statement !== undefined && before(`s:${statement.serverName}`));
+  }
+
+  /**
+   * Preparing a statement `server` lacks would evict one whose Parse or eviction in an earlier
+   * sequence is still unanswered: it waits for that answer. Were that sequence to fail, its undo
+   * (forget the Parse, restore the evicted) would meet this eviction's and leave the proxy's
+   * account of the connection's statements wrong (a 42P05 or 26000 later).
+   */
+  #evictsUnsettled(server: ServerConnection, serverName: string): boolean {
+    if (this.#readyPending === 0 || server.prepared.has(serverName)) return false;
+    let excess = server.prepared.size - this.#context.maxPrepared + 1;
+    for (const name of server.prepared.keys()) {
+      if (excess-- <= 0) return false;
+      if (this.#unsettledBefore('', { serverName: name })) return true;
+    }
+    return false;
   }
 
   #touch(server: ServerConnection, name: string): void {
@@ -1278,7 +1303,10 @@ export class TransactionSession implements SessionRelay {
     }
     if (this.#readyPending === 0) {
       // Every sequence sent so far is answered: what they changed stood (those of the open one are still unsettled).
-      for (const [name, at] of this.#unsettled) if (at < this.#boundaries) this.#unsettled.delete(name);
+      for (const [name, changes] of this.#unsettled) {
+        if (changes.last < this.#boundaries) this.#unsettled.delete(name);
+        else changes.first = changes.last;
+      }
     }
     if (head.hidden) {
       head.onDone?.(!head.failed);
