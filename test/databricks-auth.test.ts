@@ -56,6 +56,18 @@ async function proxy(connection: string, env: NodeJS.ProcessEnv = {}): Promise<P
   return p;
 }
 
+/** The expiry of every token the proxy took, in order, as its log says (the log is after the token is held). */
+function tokensTaken(p: ProxyProcess): Date[] {
+  return p
+    .output()
+    .split('\n')
+    .slice(0, -1) // the last line may be incomplete
+    .filter((line) => line.startsWith('{'))
+    .map((line) => JSON.parse(line) as { msg?: string; expiresAt?: string })
+    .filter((entry) => entry.msg === 'token obtained' || entry.msg === 'token refreshed')
+    .map((entry) => new Date(entry.expiresAt ?? NaN));
+}
+
 /** Nothing the CLI printed (its tokens, its refresh tokens) and no token at all in the program's output. */
 function assertNoSecrets(p: ProxyProcess): void {
   const output = p.output();
@@ -86,14 +98,22 @@ test('a profile with auth_type = databricks-cli: `databricks auth token --profil
     assert.ok(cli.runs().length >= count, `${cli.runs().length - before} runs`);
   };
   await runs(before + 3);
-  // The test Postgres takes only the newest token: let a long-lived one settle (no run for longer
-  // than a short token lives), then log in with it.
+  // The test Postgres takes only the newest token. Settled: every CLI run has minted a token and
+  // handed it to the proxy, and the last is long-lived (a 4 s token is never a minute away), so the
+  // proxy runs the CLI no more for half an hour and holds the token Postgres takes.
   standin.tokenLifetimeSeconds = 3600;
-  for (let seen = -1, i = 0; i < 10 && seen !== cli.runs().length; i++) {
-    seen = cli.runs().length;
-    await sleep(4_500);
-  }
+  const settled = (): string | undefined => {
+    const taken = tokensTaken(p);
+    const last = taken.at(-1);
+    const [started, minted] = [cli.runs().length - before, standin.counts.client_credentials];
+    if (taken.length === started && taken.length === minted && last !== undefined && last.getTime() > Date.now() + 60_000) return undefined;
+    return `${started} CLI runs, ${minted} tokens minted, ${taken.length} taken by the proxy, the last expiring at ${last?.toISOString()}`;
+  };
+  for (let i = 0; i < 400 && settled() !== undefined; i++) await sleep(50);
+  assert.equal(settled(), undefined);
+  const settledRuns = cli.runs().length;
   assert.equal(await whoAmI(p.port, db), db.tokenRole);
+  assert.equal(cli.runs().length, settledRuns, 'the login used the token the proxy held');
   assertNoSecrets(p);
 });
 

@@ -5,6 +5,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import pg from 'pg';
 import { testCA, untrustedCert } from './harness/certs.js';
+import { startDatabricksStandin, type DatabricksStandin } from './harness/databricks-standin.js';
 import { startPostgres, type TestPostgres } from './harness/postgres.js';
 
 function sqlState(err: unknown): string | undefined {
@@ -211,5 +212,35 @@ describe('test harness: lifecycle', () => {
     const [a, b] = await Promise.all([testCA(), testCA()]);
     assert.equal(a.caPem, b.caPem);
     assert.match(a.serverCertPem, /BEGIN CERTIFICATE/);
+  });
+});
+
+describe('test harness: Databricks stand-in', () => {
+  it('expires_in is the lifetime the token was issued with, when the test changes it while the token is issued', async () => {
+    let standin: DatabricksStandin | undefined;
+    standin = await startDatabricksStandin({
+      tokenLifetimeSeconds: 4,
+      // What a test may do while onIssue sets the Postgres password.
+      onIssue: () => {
+        if (standin) standin.tokenLifetimeSeconds = 3600;
+      },
+    });
+    try {
+      const response = await fetch(`${standin.url}/oidc/v1/token`, {
+        method: 'POST',
+        headers: {
+          authorization: `Basic ${Buffer.from(`${standin.clientId}:${standin.clientSecret}`).toString('base64')}`,
+          'content-type': 'application/x-www-form-urlencoded',
+        },
+        body: 'grant_type=client_credentials&scope=all-apis',
+        signal: AbortSignal.timeout(15_000),
+      });
+      const answer = (await response.json()) as { expires_in?: number };
+      assert.equal(response.status, 200);
+      assert.equal(standin.tokenLifetimeSeconds, 3600, 'changed while the token was issued');
+      assert.equal(answer.expires_in, 4, 'the lifetime Postgres was told');
+    } finally {
+      await standin.close();
+    }
   });
 });

@@ -370,10 +370,13 @@ export async function startDatabricksStandin(options: StandinOptions = {}): Prom
     const noExpiresIn = fault?.kind === 'no-expires-in';
     const opaque = fault?.kind === 'no-expires-in' && fault.opaque === true;
     const answer = async (subject: string, scope: string, withRefresh: boolean) => {
-      const { token } = await issue('workspace', subject, scope, standin.tokenLifetimeSeconds, opaque);
+      // Read once: a test may change the lifetime while issue() awaits onIssue, and expires_in must
+      // be the lifetime Postgres was told, or the client keeps a token Postgres has expired.
+      const lifetimeSeconds = standin.tokenLifetimeSeconds;
+      const { token } = await issue('workspace', subject, scope, lifetimeSeconds, opaque);
       const json: Record<string, unknown> = { access_token: token, token_type: 'Bearer', scope };
       if (fault?.kind === 'no-token-type') delete json['token_type'];
-      if (!noExpiresIn) json['expires_in'] = standin.tokenLifetimeSeconds;
+      if (!noExpiresIn) json['expires_in'] = lifetimeSeconds;
       if (withRefresh) {
         const refresh = `doau${randomBytes(32).toString('base64url')}`;
         secrets.add(refresh);
