@@ -16,6 +16,7 @@ import { connectionFor, proxyClient } from './harness/proxy.js';
 import { configTop, consoleClient, consoleQuery, consoleState, psql, psqlConsole, startRuntime, type ConsoleAddress, type RunningRuntime } from './harness/console.js';
 import { freePort } from './harness/tools.js';
 import { cancelRequest, cleanEnvironment, waitUntil } from './reliability-support.js';
+import { deskSkip } from './pool-transaction-desk-review-support.js';
 
 const token = `console-token-${Date.now()}`;
 let db: TestPostgres;
@@ -189,6 +190,33 @@ test('SHOW CLIENTS, SERVERS and POOLS show the sessions and upstream connections
   const stats = (await consoleQuery(tcp, 'SHOW STATS')).rows[0];
   assert.ok(Number(stats?.['total_received']) > 0 && Number(stats?.['total_sent']) > 0, 'bytes relayed are counted');
   assert.ok(Number(stats?.['total_sessions']) >= 1);
+});
+
+test('transaction mode: a connection idle on the desk (the fast path hands it on in C) is idle in SHOW SERVERS, as in SHOW POOLS', { skip: deskSkip }, async () => {
+  const pooled = await startRuntime(['--connection', connectionFor(db, token), '--port', '0', '--pool-mode', 'transaction', '--pool-size', '1']);
+  const address = { host: '127.0.0.1', port: pooled.port() };
+  const client = proxyClient(pooled.port(), db, { user: 'someone', application_name: 'console-desk' });
+  try {
+    await client.connect();
+    const pid = (await client.query<{ pid: number }>('select pg_backend_pid() as pid')).rows[0]?.pid;
+    // The fast path's transactions: the connection joins the desk and stays there between them.
+    for (let i = 0; i < 3; i++) await client.query('select 1');
+    const desk = (): { count: number; idle: number } | undefined => pooled.runtime.servers[0]?.pools.get(db.database)?.desk?.stats;
+    await waitUntil(() => desk()?.count === 1 && desk()?.idle === 1, 10_000, 'the connection idle on the desk (precondition)');
+    const server = (await consoleQuery(address, 'SHOW SERVERS')).rows.find((s) => s['remote_pid'] === pid);
+    assert.equal(server?.['state'], 'idle', JSON.stringify(server));
+    const pool = (await consoleQuery(address, 'SHOW POOLS')).rows.find((p) => p['database'] === db.database);
+    assert.equal(pool?.['sv_idle'], 1);
+    assert.equal(pool?.['sv_active'], 0);
+    // A transaction open on it: lent to the client, active.
+    await client.query('begin');
+    await client.query('select 1');
+    assert.equal((await consoleQuery(address, 'SHOW SERVERS')).rows.find((s) => s['remote_pid'] === pid)?.['state'], 'active');
+    await client.query('commit');
+  } finally {
+    await client.end();
+    await pooled.close();
+  }
 });
 
 test('KILL CLIENT ends one session; the others go on', async () => {

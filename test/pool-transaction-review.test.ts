@@ -611,7 +611,7 @@ test('clients that vanish at each point: nothing of theirs stays on a connection
     );
     // Listeners on the pooled connections: those of an idle connection only, however many clients used them.
     for (const pool of proxy.server.pools.values()) {
-      for (const server of pool.servers) {
+      for (const { server } of pool.servers) {
         const counts = ['data', 'end', 'close', 'drain', 'error'].map((event) => `${event} ${server.upstream.listenerCount(event)}`);
         assert.ok(server.upstream.listenerCount('data') <= 1 && server.upstream.listenerCount('drain') <= 1, `${server.processId}: ${counts.join(', ')}`);
       }

@@ -100,15 +100,15 @@ function serverRows(view: ConsoleView): ServerRow[] {
     const holder = new Map<ServerConnection, ClientState>();
     for (const client of sessions) if (client.upstream?.server) holder.set(client.upstream.server, client);
     for (const [database, pool] of target.server.pools) {
-      for (const server of pool.servers) {
+      for (const { server, state, lastUsedAt } of pool.servers) {
         rows.push({
           target,
           database: facing(target, database),
-          state: SERVER_STATES[server.state],
+          state: SERVER_STATES[state],
           processId: server.processId,
           tls: `${server.tls.version}/${server.tls.cipher}`,
           connectedAt: server.connectedAt,
-          requestAt: server.lastUsedAt,
+          requestAt: lastUsedAt,
           client: holder.get(server),
           pooled: true,
           expiresAt: Number.isFinite(server.expiresAt) ? server.expiresAt : undefined,

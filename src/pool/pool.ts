@@ -23,7 +23,7 @@ import { SocketFrames } from '../wire/socket-frames.js';
 import type { Duplex } from 'node:stream';
 import type { Detached } from '../proxy/native-relay.js';
 import { Desk, serverSettingsId, type DeskOut } from './desk.js';
-import { ServerConnection, type ServerCloseReason } from './server-connection.js';
+import { ServerConnection, type ServerCloseReason, type ServerState } from './server-connection.js';
 
 export interface PoolSettings {
   /** Most server connections of the pool, logging in included. */
@@ -172,9 +172,24 @@ export class Pool {
     return this.#all.size + this.#loggingIn;
   }
 
-  /** The logged-in connections, for the console's SHOW SERVERS. */
-  get servers(): readonly ServerConnection[] {
-    return [...this.#all];
+  /**
+   * The logged-in connections, for the console's SHOW SERVERS: with the state a client of the
+   * console expects, a connection idle on the desk (lent to it: 'active' to the pool) as idle.
+   */
+  get servers(): ReadonlyArray<{ readonly server: ServerConnection; readonly state: ServerState; readonly lastUsedAt: number }> {
+    const deskIdleMs = new Map<ServerConnection, number>();
+    const desk = this.#desk;
+    if (desk) {
+      for (const [id, server] of desk.servers) {
+        const idleMs = desk.idleMs(id);
+        if (idleMs >= 0) deskIdleMs.set(server, idleMs);
+      }
+    }
+    const now = Date.now();
+    return [...this.#all].map((server) => {
+      const idleMs = deskIdleMs.get(server);
+      return idleMs === undefined ? { server, state: server.state, lastUsedAt: server.lastUsedAt } : { server, state: 'idle', lastUsedAt: now - idleMs };
+    });
   }
 
   /** How long the client waiting longest has waited, in milliseconds; 0 when none waits. */
