@@ -1,5 +1,6 @@
 /** What the desk review's tests share (native/txclient.c, lp_desk; src/pool/desk.ts). */
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import type { InProcessProxy } from './harness/proxy.js';
 import { native } from '../src/proxy/native-relay.js';
@@ -33,48 +34,70 @@ export function deskStats(proxy: InProcessProxy, db: TestPostgres): { idle: numb
  * A TCP forwarder to the test Postgres (TLS stays end to end). Once `hold()` was called, every
  * new connection is held (nothing forwarded) until `release()`: with the pool's connections all
  * open already, that is the proxy's CancelRequest connection (sendCancel opens a new one).
+ *
+ * Half-closes go through as they are: the proxy's end reaches the server, and the proxy sees its
+ * connection end only once the server ended it. (A forwarder that ends the proxy's side as soon as
+ * the proxy ends its own tells the proxy a CancelRequest arrived before the server even read it.)
+ * Once `mute()` was called, a new connection that the proxy ends gets nothing more of the server's,
+ * nor its close: a server that never says it took the proxy's CancelRequest.
  */
 export async function startHoldingForwarder(db: TestPostgres): Promise<{
   port: number;
   hold(): void;
+  mute(): void;
   readonly held: number;
   release(): void;
   close(): Promise<void>;
 }> {
   const sockets = new Set<Socket>();
   let holding = false;
+  let muting = false;
   const waiting: Array<() => void> = [];
   let held = 0;
-  const pipeTo = (front: Socket): void => {
-    const back = netConnect({ host: '127.0.0.1', port: db.port });
+  const pipeTo = (front: Socket, muted: boolean): void => {
+    const back = netConnect({ host: '127.0.0.1', port: db.port, allowHalfOpen: true });
     sockets.add(back);
-    back.on('error', () => front.destroy());
+    let silent = false; // muted, and the proxy ended its side
+    front.pipe(back, { end: false });
+    front.on('end', () => {
+      if (muted) {
+        silent = true;
+        back.unpipe(front);
+        back.resume();
+      }
+      back.end();
+    });
+    back.pipe(front);
+    back.on('error', () => {
+      if (!silent) front.destroy();
+    });
     back.once('close', () => {
       sockets.delete(back);
-      front.destroy();
+      if (!silent) front.end();
     });
     front.once('close', () => back.destroy());
-    front.pipe(back);
-    back.pipe(front);
     front.resume();
   };
-  const server: Server = createServer((front) => {
+  const server: Server = createServer({ allowHalfOpen: true }, (front) => {
     sockets.add(front);
     front.on('error', () => {});
     front.once('close', () => sockets.delete(front));
     if (!holding) {
-      pipeTo(front);
+      pipeTo(front, muting);
       return;
     }
     front.pause();
     held++;
-    waiting.push(() => pipeTo(front));
+    waiting.push(() => pipeTo(front, muting));
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
   return {
     port: (server.address() as { port: number }).port,
     hold() {
       holding = true;
+    },
+    mute() {
+      muting = true;
     },
     get held() {
       return held;
@@ -88,6 +111,24 @@ export async function startHoldingForwarder(db: TestPostgres): Promise<{
       await new Promise<void>((resolve) => server.close(() => resolve()));
     },
   };
+}
+
+/** A superuser session holding ACCESS EXCLUSIVE on `table` until `open()`: a query reading it waits until then. */
+export async function lockGate(db: TestPostgres, table: string): Promise<{ open(): Promise<void>; close(): Promise<void> }> {
+  const locker = new pg.Client({ host: db.socketDir, port: db.port, user: db.superuser.user, database: db.database });
+  locker.on('error', () => {});
+  await locker.connect();
+  await locker.query(`begin; lock table ${table} in access exclusive mode`);
+  return {
+    open: async () => void (await locker.query('commit')),
+    close: () => locker.end().catch(() => {}),
+  };
+}
+
+/** Whether a query whose text contains `marker` waits on a lock (and so runs). */
+export async function waitsOnLock(db: TestPostgres, marker: string): Promise<boolean> {
+  const rows = await db.query(`select 1 from pg_stat_activity where wait_event_type = 'Lock' and query like $1 and pid <> pg_backend_pid()`, [`%${marker}%`]);
+  return rows.length > 0;
 }
 
 /** These tests watch the desk itself: without the native fast path (no build, or LAKEBASE_PROXY_TEST_RELAY=js) there is none. */

@@ -42,8 +42,11 @@ export interface TransactionContext {
   readonly maxPrepared: number;
   readonly upstreamName: string;
   readonly observer: PoolObserver;
-  /** Sends a CancelRequest for what `server` runs now. */
-  readonly cancel: (server: ServerConnection) => Promise<void>;
+  /**
+   * Sends a CancelRequest for what `server` runs now: true once the server closed the cancel's
+   * connection, false when it did not in time (see sendCancel); rejects when nothing was sent.
+   */
+  readonly cancel: (server: ServerConnection) => Promise<boolean>;
   /** Per relayed chunk (metrics). */
   readonly onBytes: (toUpstream: number, toClient: number) => void;
 }
@@ -346,10 +349,11 @@ export class TransactionSession implements SessionRelay {
   /** Set by endAfterTransaction(). */
   #ending = false;
   /**
-   * A CancelRequest on its way to the connection the client holds: the connection goes back only
-   * once it arrived, or it could cancel the next client's query there.
+   * CancelRequests on their way to the connection the client holds: the connection goes back only
+   * once they arrived, or one could cancel the next client's query there. False: the server did
+   * not say one arrived, and the connection is closed rather than given back (#giveBackAfterCancel).
    */
-  #cancelling: Promise<void> | undefined;
+  #cancelling: Promise<boolean> | undefined;
   /** The client is gone: what the server still answers is dropped until its connection can go back. */
   #draining: NodeJS.Timeout | undefined;
   /** Listeners on the server connection held (made at the first attach: an idle client holds none). */
@@ -405,13 +409,13 @@ export class TransactionSession implements SessionRelay {
     const server = this.server;
     const running = this.#server ? this.#queue.length > 0 && !this.#draining : this.#native?.state.running === true;
     if (!server || !running) return Promise.resolve();
-    // A connection of the desk comes back here at the transaction's end, to wait for the cancel (#giveBackLent), not on to the next client.
+    // A connection of the desk comes back here at the transaction's end, to wait for the cancel (#giveBackAfterCancel), not on to the next client.
     if (!this.#server && !this.#lent) this.#native?.hold();
-    const sent: Promise<void> = this.#context.cancel(server).finally(() => {
-      if (this.#cancelling === sent) this.#cancelling = undefined;
-    });
-    this.#cancelling = sent.catch(() => {});
-    return sent;
+    const sent = this.#context.cancel(server);
+    const landed = sent.catch(() => true); // nothing sent: nothing to land
+    const earlier = this.#cancelling;
+    this.#cancelling = earlier ? Promise.all([earlier, landed]).then(([first, second]) => first && second) : landed;
+    return sent.then(() => undefined);
   }
 
   /**
@@ -629,7 +633,7 @@ export class TransactionSession implements SessionRelay {
         if (this.#portals.size > 0) this.#portals.clear();
         if (this.#portalsSent.size > 0) this.#portalsSent.clear();
         this.#context.observer.transaction(true);
-        this.#giveBackLent(server, 'I', leaked);
+        this.#giveBackAfterCancel(server, 'I', leaked);
         if (this.#ending) this.#shutDown();
         return;
       }
@@ -646,7 +650,7 @@ export class TransactionSession implements SessionRelay {
           this.#cancelling = undefined;
           void this.#context.cancel(server).catch(() => {}).finally(() => server.close());
         } else {
-          this.#giveBackLent(server, back.status, leaked);
+          this.#giveBackAfterCancel(server, back.status, leaked);
         }
         return;
       case 'settings_failed':
@@ -661,12 +665,18 @@ export class TransactionSession implements SessionRelay {
     }
   }
 
-  /** Once a CancelRequest on its way has arrived: else it could cancel the next client's query there. */
-  #giveBackLent(server: ServerConnection, status: string, leaked: boolean): void {
+  /**
+   * To the pool once a CancelRequest on its way has arrived: else it could cancel the next
+   * client's query there. Closed when the server did not say it arrived.
+   */
+  #giveBackAfterCancel(server: ServerConnection, status: string, leaked: boolean): void {
     const cancelling = this.#cancelling;
     this.#cancelling = undefined;
-    if (cancelling) void cancelling.then(() => this.#context.pool.giveBack(server, status, leaked));
-    else this.#context.pool.giveBack(server, status, leaked);
+    if (!cancelling) {
+      this.#context.pool.giveBack(server, status, leaked);
+      return;
+    }
+    void cancelling.then((landed) => (landed ? this.#context.pool.giveBack(server, status, leaked) : server.close()));
   }
 
   /** The NOTICE that session state does not survive in transaction mode, once a client (after the fast path's transaction: its ReadyForQuery went already). */
@@ -1086,11 +1096,7 @@ export class TransactionSession implements SessionRelay {
       return;
     }
     this.#context.observer.transaction();
-    const status = this.#status;
-    const cancelling = this.#cancelling;
-    this.#cancelling = undefined;
-    if (cancelling) void cancelling.then(() => this.#context.pool.giveBack(server, status, leaked));
-    else this.#context.pool.giveBack(server, status, leaked);
+    this.#giveBackAfterCancel(server, this.#status, leaked);
   }
 
   #unlisten(server: ServerConnection): void {

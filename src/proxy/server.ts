@@ -547,7 +547,7 @@ export class ProxyServer {
     };
     const target = this.options.upstream;
     const upstreamKey = { processId: upstream.processId, secretKey: upstream.secretKey };
-    const cancelUpstream = (): Promise<void> => sendCancel(target, upstreamKey.processId, upstreamKey.secretKey);
+    const cancelUpstream = async (): Promise<void> => void (await sendCancel(target, upstreamKey.processId, upstreamKey.secretKey));
     const clientKey = this.#cancelKeys.register({ ...upstreamKey, cancel: cancelUpstream });
     // The upstream's ReadyForQuery ends the greeting; our BackendKeyData goes just before it.
     const greeting = upstream.greeting;

@@ -398,17 +398,28 @@ function authenticate(
   }
 }
 
-/** Sends a CancelRequest for the given upstream backend over TLS, then closes. */
-export async function sendCancel(target: UpstreamTarget, processId: number, secretKey: Buffer): Promise<void> {
+/**
+ * Sends a CancelRequest for the given upstream backend over TLS, and waits for the server to close
+ * that connection: Postgres signals the backend first, so what is sent to the backend after the
+ * close cannot be what the request cancels. True once the server closed it; false when it did not
+ * within ConnectTimeout (the request may still land). Rejects when nothing could be sent.
+ */
+export async function sendCancel(target: UpstreamTarget, processId: number, secretKey: Buffer): Promise<boolean> {
   const socket = await openTls(target);
   const body = Buffer.allocUnsafe(16);
   body.writeInt32BE(16, 0);
   body.writeInt32BE(CANCEL_REQUEST_CODE, 4);
   body.writeInt32BE(processId, 8);
   secretKey.copy(body, 12, 0, 4);
-  await new Promise<void>((resolve) => {
-    socket.once('close', () => resolve());
+  return await new Promise<boolean>((resolve) => {
+    const timer = setTimeout(() => {
+      resolve(false);
+      socket.destroy();
+    }, target.connectTimeoutMs).unref();
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve(true);
+    });
     socket.end(body);
-    setTimeout(() => socket.destroy(), target.connectTimeoutMs).unref();
   });
 }
