@@ -156,20 +156,15 @@ async function client(proxyPort: number, directPort: number, rnd: (n: number) =>
 }
 
 const SEEDS = (process.env.REVIEW_SEEDS ?? Array.from({ length: 30 }, (_, i) => i + 1).join(',')).split(',').map(Number);
-/**
- * Seeds that stall (the proxy answers nothing more, on the parent of 9e8d1e7 too): each with the
- * pipeline split right behind a simple-Query DISCARD ALL or DEALLOCATE ALL ("S Q discard all; ...;
- * (split at n)"), the rest sent once the first answer came. REVIEW_ONLY=2 REVIEW_SEEDS=37 alone fails
- * (client 2, round 7), with Relay=js (REVIEW_RELAY=js) too. Cause not found yet.
- */
-const STALLS = new Set([5, 6, 10, 14, 22, 28, 32, 37, 39, 45]);
+// Seeds 5, 6, 10, 14, 22, 28, 32, 37, 39 and 45 stalled before session 8's fix: a Flush held
+// behind a simple-Query DISCARD ALL, dropped once its connection had gone back, left the client
+// paused (TransactionSession #pump); REVIEW_ONLY=2 REVIEW_SEEDS=37 was the smallest case.
 const CONFIGS = ['PoolSize=1;MaxPreparedStatements=1', 'PoolSize=2;MaxPreparedStatements=1', 'PoolSize=1;MaxPreparedStatements=2', 'PoolSize=2;MaxPreparedStatements=3'];
 const ROUNDS = Number(process.env.REVIEW_ROUNDS ?? 40);
 
 for (const seed of SEEDS) {
   const extra = `${CONFIGS[seed % CONFIGS.length] as string}${process.env.REVIEW_RELAY ? `;Relay=${process.env.REVIEW_RELAY}` : ''}`;
-  const todo = STALLS.has(seed) ? 'a stall behind a simple-Query DISCARD ALL (see STALLS)' : undefined;
-  test(`random pipelines of named statements from 3 clients, seed ${seed} (${extra}): as Postgres answers`, { todo }, async () => {
+  test(`random pipelines of named statements from 3 clients, seed ${seed} (${extra}): as Postgres answers`, async () => {
     await withPoolMode(db, token, 'none', '', async (direct) => {
       await withPoolMode(db, token, 'transaction', extra, async (proxy) => {
         await Promise.all((process.env.REVIEW_ONLY ? [Number(process.env.REVIEW_ONLY)] : [0, 1, 2]).map((who) => client(proxy.port, direct.port, seeded(seed * 1000 + who), ROUNDS, who)));

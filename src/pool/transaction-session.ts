@@ -446,9 +446,12 @@ export class TransactionSession implements SessionRelay {
         return;
       }
       if (!frame) break;
+      const wasHeld = this.#held !== undefined;
       this.#held = undefined;
       if (!this.#server && IGNORED_WHEN_IDLE.has(frame.type)) {
         // Postgres answers none of these when it runs nothing: no connection is taken for them.
+        // One held (a Flush behind a DISCARD ALL, its connection given back since) had paused the client.
+        if (wasHeld) this.#client.resume();
         continue;
       }
       if (!this.#server && frame.type !== FrontendCode.Terminate) {
