@@ -760,7 +760,7 @@ export class TransactionSession implements SessionRelay {
         const bind = readBind(body);
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
         if (this.#unsettledBefore(bind.statement, statement)) return false;
-        if (statement && this.#evictsUnsettled(this.#server as ServerConnection, statement.serverName)) return false;
+        if (statement && this.#waitsForDrops(statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#portalsSent.set(bind.portal, bind.statement === '' ? this.#unnamedSent : (statement?.kind ?? PLAIN));
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
@@ -772,7 +772,7 @@ export class TransactionSession implements SessionRelay {
         const { kind, name } = readTarget(body, 'Describe');
         const statement = kind === 'S' && name !== '' ? this.#statements.get(name) : undefined;
         if (kind === 'S' && this.#unsettledBefore(name, statement)) return false;
-        if (statement && this.#evictsUnsettled(this.#server as ServerConnection, statement.serverName)) return false;
+        if (statement && this.#waitsForDrops(statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? describeMessage('S', statement.serverName) : rawOf(body));
         this.#expect({ expect: Expect.Describe });
@@ -979,6 +979,19 @@ export class TransactionSession implements SessionRelay {
       if (this.#unsettledBefore('', { serverName: name })) return true;
     }
     return false;
+  }
+
+  /**
+   * A Bind or Describe of the client's `statement` waits: for a DISCARD ALL or DEALLOCATE ahead in
+   * the pipeline, which may drop it as Postgres runs them (their answer decides, and a Flush brings
+   * it), or while preparing it would evict a statement still unsettled (#evictsUnsettled).
+   */
+  #waitsForDrops(statement: Statement): boolean {
+    if (this.#queue.some(dropsAhead)) {
+      this.#send(FLUSH);
+      return true;
+    }
+    return this.#evictsUnsettled(this.#server as ServerConnection, statement.serverName);
   }
 
   #touch(server: ServerConnection, name: string): void {
