@@ -819,7 +819,8 @@ function* pipelines(seed: number, steps: number): Generator<Sent[]> {
       switch (random(12)) {
         case 0:
         case 1: {
-          // Not the syntax error: Postgres reports it before a duplicate name (42P05), the proxy after.
+          // Not the syntax error: in an aborted transaction Postgres reports it before 25P02 and a
+          // duplicate name, the proxy after (out of one, the text goes to the server first, #fail).
           // One parameter: in an aborted transaction, a statement the proxy must prepare on the
           // connection first fails (25P02) before Postgres' own checks of a Bind or Describe
           // (08P01 for a wrong count of values, none for a statement without rows).

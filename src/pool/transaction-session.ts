@@ -856,7 +856,7 @@ export class TransactionSession implements SessionRelay {
     if (this.#statements.has(parse.name)) {
       // In an aborted transaction Postgres refuses all but COMMIT and ROLLBACK before it looks at the name.
       if (this.#status === 'E' && !TRANSACTION_EXIT.test(parse.query)) this.#fail('25P02', ABORTED);
-      else this.#fail('42P05', `prepared statement "${parse.name}" already exists`);
+      else this.#fail('42P05', `prepared statement "${parse.name}" already exists`, parse);
       return true;
     }
     this.#watchText(parse.query);
@@ -890,7 +890,7 @@ export class TransactionSession implements SessionRelay {
    * client's messages up to its Sync are dropped, as the server would skip them. The client's
    * unnamed statement is replaced by the DO block.
    */
-  #fail(code: string, text: string): void {
+  #fail(code: string, text: string, parse?: { readonly query: string; readonly types: Buffer }): void {
     if (this.#status === 'E') {
       // The server would refuse the DO block with 25P02; Postgres checks a Parse's name first. It
       // gets nothing more until the Sync, as it would skip it anyway, but a Flush: Postgres sends
@@ -899,6 +899,11 @@ export class TransactionSession implements SessionRelay {
       this.#expect({ expect: Expect.Made, made: errorResponse({ severity: 'ERROR', code, message: text }) });
       this.#clientSkipping = true;
       return;
+    }
+    if (parse) {
+      // Postgres parses a Parse's text before it looks at the name: the text's own error comes first.
+      this.#send(parseMessage('', parse.query, parse.types));
+      this.#expect({ expect: Expect.Parse, hidden: true, kind: kindOf(parse.query) });
     }
     const body = `BEGIN RAISE EXCEPTION USING ERRCODE = ${literal(code)}, MESSAGE = ${literal(text)}; END`;
     this.#send(parseMessage('', `DO ${literal(body)}`, NO_PARAMETER_TYPES));
