@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { TestPostgres } from './harness/postgres.js';
 import { startTokenPostgres } from './harness/postgres.js';
-import { withPoolMode } from './pool-transaction-support.js';
+import { answersAlike, withPoolMode, type Step } from './pool-transaction-support.js';
 import { serialize, summary, WireClient } from './harness/wire.js';
 
 let db: TestPostgres;
@@ -22,22 +22,13 @@ before(async () => {
 after(() => db?.stop());
 
 /** The same batches to a pooled and a direct client; the answers up to `readies` ReadyForQuery each must match. */
-async function differential(extra: string, steps: Array<{ send: Buffer[]; readies?: number }>): Promise<void> {
+async function differential(extra: string, steps: Step[]): Promise<void> {
   await withPoolMode(db, token, 'none', '', async (directProxy) => {
     await withPoolMode(db, token, 'transaction', extra, async (proxy) => {
       const pooled = await WireClient.open(proxy.port, { user: 'anyone', database: db.database });
       const direct = await WireClient.open(directProxy.port, { user: 'anyone', database: db.database });
       try {
-        let n = 0;
-        for (const step of steps) {
-          n++;
-          pooled.send(...step.send);
-          direct.send(...step.send);
-          const read = async (w: WireClient): Promise<string[]> => (await w.untilReady(step.readies ?? 1, 10_000)).map(summary).filter((s) => s !== 'parameterStatus' && s !== 'notice');
-          const want = await read(direct);
-          const got = await read(pooled).catch((error: Error) => [`(${error.message})`]);
-          assert.deepEqual(got, want, `step ${n}`);
-        }
+        await answersAlike(pooled, direct, steps, async (w, step) => (await w.untilReady(step.readies ?? 1, 10_000)).map(summary).filter((s) => s !== 'parameterStatus' && s !== 'notice'));
       } finally {
         pooled.end();
         direct.end();

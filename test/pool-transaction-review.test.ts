@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
-import { busyClients, seeded, withPoolMode } from './pool-transaction-support.js';
+import { answersAlike, busyClients, seeded, withPoolMode, type Step } from './pool-transaction-support.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { cancelRequest, LONG, pgClient, sleep, waitUntil } from './reliability-support.js';
 import { serialize, summary, WireClient } from './harness/wire.js';
@@ -68,20 +68,11 @@ async function until(w: WireClient, name: string): Promise<string[]> {
 }
 
 /** The same batches on a pooled and a direct client; the answers up to `readies` ReadyForQuery each must match. */
-async function differential(pooledPort: number, directPort: number, steps: Array<{ send: Buffer[]; readies?: number; until?: string }>, startup: Record<string, string> = {}): Promise<void> {
+async function differential(pooledPort: number, directPort: number, steps: Step[], startup: Record<string, string> = {}): Promise<void> {
   const pooled = await wire(pooledPort, startup);
   const direct = await wire(directPort, startup);
   try {
-    let n = 0;
-    for (const step of steps) {
-      n++;
-      pooled.send(...step.send);
-      direct.send(...step.send);
-      const read = async (w: WireClient): Promise<string[]> => (step.until ? until(w, step.until) : (await w.untilReady(step.readies ?? 1)).map(summary));
-      const want = await read(direct);
-      const got = await read(pooled).catch((error: Error) => [`(${error.message})`]);
-      assert.deepEqual(got, want, `step ${n}`);
-    }
+    await answersAlike(pooled, direct, steps, async (w, step) => (step.until ? until(w, step.until) : (await w.untilReady(step.readies ?? 1)).map(summary)));
   } finally {
     pooled.end();
     direct.end();

@@ -1,5 +1,7 @@
 /** What the PoolMode=transaction test files share: a proxy per test, and clients that keep its pool busy. */
+import assert from 'node:assert/strict';
 import type { TestPostgres } from './harness/postgres.js';
+import type { WireClient } from './harness/wire.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { pgClient, sleep } from './reliability-support.js';
 
@@ -54,4 +56,23 @@ export function seeded(seed: number): (n: number) => number {
     state ^= state << 5;
     return (state >>> 0) % n;
   };
+}
+
+export interface Step {
+  readonly send: Buffer[];
+  readonly readies?: number;
+  readonly until?: string;
+}
+
+/** Each step sent to a pooled and a direct client alike: what `read` takes of their answers must be the same. */
+export async function answersAlike(pooled: WireClient, direct: WireClient, steps: readonly Step[], read: (w: WireClient, step: Step) => Promise<string[]>): Promise<void> {
+  let n = 0;
+  for (const step of steps) {
+    n++;
+    pooled.send(...step.send);
+    direct.send(...step.send);
+    const want = await read(direct, step);
+    const got = await read(pooled, step).catch((error: Error) => [`(${error.message})`]);
+    assert.deepEqual(got, want, `step ${n}`);
+  }
 }
