@@ -1113,7 +1113,10 @@ export class TransactionSession implements SessionRelay {
     const unread = this.#fromServer?.buffered ?? 0;
     this.#fromServer = undefined;
     if (unread > 0 || this.#queue.length > 0 || spoiled) {
-      server.close(); // a message of its half read, or a session Postgres spoiled: nothing to give back
+      // A message of its half read, or a session Postgres spoiled: nothing to give back. A cancel
+      // on its way went to this connection: the client's next one waits for none.
+      this.#cancelling = undefined;
+      server.close();
       return;
     }
     this.#context.observer.transaction();
