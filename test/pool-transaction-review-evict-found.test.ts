@@ -2,7 +2,7 @@
  * Review of 9e8d1e7: pipelines where PoolMode=transaction answered otherwise than one Postgres
  * session, found by the random differential test (pool-transaction-review-evict-differential).
  * None was the commit's doing (each failed on its parent too). The Bind and Describe behind a
- * DEALLOCATE ALL are fixed (TransactionSession #waitsForDrops), and the Parse of a name in use has
+ * DEALLOCATE ALL are fixed (TransactionSession #waitsToName), and the Parse of a name in use has
  * its text parsed first (#fail); the Bind's parameter count is todo: an error where Postgres gives
  * an error, with another SQLSTATE.
  */

@@ -759,8 +759,7 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         const bind = readBind(body);
         const statement = bind.statement === '' ? undefined : this.#statements.get(bind.statement);
-        if (this.#unsettledBefore(bind.statement, statement)) return false;
-        if (statement && this.#waitsForDrops(statement)) return false;
+        if (this.#waitsToName(bind.statement, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#portalsSent.set(bind.portal, bind.statement === '' ? this.#unnamedSent : (statement?.kind ?? PLAIN));
         this.#send(statement ? bindMessage(bind.portal, statement.serverName, bind.rest) : rawOf(body));
@@ -771,8 +770,7 @@ export class TransactionSession implements SessionRelay {
         this.#unsynced = true;
         const { kind, name } = readTarget(body, 'Describe');
         const statement = kind === 'S' && name !== '' ? this.#statements.get(name) : undefined;
-        if (kind === 'S' && this.#unsettledBefore(name, statement)) return false;
-        if (statement && this.#waitsForDrops(statement)) return false;
+        if (kind === 'S' && this.#waitsToName(name, statement)) return false;
         if (statement) this.#ensurePrepared(statement);
         this.#send(statement ? describeMessage('S', statement.serverName) : rawOf(body));
         this.#expect({ expect: Expect.Describe });
@@ -987,11 +985,14 @@ export class TransactionSession implements SessionRelay {
   }
 
   /**
-   * A Bind or Describe of the client's `statement` waits: for a DISCARD ALL or DEALLOCATE ahead in
-   * the pipeline, which may drop it as Postgres runs them (their answer decides, and a Flush brings
-   * it), or while preparing it would evict a statement still unsettled (#evictsUnsettled).
+   * A Bind or Describe naming the client's statement `name` waits: while a change of it is
+   * unsettled (#unsettledBefore); for a DISCARD ALL or DEALLOCATE ahead in the pipeline, which may
+   * drop it as Postgres runs them (their answer decides, and a Flush brings it); or while preparing
+   * it would evict a statement still unsettled (#evictsUnsettled).
    */
-  #waitsForDrops(statement: Statement): boolean {
+  #waitsToName(name: string, statement: Statement | undefined): boolean {
+    if (this.#unsettledBefore(name, statement)) return true;
+    if (!statement) return false;
     if (this.#queue.some(dropsAhead)) {
       this.#send(FLUSH);
       return true;
