@@ -28,7 +28,12 @@
  *   desk(counts: Float64Array(2), waits: Float64Array, onOut(id, why), onFull()) -> desk | string
  *   deskSet(desk, room, jsWaiting);  deskConfig(desk, waitTimeoutMs, checkDelayMs);  deskStop(desk, stopped);  deskClose(desk)
  *   deskOffer(desk, conn, id, sid, expiresInMs) -> boolean;  deskWake(desk) -> boolean;  deskReclaim(desk, id) -> boolean
- *   deskIdleMs(desk, id) -> ms | -1;  deskReclaimAny(desk) -> [id (0: none), idleMs]  deskStats(desk) -> [idle, count, waiting, maxWaitMs]
+ *   deskIdleMs(desk, id) -> ms | -1;  deskReclaimAny(desk) -> [id (0: none), idleMs]  deskStats(desk) -> [idle, count, waiting, maxWaitMs, resetting]
+ * Sessions on a desk (txclient.h, session mode):
+ *   deskSessions(desk, counters: Float64Array(2), resetQuery: Buffer, onSession(id, how, end, toUpstream, toClient, reusable, status, abandoned),
+ *                onFarewell(id, reason|null) -> Buffer, onReset(id, answer|null)): once, before the rest;  deskResetQuery(desk, message)
+ *   deskPark(desk, conn, id, sid, expiresInMs) -> boolean;  deskTake(desk, sid) -> id | 0;  deskUntake(desk, id)
+ *   deskRelay(desk, id, clientFd, hello, first) -> undefined | string (then: state, detach, close of the connection);  deskSweep(desk, resetTimeoutMs)
  *
  * Descriptors are taken as copies (dup): the caller closes its own.
  */
@@ -866,6 +871,9 @@ typedef struct {
   lp_desk *desk; /* NULL once closed by the caller (C frees it later) */
   int ended, js_released;
   napi_ref on_out, on_full, counts, waits;
+  /* Session mode (deskSessions): the relays' byte counters and the callbacks. */
+  napi_ref session_counters, on_session, on_farewell, on_reset;
+  double *counters;
 } dbinding_t;
 
 static void dbinding_release(dbinding_t *b) {
@@ -905,10 +913,73 @@ static void d_on_end(lp_desk *d, void *user) {
   delete_ref(b->env, &b->on_full);
   delete_ref(b->env, &b->counts);
   delete_ref(b->env, &b->waits);
+  delete_ref(b->env, &b->session_counters);
+  delete_ref(b->env, &b->on_session);
+  delete_ref(b->env, &b->on_farewell);
+  delete_ref(b->env, &b->on_reset);
+  b->counters = NULL;
   dbinding_release(b);
 }
 
-static const lp_desk_callbacks desk_callbacks = { d_on_out, d_on_full, d_on_end };
+static void d_on_session(lp_desk *d, void *user, int id, enum lp_session how, enum lp_end end, double to_upstream, double to_client, int reusable, int status,
+                         int abandoned) {
+  (void)d;
+  dbinding_t *b = user;
+  if (b->js_released) return;
+  napi_env env = b->env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value argv[8];
+  napi_create_int32(env, id, &argv[0]);
+  napi_create_int32(env, (int32_t)how, &argv[1]);
+  argv[2] = string(env, LP_END_NAMES[end]);
+  napi_create_double(env, to_upstream, &argv[3]);
+  napi_create_double(env, to_client, &argv[4]);
+  napi_get_boolean(env, reusable, &argv[5]);
+  char letter[2] = { status > 0 && status < 128 ? (char)status : '?', 0 };
+  argv[6] = string(env, letter);
+  napi_get_boolean(env, abandoned, &argv[7]);
+  call_js(env, b->on_session, 8, argv);
+  napi_close_handle_scope(env, scope);
+}
+
+static size_t d_on_farewell(lp_desk *d, void *user, int id, const char *reason, unsigned char *out, size_t cap) {
+  (void)d;
+  dbinding_t *b = user;
+  if (b->js_released) return 0;
+  size_t written = 0;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  napi_value argv[2];
+  napi_create_int32(b->env, id, &argv[0]);
+  if (reason) argv[1] = string(b->env, reason);
+  else napi_get_null(b->env, &argv[1]);
+  napi_value result = call_js_now(b->env, b->on_farewell, 2, argv);
+  void *data;
+  size_t length;
+  if (result && get_buffer(b->env, result, &data, &length) == 0 && length <= cap) {
+    memcpy(out, data, length);
+    written = length;
+  }
+  napi_close_handle_scope(b->env, scope);
+  return written;
+}
+
+static void d_on_reset(lp_desk *d, void *user, int id, const unsigned char *answer, size_t n) {
+  (void)d;
+  dbinding_t *b = user;
+  if (b->js_released) return;
+  napi_handle_scope scope;
+  napi_open_handle_scope(b->env, &scope);
+  napi_value argv[2];
+  napi_create_int32(b->env, id, &argv[0]);
+  if (answer) napi_create_buffer_copy(b->env, n, answer, NULL, &argv[1]);
+  else napi_get_null(b->env, &argv[1]);
+  call_js(b->env, b->on_reset, 2, argv);
+  napi_close_handle_scope(b->env, scope);
+}
+
+static const lp_desk_callbacks desk_callbacks = { d_on_out, d_on_full, d_on_end, d_on_session, d_on_farewell, d_on_reset };
 
 static void desk_finalize(napi_env env, void *data, void *hint) {
   (void)env;
@@ -1010,7 +1081,8 @@ static napi_value desk_close(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
-static napi_value desk_offer(napi_env env, napi_callback_info info) {
+/* deskOffer and deskPark: (desk, conn, id, sid, expiresInMs) -> whether the connection joined the desk. */
+static napi_value desk_join(napi_env env, napi_callback_info info, int (*how)(lp_desk *, lp_conn *, const lp_desk_join *)) {
   napi_value argv[5];
   if (get_args(env, info, 5, argv)) return NULL;
   lp_desk *d = desk_of(env, argv[0]);
@@ -1020,9 +1092,11 @@ static napi_value desk_offer(napi_env env, napi_callback_info info) {
   CHECK(napi_get_value_int32(env, argv[3], &join.sid));
   CHECK(napi_get_value_double(env, argv[4], &join.expires_in_ms));
   napi_value result;
-  CHECK(napi_get_boolean(env, d && c && c->conn && !c->farewell && lp_desk_offer(d, c->conn, &join) == 1, &result));
+  CHECK(napi_get_boolean(env, d && c && c->conn && !c->farewell && how(d, c->conn, &join) == 1, &result));
   return result;
 }
+
+static napi_value desk_offer(napi_env env, napi_callback_info info) { return desk_join(env, info, lp_desk_offer); }
 
 static napi_value desk_wake(napi_env env, napi_callback_info info) {
   napi_value argv[1];
@@ -1074,11 +1148,13 @@ static napi_value desk_stats(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (get_args(env, info, 1, argv)) return NULL;
   lp_desk *d = desk_of(env, argv[0]);
-  int idle = 0, count = 0, waiting = 0;
+  int idle = 0, count = 0, waiting = 0, resetting = 0;
   double max_wait = 0;
-  if (d) lp_desk_stats(d, &idle, &count, &waiting, &max_wait);
+  if (d) lp_desk_stats(d, &idle, &count, &waiting, &max_wait, &resetting);
   napi_value result, v;
-  CHECK(napi_create_array_with_length(env, 4, &result));
+  CHECK(napi_create_array_with_length(env, 5, &result));
+  CHECK(napi_create_int32(env, resetting, &v));
+  CHECK(napi_set_element(env, result, 4, v));
   CHECK(napi_create_int32(env, idle, &v));
   CHECK(napi_set_element(env, result, 0, v));
   CHECK(napi_create_int32(env, count, &v));
@@ -1088,6 +1164,113 @@ static napi_value desk_stats(napi_env env, napi_callback_info info) {
   CHECK(napi_create_double(env, max_wait, &v));
   CHECK(napi_set_element(env, result, 3, v));
   return result;
+}
+
+/* Session mode: the desk's binding when it is open and set up for sessions (deskSessions); NULL otherwise. */
+static dbinding_t *sessions_of(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (!tagged(env, value, &DESK_TAG) || napi_get_value_external(env, value, &data) != napi_ok) return NULL;
+  dbinding_t *b = data;
+  return b->desk && b->counters ? b : NULL;
+}
+
+static napi_value desk_sessions(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  if (get_args(env, info, 6, argv)) return NULL;
+  void *data = NULL;
+  if (!tagged(env, argv[0], &DESK_TAG) || napi_get_value_external(env, argv[0], &data) != napi_ok || !((dbinding_t *)data)->desk) return undefined(env);
+  dbinding_t *b = data;
+  double *counters = float64s(env, argv[1], 2, NULL, "deskSessions: counters must be a Float64Array(2)");
+  void *reset;
+  size_t reset_len;
+  if (!counters) return NULL;
+  if (get_buffer(env, argv[2], &reset, &reset_len)) {
+    napi_throw_type_error(env, NULL, "deskSessions: the reset query must be a Buffer");
+    return NULL;
+  }
+  if (b->counters) return string(env, "deskSessions: set already");
+  if (lp_desk_reset_query(b->desk, reset, reset_len) != 0) return string(env, "out of memory");
+  if (napi_create_reference(env, argv[1], 1, &b->session_counters) != napi_ok || napi_create_reference(env, argv[3], 1, &b->on_session) != napi_ok ||
+      napi_create_reference(env, argv[4], 1, &b->on_farewell) != napi_ok || napi_create_reference(env, argv[5], 1, &b->on_reset) != napi_ok) {
+    delete_ref(env, &b->session_counters);
+    delete_ref(env, &b->on_session);
+    delete_ref(env, &b->on_farewell);
+    delete_ref(env, &b->on_reset);
+    return string(env, "deskSessions: could not keep the callbacks");
+  }
+  b->counters = counters;
+  return undefined(env);
+}
+
+static napi_value desk_reset_query(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  dbinding_t *b = sessions_of(env, argv[0]);
+  void *reset;
+  size_t reset_len;
+  if (get_buffer(env, argv[1], &reset, &reset_len)) {
+    napi_throw_type_error(env, NULL, "deskResetQuery: a Buffer expected");
+    return NULL;
+  }
+  if (b && lp_desk_reset_query(b->desk, reset, reset_len) != 0) return string(env, "out of memory");
+  return undefined(env);
+}
+
+static napi_value desk_park(napi_env env, napi_callback_info info) { return desk_join(env, info, lp_desk_park); }
+
+static napi_value desk_take(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  dbinding_t *b = sessions_of(env, argv[0]);
+  int32_t sid;
+  CHECK(napi_get_value_int32(env, argv[1], &sid));
+  napi_value result;
+  CHECK(napi_create_int32(env, b ? lp_desk_take(b->desk, sid) : 0, &result));
+  return result;
+}
+
+static napi_value desk_untake(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  dbinding_t *b = sessions_of(env, argv[0]);
+  int32_t id;
+  CHECK(napi_get_value_int32(env, argv[1], &id));
+  if (b) lp_desk_untake(b->desk, id);
+  return undefined(env);
+}
+
+static napi_value desk_relay(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  if (get_args(env, info, 5, argv)) return NULL;
+  dbinding_t *b = sessions_of(env, argv[0]);
+  int32_t id, client_fd;
+  void *hello, *first;
+  size_t hello_len, first_len;
+  CHECK(napi_get_value_int32(env, argv[1], &id));
+  CHECK(napi_get_value_int32(env, argv[2], &client_fd));
+  if (get_buffer(env, argv[3], &hello, &hello_len) || get_buffer(env, argv[4], &first, &first_len)) {
+    napi_throw_type_error(env, NULL, "deskRelay: buffers expected");
+    return NULL;
+  }
+  if (!b) return string(env, "the desk is closed");
+  int copy = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) return string(env, "could not take the client socket over (dup failed)");
+  const char *error = NULL;
+  if (lp_desk_relay(b->desk, id, copy, hello, hello_len, first, first_len, b->counters, &error) != 0) {
+    close(copy);
+    return string(env, error);
+  }
+  return undefined(env);
+}
+
+static napi_value desk_sweep(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  dbinding_t *b = sessions_of(env, argv[0]);
+  double timeout;
+  CHECK(napi_get_value_double(env, argv[1], &timeout));
+  if (b) lp_desk_sweep(b->desk, timeout);
+  return undefined(env);
 }
 
 static napi_value client_hold(napi_env env, napi_callback_info info) {
@@ -1162,6 +1345,13 @@ static napi_value init(napi_env env, napi_value exports) {
     { "deskIdleMs", NULL, desk_idle_ms, NULL, NULL, NULL, napi_default, NULL },
     { "deskReclaimAny", NULL, desk_reclaim_any, NULL, NULL, NULL, napi_default, NULL },
     { "deskStats", NULL, desk_stats, NULL, NULL, NULL, napi_default, NULL },
+    { "deskSessions", NULL, desk_sessions, NULL, NULL, NULL, napi_default, NULL },
+    { "deskResetQuery", NULL, desk_reset_query, NULL, NULL, NULL, napi_default, NULL },
+    { "deskPark", NULL, desk_park, NULL, NULL, NULL, napi_default, NULL },
+    { "deskTake", NULL, desk_take, NULL, NULL, NULL, napi_default, NULL },
+    { "deskUntake", NULL, desk_untake, NULL, NULL, NULL, napi_default, NULL },
+    { "deskRelay", NULL, desk_relay, NULL, NULL, NULL, napi_default, NULL },
+    { "deskSweep", NULL, desk_sweep, NULL, NULL, NULL, napi_default, NULL },
     { "textPlain", NULL, text_plain, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));

@@ -78,6 +78,10 @@ int lp_conn_resumed(lp_conn *c);
  */
 int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_first, size_t to_client_len,
                   const unsigned char *to_upstream_first, size_t to_upstream_len, double *counters, int pooled, const char **error);
+/* The next relay's abandoned, farewell and detached go to `hooks` with `user` instead of the
+   connection's callbacks (C code that runs a relay itself: txclient.c's sessions), until it
+   detaches; its end goes to `hooks` first, then to the connection's own `end`. NULL: none. */
+void lp_conn_hooks(lp_conn *c, const lp_callbacks *hooks, void *user);
 /* A pooled relay: lets the client go now (idle timeout) and keeps the upstream; `detached` follows.
    When the upstream has ended already, the connection ends instead (`end` follows). */
 void lp_conn_detach(lp_conn *c, enum lp_end end);

@@ -25,6 +25,8 @@
 /* ParameterStatus messages kept for the engine per lending. */
 #define REPORTS_LIMIT 65536
 #define LINGER_MS 5000
+/* Session mode: what a reset may answer before it counts as failed. */
+#define RESET_ANSWER_LIMIT 65536
 
 const char *const LP_BACK_NAMES[] = { "", "released", "handover", "client_gone", "upstream_gone", "settings_failed" };
 
@@ -91,8 +93,14 @@ struct desk_entry {
   uint64_t expires;
   uint64_t idle_since;
   lp_client *client;
+  int busy;          /* session mode: ENTRY_SESSION (a client's session has it) or ENTRY_RESETTING */
+  int abandoned;     /* its session's client left during a query */
+  int reset_failed;  /* the sweep ended a reset that took too long */
+  uint64_t reset_since;
+  buf_t answer;      /* the reset's answer so far */
   desk_entry *prev, *next;
 };
+enum { ENTRY_SESSION = 1, ENTRY_RESETTING };
 
 struct lp_desk {
   uv_loop_t *loop;
@@ -107,6 +115,8 @@ struct lp_desk {
   int unstarve; /* a connection left: waiting clients of settings no connection here has go to the caller (at the timer) */
   int spill;    /* a connection went idle with clients of other settings waiting: as many go to the caller (at the timer) */
   uint64_t wait_timeout, check_delay;
+  int resetting;     /* session mode: connections whose reset runs */
+  buf_t reset_query; /* session mode: the message that resets a connection after its session */
   int refs; /* clients whose `desk` this is, and calls under way that may close it */
   double *counts, *waits;
   size_t waits_cap;
@@ -754,6 +764,9 @@ static void desk_maybe_free(lp_desk *d);
 static void timer_fired(uv_timer_t *timer);
 static void idle_sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error);
 
+/* Idle on the desk: not lent to a client, no session on it, no reset running. */
+static int entry_idle(const desk_entry *e) { return !e->client && !e->busy; }
+
 /* The connection leaves the desk (it is the caller's again, its reader unset when it was idle). */
 static void entry_leave(desk_entry *e) {
   lp_desk *d = e->desk;
@@ -761,10 +774,14 @@ static void entry_leave(desk_entry *e) {
   else d->entries = e->next;
   if (e->next) e->next->prev = e->prev;
   d->count--;
-  if (!e->client) {
+  if (entry_idle(e)) {
     d->idle--;
     lp_conn_sink(e->conn, NULL, NULL);
+  } else if (e->busy == ENTRY_RESETTING) {
+    d->resetting--;
+    lp_conn_sink(e->conn, NULL, NULL);
   }
+  buf_free(&e->answer);
   free(e);
   /* Clients waiting for a connection of its settings may wait for none now: looked at from the
      timer, outside whatever call this is (the caller may be in the middle of its own bookkeeping). */
@@ -864,7 +881,7 @@ static int desk_take(lp_client *k) {
     if (d->stopped || k->closing || !k->fast || k->conn) return 0;
     desk_entry *best = NULL;
     for (desk_entry *e = d->entries; e; e = e->next) {
-      if (!e->client && k->sid != 0 && e->sid == k->sid && (!best || e->idle_since > best->idle_since)) best = e;
+      if (entry_idle(e) && k->sid != 0 && e->sid == k->sid && (!best || e->idle_since > best->idle_since)) best = e;
     }
     if (!best) return 0;
     uint64_t now = uv_now(d->loop);
@@ -956,6 +973,7 @@ static void drop_desk(lp_client *k) {
 static void timer_closed(uv_handle_t *handle) {
   lp_desk *d = uv_handle_get_data(handle);
   free(handle);
+  buf_free(&d->reset_query);
   d->cb->end(d, d->user);
   free(d);
 }
@@ -1028,7 +1046,7 @@ void lp_desk_stop(lp_desk *d, int stopped) {
   d->refs++;
   while (d->head) to_caller(d->head);
   for (desk_entry *e = d->entries; e;) {
-    if (e->client) {
+    if (!entry_idle(e)) {
       e = e->next;
       continue;
     }
@@ -1071,7 +1089,7 @@ int lp_desk_wake(lp_desk *d) {
 int lp_desk_reclaim(lp_desk *d, int id) {
   for (desk_entry *e = d->entries; e; e = e->next) {
     if (e->id != id) continue;
-    if (e->client) return 0;
+    if (!entry_idle(e)) return 0;
     entry_leave(e);
     return 1;
   }
@@ -1081,7 +1099,7 @@ int lp_desk_reclaim(lp_desk *d, int id) {
 int lp_desk_reclaim_any(lp_desk *d, double *idle_ms) {
   desk_entry *best = NULL;
   for (desk_entry *e = d->entries; e; e = e->next) {
-    if (!e->client && (!best || e->idle_since > best->idle_since)) best = e;
+    if (entry_idle(e) && (!best || e->idle_since > best->idle_since)) best = e;
   }
   if (!best) return 0;
   int id = best->id;
@@ -1092,16 +1110,230 @@ int lp_desk_reclaim_any(lp_desk *d, double *idle_ms) {
 
 double lp_desk_idle_ms(lp_desk *d, int id) {
   for (desk_entry *e = d->entries; e; e = e->next) {
-    if (e->id == id) return e->client ? -1 : (double)(uv_now(d->loop) - e->idle_since);
+    if (e->id == id) return !entry_idle(e) ? -1 : (double)(uv_now(d->loop) - e->idle_since);
   }
   return -1;
 }
 
-void lp_desk_stats(lp_desk *d, int *idle, int *count, int *waiting, double *max_wait_ms) {
+void lp_desk_stats(lp_desk *d, int *idle, int *count, int *waiting, double *max_wait_ms, int *resetting) {
+  *resetting = d->resetting;
   *idle = d->idle;
   *count = d->count;
   *waiting = d->waiting;
   *max_wait_ms = d->head ? (double)(uv_now(d->loop) - d->head->wait_since) : 0;
+}
+
+/* ---------- session mode on the desk ---------- */
+
+static desk_entry *entry_of(lp_desk *d, int id) {
+  for (desk_entry *e = d->entries; e; e = e->next) {
+    if (e->id == id) return e;
+  }
+  return NULL;
+}
+
+/* A connection is idle on the desk again (its reader the desk's: anything the server says is trouble). */
+static void entry_park(desk_entry *e) {
+  e->busy = 0;
+  e->client = NULL;
+  desk_serve(e);
+}
+
+static void s_abandoned(lp_conn *c, void *user) {
+  (void)c;
+  ((desk_entry *)user)->abandoned = 1;
+}
+
+static size_t s_farewell(lp_conn *c, void *user, const char *reason, unsigned char *out, size_t cap) {
+  (void)c;
+  desk_entry *e = user;
+  lp_desk *d = e->desk;
+  return d->cb->farewell ? d->cb->farewell(d, d->user, e->id, reason, out, cap) : 0;
+}
+
+static void session_told(lp_desk *d, int id, enum lp_session how, enum lp_end end, double to_upstream, double to_client, int reusable, int status, int abandoned) {
+  if (d->cb->session) d->cb->session(d, d->user, id, how, end, to_upstream, to_client, reusable, status, abandoned);
+}
+
+/* The reset's answer went wrong (`answer` NULL: it ended, or took too long): the caller's. */
+static void reset_out(desk_entry *e, int with_answer) {
+  lp_desk *d = e->desk;
+  int id = e->id;
+  buf_t answer = e->answer;
+  e->answer = (buf_t){ 0 };
+  d->refs++;
+  entry_leave(e);
+  if (d->cb->reset) d->cb->reset(d, d->user, id, with_answer ? answer.data + answer.off : NULL, with_answer ? pending(&answer) : 0);
+  buf_free(&answer);
+  d->refs--;
+  desk_maybe_free(d);
+}
+
+/* What the server answered the reset: idle again once it is a CommandComplete and an idle ReadyForQuery, else the caller's. */
+static void reset_sink(lp_conn *c, void *user, const unsigned char *data, size_t n, const char *error) {
+  (void)c;
+  (void)error;
+  desk_entry *e = user;
+  lp_desk *d = e->desk;
+  if (data && n == 0) return; /* the reset query was written */
+  if (!data || e->reset_failed) {
+    reset_out(e, 0);
+    return;
+  }
+  if (buf_append(&e->answer, data, n) != 0) {
+    reset_out(e, 0);
+    return;
+  }
+  const unsigned char *p = e->answer.data + e->answer.off;
+  size_t have = pending(&e->answer), at = 0;
+  int plain = 1;
+  /* Not a message, or more than a reset answers: the caller reads it (and closes the connection). */
+  if (have > RESET_ANSWER_LIMIT) {
+    reset_out(e, 1);
+    return;
+  }
+  while (have - at >= 5) {
+    uint32_t length = be32(p + at + 1);
+    if (length < 4) {
+      reset_out(e, 1);
+      return;
+    }
+    if (have - at - 1 < length) return; /* the rest of the message is still to come */
+    unsigned char type = p[at];
+    at += 1 + (size_t)length;
+    if (type == 'Z') {
+      int idle = length == 5 && p[at - 1] == 'I';
+      if (!plain || !idle || at != have) {
+        reset_out(e, 1);
+        return;
+      }
+      /* Clean: idle here again, unless the caller wants it (its clients wait, the desk stopped, it expired). */
+      buf_free(&e->answer);
+      d->resetting--;
+      if (d->stopped || d->js_waiting || uv_now(d->loop) >= e->expires || !lp_conn_lendable(e->conn)) {
+        e->busy = 0;
+        d->idle++; /* entry_out takes it as idle */
+        entry_out(e, LP_DESK_RELEASED);
+        return;
+      }
+      entry_park(e);
+      return;
+    }
+    if (type != 'C') plain = 0; /* a ParameterStatus, a notice, an error: the caller reads them once the ReadyForQuery came */
+  }
+}
+
+/* The session's client left with the connection kept (a pooled relay's detach). */
+static void s_detached(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client, int reusable, int status) {
+  desk_entry *e = user;
+  lp_desk *d = e->desk;
+  int id = e->id, abandoned = e->abandoned;
+  e->abandoned = 0;
+  d->refs++;
+  int keep = reusable && status == 'I' && !d->stopped && !d->js_waiting && uv_now(d->loop) < e->expires && lp_conn_lendable(c);
+  if (keep && pending(&d->reset_query) > 0) {
+    /* Written before the sink is set: a write that fails may end the connection inside the call. */
+    if (lp_conn_write(c, d->reset_query.data + d->reset_query.off, pending(&d->reset_query)) < 0) {
+      keep = 0;
+    } else {
+      e->busy = ENTRY_RESETTING;
+      e->reset_since = uv_now(d->loop);
+      d->resetting++;
+      lp_conn_sink(c, reset_sink, e); /* its answer comes from later reads (relay.c reads after this call) */
+    }
+  } else if (keep) {
+    entry_park(e);
+  }
+  if (!keep) entry_leave(e); /* the caller's again: relay.c gives it what the server says next */
+  session_told(d, id, keep ? LP_SESSION_RESET : LP_SESSION_BACK, end, to_upstream, to_client, reusable, status, abandoned);
+  d->refs--;
+  desk_maybe_free(d);
+}
+
+/* The relay ended, and the connection with it (relay.c frees it after this). */
+static void s_end(lp_conn *c, void *user, enum lp_end end, double to_upstream, double to_client) {
+  (void)c;
+  desk_entry *e = user;
+  lp_desk *d = e->desk;
+  int id = e->id, abandoned = e->abandoned;
+  d->refs++;
+  entry_leave(e);
+  session_told(d, id, LP_SESSION_ENDED, end, to_upstream, to_client, 0, 0, abandoned);
+  d->refs--;
+  desk_maybe_free(d);
+}
+
+static const lp_callbacks session_hooks = { NULL, NULL, s_abandoned, s_farewell, s_detached, s_end };
+
+int lp_desk_park(lp_desk *d, lp_conn *conn, const lp_desk_join *join) {
+  if (d->stopped || d->closed || join->id <= 0 || join->sid == 0 || !lp_conn_lendable(conn)) return 0;
+  desk_entry *e = entry_new(d, conn, join);
+  if (!e) return 0;
+  entry_park(e);
+  return 1;
+}
+
+int lp_desk_reset_query(lp_desk *d, const unsigned char *message, size_t n) {
+  buf_free(&d->reset_query);
+  return n > 0 ? buf_append(&d->reset_query, message, n) : 0;
+}
+
+int lp_desk_take(lp_desk *d, int sid) {
+  for (;;) {
+    if (d->stopped || d->closed || sid == 0) return 0;
+    desk_entry *best = NULL;
+    for (desk_entry *e = d->entries; e; e = e->next) {
+      if (entry_idle(e) && e->sid == sid && (!best || e->idle_since > best->idle_since)) best = e;
+    }
+    if (!best) return 0;
+    uint64_t now = uv_now(d->loop);
+    if (now >= best->expires || now - best->idle_since >= d->check_delay || !lp_conn_lendable(best->conn)) {
+      entry_out(best, LP_DESK_STALE); /* the caller checks it, or closes it */
+      continue;
+    }
+    d->idle--;
+    lp_conn_sink(best->conn, NULL, NULL);
+    best->busy = ENTRY_SESSION;
+    best->abandoned = 0;
+    return best->id;
+  }
+}
+
+void lp_desk_untake(lp_desk *d, int id) {
+  desk_entry *e = entry_of(d, id);
+  if (e && e->busy == ENTRY_SESSION) entry_park(e);
+}
+
+int lp_desk_relay(lp_desk *d, int id, int client_fd, const unsigned char *hello, size_t hello_len, const unsigned char *first, size_t first_len,
+                  double *counters, const char **error) {
+  desk_entry *e = entry_of(d, id);
+  if (!e || e->busy != ENTRY_SESSION) {
+    *error = "the connection is not taken for a session";
+    return -1;
+  }
+  lp_conn_hooks(e->conn, &session_hooks, e);
+  /* The relay may end inside the call (a client gone already): the hooks hear of it, and `e` may be gone after. */
+  if (lp_conn_relay(e->conn, client_fd, hello, hello_len, first, first_len, counters, 1, error) != 0) {
+    lp_conn_hooks(e->conn, NULL, NULL);
+    return -1;
+  }
+  return 0;
+}
+
+void lp_desk_sweep(lp_desk *d, double timeout_ms) {
+  uint64_t now = uv_now(d->loop), limit = ms(timeout_ms);
+  d->refs++;
+  for (desk_entry *e = d->entries; e;) {
+    if (e->busy != ENTRY_RESETTING || e->reset_failed || now - e->reset_since < limit) {
+      e = e->next;
+      continue;
+    }
+    e->reset_failed = 1;
+    lp_conn_close(e->conn, LP_END_UPSTREAM_ERROR); /* its sink hears of it: reset_out, and `e` is gone */
+    e = d->entries; /* the list changed: from the start (those done are marked) */
+  }
+  d->refs--;
+  desk_maybe_free(d);
 }
 
 /* ---------- the API ---------- */

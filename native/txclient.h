@@ -126,16 +126,33 @@ void lp_client_hold(lp_client *k);
  * nothing).
  */
 
-enum lp_desk_out { LP_DESK_ENDED = 1, LP_DESK_SPOKE, LP_DESK_STALE, LP_DESK_RECLAIMED };
+enum lp_desk_out { LP_DESK_ENDED = 1, LP_DESK_SPOKE, LP_DESK_STALE, LP_DESK_RECLAIMED, LP_DESK_RELEASED };
+/* How a session on the desk ended (session mode, lp_desk_relay): the connection stays on the desk
+   and C resets it (LP_SESSION_RESET), it left the desk and is the caller's again, before the relay
+   (LP_SESSION_BACK), or it ended (LP_SESSION_ENDED: it left the desk, and its `end` follows). */
+enum lp_session { LP_SESSION_RESET = 1, LP_SESSION_BACK, LP_SESSION_ENDED };
 typedef struct {
   /* An idle connection left the desk: it ended (LP_DESK_ENDED), the server sent something
      (LP_DESK_SPOKE), it expired or has been idle past the check delay (LP_DESK_STALE), or the
-     desk was stopped (LP_DESK_RECLAIMED). It is the caller's again (its reader unset). */
+     desk was stopped (LP_DESK_RECLAIMED); or a session's connection, clean after its reset, is for
+     the caller (LP_DESK_RELEASED: its clients wait, the desk is stopped, or it expired). It is
+     the caller's again (its reader unset). */
   void (*out)(lp_desk *d, void *user, int id, enum lp_desk_out why);
   /* `waits` is full: read it now (set counts[1] to 0). */
   void (*full)(lp_desk *d, void *user);
   /* Last call: the desk is freed. */
   void (*end)(lp_desk *d, void *user);
+  /* Session mode (may be NULL without it). The session on connection `id` ended (enum
+     lp_session); `reusable` and `status` as lp_callbacks.detached says; `abandoned`: a query ran
+     when the client left (the caller cancels it). The byte counts are the session's. */
+  void (*session)(lp_desk *d, void *user, int id, enum lp_session how, enum lp_end end, double to_upstream, double to_client, int reusable, int status,
+                  int abandoned);
+  /* Session mode: the ErrorResponse for a client whose upstream went away (as lp_callbacks.farewell). */
+  size_t (*farewell)(lp_desk *d, void *user, int id, const char *reason, unsigned char *out, size_t cap);
+  /* Session mode: a connection's reset after its session did not answer plainly (a
+     CommandComplete and ReadyForQuery idle, nothing else), or failed (`answer` NULL: it ended or
+     took too long); it left the desk, the caller's again, with what the server answered. */
+  void (*reset)(lp_desk *d, void *user, int id, const unsigned char *answer, size_t n);
 } lp_desk_callbacks;
 
 /* `counts`: [transactions released on the desk, waits in `waits`] (added to); `waits`: seconds each client of the desk waited, `waits_cap` of them. */
@@ -157,7 +174,38 @@ int lp_desk_reclaim(lp_desk *d, int id);
 int lp_desk_reclaim_any(lp_desk *d, double *idle_ms);
 /* How long the connection `id` has been idle on the desk, -1 when it is not idle there. */
 double lp_desk_idle_ms(lp_desk *d, int id);
-void lp_desk_stats(lp_desk *d, int *idle, int *count, int *waiting, double *max_wait_ms);
+void lp_desk_stats(lp_desk *d, int *idle, int *count, int *waiting, double *max_wait_ms, int *resetting);
+
+/*
+ * Session mode on the desk (the session pool, src/pool/pool.ts): a clean, idle connection the
+ * caller parks (lp_desk_park) serves whole sessions from C. A client takes the most recently idle
+ * one of its settings (lp_desk_take) and C relays it (lp_desk_relay, a pooled relay). When the
+ * client leaves between two messages with the server idle, C sends the reset query
+ * (lp_desk_reset_query) and, once the server answers it with a CommandComplete and an idle
+ * ReadyForQuery and nothing else, the connection is idle on the desk again: no call to the caller
+ * but `session` for the session's end. Anything else goes the caller's way: `session` with
+ * LP_SESSION_BACK (a transaction left open, a query running, the caller's clients waiting), or
+ * `reset` with what the server answered.
+ */
+/* A clean connection (logged in, at ReadyForQuery idle) waits idle on the desk: 1 when it does. */
+int lp_desk_park(lp_desk *d, lp_conn *conn, const lp_desk_join *join);
+/* The message sent to reset a connection after its session (a Query; n == 0: none). Copied. */
+int lp_desk_reset_query(lp_desk *d, const unsigned char *message, size_t n);
+/* The most recently idle connection of settings `sid` that needs no check (not expired, idle for
+   less than the check delay), taken for a session: its id, or 0 (stale ones went out first:
+   LP_DESK_STALE). lp_desk_relay follows, or lp_desk_untake. */
+int lp_desk_take(lp_desk *d, int sid);
+/* The taken connection `id` back to idle (its session did not start). */
+void lp_desk_untake(lp_desk *d, int id);
+/* Relays the client on `client_fd` (taken over: closed at the end) on the taken connection `id`,
+   as lp_conn_relay does (`hello`: bytes for the client first; `first`: the client's bytes read
+   before). -1 with `error` set when it cannot (then the connection is still taken). */
+int lp_desk_relay(lp_desk *d, int id, int client_fd, const unsigned char *hello, size_t hello_len, const unsigned char *first, size_t first_len,
+                  double *counters, const char **error);
+/* During the session, the connection's own calls work as for any pooled relay: lp_conn_state,
+   lp_conn_detach (the client goes, C resets the connection), lp_conn_close. */
+/* Resets that have run `timeout_ms` or more end (`reset` with no answer). */
+void lp_desk_sweep(lp_desk *d, double timeout_ms);
 
 /*
  * Pure parts, for the fuzzer. lp_unit_length: the length of the unit at the head of `data`, 0

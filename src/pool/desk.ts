@@ -8,15 +8,19 @@
  * (then a released connection comes back to it). What the desk served is counted in arrays C adds
  * to and this module reads (`drain`): no call per transaction either way.
  */
-import { native, NativeUpstream, type Handle } from '../proxy/native-relay.js';
+import { native, NativeUpstream, type Detached, type Handle, type SessionRelay } from '../proxy/native-relay.js';
+import type { RelayEnd, RelayStats } from '../proxy/relay.js';
 import type { ServerConnection } from './server-connection.js';
 
 /** Waits recorded between two reads: C calls `onFull` when they fill up. */
 const WAITS = 4096;
 
-export type DeskOut = 'ended' | 'spoke' | 'stale' | 'reclaimed';
+export type DeskOut = 'ended' | 'spoke' | 'stale' | 'reclaimed' | 'released';
 /** native/txclient.h, enum lp_desk_out, from 1. */
-const OUT: readonly DeskOut[] = ['ended', 'spoke', 'stale', 'reclaimed'];
+const OUT: readonly DeskOut[] = ['ended', 'spoke', 'stale', 'reclaimed', 'released'];
+/** How a session on the desk ended (native/txclient.h, enum lp_session, from 1): see DeskSession.how. */
+const SESSION_ENDS = ['reset', 'back', 'ended'] as const;
+export type SessionEnd = (typeof SESSION_ENDS)[number];
 
 /** What the desk tells its pool. */
 export interface DeskOwner {
@@ -24,6 +28,16 @@ export interface DeskOwner {
   out(server: ServerConnection, why: DeskOut): void;
   /** Transactions the desk served since the last call, and the seconds each of its clients waited. */
   served(transactions: number, waits: Float64Array, count: number): void;
+}
+
+/** What a desk that serves sessions (session mode) tells its pool besides. */
+export interface SessionOwner {
+  /** A session ended with its connection reset in C (`how` 'reset', the connection stays), back to the pool, or ended with it. */
+  sessionEnded(server: ServerConnection, how: SessionEnd): void;
+  /** A connection's reset after its session did not answer plainly: the pool's again, with the answer (null: none came). */
+  resetAnswered(server: ServerConnection, answer: Buffer | null): void;
+  /** The ErrorResponse for a session's client whose upstream went away (`reason` null: it closed). */
+  farewell(reason: string | null): Buffer;
 }
 
 /**
@@ -82,6 +96,9 @@ export class Desk {
   #room: boolean | undefined;
   #jsWaiting: boolean | undefined;
   #closed = false;
+  /** Session mode: the sessions C relays on the desk's connections, by connection id. */
+  readonly #sessions = new Map<number, DeskSession>();
+  #sessionOwner: SessionOwner | undefined;
 
   private constructor(addon: NonNullable<typeof native.addon>, owner: DeskOwner, handle: (desk: Desk) => Handle | string) {
     this.#addon = addon;
@@ -153,6 +170,11 @@ export class Desk {
 
   /** A clean connection of the pool for the first client waiting on the desk with its settings: true when one took it. */
   offer(server: ServerConnection, sid: number): boolean {
+    return this.#join(server, sid, this.#addon.deskOffer);
+  }
+
+  /** The connection joins the desk by `how` (deskOffer, deskPark): false when it did not (then it is the pool's as before). */
+  #join(server: ServerConnection, sid: number, how: (desk: Handle, conn: Handle, id: number, sid: number, expiresInMs: number) => boolean): boolean {
     if (this.#closed || sid === 0 || !(server.upstream instanceof NativeUpstream)) return false;
     const lent = server.upstream.lend();
     if (!lent) return false;
@@ -161,7 +183,7 @@ export class Desk {
       return false;
     }
     const id = this.#take(server);
-    if (this.#addon.deskOffer(this.handle, lent.conn, id, sid, server.expiresAt - Date.now())) return true;
+    if (how(this.handle, lent.conn, id, sid, server.expiresAt - Date.now())) return true;
     this.#servers.delete(id);
     server.upstream.giveBack(lent.unread);
     return false;
@@ -191,10 +213,10 @@ export class Desk {
     return this.#closed ? -1 : this.#addon.deskIdleMs(this.handle, id);
   }
 
-  get stats(): { idle: number; count: number; waiting: number; maxWaitMs: number } {
-    if (this.#closed) return { idle: 0, count: 0, waiting: 0, maxWaitMs: 0 };
-    const [idle = 0, count = 0, waiting = 0, maxWaitMs = 0] = this.#addon.deskStats(this.handle);
-    return { idle, count, waiting, maxWaitMs };
+  get stats(): { idle: number; count: number; waiting: number; maxWaitMs: number; resetting: number } {
+    if (this.#closed) return { idle: 0, count: 0, waiting: 0, maxWaitMs: 0, resetting: 0 };
+    const [idle = 0, count = 0, waiting = 0, maxWaitMs = 0, resetting = 0] = this.#addon.deskStats(this.handle);
+    return { idle, count, waiting, maxWaitMs, resetting };
   }
 
   /** Stops (PAUSE) or goes on: stopped, its waiting clients ask the pool, its idle connections go out ('reclaimed'). */
@@ -209,6 +231,75 @@ export class Desk {
     this.drain();
     this.#closed = true;
     this.#addon.deskClose(this.handle);
+  }
+
+  /**
+   * Serves sessions from now on (session mode): parked connections (park()) go to clients whole
+   * (take()), and C resets each with `resetQuery` after its client. `counters`: the relays' bytes.
+   */
+  sessions(owner: SessionOwner, counters: Float64Array, resetQuery: Buffer): boolean {
+    if (this.#closed) return false;
+    const refused = this.#addon.deskSessions(
+      this.handle,
+      counters,
+      resetQuery,
+      (id, how, end, toUpstream, toClient, reusable, status, abandoned) => this.#sessionEnded(id, SESSION_ENDS[how - 1] ?? 'ended', end, toUpstream, toClient, { reusable, status }, abandoned),
+      (_id, reason) => owner.farewell(reason),
+      (id, answer) => {
+        const server = this.#reclaimed(id);
+        if (server) owner.resetAnswered(server, answer);
+      },
+    );
+    if (refused !== undefined) return false;
+    this.#sessionOwner = owner;
+    return true;
+  }
+
+  resetQuery(message: Buffer): void {
+    if (!this.#closed && this.#sessionOwner) this.#addon.deskResetQuery(this.handle, message);
+  }
+
+  /** Session mode: a clean connection of the pool waits idle on the desk, for sessions of settings `sid`; false when it could not. */
+  park(server: ServerConnection, sid: number): boolean {
+    return this.#sessionOwner !== undefined && this.#join(server, sid, this.#addon.deskPark);
+  }
+
+  /**
+   * Session mode: the most recently idle connection of settings `sid` that needs no check, for a
+   * client's session, or undefined. start() relays the session on it, or untake() puts it back.
+   */
+  take(sid: number): DeskSession | undefined {
+    if (this.#closed || !this.#sessionOwner) return undefined;
+    const id = this.#addon.deskTake(this.handle, sid);
+    const server = id > 0 ? this.#servers.get(id) : undefined;
+    if (!server) return undefined;
+    const conn = server.upstream instanceof NativeUpstream ? server.upstream.handle : undefined;
+    if (!conn) {
+      this.#addon.deskUntake(this.handle, id);
+      return undefined;
+    }
+    const session = new DeskSession(this.#addon, this.handle, conn, id, server);
+    this.#sessions.set(id, session);
+    return session;
+  }
+
+  untake(session: DeskSession): void {
+    this.#sessions.delete(session.id);
+    if (!this.#closed) this.#addon.deskUntake(this.handle, session.id);
+  }
+
+  /** Resets that have run `timeoutMs` end (the connection closes: resetAnswered with no answer). */
+  sweep(timeoutMs: number): void {
+    if (!this.#closed && this.#sessionOwner) this.#addon.deskSweep(this.handle, timeoutMs);
+  }
+
+  #sessionEnded(id: number, how: SessionEnd, end: RelayEnd, toUpstream: number, toClient: number, detached: Detached, abandoned: boolean): void {
+    const session = this.#sessions.get(id);
+    this.#sessions.delete(id);
+    // Back to the pool, or ended: off the desk (its reader back in JavaScript when it lives on).
+    const server = how === 'reset' ? this.#servers.get(id) : how === 'back' ? this.#reclaimed(id) : this.left(id);
+    if (server) this.#sessionOwner?.sessionEnded(server, how);
+    session?.ended(how, end, toUpstream, toClient, detached, abandoned);
   }
 
   /** What C counted since the last call, to the pool. */
@@ -232,5 +323,77 @@ export class Desk {
   #out(id: number, why: number): void {
     const server = this.#reclaimed(id);
     if (server) this.#owner.out(server, OUT[why - 1] ?? 'ended');
+  }
+}
+
+/**
+ * A session C relays on a connection of the desk (session mode): the server's session relay
+ * (SessionRelay), ended by the desk's session callback.
+ */
+export class DeskSession implements SessionRelay {
+  readonly stats: RelayStats = { bytesToUpstream: 0, bytesToClient: 0 };
+  readonly done: Promise<RelayEnd>;
+  /** How it ended: its connection reset in C and kept on the desk, back to the pool (`detached` says how it left), or ended. */
+  how: SessionEnd | undefined;
+  detached: Detached | undefined;
+  /** Set by the server: the client left while a query ran (cancel it upstream). */
+  onAbandoned: () => void = () => {};
+  readonly id: number;
+  readonly server: ServerConnection;
+  readonly #addon: NonNullable<typeof native.addon>;
+  readonly #desk: Handle;
+  /** The connection's handle: the session's state, detach and close go to it (they work after the desk's handle closed). */
+  readonly #conn: Handle;
+  #finished = false;
+  #idleTimer: NodeJS.Timeout | undefined;
+  #resolve!: (end: RelayEnd) => void;
+
+  constructor(addon: NonNullable<typeof native.addon>, desk: Handle, conn: Handle, id: number, server: ServerConnection) {
+    this.#addon = addon;
+    this.#desk = desk;
+    this.#conn = conn;
+    this.id = id;
+    this.server = server;
+    this.done = new Promise((resolve) => (this.#resolve = resolve));
+  }
+
+  /** Relays the client on `fd` (C takes a copy): `hello` for it first, `first` its bytes read before. A string says why not. */
+  start(fd: number, hello: Buffer, first: Buffer): string | undefined {
+    return this.#addon.deskRelay(this.#desk, this.id, fd, hello, first);
+  }
+
+  get queryRunning(): boolean {
+    return !this.#finished && this.#addon.state(this.#conn)[0] === 1;
+  }
+
+  /** Idle timeout: the client goes and the connection stays (C resets it); any other end closes both. */
+  close(end: RelayEnd = 'shutdown'): void {
+    if (this.#finished) return;
+    if (end === 'idle_timeout') this.#addon.detach(this.#conn, end);
+    else this.#addon.close(this.#conn, end);
+  }
+
+  /** Closes the session after `ms` with no byte either way and no query running. */
+  idleTimeout(ms: number): void {
+    const check = (): void => {
+      if (this.#finished) return;
+      const [running, idleFor] = this.#addon.state(this.#conn);
+      if (running === 0 && idleFor >= ms) this.close('idle_timeout');
+      else this.#idleTimer = setTimeout(check, running === 1 ? ms : Math.max(1, ms - idleFor));
+    };
+    this.#idleTimer = setTimeout(check, ms);
+  }
+
+  /** From the desk: C ended the session. */
+  ended(how: SessionEnd, end: RelayEnd, toUpstream: number, toClient: number, detached: Detached, abandoned: boolean): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.how = how;
+    this.detached = detached;
+    this.stats.bytesToUpstream = toUpstream;
+    this.stats.bytesToClient = toClient;
+    clearTimeout(this.#idleTimer);
+    if (abandoned) this.onAbandoned();
+    this.#resolve(end);
   }
 }

@@ -22,7 +22,7 @@ import { FrameReader } from '../wire/frame-reader.js';
 import { SocketFrames } from '../wire/socket-frames.js';
 import type { Duplex } from 'node:stream';
 import type { Detached } from '../proxy/native-relay.js';
-import { Desk, serverSettingsId, type DeskOut } from './desk.js';
+import { Desk, serverSettingsId, type DeskOut, type DeskSession, type SessionEnd } from './desk.js';
 import { ServerConnection, type ServerCloseReason, type ServerState } from './server-connection.js';
 
 export interface PoolSettings {
@@ -97,6 +97,8 @@ export interface Lease {
 export type Login = () => Promise<ServerConnection>;
 
 const JANITOR_MS = 1000;
+/** A reset (ROLLBACK, ServerResetQuery) that takes longer fails: the connection closes. */
+const RESET_TIMEOUT_MS = 30_000;
 
 export class Pool {
   readonly name: string;
@@ -129,6 +131,11 @@ export class Pool {
   readonly greetings = new Map<string, unknown>();
   /** Transaction mode with the native addon: the hand-off in C (desk.ts), made at the first use. */
   #desk: Desk | undefined;
+  /** Session mode with the native addon: the desk serves whole sessions (sessions()). */
+  #sessionDesk: Desk | undefined;
+  /** Session mode: the desk's settings id of each login key (by content: keys are interned strings). */
+  readonly #sids = new Map<string, number>();
+  #nextSid = 1;
 
   constructor(name: string, settings: PoolSettings, observer: PoolObserver) {
     this.name = name;
@@ -150,6 +157,78 @@ export class Pool {
     return this.#desk;
   }
 
+  /**
+   * Session mode in C (desk.ts, DeskSession): idle connections wait on the desk, where a client
+   * takes one for its session (takeSession()) and C relays it and resets it after. `farewell`:
+   * the ErrorResponse for a client whose upstream went away. False without the native addon.
+   */
+  sessions(counters: Float64Array, farewell: (reason: string | null) => Buffer): boolean {
+    if (this.#sessionDesk) return true;
+    const desk = this.desk;
+    if (!desk) return false;
+    const enabled = desk.sessions(
+      {
+        sessionEnded: (server, how) => this.#sessionEnded(server, how),
+        resetAnswered: (server, answer) => this.#resetAnswered(server, answer),
+        farewell,
+      },
+      counters,
+      this.#resetMessage(),
+    );
+    if (enabled) this.#sessionDesk = desk;
+    return enabled;
+  }
+
+  /**
+   * Session mode: an idle connection of `loginKey` on the desk that needs no check, taken for a
+   * client's session (DeskSession.start() relays it in C), or undefined (then acquire()).
+   */
+  takeSession(loginKey: string): DeskSession | undefined {
+    if (!this.#sessionDesk || this.#closed || this.#paused) return undefined;
+    const session = this.#sessionDesk.take(this.#sid(loginKey));
+    if (!session) return undefined;
+    session.server.state = 'active';
+    this.#observer.reuse();
+    this.#observer.waited(0);
+    return session;
+  }
+
+  /** Session mode: a connection takeSession() gave whose session did not start: idle on the desk again. */
+  untakeSession(session: DeskSession): void {
+    this.#sessionDesk?.untake(session);
+  }
+
+  #sid(loginKey: string): number {
+    let sid = this.#sids.get(loginKey);
+    if (sid === undefined) {
+      if (this.#nextSid >= 0x3fffffff) this.#nextSid = 1;
+      sid = this.#nextSid++;
+      this.#sids.set(loginKey, sid);
+    }
+    return sid;
+  }
+
+  #resetMessage(): Buffer {
+    return this.#settings.resetQuery.trim() === '' ? Buffer.alloc(0) : serialize.query(this.#settings.resetQuery);
+  }
+
+  /** A session C relayed ended: its connection reset in C (counted), back here (the server releases it), or ended (forgotten as it closes). */
+  #sessionEnded(_server: ServerConnection, how: SessionEnd): void {
+    if (how === 'reset') this.#observer.reset();
+  }
+
+  /** The reset C ran after a session answered more than it expected (ParameterStatus, a notice) or failed. */
+  #resetAnswered(server: ServerConnection, answer: Buffer | null): void {
+    this.#observer.reset();
+    const result = answer ? readAnswer(answer) : { ok: false, parameters: [] };
+    for (const [name, value] of result.parameters) server.setParameter(name, value);
+    if (!result.ok || server.closed || this.#closed || this.#paused) {
+      this.#close(server, this.#closed || this.#paused ? 'shutdown' : 'reset_failed');
+      return;
+    }
+    this.#idleOrHandOff(server);
+  }
+
   /** Connections by state, and clients waiting: for /metrics (what the desk served is counted first). */
   get stats(): { idle: number; active: number; loggingIn: number; checking: number; resetting: number; waiting: number } {
     const desk = this.#desk?.stats;
@@ -162,9 +241,17 @@ export class Pool {
       else if (server.state === 'checking') checking++;
       else if (server.state === 'resetting') resetting++;
     }
-    // The desk's idle connections are 'active' to the pool (lent to the desk).
+    // The desk's idle connections, and those it resets, are 'active' to the pool (lent to the desk).
     const deskIdle = desk?.idle ?? 0;
-    return { idle: this.#idle.length + deskIdle, active: active - deskIdle, loggingIn: this.#loggingIn, checking, resetting, waiting: this.#waiters.length + (desk?.waiting ?? 0) };
+    const deskResetting = desk?.resetting ?? 0;
+    return {
+      idle: this.#idle.length + deskIdle,
+      active: active - deskIdle - deskResetting,
+      loggingIn: this.#loggingIn,
+      checking,
+      resetting: resetting + deskResetting,
+      waiting: this.#waiters.length + (desk?.waiting ?? 0),
+    };
   }
 
   /** Server connections open or logging in. */
@@ -349,6 +436,7 @@ export class Pool {
   update(settings: PoolSettings): void {
     this.#settings = settings;
     this.#desk?.config(settings.queryWaitTimeoutMs, settings.checkDelayMs);
+    this.#sessionDesk?.resetQuery(this.#resetMessage());
     while (this.size > settings.size && this.#idle.length > 0) this.#close(this.#idle.shift() as ServerConnection, 'evicted');
     // Above the new size, the desk's idle connections go too.
     for (const id of [...(this.#desk?.servers.keys() ?? [])]) {
@@ -489,6 +577,8 @@ export class Pool {
     // Then to a client waiting on the desk for a connection in these settings.
     server.state = 'active';
     if (this.#desk?.offer(server, serverSettingsId(server))) return;
+    // Session mode: idle on the desk, where the next client of its parameters takes it in C.
+    if (this.#sessionDesk?.park(server, this.#sid(server.loginKey))) return;
     this.#toIdle(server, 'newest');
     this.#wakeOne();
   }
@@ -513,6 +603,11 @@ export class Pool {
 
   /** An idle connection came off the desk by itself (desk.ts, DeskOut). */
   #fromDesk(server: ServerConnection, why: DeskOut): void {
+    if (why === 'released' && !this.#closed && !this.#paused && !server.closed) {
+      // Clean after its session, for this pool's waiting clients (or expired: closed there).
+      this.#idleOrHandOff(server);
+      return;
+    }
     if (why === 'ended' || why === 'spoke' || this.#closed || this.#paused || server.closed) {
       // It ended, or the server said something while nothing ran (a shutdown's notice, a terminated backend's error).
       this.#close(server, this.#closed || this.#paused ? 'shutdown' : 'server_closed');
@@ -538,7 +633,7 @@ export class Pool {
     server.stopWatchingIdle();
     const queries = status === 'I' ? [] : ['ROLLBACK'];
     if (resetQuery && this.#settings.resetQuery.trim() !== '') queries.push(this.#settings.resetQuery);
-    const result = queries.length === 0 ? { ok: true, parameters: [] } : await converse(server.upstream, queries, 30_000).catch(() => ({ ok: false, parameters: [] }));
+    const result = queries.length === 0 ? { ok: true, parameters: [] } : await converse(server.upstream, queries, RESET_TIMEOUT_MS).catch(() => ({ ok: false, parameters: [] }));
     for (const [name, value] of result.parameters) server.setParameter(name, value);
     if (resetQuery) server.forgetSessionState(this.#settings.resetQuery);
     this.#observer.reset();
@@ -582,6 +677,7 @@ export class Pool {
     const desk = this.#desk;
     if (!desk) return;
     desk.drain();
+    desk.sweep(RESET_TIMEOUT_MS);
     for (const [id, server] of [...desk.servers]) {
       const idleMs = desk.idleMs(id);
       if (idleMs < 0) continue; // lent to a client
@@ -676,6 +772,30 @@ export class Pool {
     this.#sync();
     for (const waiter of waiters) waiter.wake();
   }
+}
+
+/**
+ * What a server answered a reset that C sent (desk.ts): ok when it ends with one ReadyForQuery,
+ * idle, with no error before and nothing after; the ParameterStatus values it sent.
+ */
+function readAnswer(answer: Buffer): { ok: boolean; parameters: Array<[string, string]> } {
+  const parameters: Array<[string, string]> = [];
+  let ok = true;
+  let at = 0;
+  while (at + 5 <= answer.length) {
+    const type = answer[at] as number;
+    const end = at + 1 + answer.readUInt32BE(at + 1);
+    if (end > answer.length || end < at + 5) return { ok: false, parameters };
+    if (type === BackendCode.ErrorResponse) ok = false;
+    else if (type === BackendCode.ParameterStatus) {
+      const [name = '', value = ''] = answer.toString('utf8', at + 5, end).split('\0');
+      parameters.push([name, value]);
+    } else if (type === BackendCode.ReadyForQuery) {
+      return { ok: ok && end === answer.length && answer[at + 5] === 0x49, parameters };
+    }
+    at = end;
+  }
+  return { ok: false, parameters };
 }
 
 /**

@@ -1,7 +1,8 @@
 /**
  * The client side of the startup, as one state machine: SSLRequest / GSSENCRequest negotiation,
  * CancelRequest, StartupMessage, protocol-version negotiation and the local authentication.
- * It ends with the client authenticated (AuthenticationOk sent) or with an ErrorResponse sent.
+ * It ends with the client authenticated (AuthenticationOk is the caller's to send: authenticated())
+ * or with an ErrorResponse sent.
  * @see https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP
  */
 import { TLSSocket, type SecureContext } from 'node:tls';
@@ -105,11 +106,6 @@ export async function clientHandshake(
           frames.reader.typed = true;
           frames.reader.maxLength = MAX_AUTH_MESSAGE;
           await authenticate(socket, frames, parameters.get('user') as string, options);
-          // AuthenticationOk goes out with what the session writes next in this turn of the event
-          // loop (a pooled session's greeting, when its uncork() comes first), else at the next.
-          socket.cork();
-          socket.write(AUTHENTICATION_OK);
-          setImmediate(() => socket.uncork());
           return { kind: 'session', socket, parameters, frames };
         }
         default:
@@ -123,6 +119,17 @@ export async function clientHandshake(
     if (error instanceof FramingError) throw new HandshakeError('08P01', error.message, socket);
     throw error;
   }
+}
+
+/**
+ * AuthenticationOk, which the handshake leaves to its caller: it goes out with what the session
+ * writes next in this turn of the event loop (a pooled session's greeting, when its uncork()
+ * comes first), else at the next. A session C greets sends it itself, in the greeting's write.
+ */
+export function authenticated(socket: Duplex): void {
+  socket.cork();
+  socket.write(AUTHENTICATION_OK);
+  setImmediate(() => socket.uncork());
 }
 
 /** Startup-phase framing; the limit counts the payload after the length word, as Postgres' does. */

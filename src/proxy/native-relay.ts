@@ -85,7 +85,23 @@ interface Addon {
   deskReclaim(desk: Handle, id: number): boolean;
   deskIdleMs(desk: Handle, id: number): number;
   deskReclaimAny(desk: Handle): [number, number];
-  deskStats(desk: Handle): [number, number, number, number];
+  deskStats(desk: Handle): [number, number, number, number, number];
+  /** Session mode on a desk (native/txclient.h): once, before the calls below. */
+  deskSessions(
+    desk: Handle,
+    counters: Float64Array,
+    resetQuery: Buffer,
+    onSession: (id: number, how: number, end: RelayEnd, toUpstream: number, toClient: number, reusable: boolean, status: string, abandoned: boolean) => void,
+    onFarewell: (id: number, reason: string | null) => Buffer,
+    onReset: (id: number, answer: Buffer | null) => void,
+  ): string | undefined;
+  deskResetQuery(desk: Handle, message: Buffer): string | undefined;
+  deskPark(desk: Handle, conn: Handle, id: number, sid: number, expiresInMs: number): boolean;
+  /** The id of a connection taken for a session, 0: none. */
+  deskTake(desk: Handle, sid: number): number;
+  deskUntake(desk: Handle, id: number): void;
+  deskRelay(desk: Handle, id: number, clientFd: number, hello: Buffer, first: Buffer): string | undefined;
+  deskSweep(desk: Handle, resetTimeoutMs: number): void;
 }
 
 /** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back, from 1). */
@@ -102,7 +118,7 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
   try {
     // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
     const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskOffer !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
+    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskRelay !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };
@@ -238,6 +254,11 @@ export class NativeUpstream extends Duplex {
     upstream.#conn = conn;
     raw.destroy(); // Node's descriptor only: C's copy keeps the connection open, no FIN is sent
     return upstream;
+  }
+
+  /** C's connection, while it lives (a session on a desk: its state, detach and close). */
+  get handle(): Handle | undefined {
+    return this.#conn;
   }
 
   /** The server certificate (DER), also on a resumed session. */
@@ -450,11 +471,7 @@ export class NativeRelay implements SessionRelay {
         clientFirst,
         args.counters,
         args.onAbandoned,
-        (reason) =>
-          errorResponse({
-            code: '08006',
-            message: reason === null ? `upstream ${args.upstreamName} closed the connection unexpectedly` : `lost the connection to upstream ${args.upstreamName}: ${reason}`,
-          }),
+        (reason) => upstreamLost(args.upstreamName, reason),
         pooled
           ? (end, toUpstream, toClient, reusable, status) => {
               relay.detached = { reusable, status };
@@ -499,7 +516,15 @@ function drained(stream: Socket): Promise<void> {
 
 const EMPTY = Buffer.alloc(0);
 
-function readAll(stream: Duplex): Buffer {
+/** The ErrorResponse a relayed client gets when its upstream goes away between two messages (`reason` null: it closed). */
+export function upstreamLost(upstreamName: string, reason: string | null): Buffer {
+  return errorResponse({
+    code: '08006',
+    message: reason === null ? `upstream ${upstreamName} closed the connection unexpectedly` : `lost the connection to upstream ${upstreamName}: ${reason}`,
+  });
+}
+
+export function readAll(stream: Duplex): Buffer {
   const chunks: Buffer[] = [];
   for (let chunk = stream.read() as Buffer | null; chunk !== null; chunk = stream.read() as Buffer | null) chunks.push(chunk);
   return chunks.length === 0 ? Buffer.alloc(0) : Buffer.concat(chunks);

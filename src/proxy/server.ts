@@ -7,13 +7,14 @@ import { chmod, mkdtemp, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from '../ops/log.js';
-import { backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse, READY_FOR_QUERY_IDLE } from '../wire/backend-messages.js';
+import { AUTHENTICATION_OK, backendKeyData, errorResponse, fieldsMessage, BackendCode, noticeResponse, READY_FOR_QUERY_IDLE } from '../wire/backend-messages.js';
 import type { SocketFrames } from '../wire/socket-frames.js';
 import { TokenError, type TokenSource } from '../token/token-source.js';
-import { clientHandshake, HandshakeError, type ClientHandshakeOptions, type HandshakeResult } from './client-handshake.js';
+import { authenticated, clientHandshake, HandshakeError, type ClientHandshakeOptions, type HandshakeResult } from './client-handshake.js';
 import { CancelKeys } from './cancel.js';
 import { Relay, type RelayEnd } from './relay.js';
-import { native, NativeRelay, type NativeUpstream, type SessionRelay } from './native-relay.js';
+import { fdOf, native, NativeRelay, readAll, upstreamLost, type NativeUpstream, type SessionRelay } from './native-relay.js';
+import type { DeskSession } from '../pool/desk.js';
 import { NativeClient, type ClientStream } from './native-client.js';
 import { connectUpstream, sendCancel, UpstreamError, type UpstreamSession, type UpstreamTarget } from './upstream.js';
 import { nullObserver, type FailureReason, type ProxyObserver } from './observer.js';
@@ -135,6 +136,8 @@ export class ProxyServer {
   #accepting = false;
   /** Whether upstream connections are OpenSSL's in C, for the native relay. */
   readonly #nativeUpstream: boolean;
+  /** Session mode on the native relay: C serves sessions from idle connections on each pool's desk (#runOnDesk). */
+  readonly #sessionsOnDesk: boolean;
   /** Retries of the upstream connect while the compute starts. */
   readonly #wakeUp: WakeUp;
   /** Set by PAUSE: new sessions wait at the gate until resume() settles it. */
@@ -151,6 +154,7 @@ export class ProxyServer {
     this.#wakeUp = new WakeUp({ target: options.upstream, locator: deps.locator, logger: this.#log, waited: (outcome) => this.#observer.computeWaited(outcome) });
     this.#nativeBytes = this.#observer.byteCounters();
     this.#nativeUpstream = options.relay === 'native' && native.addon !== undefined;
+    this.#sessionsOnDesk = this.#nativeUpstream && options.pool.mode === 'session';
     this.#observer.watchPools(() => {
       const total = { idle: 0, active: 0, loggingIn: 0, checking: 0, resetting: 0, waiting: 0 };
       for (const pool of this.#pools.values()) {
@@ -354,6 +358,8 @@ export class ProxyServer {
     let pool = this.#pools.get(database);
     if (!pool) {
       pool = new Pool(`${this.options.name}/${database}`, this.options.pool, this.#observer.pool);
+      // Session mode on the native relay: idle connections wait in C, which relays and resets whole sessions on them.
+      if (this.#sessionsOnDesk) pool.sessions(this.#nativeBytes, (reason) => upstreamLost(`${this.options.upstream.host}:${this.options.upstream.port}`, reason));
       if (this.#paused) pool.pause();
       this.#pools.set(database, pool);
     }
@@ -425,7 +431,18 @@ export class ProxyServer {
       return;
     }
     if (!adopted) describeClient(session.state, handshake);
-    if (this.#deps.console?.claims(handshake.parameters)) {
+    const claimed = this.#deps.console?.claims(handshake.parameters) === true;
+    // AuthenticationOk now (a shared port's front sent it already), unless C may greet this client
+    // from an idle connection of its pool's desk: then in one write with the greeting (#runOnDesk).
+    let authOkDue = !adopted;
+    const sendAuthOk = (): void => {
+      if (!authOkDue) return;
+      authOkDue = false;
+      authenticated(handshake.socket);
+    };
+    const onDesk = !claimed && !this.#deps.router && !this.#paused && this.#sessionsOnDesk && handshake.socket === raw && raw.writableLength === 0;
+    if (!onDesk) sendAuthOk();
+    if (claimed && this.#deps.console) {
       this.#sessions.delete(session); // the console's from here on, not waited for by drained()
       this.#observer.clientClosed();
       const viaUnixSocket = raw.remoteAddress === undefined;
@@ -446,6 +463,7 @@ export class ProxyServer {
     }
     // Counted from here, after the startup: a client that never finishes it holds no session slot.
     if (this.atCapacity) {
+      sendAuthOk();
       this.#observer.clientRejected();
       this.#observer.failure('too_many_connections');
       this.#log.info({ peer, maxConnections: this.options.maxConnections }, 'client turned away at --max-connections');
@@ -465,6 +483,7 @@ export class ProxyServer {
     Object.assign(session.state, { ...(adopted ? {} : { database }), state: 'waiting', since: Date.now() });
     const held = await this.#gate(session, abort.signal);
     if (held) {
+      sendAuthOk();
       raw.off('close', onClientGone);
       frames.detach();
       if (!abort.signal.aborted) {
@@ -489,6 +508,15 @@ export class ProxyServer {
     const login = (): Promise<UpstreamSession & { tokenExpiresAt: Date | undefined }> =>
       this.#login(forwarded, inC, abort.signal, (message) => void client.write(noticeResponse(message)));
 
+    if (onDesk && !raw.destroyed) {
+      const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwarded));
+      if (taken) {
+        raw.off('close', onClientGone);
+        this.#runOnDesk(session, taken, { raw, frames, database, peer, user: clientUser, started });
+        return;
+      }
+    }
+    sendAuthOk();
     let upstream: UpstreamSession;
     let server: ServerConnection | undefined;
     let reused = false;
@@ -627,6 +655,57 @@ export class ProxyServer {
       this.#dropIfEmpty(database);
     };
     this.#whenEnded(session, relay, giveBack, { peer, user: clientUser, database, started, relay: relayKind, pooled: server !== undefined, reused });
+  }
+
+  /**
+   * Session mode's quick path: the client's session on an idle connection of its pool's desk,
+   * greeted (AuthenticationOk included), relayed and (after it) reset by C, with no await between
+   * the startup and the relay.
+   */
+  #runOnDesk(session: Session, relay: DeskSession, c: { raw: Socket; frames: SocketFrames; database: string; peer: string; user: string; started: number }): void {
+    const { raw, frames, database, peer } = c;
+    const pool = this.#pools.get(database) as Pool;
+    const server = relay.server;
+    const fd = fdOf(raw);
+    const target = this.options.upstream;
+    const cancelUpstream = async (): Promise<void> => void (await sendCancel(target, server.processId, server.secretKey));
+    const clientKey = this.#cancelKeys.register({ processId: server.processId, secretKey: server.secretKey, cancel: cancelUpstream });
+    const greeting = server.greeting();
+    const hello = Buffer.concat([AUTHENTICATION_OK, ...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]);
+    raw.pause();
+    const detached = frames.detach();
+    const fromNode = readAll(raw);
+    const first = fromNode.length > 0 ? Buffer.concat([detached, fromNode]) : detached;
+    relay.onAbandoned = () => {
+      this.#log.info({ peer }, 'session ended during a query; cancelling it upstream');
+      const sent = cancelUpstream().catch(() => {});
+      this.#cancelsInFlight.add(sent);
+      void sent.then(() => this.#cancelsInFlight.delete(sent));
+    };
+    session.relay = relay;
+    const refused = fd !== undefined && !raw.destroyed ? relay.start(fd, hello, first) : 'the client socket cannot be taken over';
+    if (refused !== undefined) {
+      session.relay = undefined;
+      clientKey.release();
+      pool.untakeSession(relay);
+      this.#log.warn({ peer, reason: refused }, 'a pooled session could not start');
+      authenticated(raw);
+      refuse(raw, { sqlstate: '08006', message: `the session could not start: ${refused}; connect again` });
+      return;
+    }
+    raw.destroy(); // Node's descriptor only: C has its own copy
+    if (this.options.idleTimeoutMs > 0) relay.idleTimeout(this.options.idleTimeoutMs);
+    session.state.upstream = { processId: server.processId, tls: `${server.tls.version}/${server.tls.cipher}`, connectedAt: server.connectedAt, server };
+    Object.assign(session.state, { state: 'active', since: Date.now(), relay: 'native' });
+    this.#observer.sessionStarted('native');
+    this.#log.debug({ peer, user: c.user, database, relay: 'native', onDesk: true }, 'session started');
+    const giveBack = (): void => {
+      clientKey.release();
+      // Back to the pool (to roll back, to close): as a pooled relay's detach. Kept on the desk (reset in C) or ended: nothing to do.
+      if (relay.how === 'back') pool.release(server, relay.detached, false);
+      this.#dropIfEmpty(database);
+    };
+    this.#whenEnded(session, relay, giveBack, { peer, user: c.user, database, started: c.started, relay: 'native', pooled: true, reused: true });
   }
 
   /**
