@@ -10,7 +10,9 @@
  *
  * - connect latency: N sequential connect + SELECT 1 + close per path, interleaved, warm pools
  *   (and --warmup connects through each pooled path first); median and p99 (node-postgres);
- * - connects per second: pgbench -C with SELECT 1 (a new connection per transaction), 4 clients;
+ * - connects per second: pgbench -C with SELECT 1 (a new connection per transaction), 4 clients,
+ *   and the pooled proxy's and PgBouncer's CPU time (user + system, from /proc) per connect meanwhile:
+ *   on two cores pgbench, Postgres and the pooler share the CPUs, so the rate follows the sum;
  * - upstream connections while 1,000 short-lived clients (50 at a time) go through the pooled
  *   proxy: the most seen in pg_stat_activity.
  */
@@ -142,6 +144,8 @@ interface Row {
   readonly medianMs: number;
   readonly p99Ms: number;
   readonly connectsPerSecond: number | undefined;
+  /** The proxy's or PgBouncer's CPU time (user + system) per connect during pgbench -C, in µs. */
+  readonly cpuPerConnectUs: number | undefined;
 }
 
 async function main(): Promise<void> {
@@ -179,6 +183,8 @@ async function main(): Promise<void> {
       }
       const plain = (p: number): pg.ClientConfig => ({ host: '127.0.0.1', port: p, user: 'bench', database: db.database });
       const libpqPlain = (p: number): Record<string, string> => ({ PGHOST: '127.0.0.1', PGPORT: String(p), PGUSER: 'bench', PGDATABASE: db.database, PGSSLMODE: 'disable' });
+      // CPU time of the process behind a path, for CPU per connect during pgbench -C.
+      const cpuOf = new Map<string, () => number>([['proxy pooled', pooled.cpuSeconds], ...bouncers.map(([name, bouncer]): [string, () => number] => [name, bouncer.cpuSeconds])]);
       const paths: Array<[string, pg.ClientConfig, Record<string, string>]> = [
         ['proxy pooled', plain(pooled.port), libpqPlain(pooled.port)],
         ['proxy PoolMode=none', plain(unpooled.port), libpqPlain(unpooled.port)],
@@ -209,10 +215,13 @@ async function main(): Promise<void> {
       }
       for (let p = 0; p < paths.length; p++) {
         const [name, , libpq] = paths[p] as [string, pg.ClientConfig, Record<string, string>];
+        const cpu = cpuOf.get(name);
+        const cpuBefore = cpu?.() ?? 0;
         const connectsPerSecond = pgbench ? await pgbenchConnects(pgbench, libpq, options.seconds) : undefined;
+        const cpuPerConnectUs = cpu && connectsPerSecond ? ((cpu() - cpuBefore) * 1e6) / (connectsPerSecond * options.seconds) : undefined;
         const ms = totals[p] as number[];
         const connectMs = connects[p] as number[];
-        rows.push({ upstream: label, path: name, connectMedianMs: median(connectMs), connectP99Ms: percentile(connectMs, 99), medianMs: median(ms), p99Ms: percentile(ms, 99), connectsPerSecond });
+        rows.push({ upstream: label, path: name, connectMedianMs: median(connectMs), connectP99Ms: percentile(connectMs, 99), medianMs: median(ms), p99Ms: percentile(ms, 99), connectsPerSecond, cpuPerConnectUs });
       }
       if (!delayed) {
         // Short-lived clients through the pool: the upstream connections never exceed PoolSize.
@@ -244,13 +253,14 @@ async function main(): Promise<void> {
   } finally {
     for (const stop of toStop.reverse()) await stop().catch(() => {});
   }
-  const table = rows.map((r) => `${r.upstream.padEnd(20)} ${r.path.padEnd(20)} connect ${r.connectMedianMs.toFixed(2).padStart(7)} ms (p99 ${r.connectP99Ms.toFixed(2).padStart(7)})  +SELECT 1 ${r.medianMs.toFixed(2).padStart(7)} ms (p99 ${r.p99Ms.toFixed(2).padStart(7)})  ${r.connectsPerSecond === undefined ? '' : `pgbench -C ${r.connectsPerSecond.toFixed(0)} connects/s`}`);
+  const table = rows.map((r) => `${r.upstream.padEnd(20)} ${r.path.padEnd(20)} connect ${r.connectMedianMs.toFixed(2).padStart(7)} ms (p99 ${r.connectP99Ms.toFixed(2).padStart(7)})  +SELECT 1 ${r.medianMs.toFixed(2).padStart(7)} ms (p99 ${r.p99Ms.toFixed(2).padStart(7)})  ${r.connectsPerSecond === undefined ? '' : `pgbench -C ${r.connectsPerSecond.toFixed(0)} connects/s`}${r.cpuPerConnectUs === undefined ? '' : `, ${r.cpuPerConnectUs.toFixed(0)} µs CPU each`}`);
   // The issue's targets compare the pooled proxy with PgBouncer: a ratio per upstream and PgBouncer row.
   const ratios: string[] = [];
   for (const pooled of rows.filter((r) => r.path === 'proxy pooled')) {
     for (const bouncer of rows.filter((r) => r.upstream === pooled.upstream && r.path.startsWith('pgbouncer'))) {
       const perSecond = pooled.connectsPerSecond !== undefined && bouncer.connectsPerSecond ? `, connects/s ${(pooled.connectsPerSecond / bouncer.connectsPerSecond).toFixed(2)}x` : '';
-      ratios.push(`${pooled.upstream.padEnd(20)} pooled against ${bouncer.path}: connect median ${(pooled.connectMedianMs / bouncer.connectMedianMs).toFixed(2)}x${perSecond}`);
+      const cpu = pooled.cpuPerConnectUs !== undefined && bouncer.cpuPerConnectUs ? `, CPU per connect ${(pooled.cpuPerConnectUs / bouncer.cpuPerConnectUs).toFixed(2)}x` : '';
+      ratios.push(`${pooled.upstream.padEnd(20)} pooled against ${bouncer.path}: connect median ${(pooled.connectMedianMs / bouncer.connectMedianMs).toFixed(2)}x${perSecond}${cpu}`);
     }
   }
   process.stdout.write(`${table.join('\n')}\n${ratios.join('\n')}${ratios.length > 0 ? '\n' : ''}upstream connections during ${options.clients} short-lived clients (50 at a time, PoolSize 20): at most ${mostUpstream}\n`);

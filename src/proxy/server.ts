@@ -476,14 +476,25 @@ export class ProxyServer {
     const { socket: client, parameters, frames } = handshake;
     const clientUser = parameters.get('user') as string;
     const database = this.#database(parameters);
+    // A shared port's client keeps the name it asked for (the target's); others show the database used.
+    Object.assign(session.state, { ...(adopted ? {} : { database }), state: 'waiting', since: Date.now() });
+    const forwarded = new Map(parameters);
+    forwarded.delete('user');
+    forwarded.set('database', database);
+    // Not paused (no gate to wait at): an idle connection of the pool's desk, when there is one, serves the session in C.
+    if (onDesk && !raw.destroyed) {
+      const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwarded));
+      if (taken) {
+        this.#runOnDesk(session, taken, { raw, frames, database, peer, user: clientUser, started });
+        return;
+      }
+    }
+    sendAuthOk();
     const abort = new AbortController();
     const onClientGone = (): void => abort.abort();
     raw.once('close', onClientGone);
-    // A shared port's client keeps the name it asked for (the target's); others show the database used.
-    Object.assign(session.state, { ...(adopted ? {} : { database }), state: 'waiting', since: Date.now() });
     const held = await this.#gate(session, abort.signal);
     if (held) {
-      sendAuthOk();
       raw.off('close', onClientGone);
       frames.detach();
       if (!abort.signal.aborted) {
@@ -498,9 +509,6 @@ export class ProxyServer {
       await this.#runTransactions(session, { client, raw, frames, parameters, database, abort, peer, user: clientUser, started });
       return;
     }
-    const forwarded = new Map(parameters);
-    forwarded.delete('user');
-    forwarded.set('database', database);
     // The native relay takes a plain client; a client on TLS stays with Node's streams. Only
     // native connections outlive their client, so only they are pooled.
     const inC = this.#nativeUpstream && client === raw;
@@ -508,15 +516,6 @@ export class ProxyServer {
     const login = (): Promise<UpstreamSession & { tokenExpiresAt: Date | undefined }> =>
       this.#login(forwarded, inC, abort.signal, (message) => void client.write(noticeResponse(message)));
 
-    if (onDesk && !raw.destroyed) {
-      const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwarded));
-      if (taken) {
-        raw.off('close', onClientGone);
-        this.#runOnDesk(session, taken, { raw, frames, database, peer, user: clientUser, started });
-        return;
-      }
-    }
-    sendAuthOk();
     let upstream: UpstreamSession;
     let server: ServerConnection | undefined;
     let reused = false;
