@@ -7,8 +7,8 @@
 #
 # native/fuzz/harness.c drives relay.c through relay.h against a real OpenSSL server;
 # native/fuzz/txclient-harness.c drives txclient.c (its pure parts, clients lent connections of
-# relay.c logged in to that server, and the desk that hands them on; linked with
-# --wrap=lp_conn_sink to see the desk's hand-offs). Their headers say what they check; support.c holds what
+# relay.c logged in to that server, and the desk that hands them on or relays and resets whole
+# sessions on them; linked with --wrap=lp_conn_sink to see the desk's hand-offs). Their headers say what they check; support.c holds what
 # they share. Each run starts from its committed corpus (native/fuzz/corpus/ and
 # native/fuzz/txclient-corpus/: every input there must pass) and fuzzes for FUZZ_SECONDS more
 # (TXCLIENT_FUZZ_SECONDS for the second, FUZZ_SECONDS unless set); inputs found go to

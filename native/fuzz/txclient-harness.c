@@ -40,6 +40,27 @@
  * the pool tells the desk the truth (room, js_waiting), wakes it when it has room and reclaims
  * from it for a client that asks; at the end the desk closes before the clients or after them.
  *
+ * Session mode on the desk (desk steps 13 to 15): the pool sets the reset query (DISCARD ALL at
+ * the open, a longer Query, a Sync, or none), parks a clean connection it holds (lp_desk_park, in
+ * settings 1 to 3 or 0, its ticket's expiry as the tickets'), and a client's session takes one
+ * (lp_desk_take) and at once, as server.ts does, is relayed on it (lp_desk_relay: up to four
+ * session clients, each on its own socketpair or TCP socket, greeted with nothing, a login's
+ * answer, the input's bytes or more than the socket takes, with bytes it sent before), or the
+ * relay fails (a bad descriptor) and the connection is untaken, or it is untaken at once (a relay
+ * and an untake of another ticket first change nothing). The session's client sends anything, a
+ * Query, a Terminate (and more after it), reads, half-closes, closes or resets, stops reading;
+ * the caller ends the session (lp_conn_detach, an idle timeout) or closes its connection
+ * (lp_conn_close); the server answers the reset as the input says (CommandComplete and
+ * ReadyForQuery idle, a ParameterStatus, an error or a notice, another status, a ReadyForQuery
+ * alone, bytes after it, a length below 4, 70 KiB, raw bytes), in up to three writes read apart,
+ * then maybe closes; the pool sweeps resets (0, 1, 5 ms, or none), and lp_desk_stop and
+ * lp_desk_close come between any of these. The pool takes back what the desk gives it as pool.ts
+ * does: rolls back a session left in a transaction, closes one left mid-query or mid-message or
+ * whose reset did not answer plainly, parks a clean one again (REACT); inside a session's end it
+ * may sweep, stop or close the desk. While the peers cooperate the server answers the reset
+ * query too; at the end the sessions' clients leave (a Terminate and a FIN with CFG_END, else a
+ * close), and a reset that never completes ends with its server.
+ *
  * Checked for every input:
  *  - every byte a server receives is a prefix of, in order, its login, the pool's writes and the
  *    units of the clients it was lent to, each taken from that client's stream (the engine's
@@ -69,6 +90,23 @@
  *    the close; lp_desk_stats, lp_desk_idle_ms, lp_client_state's desk id, counts[0] and the waits
  *    agree with the model; a client waiting on the desk is served or gets `need` (with how long it
  *    waited) once the peers cooperate; a stop leaves none waiting and none idle;
+ *  - session mode: every connection is in exactly one place (the pool's, lent, idle on a desk, in a
+ *    session, or resetting) and lp_desk_stats's idle and resetting counts agree; lp_desk_park
+ *    takes what it may (the desk going on, settings not 0, lendable); lp_desk_take gives the most
+ *    recently idle connection of its settings within the check delay, the stale ones before it
+ *    out, none only when none is idle there; every session gets exactly one `session`, with the
+ *    session's byte counts, no Terminate upstream, `reusable` only when the client's bytes and
+ *    the server's end between two messages with a ReadyForQuery last, `status` that one's, never
+ *    with `abandoned`; C keeps the connection (LP_SESSION_RESET) exactly when reusable, idle, the
+ *    desk going on, js_waiting unset and the ticket not expired (else LP_SESSION_BACK, or
+ *    LP_SESSION_ENDED once it ended), and then the reset query is the next the server reads;
+ *    the reset's answer is decided in the very call whose bytes decide it: idle on the desk again
+ *    (or the desk's next client) only after CommandComplete messages and a ReadyForQuery idle,
+ *    nothing else and nothing after, with the desk still keeping it; the same answer otherwise
+ *    comes out (released); any other to `reset` with every byte the server sent since, and
+ *    `reset` with none only after the connection's end (or the sweep's close); a sweep leaves no
+ *    reset that ran its timeout; the session's client gets its greeting, then the server's bytes,
+ *    then the farewell (only between two messages, after no ErrorResponse, once);
  *  - exactly one `end` per client, per connection and per desk, no descriptor more than at the
  *    start, and the loop holds no handle.
  * ASan, UBSan and LeakSanitizer watch the memory. A failed check aborts, so libFuzzer keeps the
@@ -92,6 +130,7 @@
 #define UNIT_LIMIT ((size_t)1 << 20)
 #define MAX_CLIENTS 3
 #define MAX_CONNS 2
+#define MAX_SESSIONS 4
 
 static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
 
@@ -436,6 +475,7 @@ static size_t frame(framer_t *f, const unsigned char *d, size_t n, int *started,
 /* ---------- the session ---------- */
 
 typedef struct upstream upstream_t;
+typedef struct session_client session_client_t;
 
 /* ---------- the desk's model ---------- */
 
@@ -454,6 +494,7 @@ typedef struct {
   int on;           /* on the desk: joined, not left yet */
   int lefts;        /* times it left (`back` with its id, `out`, a reclaim): once by the end */
   uint64_t expires; /* txclient.c's deadline_of for the ticket's expires_in_ms: no hand-off from then on */
+  session_client_t *session; /* the session that took it (lp_desk_take and lp_desk_relay), until its `session` */
 } join_t;
 
 struct desk {
@@ -467,10 +508,12 @@ struct desk {
   double waits_read;  /* waits taken out of `waits` in `full` */
   int kept;           /* releases the harness saw C keep on the desk (counts[0] must agree) */
   int handed;         /* lendings C made from the desk: each records a wait */
+  bytes_t reset_query; /* session mode: as lp_desk_reset_query last set it */
 };
 
-/* Where a connection of a desk is between two of txclient.c's calls to lp_conn_sink. */
-enum { LIMBO_NONE, LIMBO_RELEASED, LIMBO_IDLE };
+/* Where a connection of a desk is between two of txclient.c's calls to lp_conn_sink (RESET_OUT:
+   its reset's reader unset: `out` (released) or `reset` is due). */
+enum { LIMBO_NONE, LIMBO_RELEASED, LIMBO_IDLE, LIMBO_RESET_OUT };
 
 typedef struct {
   int index;
@@ -536,6 +579,37 @@ struct upstream {
   int spoke, idle_ended;  /* what came while idle on the desk: the `out` it must give */
   lp_sink real_sink;      /* txclient.c's reader, behind the harness's (sink_seen) */
   void *real_user;
+  /* Session mode: */
+  session_client_t *session; /* a session has it (taken and relayed), until its `session` */
+  int resetting;          /* its session's end kept it: the reset query went, the answer is awaited */
+  uint64_t reset_since;
+  bytes_t reset_answer;   /* what the reset's reader got */
+  int reset_ended;        /* the reset's reader got the end */
+};
+
+/* A client's session on a connection of the desk (lp_desk_take, lp_desk_relay): the harness holds the client's end. */
+struct session_client {
+  int index;
+  int open;               /* the slot was used */
+  upstream_t *u;          /* the connection, from the relay to its `session` */
+  join_t *j;
+  int fd;                 /* the harness's end (-1 once closed) */
+  int eof, shut, stopped; /* EOF read, FIN sent (or closed), reading shut */
+  bytes_t pending;        /* the client's bytes not yet on the socket */
+  bytes_t stream;         /* what C may send upstream, in order: the bytes read before (`first`), then the socket's */
+  size_t first_n;
+  bytes_t got;            /* what the client read */
+  size_t checked;
+  double counters[2];     /* [to upstream, to client], as relay.c adds to them */
+  double counted_up, counted_cl;
+  size_t at;              /* bytes of `stream` accounted upstream */
+  size_t hello_left;      /* greeting bytes counted in counters[1] not yet accounted */
+  bytes_t expected;       /* what the client may read: the greeting, the server's bytes, a farewell */
+  bytes_t relayed;        /* the greeting and the server's bytes, as relay.c follows them (no farewell) */
+  int tolds;              /* `session` callbacks */
+  int kept;               /* C set its connection's next reader as the session ended (kept on the desk) */
+  int farewells;
+  int write_failed;       /* the pool's reader got the connection's end inside the session's end */
 };
 
 #define CFG_PURE 0x01
@@ -567,6 +641,8 @@ typedef struct {
   join_t *offer_join;   /* with this ticket, */
   int offer_taken;      /* which a waiting client took */
   desk_t *stopping;     /* inside lp_desk_stop(1) or lp_desk_close: `out` reclaims */
+  session_client_t sessions[MAX_SESSIONS];
+  upstream_t *parking;  /* inside lp_desk_park of this connection */
 } session_t;
 
 static session_t *S;
@@ -626,9 +702,13 @@ static void account(client_t *c) {
   }
 }
 
+static void session_account(session_client_t *s);
+
 static void account_all(void) {
   for (int i = 0; i < MAX_CLIENTS; i++)
     if (S->clients[i].open) account(&S->clients[i]);
+  for (int i = 0; i < MAX_SESSIONS; i++)
+    if (S->sessions[i].u) session_account(&S->sessions[i]);
 }
 
 static void check_client_bytes(client_t *c) {
@@ -1025,7 +1105,8 @@ static void lent_by_c(upstream_t *u, client_t *c) {
   if (c->desk != k) fail("desk %d: connection %d handed to client %d, which is %s", k->index, u->index, c->index, c->desk ? "on another desk" : "on no desk");
   if (j->sid != c->sid) fail("desk %d: connection %d (sid %d) handed to client %d of sid %d", k->index, u->index, j->sid, c->index, c->sid);
   if (j->sid == 0) fail("desk %d: connection %d of sid 0 (which matches nothing) handed to client %d", k->index, u->index, c->index);
-  if (!offered && now >= j->expires) fail("desk %d: connection %d handed to client %d past its ticket's expiry", k->index, u->index, c->index);
+  /* An offer, or a park, hands on what the caller just gave (pool.ts checks the expiry before either). */
+  if (!offered && S->parking != u && now >= j->expires) fail("desk %d: connection %d handed to client %d past its ticket's expiry", k->index, u->index, c->index);
   if (u->limbo == LIMBO_IDLE && now - u->idle_since >= k->check_delay)
     fail("desk %d: connection %d handed to client %d after %llu ms idle (check delay %llu)", k->index, u->index, c->index, (unsigned long long)(now - u->idle_since),
          (unsigned long long)k->check_delay);
@@ -1043,11 +1124,26 @@ static void lent_by_c(upstream_t *u, client_t *c) {
   c->attaches++;
 }
 
+static int session_kept(upstream_t *u, client_t *c);
+static void reset_clean(upstream_t *u);
+static void reset_read(upstream_t *u, lp_conn *conn, lp_sink sink, void *real_user, const unsigned char *data, size_t n, const char *error);
+static int reset_verdict(const unsigned char *p, size_t n);
+static void from_session_desk(upstream_t *u, int clean, int sid);
+static void on_desk_session(lp_desk *d, void *user, int id, enum lp_session how, enum lp_end end, double to_upstream, double to_client, int reusable, int status,
+                            int abandoned);
+static size_t on_desk_farewell(lp_desk *d, void *user, int id, const char *reason, unsigned char *out, size_t cap);
+static void on_desk_reset(lp_desk *d, void *user, int id, const unsigned char *answer, size_t n);
+enum { RESET_PENDING, RESET_PLAIN, RESET_DIRTY };
+
 /* The harness's reader in front of txclient.c's: what an idle connection of a desk says is swallowed (`out` follows). */
 static void sink_seen(lp_conn *conn, void *user, const unsigned char *data, size_t n, const char *error) {
   upstream_t *u = user;
   lp_sink sink = u->real_sink;
   void *real_user = u->real_user;
+  if (u->resetting) {
+    reset_read(u, conn, sink, real_user, data, n, error);
+    return;
+  }
   if (u->idle) {
     if (!data) {
       u->idle_ended = 1;
@@ -1074,7 +1170,11 @@ void __real_lp_conn_sink(lp_conn *c, lp_sink sink, void *user);
 void __wrap_lp_conn_sink(lp_conn *conn, lp_sink sink, void *user) {
   upstream_t *u = upstream_of_conn(conn);
   if (!sink) {
-    if (u->lent_to) {
+    if (u->session) fail("connection %d: its reader unset during a session", u->index);
+    if (u->resetting) {
+      u->resetting = 0;
+      u->limbo = LIMBO_RESET_OUT;
+    } else if (u->lent_to) {
       account(u->lent_to); /* what was counted so far is this lending's */
       if (u->released_by) fail("connection %d: its lending's reader unset twice", u->index);
       u->released_by = u->lent_to;
@@ -1082,14 +1182,25 @@ void __wrap_lp_conn_sink(lp_conn *conn, lp_sink sink, void *user) {
       u->idle = 0;
       u->limbo = LIMBO_IDLE;
     } else {
-      fail("connection %d: its reader unset, it was neither lent nor idle on a desk", u->index);
+      fail("connection %d: its reader unset, it was neither lent nor idle on a desk nor resetting", u->index);
     }
     u->real_sink = NULL;
     __real_lp_conn_sink(conn, NULL, NULL);
     return;
   }
-  if (u->released_by) kept_on_desk(u);
   client_t *c = client_of_handle(user);
+  if (u->session) {
+    /* The session ended and C keeps the connection: the reset's reader, or idle or lent at once. */
+    if (session_kept(u, c)) {
+      u->real_sink = sink;
+      u->real_user = user;
+      __real_lp_conn_sink(conn, sink_seen, u);
+      return;
+    }
+  } else if (u->resetting) {
+    reset_clean(u);
+  }
+  if (u->released_by) kept_on_desk(u);
   if (c) {
     lent_by_c(u, c);
   } else {
@@ -1108,10 +1219,10 @@ void __wrap_lp_conn_sink(lp_conn *conn, lp_sink sink, void *user) {
 /* lp_desk_stats and lp_desk_idle_ms against the model; counts[0] and the waits against what the harness saw. */
 static void desk_check(desk_t *k) {
   if (!k || !k->handle || k->closed) return;
-  int idle, count, waiting;
+  int idle, count, waiting, resetting;
   double max_wait;
-  lp_desk_stats(k->handle, &idle, &count, &waiting, &max_wait);
-  int on = 0, idle_here = 0, may_wait = 0;
+  lp_desk_stats(k->handle, &idle, &count, &waiting, &max_wait, &resetting);
+  int on = 0, idle_here = 0, may_wait = 0, resetting_here = 0;
   uint64_t now = now_ms();
   for (int i = 0; i < S->joins_made; i++) {
     join_t *j = &S->joins[i];
@@ -1119,6 +1230,7 @@ static void desk_check(desk_t *k) {
     upstream_t *u = &S->ups[j->up];
     on++;
     idle_here += u->idle;
+    resetting_here += u->resetting;
     double idle_ms = lp_desk_idle_ms(k->handle, j->id);
     double expected = u->idle ? (double)(now - u->idle_since) : -1;
     if (idle_ms != expected) fail("desk %d: lp_desk_idle_ms of connection %d (ticket %d) is %g, the model says %g", k->index, u->index, j->id, idle_ms, expected);
@@ -1129,6 +1241,7 @@ static void desk_check(desk_t *k) {
   }
   if (count != on) fail("desk %d: lp_desk_stats counts %d connections, %d joined and did not leave", k->index, count, on);
   if (idle != idle_here) fail("desk %d: lp_desk_stats counts %d idle, the model %d", k->index, idle, idle_here);
+  if (resetting != resetting_here) fail("desk %d: lp_desk_stats counts %d resetting, the model %d", k->index, resetting, resetting_here);
   if (waiting < 0 || waiting > may_wait) fail("desk %d: %d clients waiting, %d could", k->index, waiting, may_wait);
   if (max_wait < 0 || (waiting == 0 && max_wait != 0)) fail("desk %d: max wait %g ms with %d waiting", k->index, max_wait, waiting);
   if (k->counts[0] != k->kept) fail("desk %d: counts[0] says %g transactions released on the desk, the harness saw %d", k->index, k->counts[0], k->kept);
@@ -1148,9 +1261,17 @@ static void on_desk_out(lp_desk *d, void *user, int id, enum lp_desk_out why) {
   join_t *j = join_of_id(k, id);
   if (!j || !j->on) fail("desk %d: out of ticket %d, which is not on it", k->index, id);
   upstream_t *u = &S->ups[j->up];
-  if (u->limbo != LIMBO_IDLE) fail("desk %d: out of connection %d, which was not idle there", k->index, u->index);
+  if (why == LP_DESK_RELEASED ? u->limbo != LIMBO_RESET_OUT : u->limbo != LIMBO_IDLE)
+    fail("desk %d: out (%d) of connection %d, which was not %s there", k->index, (int)why, u->index, why == LP_DESK_RELEASED ? "resetting" : "idle");
   uint64_t now = now_ms();
   switch (why) {
+    case LP_DESK_RELEASED: {
+      int verdict = reset_verdict(u->reset_answer.d, u->reset_answer.n);
+      if (verdict != RESET_PLAIN) fail("desk %d: connection %d out (released) after a reset answered %s", k->index, u->index, verdict == RESET_PENDING ? "in part" : "not plainly");
+      if (!k->stopped && !k->js_waiting && now < j->expires && lp_conn_lendable(u->conn))
+        fail("desk %d: connection %d out (released) after a plain reset, the desk going on, no client of the pool waiting, not expired", k->index, u->index);
+      break;
+    }
     case LP_DESK_RECLAIMED: if (S->stopping != k) fail("desk %d: connection %d out (reclaimed), the desk was not being stopped", k->index, u->index); break;
     case LP_DESK_SPOKE: if (!u->spoke) fail("desk %d: connection %d out (spoke), its server sent nothing", k->index, u->index); break;
     case LP_DESK_ENDED: if (!u->idle_ended) fail("desk %d: connection %d out (ended), its stream did not end", k->index, u->index); break;
@@ -1160,8 +1281,12 @@ static void on_desk_out(lp_desk *d, void *user, int id, enum lp_desk_out why) {
       break;
     default: fail("desk %d: out %d", k->index, (int)why);
   }
-  static const char *const names[] = { "", "out (ended)", "out (spoke)", "out (stale)", "out (reclaimed)" };
+  static const char *const names[] = { "", "out (ended)", "out (spoke)", "out (stale)", "out (reclaimed)", "out (released)" };
   join_off(u, names[why]);
+  if (why == LP_DESK_RELEASED) { /* clean after its session: the pool's idle connection (or parked again, pool.ts #idleOrHandOff) */
+    from_session_desk(u, 1, j->sid);
+    return;
+  }
   /* What it said was swallowed: the pool closes it, as it closes one that ended; a stale one it checks, here: closes, or keeps. */
   if (why == LP_DESK_SPOKE || why == LP_DESK_ENDED || (why == LP_DESK_STALE && reacting() && (in_u8() & 1))) {
     u->dead = 1;
@@ -1190,7 +1315,7 @@ static void on_desk_end(lp_desk *d, void *user) {
   k->handle = NULL;
 }
 
-static const lp_desk_callbacks desk_callbacks = { on_desk_out, on_desk_full, on_desk_end };
+static const lp_desk_callbacks desk_callbacks = { on_desk_out, on_desk_full, on_desk_end, on_desk_session, on_desk_farewell, on_desk_reset };
 
 /* The desk's wait timer: the harness's turns of the loop leave it running (they stop the clients' linger timers). */
 static int desk_timer(uv_handle_t *timer) {
@@ -1220,6 +1345,8 @@ static void desk_config(desk_t *k, unsigned param) {
   lp_desk_config(k->handle, (double)k->wait_timeout, (double)k->check_delay);
 }
 
+static void desk_reset_query(desk_t *k, unsigned kind);
+
 static void desk_open(unsigned param) {
   if (S->desk || S->desks_opened >= MAX_DESKS) return;
   desk_t *k = &S->desks[S->desks_opened];
@@ -1232,6 +1359,7 @@ static void desk_open(unsigned param) {
   S->join_mode = 1;
   S->expiry_mode = 0;
   desk_config(k, param);
+  desk_reset_query(k, 0); /* pool.ts's default ServerResetQuery */
   if (verbose) fprintf(stderr, "desk %d: open (wait timeout %llu ms, check delay %llu ms)\n", k->index, (unsigned long long)k->wait_timeout, (unsigned long long)k->check_delay);
   /* Every client on it, in settings 1: the engine's clients of one pool are mostly alike. */
   for (int i = 0; i < MAX_CLIENTS; i++) desk_client(&S->clients[i], k, 1);
@@ -1245,9 +1373,9 @@ static void desk_stop(desk_t *k, int stopped) {
   lp_desk_stop(k->handle, stopped);
   S->stopping = was;
   if (!stopped || !k->handle) return;
-  int idle, count, waiting;
+  int idle, count, waiting, resetting;
   double max_wait;
-  lp_desk_stats(k->handle, &idle, &count, &waiting, &max_wait);
+  lp_desk_stats(k->handle, &idle, &count, &waiting, &max_wait, &resetting);
   if (idle || waiting) fail("desk %d: stopped with %d idle, %d waiting", k->index, idle, waiting);
 }
 
@@ -1328,6 +1456,710 @@ static void desk_reclaim(desk_t *k, unsigned which, int any) {
   if (r) join_off(u, "lp_desk_reclaim");
 }
 
+/* ---------- session mode on the desk ---------- */
+
+static void make_client_bytes(size_t salt, bytes_t *out);
+static void srv_read(upstream_t *u, size_t max);
+static void desk_park(desk_t *k, upstream_t *u, int sid);
+
+/* txclient.c's: a reset's answer longer than this is not plain. */
+#define RESET_ANSWER_LIMIT 65536
+
+/*
+ * What a reset's answer decides, by the contract (txclient.h): plain once it is CommandComplete
+ * messages (one or more) and a ReadyForQuery idle, with nothing else and nothing after; not plain
+ * at its ReadyForQuery when anything else came (the caller reads it then), at a length below 4, or
+ * beyond what txclient.c keeps; else its rest is still to come.
+ */
+static int reset_verdict(const unsigned char *p, size_t n) {
+  if (n > RESET_ANSWER_LIMIT) return RESET_DIRTY;
+  int plain = 1, completes = 0;
+  for (size_t at = 0; n - at >= 5;) {
+    uint32_t len = be32(p + at + 1);
+    if (len < 4) return RESET_DIRTY;
+    if (n - at - 1 < len) return RESET_PENDING;
+    int type = p[at];
+    at += 1 + (size_t)len;
+    if (type == 'Z') return plain && completes > 0 && len == 5 && p[at - 1] == 'I' && at == n ? RESET_PLAIN : RESET_DIRTY;
+    if (type == 'C') completes++;
+    else plain = 0;
+  }
+  return RESET_PENDING;
+}
+
+/* pool.ts's readAnswer: ok when the answer ends at its first ReadyForQuery, idle, with no ErrorResponse before. */
+static int answer_ok(const unsigned char *p, size_t n) {
+  int ok = 1;
+  for (size_t at = 0; at + 5 <= n;) {
+    size_t end = at + 1 + (size_t)be32(p + at + 1);
+    if (end > n || end < at + 5) return 0;
+    if (p[at] == 'E') ok = 0;
+    else if (p[at] == 'Z') return ok && end == n && end > at + 5 && p[at + 5] == 'I';
+    at = end;
+  }
+  return 0;
+}
+
+/* A stream of messages as relay.c's boundaries follow it: whether it ends between two, the last type and ReadyForQuery status, Terminates in it. */
+typedef struct {
+  int whole, broken, last_type, last_status, terminates;
+} follow_t;
+
+static follow_t follow(const unsigned char *d, size_t n) {
+  follow_t f = { 1, 0, 'Z', 'I', 0 }; /* lp_conn_relay starts at the upstream's ReadyForQuery, idle */
+  for (size_t at = 0; at < n;) {
+    uint32_t len = n - at >= 5 ? be32(d + at + 1) : 0;
+    if (n - at >= 5 && (len < 4 || len > INT32_MAX)) {
+      f.broken = 1;
+      f.whole = 0;
+      break;
+    }
+    if (n - at < 5 || n - at - 1 < len) {
+      f.whole = 0;
+      break;
+    }
+    if (d[at] == 'Z' && len > 4) f.last_status = d[at + len];
+    f.terminates += d[at] == 'X';
+    f.last_type = d[at];
+    at += 1 + (size_t)len;
+  }
+  return f;
+}
+
+/*
+ * What relay.c counted for a session since the last look goes into the expectations: upstream, the
+ * next bytes of the client's stream; for the client, the rest of the greeting, then the next bytes
+ * of the server's plaintext.
+ */
+static void session_account(session_client_t *s) {
+  upstream_t *u = s->u;
+  if (s->counters[0] != s->counted_up) {
+    if (!u) fail("session %d: %g bytes went upstream after its end", s->index, s->counters[0] - s->counted_up);
+    size_t n = (size_t)(s->counters[0] - s->counted_up);
+    if (s->at + n > s->stream.n) fail("session %d: %zu bytes of it went upstream, its client sent %zu", s->index, s->at + n, s->stream.n);
+    put(&u->up_expected, s->stream.d + s->at, n);
+    s->at += n;
+    s->counted_up = s->counters[0];
+  }
+  if (s->counters[1] != s->counted_cl) {
+    if (!u) fail("session %d: %g bytes for its client after its end", s->index, s->counters[1] - s->counted_cl);
+    size_t n = (size_t)(s->counters[1] - s->counted_cl);
+    size_t hello = n < s->hello_left ? n : s->hello_left;
+    s->hello_left -= hello;
+    n -= hello;
+    if (u->srv_at + n > u->srv.sent.n) fail("session %d: %zu bytes of connection %d's for its client, the server sent %zu more", s->index, n, u->index, u->srv.sent.n - u->srv_at);
+    put(&s->expected, u->srv.sent.d + u->srv_at, n);
+    put(&s->relayed, u->srv.sent.d + u->srv_at, n);
+    u->srv_at += n;
+    s->counted_cl = s->counters[1];
+  }
+}
+
+static void check_session_bytes(session_client_t *s) {
+  account_all();
+  char what[64];
+  snprintf(what, sizeof what, "session %d's client's bytes vs its greeting and server's", s->index);
+  check_prefix_from(what, &s->got, s->checked, s->got.n, &s->expected, NULL);
+  s->checked = s->got.n;
+}
+
+static session_client_t *session_of_id(desk_t *k, int id, const char *callback) {
+  join_t *j = join_of_id(k, id);
+  if (!j || !j->session) fail("desk %d: %s for ticket %d, which no session took", k->index, callback, id);
+  if (j->session->u != &S->ups[j->up] || S->ups[j->up].session != j->session) fail("desk %d: %s for ticket %d, whose session is over", k->index, callback, id);
+  return j->session;
+}
+
+/* Whether the desk keeps a connection at a session's end or a reset's (the client's part aside): going on, none of the pool's clients waiting, not expired. */
+static const char *desk_refuses(const desk_t *k, const join_t *j) {
+  return k->stopped ? "the desk is stopped" : k->js_waiting ? "the pool's clients wait" : now_ms() >= j->expires ? "its ticket expired" : NULL;
+}
+
+/* The session's connection got its next reader from C as the session ended: kept on the desk. Returns whether its reset runs. */
+static int session_kept(upstream_t *u, client_t *c) {
+  session_client_t *s = u->session;
+  join_t *j = u->join;
+  if (!j || s->j != j) fail("connection %d: a reader set at its session's end, off the desk", u->index);
+  desk_t *k = j->desk;
+  session_account(s);
+  if (s->kept++) fail("session %d: its connection kept twice", s->index);
+  const char *refused = desk_refuses(k, j);
+  if (refused) fail("desk %d: connection %d kept after session %d though %s", k->index, u->index, s->index, refused);
+  if (!lp_conn_lendable(u->conn)) fail("desk %d: connection %d kept after session %d, not lendable", k->index, u->index, s->index);
+  if (k->reset_query.n == 0) {
+    u->limbo = LIMBO_RELEASED; /* idle, or the desk's next client, at once */
+    return 0;
+  }
+  if (c) fail("desk %d: connection %d lent to client %d before its reset", k->index, u->index, c->index);
+  put(&u->up_expected, k->reset_query.d, k->reset_query.n); /* the next the server reads */
+  u->resetting = 1;
+  u->reset_since = now_ms();
+  u->reset_answer.n = 0;
+  u->reset_ended = 0;
+  if (verbose) fprintf(stderr, "desk %d: connection %d resets after session %d\n", k->index, u->index, s->index);
+  return 1;
+}
+
+/* C parked the connection after its reset (idle, or the desk's next client): only after a plain answer, when the desk keeps it. */
+static void reset_clean(upstream_t *u) {
+  join_t *j = u->join;
+  desk_t *k = j->desk;
+  int verdict = reset_verdict(u->reset_answer.d, u->reset_answer.n);
+  if (verdict != RESET_PLAIN)
+    fail("desk %d: connection %d parked after its reset answered %s (%zu bytes)", k->index, u->index, verdict == RESET_PENDING ? "in part" : "not plainly", u->reset_answer.n);
+  const char *refused = desk_refuses(k, j);
+  if (refused) fail("desk %d: connection %d parked after its reset though %s", k->index, u->index, refused);
+  if (!lp_conn_lendable(u->conn)) fail("desk %d: connection %d parked after its reset, not lendable", k->index, u->index);
+  if (verbose) fprintf(stderr, "desk %d: connection %d clean after its reset\n", k->index, u->index);
+  u->resetting = 0;
+  u->reset_answer.n = 0;
+  u->limbo = LIMBO_RELEASED;
+}
+
+/* The reset's reader: the server's plaintext, in order; the answer is decided in the call whose bytes decide it, not before. */
+static void reset_read(upstream_t *u, lp_conn *conn, lp_sink sink, void *real_user, const unsigned char *data, size_t n, const char *error) {
+  int verdict = RESET_PENDING;
+  if (!data) {
+    u->reset_ended = 1;
+  } else if (n > 0) {
+    if (u->srv_at + n > u->srv.sent.n || memcmp(data, u->srv.sent.d + u->srv_at, n) != 0)
+      fail("connection %d: %zu bytes for its reset's reader are not the server's plaintext from byte %zu on", u->index, n, u->srv_at);
+    u->srv_at += n;
+    put(&u->reset_answer, data, n);
+    verdict = reset_verdict(u->reset_answer.d, u->reset_answer.n);
+  }
+  sink(conn, real_user, data, n, error);
+  if (!data && u->resetting) fail("connection %d: still resetting after its end", u->index);
+  if (data && n > 0 && (verdict == RESET_PENDING) != u->resetting)
+    fail("connection %d: its reset's answer (%zu bytes) is %s, and the reset %s", u->index, u->reset_answer.n, verdict == RESET_PENDING ? "not all there" : "decided",
+         u->resetting ? "runs on" : "ended");
+}
+
+/* The connection is the pool's again after a session on the desk (pool.ts): clean, idle for the pool or parked again; else it closes. */
+static void from_session_desk(upstream_t *u, int clean, int sid) {
+  memset(&u->pool_frame, 0, sizeof u->pool_frame);
+  u->pool_keeps = 0;
+  u->reset_answer.n = 0;
+  u->reset_ended = 0;
+  if (!clean) {
+    u->dead = 1;
+    if (!reacting() || (in_u8() & 1)) pool_close(u);
+    return;
+  }
+  if (reacting() && in_u8() % 3 == 0 && S->desk) desk_park(S->desk, u, sid);
+}
+
+static void on_desk_session(lp_desk *d, void *user, int id, enum lp_session how, enum lp_end end, double to_upstream, double to_client, int reusable, int status,
+                            int abandoned) {
+  desk_t *k = desk_of(d, user, "session");
+  session_client_t *s = session_of_id(k, id, "session");
+  upstream_t *u = s->u;
+  join_t *j = s->j;
+  static const char *const names[] = { "", "reset", "back", "ended" };
+  if (how < LP_SESSION_RESET || how > LP_SESSION_ENDED) fail("session %d: `session` %d", s->index, (int)how);
+  session_account(s);
+  if (verbose)
+    fprintf(stderr, "desk %d: session %d on connection %d: %s (%s), reusable %d, status %c, abandoned %d, [%g, %g]\n", k->index, s->index, u->index, names[how], LP_END_NAMES[end], reusable,
+            status > 32 && status < 127 ? status : '?', abandoned, to_upstream, to_client);
+  if (s->tolds++) fail("session %d: `session` twice", s->index);
+  if (to_upstream != s->counters[0] || to_client != s->counters[1])
+    fail("session %d: `session` with [%g, %g] bytes, relay.c counted [%g, %g]", s->index, to_upstream, to_client, s->counters[0], s->counters[1]);
+  if (end == LP_END_NONE) fail("session %d: `session` with no end", s->index);
+  /* What relay.c followed: the client's bytes that went upstream, the greeting and the server's bytes. */
+  follow_t up = follow(s->stream.d, s->at), down = follow(s->relayed.d, s->relayed.n);
+  if (up.terminates) fail("session %d: a Terminate went upstream", s->index);
+  if (reusable && !(up.whole && down.whole && down.last_type == 'Z'))
+    fail("session %d: reusable, with the client's bytes %s and the server's %s (last type 0x%02x)", s->index, up.whole ? "whole" : "cut", down.whole ? "whole" : "cut", down.last_type);
+  if (how != LP_SESSION_ENDED && !down.broken && status != down.last_status)
+    fail("session %d: %s with status 0x%02x, the last ReadyForQuery says 0x%02x", s->index, names[how], status, down.last_status);
+  if (reusable && abandoned) fail("session %d: reusable and abandoned", s->index);
+  const char *refused = desk_refuses(k, j);
+  int keep = reusable && status == 'I' && !refused;
+  switch (how) {
+    case LP_SESSION_RESET:
+      if (!keep) fail("session %d: reset, not %s", s->index, !reusable ? "reusable" : status != 'I' ? "idle" : refused);
+      if (!s->kept) fail("session %d: reset, its connection got no reader from C", s->index);
+      if (s->write_failed) fail("session %d: reset after the connection's end", s->index);
+      if (abandoned) fail("session %d: reset, abandoned", s->index);
+      if (k->reset_query.n > 0 && !(u->resetting && u->join == j)) fail("session %d: reset, and no reset runs on connection %d", s->index, u->index);
+      break;
+    case LP_SESSION_BACK:
+      if (s->kept) fail("session %d: back, its connection kept on the desk", s->index);
+      if (keep && lp_conn_lendable(u->conn)) fail("session %d: back, though its connection could be kept (reusable, idle, the desk going on)", s->index);
+      if (keep && k->reset_query.n == 0) fail("session %d: back, reusable and idle with no reset query to fail", s->index);
+      if (keep) put(&u->up_expected, k->reset_query.d, k->reset_query.n); /* its write failed: some may have gone */
+      if (s->write_failed && !keep) fail("session %d: the pool's reader got the connection's end, and no reset query was written", s->index);
+      if (!j->on) fail("session %d: back, its ticket off the desk already", s->index);
+      join_off(u, "session back");
+      break;
+    default:
+      if (s->kept) fail("session %d: ended, its connection kept on the desk", s->index);
+      if (!j->on) fail("session %d: ended, its ticket off the desk already", s->index);
+      join_off(u, "session ended");
+      u->dead = 1;
+      break;
+  }
+  s->u = NULL;
+  u->session = NULL;
+  if (how == LP_SESSION_BACK) {
+    /* The pool's (pool.ts #sessionEnded, the server's release): a client that left mid-query or mid-message is cancelled and closed; a transaction is rolled back. */
+    int clean = reusable && !abandoned && !s->write_failed;
+    from_session_desk(u, clean, j->sid);
+    if (clean && status != 'I') pool_query(u, "ROLLBACK");
+  } else if (how == LP_SESSION_RESET && reacting() && S->desk == k) {
+    unsigned react = in_u8() % 6;
+    if (react == 0) lp_desk_sweep(k->handle, 0); /* inside the session's end: its reset too */
+    else if (react == 1) desk_close(k);
+    else if (react == 2) desk_stop(k, 1);
+  }
+}
+
+static size_t on_desk_farewell(lp_desk *d, void *user, int id, const char *reason, unsigned char *out, size_t cap) {
+  desk_t *k = desk_of(d, user, "farewell");
+  session_client_t *s = session_of_id(k, id, "farewell");
+  session_account(s);
+  if (s->farewells++) fail("session %d: farewell twice", s->index);
+  follow_t down = follow(s->relayed.d, s->relayed.n);
+  if (!down.whole || down.last_type == 'E') fail("session %d: farewell after %s", s->index, down.whole ? "an ErrorResponse" : "a message cut short");
+  if (verbose) fprintf(stderr, "desk %d: farewell for session %d (%s)\n", k->index, s->index, reason ? reason : "closed");
+  if (reacting() && in_u8() % 4 == 0) return 0;
+  /* An ErrorResponse 08006 naming why, as the engine's. */
+  bytes_t body = { 0 }, m = { 0 };
+  put(&body, "SFATAL\0C08006\0M", 15);
+  const char *text = reason ? reason : "the server closed the connection";
+  put(&body, text, strlen(text) + 1);
+  put_u8(&body, 0);
+  put_message(&m, 'E', &body);
+  size_t n = m.n <= cap ? m.n : 0;
+  memcpy(out, m.d, n);
+  put(&s->expected, m.d, n);
+  bytes_free(&body);
+  bytes_free(&m);
+  return n;
+}
+
+static void on_desk_reset(lp_desk *d, void *user, int id, const unsigned char *answer, size_t n) {
+  desk_t *k = desk_of(d, user, "reset");
+  join_t *j = join_of_id(k, id);
+  if (!j || !j->on) fail("desk %d: reset of ticket %d, which is not on it", k->index, id);
+  upstream_t *u = &S->ups[j->up];
+  if (u->limbo != LIMBO_RESET_OUT) fail("desk %d: reset of connection %d, whose reset's reader was not unset", k->index, u->index);
+  if (verbose) fprintf(stderr, "desk %d: reset of connection %d answered %zu bytes%s\n", k->index, u->index, n, answer ? "" : " (none)");
+  if (answer) {
+    if (n != u->reset_answer.n || memcmp(answer, u->reset_answer.d, n) != 0) fail("desk %d: reset of connection %d with %zu bytes, its reader got %zu", k->index, u->index, n, u->reset_answer.n);
+    int verdict = reset_verdict(answer, n);
+    if (verdict != RESET_DIRTY) fail("desk %d: reset of connection %d with an answer that is %s", k->index, u->index, verdict == RESET_PLAIN ? "plain" : "not all there");
+  } else if (n != 0 || !u->reset_ended) {
+    fail("desk %d: reset of connection %d with no answer, %zu bytes, its reader %s", k->index, u->index, n, u->reset_ended ? "got the end" : "did not get the end");
+  }
+  int ok = answer && answer_ok(answer, n);
+  join_off(u, "reset");
+  from_session_desk(u, ok, j->sid);
+}
+
+/* The pool parks a clean connection it holds on the desk, in settings `sid` (pool.ts #idleOrHandOff). */
+static void desk_park(desk_t *k, upstream_t *u, int sid) {
+  if (!k || !u || k->closed || !pool_holds(u) || !u->logged_in || u->dead || u->pool_outstanding > 0 || u->unread.n > 0) return;
+  if (u->paused) { /* lent unpaused (NativeUpstream.lend) */
+    u->paused = 0;
+    lp_conn_pause(u->conn, 0);
+    if (!pool_holds(u) || u->dead || u->pool_outstanding > 0 || u->unread.n > 0) return;
+  }
+  lp_desk_join ticket;
+  join_t *j = join_new(u, k, sid, &ticket);
+  if (!j) return;
+  account_all();
+  int lendable = lp_conn_lendable(u->conn);
+  join_on(u, j); /* before the call: it may go to a waiting client, or out, inside it */
+  u->limbo = LIMBO_RELEASED;
+  upstream_t *was = S->parking;
+  S->parking = u;
+  int r = lp_desk_park(k->handle, u->conn, &ticket);
+  S->parking = was;
+  if (verbose) fprintf(stderr, "pool: park connection %d (ticket %d, sid %d) on desk %d: %d\n", u->index, j->id, sid, k->index, r);
+  int expected = !k->stopped && sid != 0 && lendable;
+  if (r != expected) fail("desk %d: lp_desk_park of connection %d (sid %d, stopped %d, lendable %d) returned %d", k->index, u->index, sid, k->stopped, lendable, r);
+  if (!r) {
+    if (u->limbo != LIMBO_RELEASED || u->join != j) fail("desk %d: lp_desk_park refused connection %d and set its reader", k->index, u->index);
+    j->made = j->on = 0;
+    u->join = NULL;
+    u->limbo = LIMBO_NONE;
+  } else if (u->limbo == LIMBO_RELEASED && u->join == j) {
+    fail("desk %d: lp_desk_park took connection %d and set no reader", k->index, u->index);
+  }
+}
+
+static void desk_reset_query(desk_t *k, unsigned kind) {
+  static const char *const texts[] = { "DISCARD ALL", NULL, "RESET ALL; SELECT pg_advisory_unlock_all()", "" };
+  bytes_t q = { 0 };
+  const char *text = texts[kind % 4];
+  if (text && kind % 4 == 3) {
+    put(&q, "S\0\0\0\4", 5); /* a Sync: the cooperating server answers it as a Query */
+  } else if (text) {
+    put_u8(&q, 'Q');
+    put_u32(&q, (uint32_t)(strlen(text) + 5));
+    put(&q, text, strlen(text) + 1);
+  }
+  if (lp_desk_reset_query(k->handle, q.d ? q.d : (const unsigned char *)"", q.n) != 0) fail("lp_desk_reset_query");
+  k->reset_query.n = 0;
+  put(&k->reset_query, q.d, q.n);
+  if (verbose) fprintf(stderr, "pool: desk %d's reset query: %zu bytes\n", k->index, q.n);
+  bytes_free(&q);
+}
+
+/* The greeting C writes for the session's client first: none, a login's answer, the input's bytes, or more than a socket takes. */
+static void make_hello(bytes_t *b, unsigned kind) {
+  static const unsigned char login[] = "R\0\0\0\10\0\0\0\0" "S\0\0\0\031client_encoding\0UTF8\0" "K\0\0\0\14\0\0\0\1\0\0\0\2" "Z\0\0\0\5I";
+  switch (kind % 4) {
+    case 0: break;
+    case 1: put(b, login, sizeof login - 1); break;
+    case 2:
+      for (size_t n = in_u8(); n > 0; n--) put_u8(b, in_u8());
+      break;
+    default: {
+      size_t body = (size_t)(in_u8() % 128 + 1) * 1024;
+      put_u8(b, 'N');
+      put_u32(b, (uint32_t)(body + 4));
+      put_pattern(b, body, 7);
+      put(b, login, sizeof login - 1);
+    }
+  }
+}
+
+static session_client_t *free_session_slot(void) {
+  for (int i = 0; i < MAX_SESSIONS; i++)
+    if (!S->sessions[i].open) return &S->sessions[i];
+  return NULL;
+}
+
+/* The taken connection back to idle (its session did not start): idle, or the desk's next client. */
+static void session_untake(desk_t *k, upstream_t *u) {
+  if (verbose) fprintf(stderr, "pool: untake connection %d\n", u->index);
+  u->limbo = LIMBO_RELEASED;
+  lp_desk_untake(k->handle, u->join->id);
+  if (u->limbo == LIMBO_RELEASED) fail("desk %d: lp_desk_untake of connection %d set no reader", k->index, u->index);
+}
+
+/* A client's session on the taken connection `u` (lp_desk_relay), as server.ts starts one; `bad`: with a descriptor it cannot use. */
+static void session_relay(desk_t *k, upstream_t *u, unsigned how) {
+  session_client_t *s = free_session_slot();
+  join_t *j = u->join;
+  int bad = how % 4 == 3;
+  if (!s) {
+    session_untake(k, u);
+    return;
+  }
+  int fds[2] = { -1, -1 };
+  if (!bad) {
+    connected_pair((S->config & CFG_TCP_CLIENT) != 0, fds);
+    set_nonblocking(fds[1]);
+    if ((S->config & CFG_SMALL) && !(S->config & CFG_TCP_CLIENT)) {
+      small_buffers(fds[0], 4096);
+      small_buffers(fds[1], 4096);
+    }
+  }
+  bytes_t hello = { 0 }, first = { 0 };
+  make_hello(&hello, how / 4);
+  if (how & 0x40) make_client_bytes(0, &first);
+  memset(s, 0, sizeof *s);
+  s->index = (int)(s - S->sessions);
+  s->open = 1;
+  s->u = u;
+  s->j = j;
+  s->fd = fds[1];
+  put(&s->stream, first.d, first.n);
+  s->first_n = first.n;
+  put(&s->expected, hello.d, hello.n);
+  put(&s->relayed, hello.d, hello.n);
+  s->hello_left = hello.n;
+  u->session = s;
+  j->session = s;
+  account_all();
+  const char *error = NULL;
+  if (verbose) fprintf(stderr, "pool: session %d on connection %d (ticket %d): greeting %zu bytes, first %zu\n", s->index, u->index, j->id, hello.n, first.n);
+  int r = lp_desk_relay(k->handle, j->id, fds[0], hello.d ? hello.d : (const unsigned char *)"", hello.n, first.d ? first.d : (const unsigned char *)"", first.n, s->counters, &error);
+  bytes_free(&hello);
+  bytes_free(&first);
+  if (r == 0 && bad) fail("desk %d: lp_desk_relay took descriptor -1", k->index);
+  if (r == 0) return;
+  if (!bad) fail("desk %d: lp_desk_relay of connection %d: %s", k->index, u->index, error ? error : "?");
+  if (!error) fail("desk %d: lp_desk_relay refused with no error", k->index);
+  if (s->tolds || s->counters[0] != 0 || s->counters[1] != 0) fail("desk %d: lp_desk_relay refused after relaying", k->index);
+  bytes_free(&s->stream);
+  bytes_free(&s->expected);
+  bytes_free(&s->relayed);
+  memset(s, 0, sizeof *s);
+  s->fd = -1;
+  u->session = NULL;
+  j->session = NULL;
+  /* Still taken: lp_desk_relay on it again refuses nothing here; the pool puts it back. */
+  session_untake(k, u);
+}
+
+/*
+ * A client's session takes an idle connection of settings `sid` (lp_desk_take): the most recently
+ * idle one that needs no check, those due for a check out (stale) first. Then at once, as
+ * server.ts does, its relay, or an untake.
+ */
+static void session_take(desk_t *k, int sid, unsigned how) {
+  upstream_t *candidates[MAX_CONNS];
+  uint64_t since[MAX_CONNS];
+  int n = 0;
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *o = &S->ups[i];
+    if (o->idle && o->join && o->join->desk == k && o->join->sid == sid) {
+      since[n] = o->idle_since;
+      candidates[n++] = o;
+    }
+  }
+  account_all();
+  int id = lp_desk_take(k->handle, sid);
+  if (verbose) fprintf(stderr, "pool: take sid %d from desk %d: ticket %d\n", sid, k->index, id);
+  upstream_t *u = NULL;
+  if (id) {
+    join_t *j = join_of_id(k, id);
+    u = j && j->on ? &S->ups[j->up] : NULL;
+    if (!u || u->join != j || u->limbo != LIMBO_IDLE) fail("desk %d: lp_desk_take gave ticket %d, not an idle connection there", k->index, id);
+    if (k->stopped || j->sid != sid) fail("desk %d: lp_desk_take of sid %d gave connection %d (sid %d, stopped %d)", k->index, sid, u->index, j->sid, k->stopped);
+    uint64_t now = now_ms();
+    if (now >= j->expires || now - u->idle_since >= k->check_delay || !lp_conn_lendable(u->conn))
+      fail("desk %d: lp_desk_take gave connection %d, due for a check (idle %llu ms, check delay %llu)", k->index, u->index, (unsigned long long)(now - u->idle_since),
+           (unsigned long long)k->check_delay);
+    u->limbo = LIMBO_NONE;
+  }
+  for (int i = 0; i < n; i++) {
+    upstream_t *o = candidates[i];
+    if (o == u || !o->idle) continue;
+    if (!u && !k->stopped && sid != 0) fail("desk %d: lp_desk_take of sid %d gave none, connection %d of it is idle there", k->index, sid, o->index);
+    if (u && since[i] > u->idle_since) fail("desk %d: lp_desk_take gave connection %d, connection %d of its settings is idle there since later", k->index, u->index, o->index);
+  }
+  if (!u) return;
+  if (how % 4 != 2) {
+    session_relay(k, u, how);
+    return;
+  }
+  /* Untaken; before, a relay and an untake of another ticket (of the session, one never given) change nothing. */
+  int other = (int)((how >> 4) % (unsigned)(S->joins_made + 1)) + 1;
+  join_t *o = join_of_id(k, other);
+  if (other != id && !(o && o->on && S->ups[o->up].session)) {
+    const char *error = NULL;
+    if (lp_desk_relay(k->handle, other, -1, (const unsigned char *)"", 0, (const unsigned char *)"", 0, NULL, &error) != -1 || !error)
+      fail("desk %d: lp_desk_relay of ticket %d, not taken, did not refuse", k->index, other);
+    lp_desk_untake(k->handle, other);
+  }
+  session_untake(k, u);
+}
+
+/* lp_desk_sweep: every reset that ran `timeout_ms` or more ends (`reset` with no answer), none other. */
+static void session_sweep(desk_t *k, double timeout_ms) {
+  account_all();
+  if (verbose) fprintf(stderr, "pool: sweep desk %d (%g ms)\n", k->index, timeout_ms);
+  lp_desk_sweep(k->handle, timeout_ms);
+  uint64_t now = now_ms(), limit = (uint64_t)timeout_ms;
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *u = &S->ups[i];
+    if (u->resetting && u->join && u->join->desk == k && now - u->reset_since >= limit)
+      fail("desk %d: connection %d resetting for %llu ms after a sweep of %g ms", k->index, u->index, (unsigned long long)(now - u->reset_since), timeout_ms);
+  }
+}
+
+/* The open session the step names. */
+static session_client_t *pick_session(unsigned which) {
+  int n = 0;
+  for (int i = 0; i < MAX_SESSIONS; i++) n += S->sessions[i].open;
+  if (n == 0) return NULL;
+  for (int i = 0, k = (int)(which % (unsigned)n); i < MAX_SESSIONS; i++)
+    if (S->sessions[i].open && k-- == 0) return &S->sessions[i];
+  return NULL;
+}
+
+static void sess_flush(session_client_t *s, size_t max) {
+  if (s->fd < 0 || s->shut || s->pending.n == 0) return;
+  size_t n = max < s->pending.n ? max : s->pending.n;
+  ssize_t w = send(s->fd, s->pending.d, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (w > 0) {
+    put(&s->stream, s->pending.d, (size_t)w);
+    drop_front(&s->pending, (size_t)w);
+  }
+}
+
+static void sess_read(session_client_t *s, size_t max) {
+  if (s->fd < 0 || s->eof || s->stopped) return;
+  unsigned char b[65536];
+  if (max > sizeof b) max = sizeof b;
+  ssize_t r = recv(s->fd, b, max, MSG_DONTWAIT);
+  if (r > 0) put(&s->got, b, (size_t)r);
+  else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) s->eof = 1;
+  check_session_bytes(s);
+}
+
+static const unsigned char TERMINATE[5] = { 'X', 0, 0, 0, 4 };
+
+/* The session's client: sends (anything, a Query, a Terminate and maybe more), reads, half-closes, closes or resets, stops reading. */
+static void session_client_step(session_client_t *s, unsigned action) {
+  if (!s) return;
+  bytes_t b = { 0 };
+  switch (action % 8) {
+    case 0: make_client_bytes(s->stream.n, &b); break;
+    case 1: put_client_message(&b, 0); break;
+    case 2: sess_flush(s, 1 + in_size(70000)); break;
+    case 3: sess_read(s, 1 + in_size(70000)); break;
+    case 4:
+      put(&b, TERMINATE, sizeof TERMINATE);
+      if (in_u8() & 1) put_client_message(&b, 0); /* after the Terminate: the server never gets it */
+      break;
+    case 5:
+      if (s->fd >= 0 && !s->shut) {
+        shutdown(s->fd, SHUT_WR);
+        s->shut = 1;
+      }
+      break;
+    case 6: peer_close(&s->fd, &s->shut, &s->eof, (S->config & CFG_TCP_CLIENT) && (in_u8() & 1)); break;
+    default:
+      if (s->fd >= 0) shutdown(s->fd, SHUT_RD);
+      s->stopped = 1;
+      break;
+  }
+  if (b.n) {
+    if (verbose) fprintf(stderr, "session %d: client sends %zu bytes\n", s->index, b.n);
+    put(&s->pending, b.d, b.n);
+    sess_flush(s, SIZE_MAX);
+  }
+  bytes_free(&b);
+}
+
+/* The cooperating server does not answer what it read so far again (a reset's answer of the input's came): up to its last whole message. */
+static void answered_so_far(upstream_t *u) {
+  while (u->answered + 5 <= u->srv.got.n) {
+    uint32_t len = be32(u->srv.got.d + u->answered + 1);
+    if (len < 4 || u->answered + 1 + len > u->srv.got.n) break;
+    u->answered += 1 + len;
+  }
+}
+
+/*
+ * The server answers a reset as the input says: CommandComplete and ReadyForQuery idle, with a
+ * ParameterStatus, an error, another status or none before, bytes after, a length below 4, more
+ * than 64 KiB, raw bytes; in pieces (each its own write, the loop turning between), then maybe a close.
+ */
+static void server_reset_answer(upstream_t *u) {
+  static const unsigned char done[] = "C\0\0\0\020DISCARD ALL\0", idle[] = "Z\0\0\0\5I";
+  bytes_t b = { 0 }, body = { 0 };
+  unsigned kind = in_u8();
+  switch (kind % 8) {
+    case 0: put(&b, done, sizeof done - 1); put(&b, idle, sizeof idle - 1); break;
+    case 1: /* a ParameterStatus before or after the CommandComplete */
+      put(&body, "application_name\0x\0", 19);
+      if (kind & 8) put(&b, done, sizeof done - 1);
+      put_message(&b, 'S', &body);
+      if (!(kind & 8)) put(&b, done, sizeof done - 1);
+      put(&b, idle, sizeof idle - 1);
+      break;
+    case 2: /* an error, or a notice */
+      put(&body, "SERROR\0C42501\0Mno\0\0", 19);
+      put_message(&b, (kind & 8) ? 'N' : 'E', &body);
+      put(&b, idle, sizeof idle - 1);
+      break;
+    case 3: /* in a transaction, failed, or a ReadyForQuery alone (idle, or in a transaction) */
+      if (!(kind & 16)) put(&b, done, sizeof done - 1);
+      put(&b, "Z\0\0\0\5", 5);
+      put_u8(&b, "TEIT"[(kind >> 3) & 3]);
+      break;
+    case 4: /* bytes after the ReadyForQuery */
+      put(&b, done, sizeof done - 1);
+      put(&b, idle, sizeof idle - 1);
+      if (kind & 8) put(&b, "N\0\0\0\4", 5);
+      else put_u8(&b, in_u8());
+      break;
+    case 5: /* a length below 4, at once or after a CommandComplete */
+      if (kind & 8) put(&b, done, sizeof done - 1);
+      put(&b, "C\0\0\0\3", 5);
+      put(&b, idle, sizeof idle - 1);
+      break;
+    case 6: /* more than txclient.c keeps: one message of 70 KiB, or CommandCompletes */
+      if (kind & 8) {
+        put_u8(&b, 'N');
+        put_u32(&b, 70 * 1024 + 4);
+        put_pattern(&b, 70 * 1024, 3);
+      } else {
+        while (b.n < 70 * 1024) put(&b, done, sizeof done - 1);
+      }
+      put(&b, done, sizeof done - 1);
+      put(&b, idle, sizeof idle - 1);
+      break;
+    default:
+      for (size_t n = in_u8(); n > 0; n--) put_u8(&b, in_u8());
+      break;
+  }
+  srv_read(u, 65536);
+  answered_so_far(u);
+  size_t pieces = 1 + ((kind >> 5) & 3) % 3;
+  if (verbose) fprintf(stderr, "server %d: answers a reset with %zu bytes in %zu pieces\n", u->index, b.n, pieces);
+  for (size_t at = 0, i = 1; at < b.n; i++) {
+    size_t n = i >= pieces ? b.n - at : 1 + in_size(b.n - at - 1);
+    if (!server_write(&u->srv, b.d + at, n)) break;
+    server_flush(&u->srv, SIZE_MAX);
+    run_loop(1);
+    at += n;
+  }
+  if (kind & 0x80) { /* then it goes: close_notify and FIN */
+    u->faults = 1;
+    server_close_notify(&u->srv);
+    server_flush(&u->srv, SIZE_MAX);
+    server_fin(&u->srv);
+  }
+  bytes_free(&b);
+  bytes_free(&body);
+}
+
+/* The connection whose reset runs that `which` names (the next from it, in turn), else `otherwise`. */
+static upstream_t *resetting_upstream(unsigned which, upstream_t *otherwise) {
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *u = &S->ups[(which + (unsigned)i) % MAX_CONNS];
+    if (u->resetting) return u;
+  }
+  return otherwise;
+}
+
+/* The caller on a session's connection (DeskSession): an idle timeout lets the client go, any other end closes it; or it reads the state. */
+static void session_conn_step(session_client_t *s, unsigned action) {
+  upstream_t *u = s ? s->u : NULL;
+  if (!u || !u->conn) return;
+  account_all();
+  switch (action % 3) {
+    case 0:
+      if (verbose) fprintf(stderr, "pool: session %d: idle timeout\n", s->index);
+      lp_conn_detach(u->conn, LP_END_IDLE);
+      break;
+    case 1:
+      if (verbose) fprintf(stderr, "pool: session %d: close\n", s->index);
+      u->closed = u->dead = 1;
+      lp_conn_close(u->conn, LP_END_SHUTDOWN);
+      break;
+    default: {
+      int running;
+      double idle;
+      lp_conn_state(u->conn, &running, &idle);
+      if (running != 0 && running != 1) fail("session %d: lp_conn_state says running %d", s->index, running);
+      break;
+    }
+  }
+}
+
+/* Every connection is in one place: the pool's, lent to a client, idle on a desk, in a session, or resetting (between two steps). */
+static void places_check(void) {
+  for (int i = 0; i < MAX_CONNS; i++) {
+    upstream_t *u = &S->ups[i];
+    if (!u->conn) continue;
+    int places = pool_holds(u) + (u->lent_to != NULL) + u->idle + (u->session != NULL) + u->resetting;
+    if (places != 1)
+      fail("connection %d is in %d places (pool %d, lent %d, idle %d, session %d, resetting %d)", u->index, places, pool_holds(u), u->lent_to != NULL, u->idle, u->session != NULL,
+           u->resetting);
+    if ((u->idle || u->session || u->resetting) && !(u->join && u->join->on)) fail("connection %d on a desk with no ticket", u->index);
+    if (u->limbo != LIMBO_NONE || u->released_by) fail("connection %d between two readers (limbo %d) after a step", u->index, u->limbo);
+  }
+}
+
 /* A step of the engine or the pool with the desk: the next byte's low bits say which, its high bits how. */
 static void desk_step(unsigned which, upstream_t *u) {
   unsigned b = in_u8(), what = b % 16, param = b / 16;
@@ -1335,6 +2167,19 @@ static void desk_step(unsigned which, upstream_t *u) {
   if (verbose) fprintf(stderr, "desk step %u (%u)\n", what, param);
   if (what == 0) {
     desk_open(param);
+    return;
+  }
+  /* Session mode: a session's client, and the caller and the server of its connection, whether the desk is open or not. */
+  if (what == 14) {
+    session_client_step(pick_session(which / 2 + param), param / 2);
+    places_check();
+    return;
+  }
+  if (what == 15) {
+    if (param % 4 == 3) server_reset_answer(resetting_upstream(which / 2 + param / 4, u));
+    else session_conn_step(pick_session(which / 2 + param / 4), param % 4);
+    places_check();
+    desk_check(S->desk);
     return;
   }
   if (!k) return;
@@ -1365,8 +2210,15 @@ static void desk_step(unsigned which, upstream_t *u) {
       S->expiry_mode = (int)(param / 4 % 3);
       break;
     case 12: S->close_desk_last = param & 1; break;
+    case 13: /* session mode: the reset query, a park, a session's take (the next byte: its relay, or an untake), a sweep */
+      if (param % 4 == 0) desk_reset_query(k, param / 4);
+      else if (param % 4 == 1) desk_park(k, pool_holds(u) && !u->dead ? u : idle_upstream(), (int)(param / 4)); /* the step's connection, else any the pool can lend */
+      else if (param % 4 == 2) session_take(k, (int)(param / 4), in_u8());
+      else session_sweep(k, (const double[]){ 0, 1, 5, 1e9 }[param / 4]);
+      break;
     default: break;
   }
+  places_check();
   desk_check(S->desk);
 }
 
@@ -1549,8 +2401,14 @@ static void on_conn_data(lp_conn *conn, void *user, const unsigned char *data, s
   account_all();
   /* give_back() hands the connection to the pool's reader (unpaused, reading) just before `back`:
      bytes may come first. The lending must be over: none for the client after these. */
-  if (u->lent_to) u->returning = 1;
-  else if (u->join) fail("connection %d: the pool's reader got %s while it is on desk %d", u->index, data ? "bytes" : "its end", u->join->desk->index);
+  if (u->lent_to) {
+    u->returning = 1;
+  } else if (u->session) {
+    /* Only inside the session's end: the reset query's write failed and ended the connection (txclient.c's s_detached). */
+    if (data) fail("connection %d: the pool's reader got %zu bytes during a session", u->index, n);
+    if (verbose) fprintf(stderr, "connection %d: its end for the pool's reader inside its session's end\n", u->index);
+    u->session->write_failed = 1;
+  } else if (u->join) fail("connection %d: the pool's reader got %s while it is on desk %d", u->index, data ? "bytes" : "its end", u->join->desk->index);
   if (!data) {
     if (verbose) fprintf(stderr, "connection %d: end of its stream (%s)\n", u->index, error ? error : "clean");
     u->dead = 1;
@@ -1586,6 +2444,7 @@ static void on_conn_end(lp_conn *conn, void *user, enum lp_end end, double to_up
   if (verbose) fprintf(stderr, "connection %d: end %s\n", u->index, LP_END_NAMES[end]);
   if (u->lent_to) fail("connection %d: ended while lent to client %d, which was not told", u->index, u->lent_to->index);
   if (u->join) fail("connection %d: ended while on desk %d, which did not let it go", u->index, u->join->desk->index);
+  if (u->session) fail("connection %d: ended during session %d, which was not told", u->index, u->session->index);
   u->ends++;
   u->conn = NULL;
   u->dead = 1;
@@ -1681,7 +2540,7 @@ static void cl_read(client_t *c, size_t max) {
 }
 
 /* The client's bytes: units the fast path carries and everything else, cut or whole. */
-static void make_client_bytes(client_t *c, bytes_t *out) {
+static void make_client_bytes(size_t salt, bytes_t *out) {
   unsigned kind = in_u8();
   switch (kind % 8) {
     case 0: /* raw bytes of the input */
@@ -1709,7 +2568,7 @@ static void make_client_bytes(client_t *c, bytes_t *out) {
       put_u32(out, (uint32_t)(body + 5));
       bytes_t text = { 0 };
       put(&text, "select ", 7);
-      while (text.n < body) put_u8(&text, "abcdefghijklmnopqrstuvwxyz "[(text.n * 7 + c->sent.n) % 27]);
+      while (text.n < body) put_u8(&text, "abcdefghijklmnopqrstuvwxyz "[(text.n * 7 + salt) % 27]);
       put(out, text.d, body);
       put_u8(out, 0);
       bytes_free(&text);
@@ -1884,7 +2743,7 @@ static void step(void) {
   bytes_t b = { 0 };
   switch (op % 24) {
     case 0: case 1: /* the client sends */
-      make_client_bytes(c, &b);
+      make_client_bytes(c->sent.n, &b);
       put(&c->pending, b.d, b.n);
       cl_flush(c, SIZE_MAX);
       break;
@@ -1957,7 +2816,8 @@ static void step(void) {
         if (desk_id != ticket) fail("client %d: lp_client_state says desk id %d, the lent connection's ticket is %d", o->index, desk_id, ticket);
       }
       desk_check(S->desk);
-      if (u->conn) {
+      places_check();
+      if (u->conn && !u->session) {
         int running;
         double idle;
         lp_conn_state(u->conn, &running, &idle);
@@ -2009,14 +2869,15 @@ static size_t moved(void) {
   size_t n = 0;
   for (int i = 0; i < MAX_CLIENTS; i++) n += S->clients[i].sent.n + S->clients[i].got.n + S->clients[i].at + (size_t)S->clients[i].counters[1];
   for (int i = 0; i < MAX_CONNS; i++) n += S->ups[i].srv.flushed + S->ups[i].srv.got.n + S->ups[i].srv_at + S->ups[i].srv.sent.n;
+  for (int i = 0; i < MAX_SESSIONS; i++) n += S->sessions[i].stream.n + S->sessions[i].got.n + (size_t)S->sessions[i].counters[0] + (size_t)S->sessions[i].counters[1];
   return n;
 }
 
 static int desk_waiting(void) {
   if (!S->desk) return 0;
-  int idle, count, waiting;
+  int idle, count, waiting, resetting;
   double max_wait;
-  lp_desk_stats(S->desk->handle, &idle, &count, &waiting, &max_wait);
+  lp_desk_stats(S->desk->handle, &idle, &count, &waiting, &max_wait, &resetting);
   return waiting;
 }
 
@@ -2061,6 +2922,12 @@ static void cooperate(void) {
       cl_flush(c, SIZE_MAX);
       cl_read(c, 65536);
     }
+    for (int i = 0; i < MAX_SESSIONS; i++) {
+      session_client_t *s = &S->sessions[i];
+      if (!s->open) continue;
+      sess_flush(s, SIZE_MAX);
+      sess_read(s, 65536);
+    }
     for (int i = 0; i < MAX_CONNS; i++) {
       upstream_t *u = &S->ups[i];
       if (!u->open) continue;
@@ -2092,6 +2959,7 @@ static void cooperate(void) {
 static void check_settled(void) {
   phase = "settled";
   desk_check(S->desk);
+  places_check();
   if (desk_waiting() > 0) fail("desk %d: %d clients wait on it after the peers cooperated", S->desk->index, desk_waiting());
   for (int i = 0; i < MAX_CLIENTS; i++) {
     client_t *c = &S->clients[i];
@@ -2153,6 +3021,19 @@ static void drain(void) {
     if (c->k && (S->config & CFG_END)) engine_end(c);
     else if (c->k) engine_close(c);
   }
+  /* The sessions' clients leave: a Terminate and a FIN (CFG_END), or a close. */
+  for (int i = 0; i < MAX_SESSIONS; i++) {
+    session_client_t *s = &S->sessions[i];
+    if (s->fd < 0) continue;
+    if (S->config & CFG_END) {
+      put(&s->pending, TERMINATE, sizeof TERMINATE);
+      sess_flush(s, SIZE_MAX);
+      shutdown(s->fd, SHUT_WR);
+      s->shut = 1;
+    } else {
+      peer_close(&s->fd, &s->shut, &s->eof, 0);
+    }
+  }
   int turns = 0;
   for (int open = 1; open && turns < 300; turns++) {
     open = 0;
@@ -2163,15 +3044,33 @@ static void drain(void) {
       if (c->eof || c->stopped) peer_close(&c->fd, &c->shut, &c->eof, 0);
       open |= c->k != NULL;
     }
+    int sessions = 0;
+    for (int i = 0; i < MAX_SESSIONS; i++) {
+      session_client_t *s = &S->sessions[i];
+      if (!s->open) continue;
+      sess_flush(s, SIZE_MAX);
+      sess_read(s, 65536);
+      if (s->eof || s->stopped) peer_close(&s->fd, &s->shut, &s->eof, 0);
+      sessions += s->tolds == 0;
+    }
+    open |= sessions > 0;
     for (int i = 0; i < MAX_CONNS; i++) {
       upstream_t *u = &S->ups[i];
       if (!u->open) continue;
       if (pool_holds(u)) pool_close(u);
       srv_read(u, 65536);
+      if (u->resetting) { /* the server answers the reset; one whose answer never completes goes (the sweep is the pool's, and stops with it) */
+        server_answer(u);
+        server_flush(&u->srv, SIZE_MAX);
+        if (turns > 50) {
+          u->faults = 1;
+          peer_close(&u->srv.fd, &u->srv.shut, &u->srv.eof, 0);
+        }
+      }
       open |= u->conn != NULL;
     }
     /* The desk last: once its clients are gone (then its end comes at once, or as its connections leave). */
-    int clients = 0;
+    int clients = sessions;
     for (int i = 0; i < MAX_CLIENTS; i++) clients += S->clients[i].k != NULL;
     if (!clients) desk_close(S->desk);
     for (int i = 0; i < S->desks_opened; i++) open |= S->desks[i].handle != NULL;
@@ -2184,6 +3083,8 @@ static void drain(void) {
     if (S->ups[i].conn) fail("connection %d did not end (%d turns after the pool closed it)", i, turns);
   for (int i = 0; i < S->desks_opened; i++)
     if (S->desks[i].handle) fail("desk %d did not end (%d turns after it was closed)", i, turns);
+  for (int i = 0; i < MAX_SESSIONS; i++)
+    if (S->sessions[i].open && S->sessions[i].tolds == 0) fail("session %d did not end (%d turns after its client left)", i, turns);
 }
 
 static void verify_session(void) {
@@ -2210,6 +3111,14 @@ static void verify_session(void) {
   }
   for (int i = 0; i < S->desks_opened; i++)
     if (S->desks[i].ends != 1) fail("desk %d: %d end callbacks", i, S->desks[i].ends);
+  for (int i = 0; i < MAX_SESSIONS; i++) {
+    session_client_t *s = &S->sessions[i];
+    if (!s->open) continue;
+    if (verbose) fprintf(stderr, "session %d: sent %zu (%zu before), got %zu of %zu, counters [%g, %g], farewells %d\n", i, s->stream.n, s->first_n, s->got.n, s->expected.n, s->counters[0],
+                         s->counters[1], s->farewells);
+    if (s->tolds != 1) fail("session %d: %d `session` callbacks", i, s->tolds);
+    check_session_bytes(s);
+  }
 }
 
 static void free_session(void) {
@@ -2230,7 +3139,18 @@ static void free_session(void) {
     if (u->open) server_free(&u->srv);
     bytes_free(&u->up_expected);
     bytes_free(&u->unread);
+    bytes_free(&u->reset_answer);
   }
+  for (int i = 0; i < MAX_SESSIONS; i++) {
+    session_client_t *s = &S->sessions[i];
+    if (s->fd >= 0) close(s->fd);
+    bytes_free(&s->pending);
+    bytes_free(&s->stream);
+    bytes_free(&s->got);
+    bytes_free(&s->expected);
+    bytes_free(&s->relayed);
+  }
+  for (int i = 0; i < S->desks_opened; i++) bytes_free(&S->desks[i].reset_query);
 }
 
 static void run_session(unsigned config) {
@@ -2246,6 +3166,10 @@ static void run_session(unsigned config) {
   for (int i = 0; i < MAX_CONNS; i++) {
     s.ups[i].index = i;
     s.ups[i].srv.fd = -1;
+  }
+  for (int i = 0; i < MAX_SESSIONS; i++) {
+    s.sessions[i].index = i;
+    s.sessions[i].fd = -1;
   }
   const char *error = NULL;
   s.ctx = lp_ctx_new(0, 0, NULL, 0, &error);

@@ -113,6 +113,43 @@ const desk = {
 // With a desk open, a CommandComplete takes one more byte: its tag (SELECT 1, SET, LISTEN, DISCARD ALL).
 const TAG = { select: 0, set: 1 };
 const deskAnswer = (...messages) => [op(4), 1, messages.length - 1, ...messages.flatMap(([type, arg]) => [ANSWER[type], ...(type === 'Z' ? [STATUS[arg ?? 'I']] : type === 'C' ? [TAG[arg ?? 'select']] : 'DNEA'.includes(type) ? [arg ?? 20] : [])])];
+// Session mode on the desk (desk steps 13 to 15, see desk_step()): the pool's reset query, parks, takes and sweeps; a session's client; its connection and server.
+const RESET_QUERY = { discardAll: 0, none: 1, twoCommands: 2, sync: 3 };
+// A take's next byte: its relay (a greeting: none, a login's answer, raw bytes, or one larger than a socket takes; FIRST: the client's bytes read before), an untake, or a relay that fails.
+// An untake first relays and untakes another ticket ((how >> 4) % (tickets + 1) + 1), which changes nothing.
+const RELAY = { plain: 0, untake: 2, badFd: 3, hello: 1 << 2, bigHello: 3 << 2, FIRST: 0x40 };
+// The server's answers to a reset (server_reset_answer): the kind's low 3 bits, a variant (8, 16), pieces ((kind >> 5 & 3) % 3 + 1), then a close (0x80).
+const RESET = { plain: 0, parameterStatus: 1, error: 2, inTransaction: 3, readyAlone: 3 | (2 << 3), extraAfter: 4 | 8, shortLength: 5, oversize: 6 | 8, raw: 7, PIECES3: 2 << 5, CLOSE: 0x80 };
+const SWEEP = { ms0: 0, ms1: 1, ms5: 2, never: 3 };
+const session = {
+  resetQuery: (kind) => deskStep(13, 0 + 4 * kind),
+  park: (sid = 1) => deskStep(13, 1 + 4 * sid), // the step's connection (the last opened), else the first the pool can lend
+  // `more`: the bytes the relay reads (the greeting's, the client's first).
+  take: (sid = 1, how = RELAY.hello, more = []) => [deskStep(13, 2 + 4 * sid), how, ...more],
+  sweep: (t) => deskStep(13, 3 + 4 * t),
+  // The session's client (`k`: among two open, 0 or 1).
+  client: (action, k = 0) => deskStep(14, 2 * action + k),
+  query: (text = TEXT.select1, k = 0) => [deskStep(14, 2 + k), text],
+  send: (bytes, k = 0) => [deskStep(14, k), 0, bytes.length, ...bytes], // raw bytes
+  message: (message, k = 0) => [deskStep(14, k), 5, ...message],
+  read: (k = 0) => [deskStep(14, 6 + k), 0xff, 0xff],
+  terminate: (then = null, k = 0) => [deskStep(14, 8 + k), then === null ? 0 : 1, ...(then === null ? [] : [then])],
+  fin: (k = 0) => deskStep(14, 10 + k),
+  close: (k = 0) => deskStep(14, 12 + k),
+  // The caller on the session's connection: an idle timeout (detach), a close, its state.
+  idleTimeout: (k = 0) => deskStep(15, 0 + 4 * k),
+  closeConn: (k = 0) => deskStep(15, 1 + 4 * k),
+  state: (k = 0) => deskStep(15, 2 + 4 * k),
+  // The server of a connection whose reset runs (else the step's) answers it (`more`: the raw bytes, or the pieces' sizes as u16).
+  resetAnswer: (kind, more = []) => [deskStep(15, 3), kind, ...more],
+};
+/** A session's Query reaches the server, and its answer the session's client. */
+const sessionRoundTrip = (k = 0) => [session.query(TEXT.select1, k), step.loop(2), step.serverRead(), step.answer(), step.serverFlush(), step.loop(2), session.read(k)];
+/** The session's client leaves with a Terminate; its reset query reaches the server. */
+const sessionLeaves = [session.terminate(), step.loop(2), step.serverRead()];
+/** The cooperating server answers the reset. */
+const resetAnswered = [step.answer(), step.serverFlush(), step.loop(2), step.state()];
+
 /** The server reads, answers every Query and Sync, and the answers reach the clients. */
 const answerAll = [step.serverRead(), step.answer(), step.serverFlush(), step.loop(3), step.clientRead(), step.clientRead(65536, 1)];
 
@@ -196,6 +233,57 @@ const seeds = {
   // A client waiting on the desk put in other settings: it asks the pool (need, with how long it waited).
   'desk-moved-while-waiting': [TWO_CLIENTS, desk.open(), step.fast(0, 0), step.fast(0, 1), step.clientQuery(), step.loop(2), step.lend(), step.loop(2), [op(0, 1), 1, TEXT.now],
     step.loop(2), step.later(), desk.client(3), step.state(), ...answerAll],
+  // Session mode: parked, taken for a session (greeted), a Query relayed, the client's Terminate, the reset answered plainly: idle on the desk again.
+  'session-reset-clean': [0, desk.open(), session.park(), session.take(), ...sessionRoundTrip(), ...sessionLeaves, ...resetAnswered, session.take(1, RELAY.plain), ...sessionRoundTrip(1)],
+  // The reset's answers that go to the pool (`reset`): a ParameterStatus, an error, a transaction, bytes after the ReadyForQuery, a length below 4, 70 KiB; then a ReadyForQuery alone.
+  'session-reset-parameter-status': [0, desk.open(), session.park(), session.take(), ...sessionRoundTrip(), ...sessionLeaves, session.resetAnswer(RESET.parameterStatus), step.loop(2), step.state()],
+  'session-reset-error': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.error), step.loop(2), step.state()],
+  'session-reset-in-transaction': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.inTransaction), step.loop(2)],
+  'session-reset-extra-after-ready': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.extraAfter), step.loop(2)],
+  'session-reset-short-length': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.shortLength), step.loop(2)],
+  'session-reset-oversize': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.oversize), step.loop(3)],
+  // A plain answer in three writes (each read apart), then the server closes: idle, then out (ended).
+  'session-reset-split-then-close': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.plain | RESET.PIECES3 | RESET.CLOSE, [0, 3, 0, 9]),
+    step.loop(3), step.state()],
+  // The client leaves in the middle of a Query's answer (a FIN): back to the pool, abandoned; in a transaction: back, and the pool rolls it back.
+  'session-client-eof-mid-query': [0, desk.open(), session.park(), session.take(), session.query(), step.loop(2), step.serverRead(), step.serverMessages(['D', 30]), step.serverFlush(),
+    step.loop(2), session.fin(), step.loop(3), step.state()],
+  'session-transaction-left-open': [0, desk.open(), session.park(), session.take(), session.query(TEXT.begin), step.loop(2), step.serverRead(), deskAnswer(['C'], ['Z', 'T']),
+    step.serverFlush(), step.loop(2), session.read(), ...sessionLeaves, step.answer(), step.serverFlush(), step.loop(2), step.state()],
+  // A client cut off in the middle of a message: its bytes are not whole, back to the pool.
+  'session-client-cut-message': [0, desk.open(), session.park(), session.take(), session.send([0x51, 0, 0, 0, 20, 0x53]), step.loop(2), session.close(), step.loop(3)],
+  // The server goes between two messages: the session's client gets the farewell, the session ends with its connection.
+  'session-upstream-close': [0, desk.open(), session.park(), session.take(), ...sessionRoundTrip(), step.serverClose(), step.loop(3), session.read(), step.loop(2)],
+  // The reset is never answered: the sweep ends it (`reset` with no answer).
+  'session-sweep': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.sweep(SWEEP.never), step.later(), session.sweep(SWEEP.ms0), step.loop(2), step.state()],
+  // The desk closes while the reset runs: clean, the connection goes out (released).
+  'session-desk-closed-during-reset': [0, desk.open(), session.park(), session.take(), ...sessionRoundTrip(), ...sessionLeaves, desk.close(), ...resetAnswered],
+  // The pool's clients wait (js_waiting): a clean session's connection goes back to the pool.
+  'session-js-waiting': [0, desk.open(), session.park(), session.take(), desk.set(false, true), ...sessionRoundTrip(), ...sessionLeaves, step.state()],
+  // The caller ends a session: an idle timeout (the client goes, the connection is reset), or a close (it ends).
+  'session-idle-timeout': [0, desk.open(), session.park(), session.take(), ...sessionRoundTrip(), session.idleTimeout(), step.loop(2), step.serverRead(), ...resetAnswered, session.read()],
+  'session-close': [0, desk.open(), session.park(), session.take(), session.query(), step.loop(2), session.closeConn(), step.loop(3), session.read()],
+  // No reset query: idle at once; a transaction client waiting on the desk gets the session's connection after its reset.
+  'session-no-reset-query': [0, desk.open(), session.resetQuery(RESET_QUERY.none), session.park(), session.take(), ...sessionRoundTrip(), ...sessionLeaves, session.take(1, RELAY.plain),
+    ...sessionRoundTrip(1)],
+  'session-then-waiting-client': [0, desk.open(), session.park(), session.take(), step.fast(), step.clientQuery(), step.loop(2), step.state(), ...sessionLeaves, ...resetAnswered,
+    step.serverRead(), step.answer(), step.serverFlush(), step.loop(2), step.clientRead(), step.state()],
+  // Untaken; a relay that cannot start (untaken); settings with no connection; a stale one (check delay 0) goes out.
+  'session-untake-refused-stale': [0, desk.open(), session.park(), session.take(1, RELAY.untake), session.take(1, RELAY.badFd), session.take(2), desk.config(WAIT.ms8, CHECK.ms0),
+    session.take(1), step.state()],
+  // The client's first bytes end with a Terminate: the session ends inside the relay's start.
+  'session-first-terminate': [0, desk.open(), session.park(), session.take(1, RELAY.hello | RELAY.FIRST, [5, ...msg.terminate()]), step.loop(2), step.serverRead(), ...resetAnswered],
+  // A greeting larger than the socket takes, a client that reads slowly; two sessions on two connections.
+  'session-big-hello-two': [SMALL_BUFFERS, step.openConnection(), desk.open(), session.park(1), session.park(2), session.take(1, RELAY.bigHello, [100]), session.take(2), step.loop(2),
+    session.read(), step.loop(2), session.read(), session.query(TEXT.now, 1), step.loop(2), step.serverRead(), step.answer(), step.serverFlush(), step.loop(2), session.read(1),
+    session.terminate(TEXT.select1, 1), step.loop(2), session.close(), step.loop(3)],
+  // A Sync for a reset query (the server answers it as a Query); the client leaves by a close, between two messages.
+  'session-reset-sync-query': [0, desk.open(), session.resetQuery(RESET_QUERY.sync), session.park(), session.take(), ...sessionRoundTrip(), session.close(), step.loop(2), step.serverRead(),
+    ...resetAnswered],
+  // Reactions (REACT: the byte after a loop is the reaction of the callback in it): the sweep inside a session's end ends its reset at once (then the pool closes it);
+  // the desk closed inside another's end (its reset answered: out, released).
+  'session-react-inside-end': [REACT, desk.open(), session.park(), session.take(), session.terminate(), step.loop(), 0, 1, session.take(), step.state(), step.openConnection(),
+    session.park(), session.take(), session.terminate(null, 1), step.loop(), 1, step.serverRead(), ...resetAnswered],
   'tls12-end-clients': [TLS12 | END_CLIENTS, step.fast(), step.clientExtended(TEXT.select1, 16), ...roundTrip],
   // Raw: the first half of the bytes is the unit, the second what comes behind it.
   'pure-raw-query': [PURE, 0, 0x51, 0, 0, 0, 13, ...Buffer.from('SELECT 1\0'), 0x53, 0, 0, 0, 4, ...Buffer.from('garbage\0\0')],
