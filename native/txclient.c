@@ -1186,7 +1186,7 @@ static void reset_sink(lp_conn *c, void *user, const unsigned char *data, size_t
   }
   const unsigned char *p = e->answer.data + e->answer.off;
   size_t have = pending(&e->answer), at = 0;
-  int plain = 1;
+  int plain = 1, completed = 0;
   /* Not a message, or more than a reset answers: the caller reads it (and closes the connection). */
   if (have > RESET_ANSWER_LIMIT) {
     reset_out(e, 1);
@@ -1203,7 +1203,7 @@ static void reset_sink(lp_conn *c, void *user, const unsigned char *data, size_t
     at += 1 + (size_t)length;
     if (type == 'Z') {
       int idle = length == 5 && p[at - 1] == 'I';
-      if (!plain || !idle || at != have) {
+      if (!plain || !completed || !idle || at != have) {
         reset_out(e, 1);
         return;
       }
@@ -1219,7 +1219,8 @@ static void reset_sink(lp_conn *c, void *user, const unsigned char *data, size_t
       entry_park(e);
       return;
     }
-    if (type != 'C') plain = 0; /* a ParameterStatus, a notice, an error: the caller reads them once the ReadyForQuery came */
+    if (type == 'C') completed = 1;
+    else plain = 0; /* a ParameterStatus, a notice, an error: the caller reads them once the ReadyForQuery came */
   }
 }
 

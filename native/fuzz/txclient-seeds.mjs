@@ -242,6 +242,8 @@ const seeds = {
   'session-reset-extra-after-ready': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.extraAfter), step.loop(2)],
   'session-reset-short-length': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.shortLength), step.loop(2)],
   'session-reset-oversize': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.oversize), step.loop(3)],
+  // A ReadyForQuery alone (no CommandComplete) is no plain answer: to the pool (`reset`), which reads it.
+  'session-reset-ready-alone': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.readyAlone), step.loop(2), step.state()],
   // A plain answer in three writes (each read apart), then the server closes: idle, then out (ended).
   'session-reset-split-then-close': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.plain | RESET.PIECES3 | RESET.CLOSE, [0, 3, 0, 9]),
     step.loop(3), step.state()],
