@@ -119,7 +119,7 @@ const RESET_QUERY = { discardAll: 0, none: 1, twoCommands: 2, sync: 3 };
 // An untake first relays and untakes another ticket ((how >> 4) % (tickets + 1) + 1), which changes nothing.
 const RELAY = { plain: 0, untake: 2, badFd: 3, hello: 1 << 2, bigHello: 3 << 2, FIRST: 0x40 };
 // The server's answers to a reset (server_reset_answer): the kind's low 3 bits, a variant (8, 16), pieces ((kind >> 5 & 3) % 3 + 1), then a close (0x80).
-const RESET = { plain: 0, parameterStatus: 1, error: 2, inTransaction: 3, readyAlone: 3 | (2 << 3), extraAfter: 4 | 8, shortLength: 5, oversize: 6 | 8, raw: 7, PIECES3: 2 << 5, CLOSE: 0x80 };
+const RESET = { plain: 0, parameterStatus: 1, error: 2, inTransaction: 3, readyAlone: 3 | (2 << 3), extraAfter: 4 | 8, shortLength: 5, oversize: 6 | 8, raw: 7, PIECES2: 1 << 5, PIECES3: 2 << 5, CLOSE: 0x80 };
 const SWEEP = { ms0: 0, ms1: 1, ms5: 2, never: 3 };
 const session = {
   resetQuery: (kind) => deskStep(13, 0 + 4 * kind),
@@ -237,7 +237,8 @@ const seeds = {
   'session-reset-clean': [0, desk.open(), session.park(), session.take(), ...sessionRoundTrip(), ...sessionLeaves, ...resetAnswered, session.take(1, RELAY.plain), ...sessionRoundTrip(1)],
   // The reset's answers that go to the pool (`reset`): a ParameterStatus, an error, a transaction, bytes after the ReadyForQuery, a length below 4, 70 KiB; then a ReadyForQuery alone.
   'session-reset-parameter-status': [0, desk.open(), session.park(), session.take(), ...sessionRoundTrip(), ...sessionLeaves, session.resetAnswer(RESET.parameterStatus), step.loop(2), step.state()],
-  'session-reset-error': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.error), step.loop(2), step.state()],
+  // The error in a read of its own: the answer waits for its ReadyForQuery.
+  'session-reset-error': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.error | RESET.PIECES2, [0, 23]), step.loop(2), step.state()],
   'session-reset-in-transaction': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.inTransaction), step.loop(2)],
   'session-reset-extra-after-ready': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.extraAfter), step.loop(2)],
   'session-reset-short-length': [0, desk.open(), session.park(), session.take(), ...sessionLeaves, session.resetAnswer(RESET.shortLength), step.loop(2)],
