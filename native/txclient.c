@@ -438,8 +438,10 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
   lp_client *k = uv_handle_get_data((uv_handle_t *)handle);
   if (k->closing) return;
   if (status < 0) {
+    /* libuv has stopped the poll: nothing more comes from this socket. Its end read already, or
+       our FIN sent, nothing is left to wait for (the linger timer would only close it later). */
     k->polling = 0;
-    if (k->write_shut) teardown(k);
+    if (k->write_shut || k->read_done) teardown(k);
     else client_ended(k, "socket error");
     return;
   }
