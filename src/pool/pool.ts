@@ -577,8 +577,9 @@ export class Pool {
     // Then to a client waiting on the desk for a connection in these settings.
     server.state = 'active';
     if (this.#desk?.offer(server, serverSettingsId(server))) return;
-    // Session mode: idle on the desk, where the next client of its parameters takes it in C.
-    if (this.#sessionDesk?.park(server, this.#sid(server.loginKey))) return;
+    // Session mode: idle on the desk, where the next client of its parameters takes it in C. Not
+    // while clients of other parameters wait here: woken below, the first evicts it for its login.
+    if (this.#waiters.length === 0 && this.#sessionDesk?.park(server, this.#sid(server.loginKey))) return;
     this.#toIdle(server, 'newest');
     this.#wakeOne();
   }
