@@ -217,9 +217,8 @@ export class Pool {
     if (how === 'reset') this.#observer.reset();
   }
 
-  /** The reset C ran after a session answered more than it expected (ParameterStatus, a notice) or failed. */
+  /** The reset C ran after a session answered more than it expected (ParameterStatus, a notice) or failed (counted when its session ended). */
   #resetAnswered(server: ServerConnection, answer: Buffer | null): void {
-    this.#observer.reset();
     const result = answer ? readAnswer(answer) : { ok: false, parameters: [] };
     for (const [name, value] of result.parameters) server.setParameter(name, value);
     if (!result.ok || server.closed || this.#closed || this.#paused) {
