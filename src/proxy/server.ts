@@ -698,10 +698,12 @@ export class ProxyServer {
     Object.assign(session.state, { state: 'active', since: Date.now(), relay: 'native' });
     this.#observer.sessionStarted('native');
     this.#log.debug({ peer, user: c.user, database, relay: 'native', onDesk: true }, 'session started');
-    const giveBack = (): void => {
+    const giveBack = (end: RelayEnd): void => {
       clientKey.release();
-      // Back to the pool (to roll back, to close): as a pooled relay's detach. Kept on the desk (reset in C) or ended: nothing to do.
+      // Back to the pool (to roll back, to close): as a pooled relay's detach. Ended: closed, for the
+      // reason a pooled relay's end gives (the pool forgets it now). Kept on the desk (reset in C): nothing to do.
       if (relay.how === 'back') pool.release(server, relay.detached, false);
+      else if (relay.how === 'ended') pool.release(server, undefined, end === 'upstream_closed' || end === 'upstream_error');
       this.#dropIfEmpty(database);
     };
     this.#whenEnded(session, relay, giveBack, { peer, user: c.user, database, started: c.started, relay: 'native', pooled: true, reused: true });
