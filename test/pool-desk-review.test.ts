@@ -7,7 +7,10 @@
  * - a reset C ran after a desk session is counted once in server_resets_total, also when its
  *   answer went to JavaScript (a ParameterStatus);
  * - a desk session's connection closed at shutdown is counted as closed for shutdown, as a
- *   session on a connection from the pool's JavaScript side is, not as closed by the server.
+ *   session on a connection from the pool's JavaScript side is, not as closed by the server;
+ * - a CancelRequest still on its way for a client that has left does not cancel the query of the
+ *   next client its connection serves (session mode had no guard, before 73e4ae5 either;
+ *   transaction mode has one, TransactionSession's #cancelling). Unfixed.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,8 +19,10 @@ import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
-import { pgClient, waitUntil } from './reliability-support.js';
-import { lockGate } from './pool-transaction-desk-review-support.js';
+import { readFileSync } from 'node:fs';
+import { cancelRequest, pgClient, waitUntil } from './reliability-support.js';
+import { serialize, type WireClient } from './harness/wire.js';
+import { ask, firstValue, lockGate, startHoldingForwarder, waitsOnLock, wireOpen } from './pool-transaction-desk-review-support.js';
 import { native } from '../src/proxy/native-relay.js';
 import { Metrics } from '../src/ops/metrics.js';
 import type { ProxyObserver } from '../src/proxy/observer.js';
@@ -26,7 +31,9 @@ let db: TestPostgres;
 const token = 'tok-' + randomBytes(600).toString('base64url');
 
 before(async () => {
-  db = await startTokenPostgres(token);
+  // The cancel's signal (DEBUG2, logged just before it is sent) and the statements, in the order they happened.
+  db = await startTokenPostgres(token, { extraConf: { log_min_messages: 'debug2', log_statement: 'all' } });
+  await db.query(`create table desk_review_cancel_a (); create table desk_review_cancel_b (); grant select on desk_review_cancel_a, desk_review_cancel_b to public`);
   // A reset (ServerResetQuery) that waits on this table's lock while the test holds it, and answers plainly (CommandComplete "DO").
   await db.query('create table desk_review_reset_gate (); grant select on desk_review_reset_gate to public');
 });
@@ -153,4 +160,72 @@ test("server_closes_total: a desk session's connection closed at shutdown counts
   const text = await metrics.text();
   assert.equal(sample(text, 'server_closes_total', ',reason="server_closed"'), 0, 'the server closed nothing');
   assert.equal(sample(text, 'server_closes_total', ',reason="shutdown"'), 1);
+});
+
+test("a desk session's cancel still on its way when its client left does not cancel the next client's query on that connection", { skip }, async () => {
+  const forwarder = await startHoldingForwarder(db);
+  const connection = `Server=localhost;Port=${forwarder.port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database};PoolSize=1;QueryWaitTimeout=60s`;
+  const proxy = await startProxy(['--connection', connection, '--relay', 'native']);
+  const app = { application_name: 'desk-review-cancel' };
+  const gateA = await lockGate(db, 'desk_review_cancel_a');
+  const gateB = await lockGate(db, 'desk_review_cancel_b');
+  let a: WireClient | undefined;
+  let b: WireClient | undefined;
+  try {
+    const first = await wireOpen(proxy.port, db, app);
+    await ask(first, 'select 1');
+    first.end();
+    await waitUntil(() => deskIdle(proxy) === 1, 5000, 'the connection parked on the desk (precondition)');
+    a = await wireOpen(proxy.port, db, app);
+    assert.equal(sessionsOnDesk(proxy), 1, "a's session runs on the desk (precondition)");
+    const backend = firstValue(await ask(a, 'select pg_backend_pid()'));
+    a.send(serialize.query('select count(*) from desk_review_cancel_a'));
+    const aDone = a.untilReady(1, 30_000);
+    await waitUntil(() => waitsOnLock(db, 'desk_review_cancel_a'), 10_000, "a's query runs (precondition)");
+    // a's cancel: the proxy opens a new connection to the server for it, held here.
+    forwarder.hold();
+    void cancelRequest(proxy.port, a.processId, a.secretKey);
+    await waitUntil(() => forwarder.held === 1, 5000, 'the proxy sent the cancel (precondition)');
+    await gateA.open();
+    assert.ok(!(await aDone).some((m) => m.name === 'error'), 'a finished before its cancel arrived');
+    a.end(); // between two queries: C resets its connection
+    await waitUntil(() => sessionsEnded(proxy) === 2, 5000, "a's session ended");
+
+    // b, of a's parameters: greeted at once on a's connection (the defect), or made to wait until the cancel landed.
+    let greeted: WireClient | undefined;
+    const opening = wireOpen(proxy.port, db, app).then((client) => (greeted = client));
+    await waitUntil(() => greeted !== undefined || (pool(proxy)?.stats.waiting ?? 0) + (pool(proxy)?.stats.loggingIn ?? 0) > 0, 10_000, 'b greeted, or waiting');
+    const marker = "select 'desk-review-b' as marker, count(*) from desk_review_cancel_b";
+    let bDone: Promise<unknown> | undefined;
+    let bAnswered = false;
+    const query = (client: WireClient): void => {
+      client.send(serialize.query(marker));
+      bDone = client.untilReady(1, 60_000).finally(() => (bAnswered = true));
+    };
+    if (greeted) {
+      b = greeted;
+      query(b);
+      await waitUntil(() => waitsOnLock(db, 'desk_review_cancel_b'), 10_000, "b's query runs before the cancel arrives");
+    }
+    forwarder.release();
+    const signalled = `processing cancel request: sending SIGINT to process ${String(backend)}`;
+    await waitUntil(() => readFileSync(db.logFile, 'utf8').includes(signalled), 20_000, 'the server signalled the backend');
+    if (!b) {
+      b = await opening;
+      query(b);
+    }
+    // b's query waits on its lock until the test opens it: a cancel that reached it answers it at once, with an error.
+    await waitUntil(async () => bAnswered || (await waitsOnLock(db, 'desk_review_cancel_b')), 20_000, "b's query runs once the cancel arrived");
+    await gateB.open();
+    const got = firstValue((await bDone) as Parameters<typeof firstValue>[0]);
+    assert.equal(got, 'desk-review-b', `b's query was cancelled by a's CancelRequest: ${String(got)}`);
+  } finally {
+    forwarder.release();
+    await gateA.close();
+    await gateB.close();
+    a?.socket.destroy();
+    b?.socket.destroy();
+    await proxy.close();
+    await forwarder.close();
+  }
 });
