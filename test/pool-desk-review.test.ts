@@ -162,6 +162,32 @@ test("server_closes_total: a desk session's connection closed at shutdown counts
   assert.equal(sample(text, 'server_closes_total', ',reason="shutdown"'), 1);
 });
 
+test('shutdown: a connection whose reset C runs closes at once, like the idle ones (the janitor that would time the reset out has stopped)', { skip }, async () => {
+  const metrics = new Metrics();
+  const proxy = await startProxy(['--connection', connectionFor(db, token, 'ServerResetQuery="do $$begin perform count(*) from desk_review_reset_gate; end$$"'), '--relay', 'native'], {
+    observer: metrics.observerFor('review'),
+  });
+  const app = { application_name: 'desk-review-g' };
+  const closedForShutdown = async (): Promise<number> => sample(await metrics.text(), 'server_closes_total', ',reason="shutdown"');
+  try {
+    const pid = await session(proxy, pidOf, app);
+    await waitUntil(() => deskIdle(proxy) === 1, 5000, 'the connection parked on the desk (precondition)');
+    const gate = await lockGate(db, 'desk_review_reset_gate');
+    try {
+      assert.equal(await session(proxy, pidOf, app), pid);
+      assert.equal(sessionsOnDesk(proxy), 1, 'the second session ran on the desk (precondition)');
+      await waitUntil(() => pool(proxy)?.desk?.stats.resetting === 1, 5000, 'C resets the connection (precondition)');
+      await proxy.close();
+      // The reset waits on the lock for as long as the test holds it: the connection must not.
+      await waitUntil(async () => (await closedForShutdown()) === 1, 5000, 'the connection closed at shutdown');
+    } finally {
+      await gate.close();
+    }
+  } finally {
+    await proxy.close();
+  }
+});
+
 test("a desk session's cancel still on its way when its client left does not cancel the next client's query on that connection", { skip }, async () => {
   const forwarder = await startHoldingForwarder(db);
   const connection = `Server=localhost;Port=${forwarder.port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database};PoolSize=1;QueryWaitTimeout=60s`;
