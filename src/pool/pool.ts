@@ -471,6 +471,9 @@ export class Pool {
     clearTimeout(this.#deadlineTimer);
     this.#deadlineTimer = undefined;
     for (const server of this.#idle.splice(0)) this.#close(server, 'shutdown');
+    // Resets C runs end now (their connections would close at the end anyway), not at whatever
+    // time the server answers: the janitor, whose sweep would end one that takes too long, stops here.
+    this.#desk?.sweep(0);
     this.#desk?.close(); // its waiting clients ask the pool, and are refused; its idle connections close
     this.#wakeAll();
   }
