@@ -34,6 +34,7 @@
  *                onFarewell(id, reason|null) -> Buffer, onReset(id, answer|null)): once, before the rest;  deskResetQuery(desk, message)
  *   deskPark(desk, conn, id, sid, expiresInMs) -> boolean;  deskTake(desk, sid) -> id | 0;  deskUntake(desk, id)
  *   deskRelay(desk, id, clientFd, hello, first) -> undefined | string (then: state, detach, close of the connection);  deskSweep(desk, resetTimeoutMs)
+ *   deskHold(desk, id)
  *
  * Descriptors are taken as copies (dup): the caller closes its own.
  */
@@ -1273,6 +1274,16 @@ static napi_value desk_sweep(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
+static napi_value desk_hold(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  dbinding_t *b = sessions_of(env, argv[0]);
+  int32_t id;
+  CHECK(napi_get_value_int32(env, argv[1], &id));
+  if (b) lp_desk_hold(b->desk, id);
+  return undefined(env);
+}
+
 static napi_value client_hold(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (get_args(env, info, 1, argv)) return NULL;
@@ -1352,6 +1363,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "deskUntake", NULL, desk_untake, NULL, NULL, NULL, napi_default, NULL },
     { "deskRelay", NULL, desk_relay, NULL, NULL, NULL, napi_default, NULL },
     { "deskSweep", NULL, desk_sweep, NULL, NULL, NULL, napi_default, NULL },
+    { "deskHold", NULL, desk_hold, NULL, NULL, NULL, napi_default, NULL },
     { "textPlain", NULL, text_plain, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));

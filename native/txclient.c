@@ -96,6 +96,7 @@ struct desk_entry {
   int busy;          /* session mode: ENTRY_SESSION (a client's session has it) or ENTRY_RESETTING */
   int abandoned;     /* its session's client left during a query */
   int reset_failed;  /* the sweep ended a reset that took too long */
+  int hold;          /* its session's end goes to the caller (lp_desk_hold) */
   uint64_t reset_since;
   buf_t answer;      /* the reset's answer so far */
   desk_entry *prev, *next;
@@ -1233,7 +1234,7 @@ static void s_detached(lp_conn *c, void *user, enum lp_end end, double to_upstre
   int id = e->id, abandoned = e->abandoned;
   e->abandoned = 0;
   d->refs++;
-  int keep = reusable && status == 'I' && !d->stopped && !d->js_waiting && uv_now(d->loop) < e->expires && lp_conn_lendable(c);
+  int keep = reusable && status == 'I' && !e->hold && !d->stopped && !d->js_waiting && uv_now(d->loop) < e->expires && lp_conn_lendable(c);
   if (keep && pending(&d->reset_query) > 0) {
     /* Written before the sink is set: a write that fails may end the connection inside the call. */
     if (lp_conn_write(c, d->reset_query.data + d->reset_query.off, pending(&d->reset_query)) < 0) {
@@ -1298,6 +1299,7 @@ int lp_desk_take(lp_desk *d, int sid) {
     lp_conn_sink(best->conn, NULL, NULL);
     best->busy = ENTRY_SESSION;
     best->abandoned = 0;
+    best->hold = 0;
     return best->id;
   }
 }
@@ -1321,6 +1323,11 @@ int lp_desk_relay(lp_desk *d, int id, int client_fd, const unsigned char *hello,
     return -1;
   }
   return 0;
+}
+
+void lp_desk_hold(lp_desk *d, int id) {
+  desk_entry *e = entry_of(d, id);
+  if (e && e->busy == ENTRY_SESSION) e->hold = 1;
 }
 
 void lp_desk_sweep(lp_desk *d, double timeout_ms) {

@@ -204,6 +204,9 @@ int lp_desk_relay(lp_desk *d, int id, int client_fd, const unsigned char *hello,
                   double *counters, const char **error);
 /* During the session, the connection's own calls work as for any pooled relay: lp_conn_state,
    lp_conn_detach (the client goes, C resets the connection), lp_conn_close. */
+/* The session on `id` ends with its connection back to the caller (LP_SESSION_BACK), not reset
+   here: a cancel is on its way to its query, which the caller waits for. */
+void lp_desk_hold(lp_desk *d, int id);
 /* Resets that have run `timeout_ms` or more end (`reset` with no answer). */
 void lp_desk_sweep(lp_desk *d, double timeout_ms);
 

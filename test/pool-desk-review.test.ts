@@ -10,7 +10,8 @@
  *   session on a connection from the pool's JavaScript side is, not as closed by the server;
  * - a CancelRequest still on its way for a client that has left does not cancel the query of the
  *   next client its connection serves (session mode had no guard, before 73e4ae5 either;
- *   transaction mode has one, TransactionSession's #cancelling). Unfixed.
+ *   transaction mode has one, TransactionSession's #cancelling): the session's connection goes
+ *   back to the pool, which waits for the cancel before its reset (ServerConnection.cancelling).
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';

@@ -357,6 +357,11 @@ export class DeskSession implements SessionRelay {
     this.done = new Promise((resolve) => (this.#resolve = resolve));
   }
 
+  /** A cancel is on its way to this session's query: at its end the connection goes back to the pool (which waits for the cancel), not to C's reset. */
+  hold(): void {
+    if (!this.#finished) this.#addon.deskHold(this.#desk, this.id);
+  }
+
   /** Relays the client on `fd` (C takes a copy): `hello` for it first, `first` its bytes read before. A string says why not. */
   start(fd: number, hello: Buffer, first: Buffer): string | undefined {
     return this.#addon.deskRelay(this.#desk, this.id, fd, hello, first);

@@ -80,6 +80,11 @@ export class ServerConnection {
   #idleListener: ((chunk: Buffer) => void) | undefined;
   /** The greeting for these parameters, made at the first client that needs it after a change. */
   #greeting: Buffer[] | undefined;
+  /** Session mode: CancelRequests on their way to this connection's backend (see cancelled()). */
+  #cancels = 0;
+  /** One of them was not confirmed by the server (sendCancel false): it may still land. */
+  #cancelUnconfirmed = false;
+  #cancelsSettled: Array<() => void> = [];
 
   private constructor(
     /** The plaintext: the native connection's Duplex (session mode needs it), or Node's TLS socket. */
@@ -117,6 +122,38 @@ export class ServerConnection {
 
   get closed(): boolean {
     return this.upstream.destroyed;
+  }
+
+  /**
+   * Session mode: `cancel` (a sendCancel to this backend) is on its way. Until it settles the
+   * connection serves no other client (Pool.release waits for it): a cancel that landed later
+   * would stop the next client's query.
+   */
+  cancelling(cancel: Promise<boolean>): Promise<boolean> {
+    this.#cancels++;
+    return cancel.then(
+      (confirmed) => this.#cancelSettled(confirmed),
+      (error: unknown) => {
+        this.#cancelSettled(false);
+        throw error;
+      },
+    );
+  }
+
+  #cancelSettled(confirmed: boolean): boolean {
+    if (!confirmed) this.#cancelUnconfirmed = true;
+    if (--this.#cancels === 0) for (const settled of this.#cancelsSettled.splice(0)) settled();
+    return confirmed;
+  }
+
+  /** Once no cancel is on its way: whether every one the server confirmed (else one may still land). */
+  async cancelsSettled(): Promise<boolean> {
+    if (this.#cancels > 0) await new Promise<void>((resolve) => this.#cancelsSettled.push(resolve));
+    return !this.#cancelUnconfirmed;
+  }
+
+  get cancelsOnTheirWay(): boolean {
+    return this.#cancels > 0;
   }
 
   tokenExpired(now: number): boolean {

@@ -102,6 +102,7 @@ interface Addon {
   deskUntake(desk: Handle, id: number): void;
   deskRelay(desk: Handle, id: number, clientFd: number, hello: Buffer, first: Buffer): string | undefined;
   deskSweep(desk: Handle, resetTimeoutMs: number): void;
+  deskHold(desk: Handle, id: number): void;
 }
 
 /** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back, from 1). */

@@ -574,7 +574,10 @@ export class ProxyServer {
     };
     const target = this.options.upstream;
     const upstreamKey = { processId: upstream.processId, secretKey: upstream.secretKey };
-    const cancelUpstream = async (): Promise<void> => void (await sendCancel(target, upstreamKey.processId, upstreamKey.secretKey));
+    const cancelUpstream = async (): Promise<void> => {
+      const sent = sendCancel(target, upstreamKey.processId, upstreamKey.secretKey);
+      await (server ? server.cancelling(sent) : sent);
+    };
     const clientKey = this.#cancelKeys.register({ ...upstreamKey, cancel: cancelUpstream });
     // The upstream's ReadyForQuery ends the greeting; our BackendKeyData goes just before it.
     const greeting = upstream.greeting;
@@ -667,7 +670,11 @@ export class ProxyServer {
     const server = relay.server;
     const fd = fdOf(raw);
     const target = this.options.upstream;
-    const cancelUpstream = async (): Promise<void> => void (await sendCancel(target, server.processId, server.secretKey));
+    // The connection stays this client's until the cancel settled: it goes back to the pool, which waits for it, not to C's reset.
+    const cancelUpstream = async (): Promise<void> => {
+      relay.hold();
+      await server.cancelling(sendCancel(target, server.processId, server.secretKey));
+    };
     const clientKey = this.#cancelKeys.register({ processId: server.processId, secretKey: server.secretKey, cancel: cancelUpstream });
     const greeting = server.greeting();
     const hello = Buffer.concat([AUTHENTICATION_OK, ...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]);
