@@ -189,7 +189,12 @@ test('shutdown: a connection whose reset C runs closes at once, like the idle on
   }
 });
 
-test("a desk session's cancel still on its way when its client left does not cancel the next client's query on that connection", { skip }, async () => {
+test("a desk session's cancel still on its way when its client left does not cancel the next client's query on that connection", { skip }, () => cancelOnItsWay(true));
+
+test("the same for a session on a fresh login (the pool's JavaScript side): its connection waits for the cancel before its reset", { skip }, () => cancelOnItsWay(false));
+
+/** a's CancelRequest is held on its way while a finishes and leaves; b, next on a's connection, must not be cancelled. `onDesk`: a's session is C's. */
+async function cancelOnItsWay(onDesk: boolean): Promise<void> {
   const forwarder = await startHoldingForwarder(db);
   const connection = `Server=localhost;Port=${forwarder.port};User=${db.tokenRole};SSLRootCert=${db.ca.caFile};OAuthAccessToken=${token};Database=${db.database};PoolSize=1;QueryWaitTimeout=60s`;
   const proxy = await startProxy(['--connection', connection, '--relay', 'native']);
@@ -199,12 +204,14 @@ test("a desk session's cancel still on its way when its client left does not can
   let a: WireClient | undefined;
   let b: WireClient | undefined;
   try {
-    const first = await wireOpen(proxy.port, db, app);
-    await ask(first, 'select 1');
-    first.end();
-    await waitUntil(() => deskIdle(proxy) === 1, 5000, 'the connection parked on the desk (precondition)');
+    if (onDesk) {
+      const first = await wireOpen(proxy.port, db, app);
+      await ask(first, 'select 1');
+      first.end();
+      await waitUntil(() => deskIdle(proxy) === 1, 5000, 'the connection parked on the desk (precondition)');
+    }
     a = await wireOpen(proxy.port, db, app);
-    assert.equal(sessionsOnDesk(proxy), 1, "a's session runs on the desk (precondition)");
+    assert.equal(sessionsOnDesk(proxy), onDesk ? 1 : 0, `a's session runs ${onDesk ? 'on the desk' : 'in JavaScript'} (precondition)`);
     const backend = firstValue(await ask(a, 'select pg_backend_pid()'));
     a.send(serialize.query('select count(*) from desk_review_cancel_a'));
     const aDone = a.untilReady(1, 30_000);
@@ -216,7 +223,7 @@ test("a desk session's cancel still on its way when its client left does not can
     await gateA.open();
     assert.ok(!(await aDone).some((m) => m.name === 'error'), 'a finished before its cancel arrived');
     a.end(); // between two queries: C resets its connection
-    await waitUntil(() => sessionsEnded(proxy) === 2, 5000, "a's session ended");
+    await waitUntil(() => sessionsEnded(proxy) === (onDesk ? 2 : 1), 5000, "a's session ended");
 
     // b, of a's parameters: greeted at once on a's connection (the defect), or made to wait until the cancel landed.
     let greeted: WireClient | undefined;
@@ -255,4 +262,4 @@ test("a desk session's cancel still on its way when its client left does not can
     await proxy.close();
     await forwarder.close();
   }
-});
+}

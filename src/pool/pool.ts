@@ -201,6 +201,8 @@ export class Pool {
   #sid(loginKey: string): number {
     let sid = this.#sids.get(loginKey);
     if (sid === undefined) {
+      // At most as many as loginKeyOf keeps: a connection parked under a forgotten id is found by acquire() and parked again.
+      if (this.#sids.size >= 1000) this.#sids.clear();
       if (this.#nextSid >= 0x3fffffff) this.#nextSid = 1;
       sid = this.#nextSid++;
       this.#sids.set(loginKey, sid);
