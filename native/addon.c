@@ -1230,15 +1230,18 @@ static napi_value desk_take(napi_env env, napi_callback_info info) {
   return result;
 }
 
-static napi_value desk_untake(napi_env env, napi_callback_info info) {
+/* deskUntake and deskHold: (desk, id) -> undefined. */
+static napi_value desk_session_call(napi_env env, napi_callback_info info, void (*how)(lp_desk *, int)) {
   napi_value argv[2];
   if (get_args(env, info, 2, argv)) return NULL;
   dbinding_t *b = sessions_of(env, argv[0]);
   int32_t id;
   CHECK(napi_get_value_int32(env, argv[1], &id));
-  if (b) lp_desk_untake(b->desk, id);
+  if (b) how(b->desk, id);
   return undefined(env);
 }
+
+static napi_value desk_untake(napi_env env, napi_callback_info info) { return desk_session_call(env, info, lp_desk_untake); }
 
 static napi_value desk_relay(napi_env env, napi_callback_info info) {
   napi_value argv[5];
@@ -1274,15 +1277,7 @@ static napi_value desk_sweep(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
-static napi_value desk_hold(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  if (get_args(env, info, 2, argv)) return NULL;
-  dbinding_t *b = sessions_of(env, argv[0]);
-  int32_t id;
-  CHECK(napi_get_value_int32(env, argv[1], &id));
-  if (b) lp_desk_hold(b->desk, id);
-  return undefined(env);
-}
+static napi_value desk_hold(napi_env env, napi_callback_info info) { return desk_session_call(env, info, lp_desk_hold); }
 
 static napi_value client_hold(napi_env env, napi_callback_info info) {
   napi_value argv[1];

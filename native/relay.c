@@ -92,8 +92,8 @@ struct lp_conn {
   int tls_broken;        /* a fatal TLS or socket error: no close_notify at the end */
   int paused;            /* before the relay: the reader asked for no more data */
   lp_sink sink;          /* before the relay: where plaintext goes instead of cb->data (a lent connection) */
-  const lp_callbacks *hooks; /* a relay's abandoned, farewell, detached (and end, first) go here (lp_conn_hooks) */
-  void *hooks_user;
+  const lp_callbacks *rcb; /* the relay's abandoned, farewell, detached: `cb`, or hooks (lp_conn_hooks; their end comes first) */
+  void *ruser;
   void *sink_user;
   int want_drain;        /* before the relay: the writer waits for up.out to empty */
   boundaries_t messages; /* the upstream's, as the client gets them */
@@ -232,10 +232,7 @@ static void deliver(lp_conn *c, const unsigned char *data, size_t n, const char 
 static void decide(lp_conn *c, enum lp_end end) {
   if (c->end != LP_END_NONE) return;
   c->end = end == LP_END_UPSTREAM_CLOSED && c->client_terminated ? LP_END_CLIENT_CLOSED : end;
-  if (c->state == S_RELAY && !c->up.read_done && !c->client_terminated && !c->upstream_idle) {
-    if (c->hooks) c->hooks->abandoned(c, c->hooks_user);
-    else c->cb->abandoned(c, c->user);
-  }
+  if (c->state == S_RELAY && !c->up.read_done && !c->client_terminated && !c->upstream_idle) c->rcb->abandoned(c, c->ruser);
 }
 
 static void conn_handle_closed(lp_conn *c) {
@@ -244,7 +241,7 @@ static void conn_handle_closed(lp_conn *c) {
   buf_free(&c->up.out);
   buf_free(&c->cl.out);
   enum lp_end end = c->end == LP_END_NONE ? LP_END_SHUTDOWN : c->end;
-  if (c->hooks) c->hooks->end(c, c->hooks_user, end, c->to_upstream, c->to_client);
+  if (c->rcb != c->cb) c->rcb->end(c, c->ruser, end, c->to_upstream, c->to_client);
   c->cb->end(c, c->user, end, c->to_upstream, c->to_client);
   lp_ctx_release(c->ctx);
   free(c);
@@ -438,7 +435,7 @@ static void up_ended(lp_conn *c, const char *reason) {
   }
   if (first && !c->client_terminated && at_boundary(&c->messages) && c->messages.last_type != 'E' && !c->cl.write_shut) {
     unsigned char farewell[1024];
-    size_t n = c->hooks ? c->hooks->farewell(c, c->hooks_user, reason, farewell, sizeof farewell) : c->cb->farewell(c, c->user, reason, farewell, sizeof farewell);
+    size_t n = c->rcb->farewell(c, c->ruser, reason, farewell, sizeof farewell);
     if (n > 0 && n <= sizeof farewell) buf_append(&c->cl.out, farewell, n);
   }
   c->cl.want_shut = 1;
@@ -622,12 +619,10 @@ static void detach(lp_conn *c, enum lp_end end) {
   c->to_upstream = c->to_client = 0;
   c->client_terminated = 0;
   boundaries_reset(&c->client_messages);
-  const lp_callbacks *hooks = c->hooks;
-  void *hooks_user = c->hooks_user;
-  c->hooks = NULL;
-  c->hooks_user = NULL;
-  if (hooks) hooks->detached(c, hooks_user, ended, to_upstream, to_client, reusable, c->messages.last_status);
-  else c->cb->detached(c, c->user, ended, to_upstream, to_client, reusable, c->messages.last_status);
+  const lp_callbacks *rcb = c->rcb;
+  void *ruser = c->ruser;
+  lp_conn_hooks(c, NULL, NULL);
+  rcb->detached(c, ruser, ended, to_upstream, to_client, reusable, c->messages.last_status);
   if (!c->closing) up_read(c, 0); /* what the upstream sent since goes to the caller */
   if (!c->closing) update_polls(c);
 }
@@ -857,6 +852,7 @@ lp_conn *lp_conn_connect(uv_loop_t *loop, lp_ctx *ctx, int fd, const char *sni, 
   c->loop = loop;
   c->cb = cb;
   c->user = user;
+  lp_conn_hooks(c, NULL, NULL);
   c->up.fd = fd;
   c->cl.fd = -1;
   c->upstream_idle = 1;
@@ -994,8 +990,8 @@ int lp_conn_relay(lp_conn *c, int client_fd, const unsigned char *to_client_firs
 }
 
 void lp_conn_hooks(lp_conn *c, const lp_callbacks *hooks, void *user) {
-  c->hooks = hooks;
-  c->hooks_user = user;
+  c->rcb = hooks ? hooks : c->cb;
+  c->ruser = hooks ? user : c->user;
 }
 
 void lp_conn_detach(lp_conn *c, enum lp_end end) {

@@ -1138,7 +1138,6 @@ static desk_entry *entry_of(lp_desk *d, int id) {
 /* A connection is idle on the desk again (its reader the desk's: anything the server says is trouble). */
 static void entry_park(desk_entry *e) {
   e->busy = 0;
-  e->client = NULL;
   desk_serve(e);
 }
 
@@ -1212,13 +1211,11 @@ static void reset_sink(lp_conn *c, void *user, const unsigned char *data, size_t
       }
       /* Clean: idle here again, unless the caller wants it (its clients wait, the desk stopped, it expired). */
       buf_free(&e->answer);
-      d->resetting--;
       if (d->stopped || d->js_waiting || uv_now(d->loop) >= e->expires || !lp_conn_lendable(e->conn)) {
-        e->busy = 0;
-        d->idle++; /* entry_out takes it as idle */
         entry_out(e, LP_DESK_RELEASED);
         return;
       }
+      d->resetting--;
       entry_park(e);
       return;
     }

@@ -407,7 +407,7 @@ export class Pool {
    * the connection is cleaned and goes back to the pool; otherwise it is closed.
    */
   release(server: ServerConnection, detached: Detached | undefined, upstreamEnded: boolean): void {
-    if (detached?.reusable && server.cancelsOnTheirWay && !server.closed) {
+    if (detached?.reusable && server.cancelPending && !server.closed) {
       // A cancel on its way would stop the next client's query: the connection waits for it, and closes if one went unconfirmed.
       server.state = 'resetting';
       void server.cancelsSettled().then((confirmed) => this.release(server, confirmed ? detached : undefined, upstreamEnded));

@@ -80,11 +80,10 @@ export class ServerConnection {
   #idleListener: ((chunk: Buffer) => void) | undefined;
   /** The greeting for these parameters, made at the first client that needs it after a change. */
   #greeting: Buffer[] | undefined;
-  /** Session mode: CancelRequests on their way to this connection's backend (see cancelled()). */
-  #cancels = 0;
-  /** One of them was not confirmed by the server (sendCancel false): it may still land. */
+  /** Session mode: CancelRequests on their way to this connection's backend, each settling to whether the server confirmed it (see cancelling()). */
+  readonly #cancels = new Set<Promise<boolean>>();
+  /** One was not confirmed (sendCancel false, or it failed): it may still land. */
   #cancelUnconfirmed = false;
-  #cancelsSettled: Array<() => void> = [];
 
   private constructor(
     /** The plaintext: the native connection's Duplex (session mode needs it), or Node's TLS socket. */
@@ -130,30 +129,26 @@ export class ServerConnection {
    * would stop the next client's query.
    */
   cancelling(cancel: Promise<boolean>): Promise<boolean> {
-    this.#cancels++;
-    return cancel.then(
-      (confirmed) => this.#cancelSettled(confirmed),
-      (error: unknown) => {
-        this.#cancelSettled(false);
-        throw error;
-      },
-    );
+    const settled: Promise<boolean> = cancel
+      .catch(() => false)
+      .then((confirmed) => {
+        if (!confirmed) this.#cancelUnconfirmed = true;
+        this.#cancels.delete(settled);
+        return confirmed;
+      });
+    this.#cancels.add(settled);
+    return cancel;
   }
 
-  #cancelSettled(confirmed: boolean): boolean {
-    if (!confirmed) this.#cancelUnconfirmed = true;
-    if (--this.#cancels === 0) for (const settled of this.#cancelsSettled.splice(0)) settled();
-    return confirmed;
+  /** A cancel sent to this backend may still land: one is on its way, or one went unconfirmed. */
+  get cancelPending(): boolean {
+    return this.#cancels.size > 0 || this.#cancelUnconfirmed;
   }
 
-  /** Once no cancel is on its way: whether every one the server confirmed (else one may still land). */
+  /** Once every cancel on its way settled: whether the server confirmed each one sent (else one may still land). */
   async cancelsSettled(): Promise<boolean> {
-    if (this.#cancels > 0) await new Promise<void>((resolve) => this.#cancelsSettled.push(resolve));
+    await Promise.all(this.#cancels);
     return !this.#cancelUnconfirmed;
-  }
-
-  get cancelsOnTheirWay(): boolean {
-    return this.#cancels > 0;
   }
 
   tokenExpired(now: number): boolean {

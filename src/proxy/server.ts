@@ -478,12 +478,9 @@ export class ProxyServer {
     const database = this.#database(parameters);
     // A shared port's client keeps the name it asked for (the target's); others show the database used.
     Object.assign(session.state, { ...(adopted ? {} : { database }), state: 'waiting', since: Date.now() });
-    const forwarded = new Map(parameters);
-    forwarded.delete('user');
-    forwarded.set('database', database);
     // Not paused (no gate to wait at): an idle connection of the pool's desk, when there is one, serves the session in C.
     if (onDesk && !raw.destroyed) {
-      const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwarded));
+      const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwardedParameters(parameters, database)));
       if (taken) {
         this.#runOnDesk(session, taken, { raw, frames, database, peer, user: clientUser, started });
         return;
@@ -509,6 +506,7 @@ export class ProxyServer {
       await this.#runTransactions(session, { client, raw, frames, parameters, database, abort, peer, user: clientUser, started });
       return;
     }
+    const forwarded = forwardedParameters(parameters, database);
     // The native relay takes a plain client; a client on TLS stays with Node's streams. Only
     // native connections outlive their client, so only they are pooled.
     const inC = this.#nativeUpstream && client === raw;
@@ -579,15 +577,8 @@ export class ProxyServer {
       await (server ? server.cancelling(sent) : sent);
     };
     const clientKey = this.#cancelKeys.register({ ...upstreamKey, cancel: cancelUpstream });
-    // The upstream's ReadyForQuery ends the greeting; our BackendKeyData goes just before it.
-    const greeting = upstream.greeting;
-    const hello = Buffer.concat([...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]);
-    const onAbandoned = (): void => {
-      this.#log.info({ peer }, 'session ended during a query; cancelling it upstream');
-      const sent = cancelUpstream().catch(() => {});
-      this.#cancelsInFlight.add(sent);
-      void sent.then(() => this.#cancelsInFlight.delete(sent));
-    };
+    const hello = withKey(upstream.greeting, clientKey);
+    const onAbandoned = (): void => this.#cancelAbandoned(peer, cancelUpstream);
     const upstreamName = `${target.host}:${target.port}`;
     // A pooled client is greeted at once, with its AuthenticationOk (corked by the handshake) in
     // the same write, and reads it while the relay starts. A connection still being cleaned for
@@ -676,18 +667,12 @@ export class ProxyServer {
       await server.cancelling(sendCancel(target, server.processId, server.secretKey));
     };
     const clientKey = this.#cancelKeys.register({ processId: server.processId, secretKey: server.secretKey, cancel: cancelUpstream });
-    const greeting = server.greeting();
-    const hello = Buffer.concat([AUTHENTICATION_OK, ...greeting.slice(0, -1), backendKeyData(clientKey.processId, clientKey.secretKey), ...greeting.slice(-1)]);
+    const hello = Buffer.concat([AUTHENTICATION_OK, withKey(server.greeting(), clientKey)]);
     raw.pause();
     const detached = frames.detach();
     const fromNode = readAll(raw);
     const first = fromNode.length > 0 ? Buffer.concat([detached, fromNode]) : detached;
-    relay.onAbandoned = () => {
-      this.#log.info({ peer }, 'session ended during a query; cancelling it upstream');
-      const sent = cancelUpstream().catch(() => {});
-      this.#cancelsInFlight.add(sent);
-      void sent.then(() => this.#cancelsInFlight.delete(sent));
-    };
+    relay.onAbandoned = () => this.#cancelAbandoned(peer, cancelUpstream);
     session.relay = relay;
     const refused = fd !== undefined && !raw.destroyed ? relay.start(fd, hello, first) : 'the client socket cannot be taken over';
     if (refused !== undefined) {
@@ -714,6 +699,14 @@ export class ProxyServer {
       this.#dropIfEmpty(database);
     };
     this.#whenEnded(session, relay, giveBack, { peer, user: c.user, database, started: c.started, relay: 'native', pooled: true, reused: true });
+  }
+
+  /** A session ended while its query ran upstream: the query is cancelled (shutdown waits for the cancel). */
+  #cancelAbandoned(peer: string, cancelUpstream: () => Promise<void>): void {
+    this.#log.info({ peer }, 'session ended during a query; cancelling it upstream');
+    const sent = cancelUpstream().catch(() => {});
+    this.#cancelsInFlight.add(sent);
+    void sent.then(() => this.#cancelsInFlight.delete(sent));
   }
 
   /**
@@ -998,6 +991,19 @@ function pooledSession(server: ServerConnection): UpstreamSession {
     leftover: Buffer.alloc(0),
     tls: server.tls,
   };
+}
+
+/** What the upstream login gets of a client's startup: its parameters but the user (ours is the token's), with the database it maps to. */
+function forwardedParameters(parameters: ReadonlyMap<string, string>, database: string): Map<string, string> {
+  const forwarded = new Map(parameters);
+  forwarded.delete('user');
+  forwarded.set('database', database);
+  return forwarded;
+}
+
+/** A greeting (ParameterStatus messages, ReadyForQuery last) with our BackendKeyData just before its ReadyForQuery. */
+function withKey(greeting: readonly Buffer[], key: { readonly processId: number; readonly secretKey: number }): Buffer {
+  return Buffer.concat([...greeting.slice(0, -1), backendKeyData(key.processId, key.secretKey), ...greeting.slice(-1)]);
 }
 
 /** The native relay's load failure is said once per process, not per target. */
