@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI gate: the native relay built with AddressSanitizer and UndefinedBehaviorSanitizer
-# (native/relay.c + native/txclient.c + native/addon.c, gcc, into build-sanitize/), loaded by the proxy through
+# (native/relay.c + native/txclient.c + native/listener.c + native/addon.c, gcc, into build-sanitize/), loaded by the proxy through
 # LAKEBASE_PROXY_NATIVE_ADDON, under the relay suites. Fails when a suite fails, when the
 # sanitized build did not load or carried no session, or when any process reported anything.
 #
@@ -40,7 +40,7 @@ addon="$PWD/$out/lakebase_relay.node"
 gcc -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
   -Wall -Wextra -Werror=implicit-function-declaration -Werror=incompatible-pointer-types -Wl,-z,now \
   -DNAPI_VERSION=8 -DOPENSSL_API_COMPAT=30000 -DOPENSSL_NO_DEPRECATED -DNODE_GYP_MODULE_NAME=lakebase_relay \
-  -I"$nodedir" native/relay.c native/txclient.c native/addon.c -o "$addon"
+  -I"$nodedir" native/relay.c native/txclient.c native/listener.c native/addon.c -o "$addon"
 nm -D "$addon" | grep ' U __asan_report_load' >/dev/null || { echo "sanitize: $addon is not instrumented" >&2; exit 1; }
 
 npx tsc -p tsconfig.json

@@ -33,17 +33,23 @@
  *   deskSessions(desk, counters: Float64Array(2), resetQuery: Buffer, onSession(id, how, end, toUpstream, toClient, reusable, status, abandoned),
  *                onFarewell(id, reason|null) -> Buffer, onReset(id, answer|null)): once, before the rest;  deskResetQuery(desk, message)
  *   deskPark(desk, conn, id, sid, expiresInMs) -> boolean;  deskTake(desk, sid) -> id | 0;  deskUntake(desk, id)
- *   deskRelay(desk, id, clientFd, hello, first) -> undefined | string (then: state, detach, close of the connection);  deskSweep(desk, resetTimeoutMs)
+ *   deskRelay(desk, id, clientFd, hello, first, own) -> undefined | string (then: state, detach, close of the connection);  deskSweep(desk, resetTimeoutMs)
+ *            (own: the descriptor is taken as it is, not copied, when the relay starts)
  *   deskHold(desk, id)
+ * A listener (listener.h):
+ *   listen(fd, onArrival(kind (enum lp_arrival), fd, data|null, address|null, port)) -> listener | string
+ *   listenConfig(listener, negotiate, maxPending, timeoutMs);  listenPending(listener) -> number;  listenClose(listener)
  *
- * Descriptors are taken as copies (dup): the caller closes its own.
+ * Descriptors are taken as copies (dup): the caller closes its own (but deskRelay's with own).
  */
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <node_api.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "listener.h"
 #include "relay.h"
 #include "txclient.h"
 #include "buffer.h"
@@ -62,6 +68,7 @@ static const napi_type_tag CTX_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d31
 static const napi_type_tag CONN_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d32ULL };
 static const napi_type_tag CLIENT_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d33ULL };
 static const napi_type_tag DESK_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d34ULL };
+static const napi_type_tag LISTENER_TAG = { 0x6c616b6562617365ULL, 0x2d70726f78792d35ULL };
 
 static int tagged(napi_env env, napi_value value, const napi_type_tag *tag) {
   bool ok = false;
@@ -1244,8 +1251,8 @@ static napi_value desk_session_call(napi_env env, napi_callback_info info, void 
 static napi_value desk_untake(napi_env env, napi_callback_info info) { return desk_session_call(env, info, lp_desk_untake); }
 
 static napi_value desk_relay(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  if (get_args(env, info, 5, argv)) return NULL;
+  napi_value argv[6];
+  if (get_args(env, info, 6, argv)) return NULL;
   dbinding_t *b = sessions_of(env, argv[0]);
   int32_t id, client_fd;
   void *hello, *first;
@@ -1256,12 +1263,14 @@ static napi_value desk_relay(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "deskRelay: buffers expected");
     return NULL;
   }
+  bool own;
+  CHECK(napi_get_value_bool(env, argv[5], &own));
   if (!b) return string(env, "the desk is closed");
-  int copy = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
+  int copy = own ? client_fd : fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
   if (copy < 0) return string(env, "could not take the client socket over (dup failed)");
   const char *error = NULL;
   if (lp_desk_relay(b->desk, id, copy, hello, hello_len, first, first_len, b->counters, &error) != 0) {
-    close(copy);
+    if (!own) close(copy);
     return string(env, error);
   }
   return undefined(env);
@@ -1314,6 +1323,123 @@ static napi_value text_plain(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* ---------- the listener (listener.h) ---------- */
+
+typedef struct {
+  napi_env env;
+  lp_listener *l; /* NULL once closed */
+  napi_ref on_arrival;
+} lbinding_t;
+
+static void l_on_arrival(lp_listener *l, void *user, enum lp_arrival kind, int fd, const unsigned char *data, size_t n, const struct sockaddr *peer) {
+  (void)l;
+  lbinding_t *b = user;
+  napi_env env = b->env;
+  char address[INET6_ADDRSTRLEN] = "";
+  int port = 0;
+  if (peer->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)peer;
+    inet_ntop(AF_INET, &in->sin_addr, address, sizeof address);
+    port = ntohs(in->sin_port);
+  } else if (peer->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)peer;
+    inet_ntop(AF_INET6, &in6->sin6_addr, address, sizeof address);
+    port = ntohs(in6->sin6_port);
+  }
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value argv[5];
+  napi_create_int32(env, kind, &argv[0]);
+  napi_create_int32(env, fd, &argv[1]);
+  argv[2] = buffer_or_null(env, data, n);
+  if (address[0]) argv[3] = string(env, address);
+  else napi_get_null(env, &argv[3]);
+  napi_create_int32(env, port, &argv[4]);
+  call_js(env, b->on_arrival, 5, argv);
+  napi_close_handle_scope(env, scope);
+}
+
+static void listener_shut(napi_env env, lbinding_t *b) {
+  if (!b->l) return;
+  lp_listener_close(b->l); /* no callback after this */
+  b->l = NULL;
+  delete_ref(env, &b->on_arrival);
+}
+
+static void listener_finalize(napi_env env, void *data, void *hint) {
+  (void)hint;
+  lbinding_t *b = data;
+  listener_shut(env, b);
+  free(b);
+}
+
+static lbinding_t *listener_of(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (!tagged(env, value, &LISTENER_TAG) || napi_get_value_external(env, value, &data) != napi_ok) return NULL;
+  return data;
+}
+
+static napi_value listen_open(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  int32_t fd;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  uv_loop_t *loop;
+  CHECK(napi_get_uv_event_loop(env, &loop));
+  lbinding_t *b = calloc(1, sizeof *b);
+  if (!b) return string(env, "out of memory");
+  b->env = env;
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) {
+    free(b);
+    return string(env, "could not take the listening socket over (dup failed)");
+  }
+  const char *error = "could not listen";
+  if (napi_create_reference(env, argv[1], 1, &b->on_arrival) != napi_ok || !(b->l = lp_listener_open(loop, copy, l_on_arrival, b, &error))) {
+    close(copy);
+    delete_ref(env, &b->on_arrival);
+    free(b);
+    return string(env, error);
+  }
+  napi_value handle = NULL;
+  if (napi_create_external(env, b, listener_finalize, NULL, &handle) != napi_ok || napi_type_tag_object(env, handle, &LISTENER_TAG) != napi_ok) {
+    if (!handle) listener_finalize(env, b, NULL);
+    return string(env, "listen: could not make its handle");
+  }
+  return handle;
+}
+
+static napi_value listen_config(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  if (get_args(env, info, 4, argv)) return NULL;
+  lbinding_t *b = listener_of(env, argv[0]);
+  bool negotiate;
+  int32_t max_pending;
+  double timeout;
+  CHECK(napi_get_value_bool(env, argv[1], &negotiate));
+  CHECK(napi_get_value_int32(env, argv[2], &max_pending));
+  CHECK(napi_get_value_double(env, argv[3], &timeout));
+  if (b && b->l) lp_listener_config(b->l, negotiate, max_pending, timeout);
+  return undefined(env);
+}
+
+static napi_value listen_pending(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  lbinding_t *b = listener_of(env, argv[0]);
+  napi_value result;
+  CHECK(napi_create_int32(env, b && b->l ? lp_listener_pending(b->l) : 0, &result));
+  return result;
+}
+
+static napi_value listen_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  lbinding_t *b = listener_of(env, argv[0]);
+  if (b) listener_shut(env, b);
+  return undefined(env);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   CHECK(napi_async_init(env, NULL, string(env, "lakebase-proxy relay"), &async_context));
   napi_property_descriptor methods[] = {
@@ -1360,6 +1486,10 @@ static napi_value init(napi_env env, napi_value exports) {
     { "deskSweep", NULL, desk_sweep, NULL, NULL, NULL, napi_default, NULL },
     { "deskHold", NULL, desk_hold, NULL, NULL, NULL, napi_default, NULL },
     { "textPlain", NULL, text_plain, NULL, NULL, NULL, napi_default, NULL },
+    { "listen", NULL, listen_open, NULL, NULL, NULL, napi_default, NULL },
+    { "listenConfig", NULL, listen_config, NULL, NULL, NULL, napi_default, NULL },
+    { "listenPending", NULL, listen_pending, NULL, NULL, NULL, napi_default, NULL },
+    { "listenClose", NULL, listen_close, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));
   return exports;

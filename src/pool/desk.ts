@@ -362,9 +362,13 @@ export class DeskSession implements SessionRelay {
     if (!this.#finished) this.#addon.deskHold(this.#desk, this.id);
   }
 
-  /** Relays the client on `fd` (C takes a copy): `hello` for it first, `first` its bytes read before. A string says why not. */
-  start(fd: number, hello: Buffer, first: Buffer): string | undefined {
-    return this.#addon.deskRelay(this.#desk, this.id, fd, hello, first);
+  /**
+   * Relays the client on `fd`: `hello` for it first, `first` its bytes read before. C takes a copy
+   * of `fd`, or with `own` the descriptor itself once the relay starts. A string says why not
+   * (then `fd` is still the caller's).
+   */
+  start(fd: number, hello: Buffer, first: Buffer, own = false): string | undefined {
+    return this.#addon.deskRelay(this.#desk, this.id, fd, hello, first, own);
   }
 
   get queryRunning(): boolean {

@@ -34,12 +34,18 @@ let nextClientId = 1;
 
 /** A new client's state, from its socket. */
 export function clientState(socket: Socket, target: string): ClientState {
+  const remote = socket.remoteAddress === undefined ? undefined : { address: socket.remoteAddress, port: socket.remotePort ?? 0 };
+  return peerState(remote, { address: socket.localAddress ?? '', port: socket.localPort ?? 0 }, target);
+}
+
+/** A new client's state, from its addresses (a client C accepted: src/proxy/native-listener.ts). */
+export function peerState(remote: ClientState['remote'], local: ClientState['local'], target: string): ClientState {
   const now = Date.now();
   return {
     id: nextClientId++,
     connectedAt: now,
-    remote: socket.remoteAddress === undefined ? undefined : { address: socket.remoteAddress, port: socket.remotePort ?? 0 },
-    local: { address: socket.localAddress ?? '', port: socket.localPort ?? 0 },
+    remote,
+    local,
     target,
     user: '',
     database: '',
@@ -54,7 +60,7 @@ export function clientState(socket: Socket, target: string): ClientState {
 }
 
 /** What SHOW CLIENTS shows of an authenticated client: its user, database, application and TLS. */
-export function describeClient(state: ClientState, handshake: { readonly parameters: ReadonlyMap<string, string>; readonly socket: Duplex }): void {
+export function describeClient(state: ClientState, handshake: { readonly parameters: ReadonlyMap<string, string>; readonly socket?: Duplex }): void {
   const { parameters, socket } = handshake;
   state.user = parameters.get('user') ?? '';
   state.database = parameters.get('database') || state.user;

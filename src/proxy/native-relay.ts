@@ -100,9 +100,15 @@ interface Addon {
   /** The id of a connection taken for a session, 0: none. */
   deskTake(desk: Handle, sid: number): number;
   deskUntake(desk: Handle, id: number): void;
-  deskRelay(desk: Handle, id: number, clientFd: number, hello: Buffer, first: Buffer): string | undefined;
+  /** own: C takes `clientFd` itself (no copy) when the relay starts; else the caller's copy stays the caller's. */
+  deskRelay(desk: Handle, id: number, clientFd: number, hello: Buffer, first: Buffer, own: boolean): string | undefined;
   deskSweep(desk: Handle, resetTimeoutMs: number): void;
   deskHold(desk: Handle, id: number): void;
+  /** A listener in C for plain clients (native/listener.h; src/proxy/native-listener.ts). */
+  listen(fd: number, onArrival: (kind: number, fd: number, data: Buffer | null, address: string | null, port: number) => void): Handle | string;
+  listenConfig(listener: Handle, negotiate: boolean, maxPending: number, timeoutMs: number): void;
+  listenPending(listener: Handle): number;
+  listenClose(listener: Handle): void;
 }
 
 /** How a connection lent to a client's fast path came back (native/txclient.h, enum lp_back, from 1). */
@@ -119,7 +125,7 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
   try {
     // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
     const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskRelay !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
+    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskRelay !== 'function' || typeof addon.listen !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };

@@ -26,7 +26,9 @@ import { WakeUp, withWakeUp } from './wake-up.js';
 import type { ComputeLocator } from '../lakebase/locator.js';
 import type { Router } from './shared-port.js';
 import type { ConsoleGate } from '../admin/gate.js';
-import { clientState, describeClient, type ClientState } from './client-state.js';
+import { clientState, describeClient, peerState, type ClientState } from './client-state.js';
+import { closeFd, NativeListener, toSocket, type Arrival } from './native-listener.js';
+import { decodeStartupPacket } from '../wire/startup-packets.js';
 
 export interface ListenOptions {
   readonly address: string;
@@ -144,6 +146,10 @@ export class ProxyServer {
   #paused: { readonly resumed: Promise<void>; readonly resume: () => void } | undefined;
   /** Refusing new clients or stopped: a client held by PAUSE is turned away. */
   #ending = false;
+  /** The TCP listener in C, when it took over Node.js' (#listenInC). */
+  #listener: NativeListener | undefined;
+  /** The TCP port bound, kept once Node.js' listener has given its socket to C. */
+  #tcpPort: number | undefined;
 
   constructor(options: ProxyOptions, deps: ProxyDeps) {
     this.#options = options;
@@ -180,6 +186,7 @@ export class ProxyServer {
   update(options: ProxyOptions): void {
     this.#options = { ...options, listen: this.#options.listen };
     for (const pool of this.#pools.values()) pool.update(options.pool);
+    this.#listener?.configure(this.#startupsInC(), options.maxStartups, options.startupTimeoutMs);
   }
 
   /** The clients of this server now, from their startup to their end. */
@@ -267,6 +274,7 @@ export class ProxyServer {
 
   /** The TCP port actually bound (differs from options when 0 was asked for). */
   get port(): number {
+    if (this.#tcpPort !== undefined) return this.#tcpPort;
     const address = this.#servers[0]?.address();
     return typeof address === 'object' && address ? address.port : this.options.listen.port;
   }
@@ -281,6 +289,7 @@ export class ProxyServer {
     const tcp = this.#newServer();
     await listenOn(tcp, { host: address, port }, `port ${port} on ${address} is already in use; choose another with --port`, this.#log);
     this.#servers.push(tcp);
+    this.#listenInC(tcp);
     if (unixSocketDir !== undefined) {
       const path = join(unixSocketDir, `.s.PGSQL.${this.options.listen.port === 0 ? this.port : port}`);
       try {
@@ -319,6 +328,8 @@ export class ProxyServer {
     this.#turnAwayHeld();
     this.#endTransactionClients();
     for (const server of this.#servers) server.close();
+    this.#listener?.close();
+    this.#listener = undefined;
     for (const pool of this.#pools.values()) pool.close();
     if (this.#socketFile) removeSocketFile(this.#socketFile);
     this.#socketFile = undefined;
@@ -387,13 +398,116 @@ export class ProxyServer {
 
   #accept(socket: Socket): void {
     socket.on('error', () => {}); // every failure is handled where the socket is used; none may crash the process
-    if (this.options.maxStartups > 0 && this.#count(false) >= this.options.maxStartups) {
-      this.#observer.clientRejected();
-      this.#observer.failure('too_many_startups');
-      refuse(socket, { sqlstate: '53300', message: `sorry, too many clients starting up already (lakebase-proxy --max-startups ${this.options.maxStartups})` });
+    if (this.options.maxStartups > 0 && this.#count(false) + (this.#listener?.pending ?? 0) >= this.options.maxStartups) {
+      this.#tooManyStartups(socket);
       return;
     }
     this.#start({ relay: undefined, socket, established: false, late: !this.#accepting, state: clientState(socket, this.options.name) });
+  }
+
+  #tooManyStartups(socket: Socket): void {
+    this.#observer.clientRejected();
+    this.#observer.failure('too_many_startups');
+    refuse(socket, { sqlstate: '53300', message: `sorry, too many clients starting up already (lakebase-proxy --max-startups ${this.options.maxStartups})` });
+  }
+
+  /**
+   * Whether C reads plain clients' startups (native/listener.h): only where a pooled session may
+   * start from there, that is session mode on the native relay, trust, no client TLS (C answers
+   * every SSLRequest 'N') and not a shared port's front (whose targets serve the sessions).
+   */
+  #startupsInC(): boolean {
+    const { clientAuth } = this.options;
+    return this.#sessionsOnDesk && !this.#deps.router && clientAuth.authMethod === 'trust' && clientAuth.tls === undefined;
+  }
+
+  /**
+   * Hands the TCP listener's socket to C, which accepts and reads startups from then on (#arrived).
+   * Kept in Node.js where C would only pass every client on.
+   */
+  #listenInC(tcp: Server): void {
+    if (!this.#startupsInC()) return;
+    const port = this.port;
+    const listener = NativeListener.open(tcp, (arrival) => this.#arrived(arrival));
+    if (typeof listener === 'string') {
+      this.#log.warn({ reason: listener }, 'clients are accepted by Node.js: the listener in C could not start');
+      return;
+    }
+    listener.configure(true, this.options.maxStartups, this.options.startupTimeoutMs);
+    this.#listener = listener;
+    this.#tcpPort = port;
+    this.#servers.splice(this.#servers.indexOf(tcp), 1);
+    tcp.close(); // its socket only: C listens on its own copy
+  }
+
+  /** A client the listener in C accepted: served here at once (#onDesk), else made a Node.js socket for the usual way. */
+  #arrived(arrival: Arrival): void {
+    try {
+      if (arrival.kind === 'timeout') {
+        this.#observer.failure('startup_timeout');
+        this.#log.info({ peer: peerOf(arrival.remote) }, 'client did not complete its startup in time; dropped');
+        return;
+      }
+      if (arrival.kind === 'startup' && this.#onDesk(arrival)) return;
+      const socket = toSocket(arrival);
+      if (arrival.kind === 'busy') {
+        socket.on('error', () => {});
+        this.#tooManyStartups(socket);
+      } else {
+        this.#accept(socket);
+      }
+    } catch (error) {
+      this.#log.error({ err: (error as Error).message }, 'a client from the listener could not be served');
+      if (arrival.fd >= 0) closeFd(arrival.fd);
+    }
+  }
+
+  /**
+   * A client whose startup C read: its session on an idle connection of its pool's desk, started
+   * in this call, when it may have one (as #run would give it one); false for the usual way.
+   */
+  #onDesk(arrival: Arrival): boolean {
+    const data = arrival.data;
+    if (!data || data.length < 8 || !this.#accepting || this.#paused || !this.#startupsInC() || this.atCapacity) return false;
+    const length = data.readInt32BE(0);
+    if (length < 8 || length > data.length) return false;
+    let parameters: ReadonlyMap<string, string>;
+    try {
+      const packet = decodeStartupPacket(data.subarray(4, length));
+      if (packet.kind !== 'startup' || packet.minor !== 0) return false;
+      parameters = packet.parameters;
+    } catch {
+      return false; // the usual way says what is wrong
+    }
+    for (const name of parameters.keys()) if (name.startsWith('_pq_.')) return false;
+    if (this.#deps.console?.claims(parameters)) return false;
+    const database = this.#database(parameters);
+    const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwardedParameters(parameters, database)));
+    if (!taken) return false;
+    const state = peerState(arrival.remote, { address: this.options.listen.address, port: this.port }, this.options.name);
+    describeClient(state, { parameters });
+    const session: Session = { relay: undefined, socket: undefined, established: true, late: false, state };
+    this.#sessions.add(session);
+    this.#observer.clientOpened();
+    Object.assign(state, { database, state: 'waiting', since: Date.now() });
+    const { fd } = arrival;
+    const client: DeskClient = {
+      fd,
+      first: data.subarray(length),
+      own: true,
+      refuse: (facing) => {
+        const socket = toSocket({ ...arrival, data: undefined });
+        socket.on('error', () => {});
+        socket.once('close', () => {
+          if (this.#sessions.delete(session)) this.#observer.clientClosed();
+        });
+        authenticated(socket);
+        refuse(socket, facing);
+      },
+      taken: () => {},
+    };
+    this.#runOnDesk(session, taken, { client, database, peer: peerOf(arrival.remote), user: parameters.get('user') as string, started: Date.now() });
+    return true;
   }
 
   /** A session from a shared port's front, its client authenticated there: the rest of it runs here. */
@@ -482,7 +596,20 @@ export class ProxyServer {
     if (onDesk && !raw.destroyed) {
       const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwardedParameters(parameters, database)));
       if (taken) {
-        this.#runOnDesk(session, taken, { raw, frames, database, peer, user: clientUser, started });
+        raw.pause();
+        const detached = frames.detach();
+        const fromNode = readAll(raw);
+        const client: DeskClient = {
+          fd: raw.destroyed ? undefined : fdOf(raw),
+          first: fromNode.length > 0 ? Buffer.concat([detached, fromNode]) : detached,
+          own: false,
+          refuse: (facing) => {
+            authenticated(raw);
+            refuse(raw, facing);
+          },
+          taken: () => raw.destroy(), // Node's descriptor only: C has its own copy
+        };
+        this.#runOnDesk(session, taken, { client, database, peer, user: clientUser, started });
         return;
       }
     }
@@ -655,11 +782,10 @@ export class ProxyServer {
    * greeted (AuthenticationOk included), relayed and (after it) reset by C, with no await between
    * the startup and the relay.
    */
-  #runOnDesk(session: Session, relay: DeskSession, c: { raw: Socket; frames: SocketFrames; database: string; peer: string; user: string; started: number }): void {
-    const { raw, frames, database, peer } = c;
+  #runOnDesk(session: Session, relay: DeskSession, c: { client: DeskClient; database: string; peer: string; user: string; started: number }): void {
+    const { client, database, peer } = c;
     const pool = this.#pools.get(database) as Pool;
     const server = relay.server;
-    const fd = fdOf(raw);
     const target = this.options.upstream;
     // The connection stays this client's until the cancel settled: it goes back to the pool, which waits for it, not to C's reset.
     const cancelUpstream = async (): Promise<void> => {
@@ -668,28 +794,24 @@ export class ProxyServer {
     };
     const clientKey = this.#cancelKeys.register({ processId: server.processId, secretKey: server.secretKey, cancel: cancelUpstream });
     const hello = Buffer.concat([AUTHENTICATION_OK, withKey(server.greeting(), clientKey)]);
-    raw.pause();
-    const detached = frames.detach();
-    const fromNode = readAll(raw);
-    const first = fromNode.length > 0 ? Buffer.concat([detached, fromNode]) : detached;
     relay.onAbandoned = () => this.#cancelAbandoned(peer, cancelUpstream);
     session.relay = relay;
-    const refused = fd !== undefined && !raw.destroyed ? relay.start(fd, hello, first) : 'the client socket cannot be taken over';
+    const refused = client.fd !== undefined ? relay.start(client.fd, hello, client.first, client.own) : 'the client socket cannot be taken over';
     if (refused !== undefined) {
       session.relay = undefined;
       clientKey.release();
       pool.untakeSession(relay);
       this.#log.warn({ peer, reason: refused }, 'a pooled session could not start');
-      authenticated(raw);
-      refuse(raw, { sqlstate: '08006', message: `the session could not start: ${refused}; connect again` });
+      client.refuse({ sqlstate: '08006', message: `the session could not start: ${refused}; connect again` });
       return;
     }
-    raw.destroy(); // Node's descriptor only: C has its own copy
+    client.taken();
     if (this.options.idleTimeoutMs > 0) relay.idleTimeout(this.options.idleTimeoutMs);
     session.state.upstream = { processId: server.processId, tls: `${server.tls.version}/${server.tls.cipher}`, connectedAt: server.connectedAt, server };
     Object.assign(session.state, { state: 'active', since: Date.now(), relay: 'native' });
     this.#observer.sessionStarted('native');
-    this.#log.debug({ peer, user: c.user, database, relay: 'native', onDesk: true }, 'session started');
+    // startupInC: the listener in C read its startup (Node.js never had its socket).
+    this.#log.debug({ peer, user: c.user, database, relay: 'native', onDesk: true, ...(client.own ? { startupInC: true } : {}) }, 'session started');
     const giveBack = (end: RelayEnd): void => {
       clientKey.release();
       // Back to the pool (to roll back, to close): as a pooled relay's detach. Ended: closed, for the
@@ -975,6 +1097,24 @@ export class ProxyServer {
     this.#observer.failure(reason);
     return facing;
   }
+}
+
+/** A client about to be served from a pool's desk (#runOnDesk), from Node.js' socket or from the listener in C. */
+interface DeskClient {
+  /** Its socket; undefined when it has none any more. */
+  readonly fd: number | undefined;
+  /** What it sent after its startup, read already. */
+  readonly first: Buffer;
+  /** C takes `fd` itself (the listener's), not a copy (Node.js' socket's). */
+  readonly own: boolean;
+  /** AuthenticationOk and the error, then the end: the session did not start. */
+  refuse(facing: ClientFacing): void;
+  /** C has the client now. */
+  taken(): void;
+}
+
+function peerOf(remote: ClientState['remote']): string {
+  return remote ? `${remote.address}:${remote.port}` : 'unix socket';
 }
 
 /** A login that Node's TLS made: it cannot be pooled, and serves its client alone. */

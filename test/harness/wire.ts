@@ -49,6 +49,11 @@ export class WireClient {
     socket.on('error', () => {});
   }
 
+  /** Messages from a socket already connected (and past any SSLRequest), whatever was sent on it. */
+  static over(socket: Socket): WireClient {
+    return new WireClient(socket);
+  }
+
   /** Connected and logged in (the proxy's client authentication is trust in the tests). */
   static async open(port: number, startup: Record<string, string>): Promise<WireClient> {
     const socket = connect({ host: '127.0.0.1', port });
