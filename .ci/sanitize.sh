@@ -18,7 +18,7 @@ started=$(date +%s)
 out=build-sanitize
 # (Not pool.test: the psql, Java and Python clients it runs inherit LD_PRELOAD=libasan and hang;
 # pool-desk runs the session pool's C path with node-postgres and a wire client.)
-read -ra suites <<<"${SANITIZE_SUITES:-relay native upstream reliability-client reliability-integrity reliability-upstream-faults metrics pool-transaction.test pool-transaction-fast pool-transaction-desk pool-desk}"
+read -ra suites <<<"${SANITIZE_SUITES:-relay native upstream reliability-client reliability-integrity reliability-upstream-faults metrics pool-transaction.test pool-transaction-fast pool-transaction-desk pool-desk listener startup.test}"
 
 # The compiler and its sanitizer runtimes; Node.js's own headers (node_api.h, and the OpenSSL and
 # libuv headers of the OpenSSL and libuv inside this node), as scripts/build-native.js finds them.
