@@ -37,8 +37,8 @@
  *            (own: the descriptor is taken as it is, not copied, when the relay starts)
  *   deskHold(desk, id)
  * A listener (listener.h):
- *   listen(fd, onArrival(kind (enum lp_arrival), fd, data|null, address|null, port)) -> listener | string
- *   listenConfig(listener, negotiate, maxPending, timeoutMs);  listenPending(listener) -> number;  listenClose(listener)
+ *   listen(fd, onArrival(kind (enum lp_arrival), fd, data|null, address|null, port, localAddress|null, localPort)) -> listener | string
+ *   listenConfig(listener, negotiate, maxPending, timeoutMs);  listenPending(listener) -> number;  listenOutside(listener, n);  listenClose(listener)
  *
  * Descriptors are taken as copies (dup): the caller closes its own (but deskRelay's with own).
  */
@@ -1331,31 +1331,45 @@ typedef struct {
   napi_ref on_arrival;
 } lbinding_t;
 
+/* `sa`'s address as text into `address` (empty for AF_UNIX) and its port. */
+static int address_of(const struct sockaddr *sa, char address[INET6_ADDRSTRLEN]) {
+  address[0] = 0;
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    inet_ntop(AF_INET, &in->sin_addr, address, INET6_ADDRSTRLEN);
+    return ntohs(in->sin_port);
+  }
+  if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    inet_ntop(AF_INET6, &in6->sin6_addr, address, INET6_ADDRSTRLEN);
+    return ntohs(in6->sin6_port);
+  }
+  return 0;
+}
+
 static void l_on_arrival(lp_listener *l, void *user, enum lp_arrival kind, int fd, const unsigned char *data, size_t n, const struct sockaddr *peer) {
   (void)l;
   lbinding_t *b = user;
   napi_env env = b->env;
-  char address[INET6_ADDRSTRLEN] = "";
-  int port = 0;
-  if (peer->sa_family == AF_INET) {
-    const struct sockaddr_in *in = (const struct sockaddr_in *)peer;
-    inet_ntop(AF_INET, &in->sin_addr, address, sizeof address);
-    port = ntohs(in->sin_port);
-  } else if (peer->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)peer;
-    inet_ntop(AF_INET6, &in6->sin6_addr, address, sizeof address);
-    port = ntohs(in6->sin6_port);
-  }
+  char address[INET6_ADDRSTRLEN], local[INET6_ADDRSTRLEN] = "";
+  int port = address_of(peer, address), local_port = 0;
+  /* The address the client reached (SHOW CLIENTS' local_addr), for a client Node.js never has a socket of. */
+  struct sockaddr_storage own;
+  socklen_t own_len = sizeof own;
+  if (kind == LP_ARRIVED_STARTUP && getsockname(fd, (struct sockaddr *)&own, &own_len) == 0) local_port = address_of((struct sockaddr *)&own, local);
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
-  napi_value argv[5];
+  napi_value argv[7];
   napi_create_int32(env, kind, &argv[0]);
   napi_create_int32(env, fd, &argv[1]);
   argv[2] = buffer_or_null(env, data, n);
   if (address[0]) argv[3] = string(env, address);
   else napi_get_null(env, &argv[3]);
   napi_create_int32(env, port, &argv[4]);
-  call_js(env, b->on_arrival, 5, argv);
+  if (local[0]) argv[5] = string(env, local);
+  else napi_get_null(env, &argv[5]);
+  napi_create_int32(env, local_port, &argv[6]);
+  call_js(env, b->on_arrival, 7, argv);
   napi_close_handle_scope(env, scope);
 }
 
@@ -1432,6 +1446,16 @@ static napi_value listen_pending(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value listen_outside(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (get_args(env, info, 2, argv)) return NULL;
+  lbinding_t *b = listener_of(env, argv[0]);
+  int32_t n;
+  CHECK(napi_get_value_int32(env, argv[1], &n));
+  if (b && b->l) lp_listener_outside(b->l, n);
+  return undefined(env);
+}
+
 static napi_value listen_close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (get_args(env, info, 1, argv)) return NULL;
@@ -1489,6 +1513,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "listen", NULL, listen_open, NULL, NULL, NULL, napi_default, NULL },
     { "listenConfig", NULL, listen_config, NULL, NULL, NULL, napi_default, NULL },
     { "listenPending", NULL, listen_pending, NULL, NULL, NULL, napi_default, NULL },
+    { "listenOutside", NULL, listen_outside, NULL, NULL, NULL, napi_default, NULL },
     { "listenClose", NULL, listen_close, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));

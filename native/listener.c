@@ -50,7 +50,7 @@ struct lp_listener {
   void *user;
   int negotiate, max_pending;
   uint64_t timeout_ms;
-  int pending;
+  int pending, outside;
   arrival *head, *tail;
   int closing;
   int open_handles;
@@ -210,7 +210,7 @@ static void arrive(lp_listener *l, int fd, const struct sockaddr_storage *peer) 
     l->cb(l, l->user, LP_ARRIVED_RAW, fd, NULL, 0, (const struct sockaddr *)peer);
     return;
   }
-  if (l->max_pending > 0 && l->pending >= l->max_pending) {
+  if (l->max_pending > 0 && l->pending + l->outside >= l->max_pending) {
     l->cb(l, l->user, LP_ARRIVED_BUSY, fd, NULL, 0, (const struct sockaddr *)peer);
     return;
   }
@@ -265,7 +265,6 @@ static void listen_poll_cb(uv_poll_t *handle, int status, int events) {
 
 static void listener_handle_closed(uv_handle_t *handle) {
   lp_listener *l = uv_handle_get_data(handle);
-  if (handle == (uv_handle_t *)&l->poll) close(l->fd);
   if (--l->open_handles == 0) free(l);
 }
 
@@ -316,11 +315,17 @@ void lp_listener_config(lp_listener *l, int negotiate, int max_pending, double t
 
 int lp_listener_pending(const lp_listener *l) { return l->pending; }
 
+void lp_listener_outside(lp_listener *l, int n) { l->outside = n > 0 ? n : 0; }
+
 void lp_listener_close(lp_listener *l) {
   if (l->closing) return;
   l->closing = 1;
   while (l->head) arrival_drop(l->head);
   uv_close((uv_handle_t *)&l->poll, listener_handle_closed);
+  /* Now, not at the close callback: the port is free in this turn, as Node.js' own listener leaves
+     it (a reload may listen there next). libuv lets a polled fd be closed right after uv_close. */
+  close(l->fd);
+  l->fd = -1;
   uv_close((uv_handle_t *)&l->deadlines, listener_handle_closed);
   uv_close((uv_handle_t *)&l->backoff, listener_handle_closed);
 }

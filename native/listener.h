@@ -42,6 +42,8 @@ lp_listener *lp_listener_open(uv_loop_t *loop, int fd, lp_arrival_cb cb, void *u
 void lp_listener_config(lp_listener *l, int negotiate, int max_pending, double timeout_ms);
 /* Clients in their startup here now. */
 int lp_listener_pending(const lp_listener *l);
+/* Clients in their startup elsewhere (the caller's other listeners), counted with those here against max_pending. */
+void lp_listener_outside(lp_listener *l, int n);
 /* Stops accepting and closes the clients still in their startup; no callback after. Frees itself
    once libuv lets go of its handles. */
 void lp_listener_close(lp_listener *l);

@@ -24,6 +24,8 @@ export interface Arrival {
   readonly data: Buffer | undefined;
   /** The peer; undefined over a unix socket. */
   readonly remote: { readonly address: string; readonly port: number } | undefined;
+  /** The address the client reached (for startup only: other clients become Node.js sockets, which know it). */
+  readonly local: { readonly address: string; readonly port: number } | undefined;
 }
 
 export class NativeListener {
@@ -43,8 +45,14 @@ export class NativeListener {
     if (!addon) return native.problem ?? 'the native relay did not load';
     const fd = fdOf(server as unknown as Socket);
     if (fd === undefined) return 'the listening socket has no file descriptor';
-    const handle = addon.listen(fd, (kind, clientFd, data, address, port) => {
-      onArrival({ kind: ARRIVALS[kind - 1] ?? 'raw', fd: clientFd, data: data ?? undefined, remote: address === null ? undefined : { address, port } });
+    const handle = addon.listen(fd, (kind, clientFd, data, address, port, localAddress, localPort) => {
+      onArrival({
+        kind: ARRIVALS[kind - 1] ?? 'raw',
+        fd: clientFd,
+        data: data ?? undefined,
+        remote: address === null ? undefined : { address, port },
+        local: localAddress === null ? undefined : { address: localAddress, port: localPort },
+      });
     });
     return typeof handle === 'string' ? handle : new NativeListener(handle);
   }
@@ -57,6 +65,11 @@ export class NativeListener {
   /** Clients in their startup in C now. */
   get pending(): number {
     return this.#closed ? 0 : (native.addon?.listenPending(this.#handle) ?? 0);
+  }
+
+  /** Clients in their startup in Node.js (the unix socket's, those C passed on): C counts them with its own against maxPending. */
+  set outside(n: number) {
+    if (!this.#closed) native.addon?.listenOutside(this.#handle, n);
   }
 
   /** Stops accepting; clients still in their startup in C are closed. */

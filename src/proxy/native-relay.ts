@@ -105,9 +105,11 @@ interface Addon {
   deskSweep(desk: Handle, resetTimeoutMs: number): void;
   deskHold(desk: Handle, id: number): void;
   /** A listener in C for plain clients (native/listener.h; src/proxy/native-listener.ts). */
-  listen(fd: number, onArrival: (kind: number, fd: number, data: Buffer | null, address: string | null, port: number) => void): Handle | string;
+  listen(fd: number, onArrival: (kind: number, fd: number, data: Buffer | null, address: string | null, port: number, localAddress: string | null, localPort: number) => void): Handle | string;
   listenConfig(listener: Handle, negotiate: boolean, maxPending: number, timeoutMs: number): void;
   listenPending(listener: Handle): number;
+  /** Clients in their startup in Node.js, counted by C with its own against maxPending. */
+  listenOutside(listener: Handle, n: number): void;
   listenClose(listener: Handle): void;
 }
 
@@ -125,7 +127,7 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
   try {
     // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
     const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskRelay !== 'function' || typeof addon.listen !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
+    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskRelay !== 'function' || typeof addon.listenOutside !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };

@@ -187,6 +187,7 @@ export class ProxyServer {
     this.#options = { ...options, listen: this.#options.listen };
     for (const pool of this.#pools.values()) pool.update(options.pool);
     this.#listener?.configure(this.#startupsInC(), options.maxStartups, options.startupTimeoutMs);
+    this.#startupsChanged();
   }
 
   /** The clients of this server now, from their startup to their end. */
@@ -270,6 +271,16 @@ export class ProxyServer {
     let n = 0;
     for (const session of this.#sessions) if (session.established === established) n++;
     return n;
+  }
+
+  /**
+   * Tells the listener in C how many clients are in their startup here in Node.js (the unix
+   * socket's, those C passed on), which it counts with its own against MaxStartups as #accept
+   * counts its. Called where a session enters or leaves its startup; a walk of the sessions, as
+   * #accept's, only while a limit is set.
+   */
+  #startupsChanged(): void {
+    if (this.#listener && this.options.maxStartups > 0) this.#listener.outside = this.#count(false);
   }
 
   /** The TCP port actually bound (differs from options when 0 was asked for). */
@@ -484,7 +495,7 @@ export class ProxyServer {
     const database = this.#database(parameters);
     const taken = this.#pools.get(database)?.takeSession(loginKeyOf(forwardedParameters(parameters, database)));
     if (!taken) return false;
-    const state = peerState(arrival.remote, { address: this.options.listen.address, port: this.port }, this.options.name);
+    const state = peerState(arrival.remote, arrival.local ?? { address: this.options.listen.address, port: this.port }, this.options.name);
     describeClient(state, { parameters });
     const session: Session = { relay: undefined, socket: undefined, established: true, late: false, state };
     this.#sessions.add(session);
@@ -520,11 +531,13 @@ export class ProxyServer {
     session.state.target = this.options.name;
     this.#sessions.add(session);
     this.#observer.clientOpened();
+    this.#startupsChanged();
     socket.once('close', () => {
       // A session with a relay ends with it (the native relay closes Node's socket at its start);
       // one that a shared port's front handed to its target is that target's.
       if (session.relay || !this.#sessions.delete(session)) return;
       this.#observer.clientClosed();
+      this.#startupsChanged();
     });
     this.#run(session, adopted).catch((error: unknown) => {
       this.#log.error({ err: error instanceof Error ? error.message : String(error) }, 'session failed unexpectedly');
@@ -559,6 +572,7 @@ export class ProxyServer {
     if (claimed && this.#deps.console) {
       this.#sessions.delete(session); // the console's from here on, not waited for by drained()
       this.#observer.clientClosed();
+      this.#startupsChanged();
       const viaUnixSocket = raw.remoteAddress === undefined;
       this.#deps.console.serve({
         socket: handshake.socket,
@@ -586,6 +600,7 @@ export class ProxyServer {
       return;
     }
     session.established = true;
+    this.#startupsChanged();
 
     const { socket: client, parameters, frames } = handshake;
     const clientUser = parameters.get('user') as string;
