@@ -38,7 +38,7 @@
  *   deskHold(desk, id)
  * A listener (listener.h):
  *   listen(fd, onArrival(kind (enum lp_arrival), fd, data|null, address|null, port, localAddress|null, localPort)) -> listener | string
- *   listenConfig(listener, negotiate, maxPending, timeoutMs);  listenPending(listener) -> number;  listenOutside(listener, n);  listenClose(listener)
+ *   listenConfig(listener, negotiate, maxPending, timeoutMs);  listenPending(listener) -> number;  listenOutside(listener, n);  listenHandOver(listener);  listenClose(listener)
  *
  * Descriptors are taken as copies (dup): the caller closes its own (but deskRelay's with own).
  */
@@ -1456,6 +1456,14 @@ static napi_value listen_outside(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
+static napi_value listen_hand_over(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (get_args(env, info, 1, argv)) return NULL;
+  lbinding_t *b = listener_of(env, argv[0]);
+  if (b && b->l) lp_listener_hand_over(b->l); /* calls onArrival for each, from here */
+  return undefined(env);
+}
+
 static napi_value listen_close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (get_args(env, info, 1, argv)) return NULL;
@@ -1514,6 +1522,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "listenConfig", NULL, listen_config, NULL, NULL, NULL, napi_default, NULL },
     { "listenPending", NULL, listen_pending, NULL, NULL, NULL, napi_default, NULL },
     { "listenOutside", NULL, listen_outside, NULL, NULL, NULL, napi_default, NULL },
+    { "listenHandOver", NULL, listen_hand_over, NULL, NULL, NULL, napi_default, NULL },
     { "listenClose", NULL, listen_close, NULL, NULL, NULL, napi_default, NULL },
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));

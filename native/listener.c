@@ -128,8 +128,7 @@ static void arrival_hand(arrival *a, enum lp_arrival kind) {
     fd = -1;
   }
   /* a->buf and a->peer live until the handle's close callback, after this call */
-  l->cb(l, l->user, kind, fd, kind == LP_ARRIVED_STARTUP ? a->buf : NULL, kind == LP_ARRIVED_STARTUP ? a->have : 0,
-        (const struct sockaddr *)&a->peer);
+  l->cb(l, l->user, kind, fd, fd >= 0 ? a->buf : NULL, fd >= 0 ? a->have : 0, (const struct sockaddr *)&a->peer);
 }
 
 /* Reads what the client sent; 1 when the arrival is over (handed on or dropped), 0 to wait for more. */
@@ -316,6 +315,10 @@ void lp_listener_config(lp_listener *l, int negotiate, int max_pending, double t
 int lp_listener_pending(const lp_listener *l) { return l->pending; }
 
 void lp_listener_outside(lp_listener *l, int n) { l->outside = n > 0 ? n : 0; }
+
+void lp_listener_hand_over(lp_listener *l) {
+  while (!l->closing && l->head) arrival_hand(l->head, LP_ARRIVED_RAW);
+}
 
 void lp_listener_close(lp_listener *l) {
   if (l->closing) return;

@@ -24,7 +24,8 @@ enum lp_arrival {
   LP_ARRIVED_STARTUP = 1,
   /* MaxStartups clients are in their startup here: `data` is empty, the caller turns it away. */
   LP_ARRIVED_BUSY,
-  /* As accepted, nothing read (lp_listener_config: negotiate off, or C could not watch it). */
+  /* As accepted, nothing read (lp_listener_config: negotiate off, or C could not watch it); or
+     handed over in its startup by lp_listener_hand_over, with what was read of it so far in `data`. */
   LP_ARRIVED_RAW,
   /* Its startup took longer than the timeout: C closed it (fd is -1); for the caller's log. */
   LP_ARRIVED_TIMEOUT,
@@ -44,6 +45,9 @@ void lp_listener_config(lp_listener *l, int negotiate, int max_pending, double t
 int lp_listener_pending(const lp_listener *l);
 /* Clients in their startup elsewhere (the caller's other listeners), counted with those here against max_pending. */
 void lp_listener_outside(lp_listener *l, int n);
+/* Hands every client in its startup here to the caller now (LP_ARRIVED_RAW): at a shutdown they
+   become the caller's clients, answered as it answers its own. */
+void lp_listener_hand_over(lp_listener *l);
 /* Stops accepting and closes the clients still in their startup; no callback after. Frees itself
    once libuv lets go of its handles. */
 void lp_listener_close(lp_listener *l);

@@ -14,10 +14,12 @@ import { startTokenPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { configTop, startRuntime } from './harness/console.js';
 import { freePort } from './harness/tools.js';
+import { serialize } from './harness/wire.js';
 import { cleanEnvironment, pgClient, waitUntil } from './reliability-support.js';
 import { native } from '../src/proxy/native-relay.js';
 
 let db: TestPostgres;
+const USER = 'anyone';
 const token = 'tok-' + randomBytes(40).toString('base64url');
 
 before(async () => {
@@ -169,4 +171,53 @@ test('MaxStartups counts the clients in their startup on the unix socket in C to
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+/** A client connected and accepted (the one after it was served: accept is in order), that sent nothing yet. */
+async function acceptedSilent(proxy: InProcessProxy): Promise<Socket> {
+  const socket = await tcp(proxy.port);
+  await visit(proxy.port);
+  await waitUntil(() => proxy.server.connections === 0, 5000, 'the visit gone');
+  return socket;
+}
+
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+test('a client in its startup in C when the shutdown begins is waited for by drained() and gets 57P03 at its startup, as with Node.js\' listener', async (t) => {
+  if (!requireNative(t)) return;
+  await withProxy([], async (proxy) => {
+    const waiting = await acceptedSilent(proxy);
+    try {
+      proxy.server.refuseNewClients();
+      let drained = false;
+      const draining = proxy.server.drained().then(() => (drained = true));
+      for (let i = 0; i < 5; i++) await turn();
+      assert.equal(drained, false, 'drained() waits for the client accepted before the refusal');
+      const answer = received(waiting);
+      waiting.write(serialize.startup({ user: USER, database: db.database }));
+      assert.equal(sqlstateIn(await answer), '57P03', 'the proxy is shutting down');
+      await draining;
+    } finally {
+      waiting.destroy();
+    }
+  });
+});
+
+test('a client in its startup in C when the listener stops (a target removed by a reload) goes on with the bytes C read of it, and gets 57P03 at its startup, as with Node.js\' listener', async (t) => {
+  if (!requireNative(t)) return;
+  await withProxy([], async (proxy) => {
+    const waiting = await acceptedSilent(proxy);
+    try {
+      const answer = received(waiting);
+      const bytes = serialize.startup({ user: USER, database: db.database });
+      waiting.write(bytes.subarray(0, 11));
+      await visit(proxy.port); // C has read the first bytes meanwhile
+      proxy.server.stopAccepting();
+      await assert.rejects(tcp(proxy.port), 'the port is closed');
+      waiting.write(bytes.subarray(11));
+      assert.equal(sqlstateIn(await answer), '57P03', 'the proxy is shutting down');
+    } finally {
+      waiting.destroy();
+    }
+  });
 });

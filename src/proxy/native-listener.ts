@@ -15,8 +15,8 @@ const ARRIVALS = ['startup', 'busy', 'raw', 'timeout'] as const;
 export interface Arrival {
   /**
    * startup: `data` holds its first packet other than an encryption request (refused with 'N'
-   * already), and what followed it; busy: too many clients in their startup; raw: nothing read;
-   * timeout: its startup took too long (C closed it; for the log).
+   * already), and what followed it; busy: too many clients in their startup; raw: nothing read,
+   * or (handOver) what was read so far; timeout: its startup took too long (C closed it; for the log).
    */
   readonly kind: (typeof ARRIVALS)[number];
   /** The client's socket, the receiver's to close or to pass on; -1 for timeout. */
@@ -70,6 +70,11 @@ export class NativeListener {
   /** Clients in their startup in Node.js (the unix socket's, those C passed on): C counts them with its own against maxPending. */
   set outside(n: number) {
     if (!this.#closed) native.addon?.listenOutside(this.#handle, n);
+  }
+
+  /** Every client in its startup in C goes to onArrival now (raw, with what C read of it), in this call. */
+  handOver(): void {
+    if (!this.#closed) native.addon?.listenHandOver(this.#handle);
   }
 
   /** Stops accepting; clients still in their startup in C are closed. */

@@ -110,6 +110,8 @@ interface Addon {
   listenPending(listener: Handle): number;
   /** Clients in their startup in Node.js, counted by C with its own against maxPending. */
   listenOutside(listener: Handle, n: number): void;
+  /** Every client in its startup in C to onArrival now, as raw with the bytes read so far. */
+  listenHandOver(listener: Handle): void;
   listenClose(listener: Handle): void;
 }
 
@@ -127,7 +129,7 @@ export const native: { readonly addon: Addon | undefined; readonly problem: stri
   try {
     // Linked with immediate binding: a symbol this Node.js lacks fails here, not at the first session.
     const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskRelay !== 'function' || typeof addon.listenOutside !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
+    if (typeof addon.connect !== 'function' || typeof addon.detach !== 'function' || typeof addon.deskRelay !== 'function' || typeof addon.listenHandOver !== 'function') return { addon: undefined, problem: 'the native relay build is out of date (npm rebuild)' };
     return { addon, problem: undefined };
   } catch (error) {
     return { addon: undefined, problem: (error as Error).message.split('\n')[0] };

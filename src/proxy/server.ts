@@ -324,6 +324,7 @@ export class ProxyServer {
    * port closed; cancel requests are still forwarded. Open sessions go on.
    */
   refuseNewClients(): void {
+    this.#listener?.handOver(); // clients in their startup in C: this server's, accepted before the refusal, as Node.js' would be
     this.#accepting = false;
     this.#turnAwayHeld();
     this.#endTransactionClients();
@@ -335,6 +336,7 @@ export class ProxyServer {
    * the others as their clients leave (an open upstream connection would keep the process alive).
    */
   stopAccepting(): void {
+    this.#listener?.handOver(); // as Node.js' listener leaves its accepted clients: they go on (late ones get 57P03)
     this.#accepting = false;
     this.#turnAwayHeld();
     this.#endTransactionClients();
