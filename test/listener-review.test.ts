@@ -5,10 +5,11 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect, type Socket } from 'node:net';
+import { createSecureContext, TLSSocket } from 'node:tls';
 import type { TestPostgres } from './harness/postgres.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
@@ -219,5 +220,82 @@ test('a client in its startup in C when the listener stops (a target removed by 
     } finally {
       waiting.destroy();
     }
+  });
+});
+
+test('a reload that configures client TLS: C stops answering SSLRequest with N, and the next client gets TLS', async (t) => {
+  if (!requireNative(t)) return;
+  await withProxy([], async (proxy) => {
+    await visit(proxy.port);
+    await parked(proxy);
+    const plain = proxy.server.options;
+    const tls = createSecureContext({ cert: readFileSync(db.ca.serverCertFile), key: readFileSync(db.ca.serverKeyFile) });
+    proxy.server.update({ ...plain, clientAuth: { ...plain.clientAuth, tls } });
+    const client = pgClient(proxy.port, db, { ssl: { rejectUnauthorized: false } });
+    await client.connect();
+    try {
+      const stream = (client as unknown as { connection: { stream: Socket } }).connection.stream;
+      assert.ok(stream instanceof TLSSocket && stream.encrypted, 'the client is on TLS');
+      assert.equal((await client.query<{ n: number }>('select 1 as n')).rows[0]?.n, 1);
+    } finally {
+      await client.end();
+    }
+    assert.equal(inC(proxy), 0, 'nothing served from C while TLS is configured');
+  });
+});
+
+/** A startup packet of exactly `length` bytes with no user (28000 once framed whole). */
+function noUserStartup(length: number): Buffer {
+  const packet = Buffer.alloc(length);
+  packet.writeInt32BE(length, 0);
+  packet.writeInt32BE(196608, 4); // 3.0
+  const name = Buffer.from('application_name\0');
+  name.copy(packet, 8);
+  packet.fill(0x61, 8 + name.length, length - 2); // its value; then its terminator and the packet's
+  return packet;
+}
+
+const SSL_REQUEST = Buffer.from([0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+const GSSENC_REQUEST = Buffer.from([0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]);
+
+/** What the proxy answers to `chunks`, written one per event loop turn. */
+async function answerTo(port: number, chunks: Buffer[]): Promise<Buffer> {
+  const socket = await tcp(port);
+  socket.setNoDelay(true);
+  const answer = received(socket);
+  for (const chunk of chunks) {
+    socket.write(chunk);
+    await turn();
+  }
+  return answer;
+}
+
+test('startup framing in C at its edges: lengths 0 to 7, 10,004 and 10,005, repeated encryption requests, a long packet cut around the length word and the inline buffer', async (t) => {
+  if (!requireNative(t)) return;
+  await withProxy([], async (proxy) => {
+    for (let length = 0; length < 8; length++) {
+      const bytes = Buffer.alloc(8);
+      bytes.writeInt32BE(length, 0);
+      assert.equal(sqlstateIn(await answerTo(proxy.port, [bytes])), '08P01', `a length word of ${length}`);
+    }
+    assert.equal(sqlstateIn(await answerTo(proxy.port, [noUserStartup(10004)])), '28000', 'the longest packet, read whole');
+    const over = await answerTo(proxy.port, [noUserStartup(10005)]);
+    assert.equal(sqlstateIn(over), '08P01', 'one byte more');
+    assert.match(over.toString('latin1'), /invalid startup packet length 10005/);
+    // A client waits for each answer (bytes after a request, unanswered, are Postgres' 08P01: the test above).
+    const negotiating = await tcp(proxy.port);
+    for (const request of [SSL_REQUEST, GSSENC_REQUEST, SSL_REQUEST]) {
+      const answer = new Promise<Buffer>((resolve) => negotiating.once('data', resolve));
+      negotiating.write(request);
+      assert.deepEqual(await answer, Buffer.from('N'), 'each request refused with N');
+    }
+    const negotiated = received(negotiating);
+    negotiating.write(noUserStartup(40));
+    assert.equal(sqlstateIn(await negotiated), '28000');
+    const long = noUserStartup(600);
+    for (const at of [1, 3, 4, 5, 8, 511, 512, 513, 599]) {
+      assert.equal(sqlstateIn(await answerTo(proxy.port, [long.subarray(0, at), long.subarray(at)])), '28000', `cut at ${at}`);
+    }
+    assert.ok(await visit(proxy.port), 'the proxy serves the next client');
   });
 });
