@@ -455,14 +455,19 @@ export class ProxyServer {
 
   /** A client the listener in C accepted: served here at once (#onDesk), else made a Node.js socket for the usual way. */
   #arrived(arrival: Arrival): void {
+    let owned = arrival.fd >= 0; // until a Node.js socket or C has it: then never closed here
+    const disown = (): void => {
+      owned = false;
+    };
     try {
       if (arrival.kind === 'timeout') {
         this.#observer.failure('startup_timeout');
         this.#log.info({ peer: peerOf(arrival.remote) }, 'client did not complete its startup in time; dropped');
         return;
       }
-      if (arrival.kind === 'startup' && this.#onDesk(arrival)) return;
+      if (arrival.kind === 'startup' && this.#onDesk(arrival, disown)) return;
       const socket = toSocket(arrival);
+      disown();
       if (arrival.kind === 'busy') {
         socket.on('error', () => {});
         this.#tooManyStartups(socket);
@@ -471,15 +476,16 @@ export class ProxyServer {
       }
     } catch (error) {
       this.#log.error({ err: (error as Error).message }, 'a client from the listener could not be served');
-      if (arrival.fd >= 0) closeFd(arrival.fd);
+      if (owned) closeFd(arrival.fd);
     }
   }
 
   /**
    * A client whose startup C read: its session on an idle connection of its pool's desk, started
    * in this call, when it may have one (as #run would give it one); false for the usual way.
+   * `disown`: the client's socket is C's or a Node.js socket's now.
    */
-  #onDesk(arrival: Arrival): boolean {
+  #onDesk(arrival: Arrival, disown: () => void): boolean {
     const data = arrival.data;
     if (!data || data.length < 8 || !this.#accepting || this.#paused || !this.#startupsInC() || this.atCapacity) return false;
     const length = data.readInt32BE(0);
@@ -510,6 +516,7 @@ export class ProxyServer {
       own: true,
       refuse: (facing) => {
         const socket = toSocket({ ...arrival, data: undefined });
+        disown();
         socket.on('error', () => {});
         socket.once('close', () => {
           if (this.#sessions.delete(session)) this.#observer.clientClosed();
@@ -517,7 +524,7 @@ export class ProxyServer {
         authenticated(socket);
         refuse(socket, facing);
       },
-      taken: () => {},
+      taken: disown,
     };
     this.#runOnDesk(session, taken, { client, database, peer: peerOf(arrival.remote), user: parameters.get('user') as string, started: Date.now() });
     return true;
