@@ -111,7 +111,7 @@ static void arrival_leave(arrival *a) {
   if (was_head) arm_deadlines(l);
 }
 
-/* Gone before its startup was read (EOF, an error, the listener closing): closed, nobody told. */
+/* The listener is closing: closed, nobody told. */
 static void arrival_drop(arrival *a) {
   arrival_leave(a);
   close(a->fd);
@@ -123,7 +123,7 @@ static void arrival_hand(arrival *a, enum lp_arrival kind) {
   int fd = a->fd;
   a->fd = -1;
   arrival_leave(a); /* the handle is out of the poller now: the caller may watch the socket its own way */
-  if (kind == LP_ARRIVED_TIMEOUT) {
+  if (kind == LP_ARRIVED_TIMEOUT || kind == LP_ARRIVED_GONE) {
     close(fd);
     fd = -1;
   }
@@ -141,7 +141,7 @@ static int arrival_read(arrival *a) {
         return 1;
       case LP_STARTUP_REFUSE_ENCRYPTION:
         if (send(a->fd, "N", 1, MSG_NOSIGNAL) != 1) {
-          arrival_drop(a); /* a one-byte answer on a new connection cannot block: the client is gone */
+          arrival_hand(a, LP_ARRIVED_GONE); /* a one-byte answer on a new connection cannot block: the client is gone */
           return 1;
         }
         a->have = 0;
@@ -152,7 +152,7 @@ static int arrival_read(arrival *a) {
     if (need > a->cap) {
       unsigned char *bigger = malloc(need);
       if (!bigger) {
-        arrival_drop(a);
+        arrival_hand(a, LP_ARRIVED_GONE);
         return 1;
       }
       memcpy(bigger, a->buf, a->have);
@@ -167,7 +167,7 @@ static int arrival_read(arrival *a) {
     }
     if (got < 0 && errno == EINTR) continue;
     if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
-    arrival_drop(a);
+    arrival_hand(a, LP_ARRIVED_GONE);
     return 1;
   }
 }
@@ -175,7 +175,7 @@ static int arrival_read(arrival *a) {
 static void arrival_poll_cb(uv_poll_t *handle, int status, int events) {
   (void)events;
   arrival *a = (arrival *)handle;
-  if (status < 0) arrival_drop(a);
+  if (status < 0) arrival_hand(a, LP_ARRIVED_GONE);
   else arrival_read(a);
 }
 

@@ -29,10 +29,12 @@ enum lp_arrival {
   LP_ARRIVED_RAW,
   /* Its startup took longer than the timeout: C closed it (fd is -1); for the caller's log. */
   LP_ARRIVED_TIMEOUT,
+  /* It went away (or failed) in its startup: C closed it (fd is -1); for the caller's counts. */
+  LP_ARRIVED_GONE,
 };
 
 /* The client's socket (non-blocking, close-on-exec) is the caller's from this call on, but for
-   LP_ARRIVED_TIMEOUT. `data` is valid during the call only. `peer` is its address (AF_UNIX: none). */
+   LP_ARRIVED_TIMEOUT and LP_ARRIVED_GONE. `data` is valid during the call only. `peer` is its address (AF_UNIX: none). */
 typedef void (*lp_arrival_cb)(lp_listener *l, void *user, enum lp_arrival kind, int fd, const unsigned char *data, size_t n,
                               const struct sockaddr *peer);
 

@@ -17,7 +17,7 @@ import { configTop, startRuntime } from './harness/console.js';
 import { freePort } from './harness/tools.js';
 import { serialize } from './harness/wire.js';
 import { cleanEnvironment, pgClient, waitUntil } from './reliability-support.js';
-import { native } from '../src/proxy/native-relay.js';
+import { received, requireNative, sqlstateIn, tcp } from './listener-support.js';
 
 let db: TestPostgres;
 const USER = 'anyone';
@@ -28,11 +28,6 @@ before(async () => {
 });
 after(() => db?.stop());
 
-function requireNative(t: { skip: (message: string) => void }): boolean {
-  if (native.addon) return true;
-  t.skip(`the listener in C needs the native relay: ${native.problem}`);
-  return false;
-}
 
 async function withProxy<T>(flags: string[], fn: (proxy: InProcessProxy) => Promise<T>): Promise<T> {
   const proxy = await startProxy(['--connection', connectionFor(db, token), '--relay', 'native', ...flags]);
@@ -59,40 +54,8 @@ async function parked(proxy: InProcessProxy): Promise<void> {
   await waitUntil(() => [...proxy.server.pools.values()].some((pool) => pool.stats.idle > 0), 5000, 'an idle pooled connection');
 }
 
-async function tcp(port: number, host = '127.0.0.1'): Promise<Socket> {
-  const socket = connect({ host, port });
-  socket.on('error', () => {});
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', resolve);
-    socket.once('error', reject);
-  });
-  return socket;
-}
 
-/** Until `socket` closes; what it received. */
-function received(socket: Socket): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
-  return new Promise((resolve) => socket.once('close', () => resolve(Buffer.concat(chunks))));
-}
 
-/** The SQLSTATE of the first ErrorResponse in `bytes`. */
-function sqlstateIn(bytes: Buffer): string | undefined {
-  for (let i = 0; i + 5 <= bytes.length; ) {
-    const type = String.fromCharCode(bytes[i] as number);
-    const length = bytes.readInt32BE(i + 1);
-    if (type === 'E') {
-      const body = bytes.subarray(i + 5, i + 1 + length);
-      for (let j = 0; j < body.length && body[j] !== 0; ) {
-        const end = body.indexOf(0, j + 1);
-        if (body[j] === 0x43 /* C */) return body.toString('utf8', j + 1, end);
-        j = end + 1;
-      }
-    }
-    i += 1 + length;
-  }
-  return undefined;
-}
 
 test('a target renamed by a reload listens on the port its predecessor left in the same turn: C closes the listening socket at once', async (t) => {
   if (!requireNative(t)) return;

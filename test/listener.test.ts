@@ -10,14 +10,14 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import pg from 'pg';
 import type { TestPostgres } from './harness/postgres.js';
 import { startTokenPostgres } from './harness/postgres.js';
 import { connectionFor, startProxy, type InProcessProxy } from './harness/proxy.js';
 import { WireClient, serialize } from './harness/wire.js';
 import { firstChunk, pgClient, sleep, waitUntil } from './reliability-support.js';
-import { native } from '../src/proxy/native-relay.js';
+import { received, requireNative, sqlstateIn, tcp } from './listener-support.js';
 import { Metrics } from '../src/ops/metrics.js';
 import { makeVerifier } from '../src/auth/scram.js';
 
@@ -31,11 +31,6 @@ before(async () => {
 });
 after(() => db?.stop());
 
-function requireNative(t: { skip: (message: string) => void }): boolean {
-  if (native.addon) return true;
-  t.skip(`the listener in C needs the native relay: ${native.problem}`);
-  return false;
-}
 
 async function withProxy<T>(flags: string[], fn: (proxy: InProcessProxy, metrics: Metrics) => Promise<T>): Promise<T> {
   const metrics = new Metrics();
@@ -68,15 +63,6 @@ async function parked(proxy: InProcessProxy): Promise<void> {
   await waitUntil(() => [...proxy.server.pools.values()].some((pool) => pool.stats.idle > 0), 5000, 'an idle pooled connection');
 }
 
-async function tcp(port: number): Promise<Socket> {
-  const socket = connect({ host: '127.0.0.1', port });
-  socket.on('error', () => {});
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', resolve);
-    socket.once('error', reject);
-  });
-  return socket;
-}
 
 const SSL_REQUEST = Buffer.from([0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
 
@@ -84,30 +70,7 @@ function startup(parameters: Record<string, string>): Buffer {
   return serialize.startup(parameters);
 }
 
-/** Until `socket` closes; what it received. */
-function received(socket: Socket): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
-  return new Promise((resolve) => socket.once('close', () => resolve(Buffer.concat(chunks))));
-}
 
-/** The SQLSTATE of the first ErrorResponse in `bytes` (after an optional AuthenticationOk). */
-function sqlstateIn(bytes: Buffer): string | undefined {
-  for (let i = 0; i + 5 <= bytes.length; ) {
-    const type = String.fromCharCode(bytes[i] as number);
-    const length = bytes.readInt32BE(i + 1);
-    if (type === 'E') {
-      const body = bytes.subarray(i + 5, i + 1 + length);
-      for (let j = 0; j < body.length && body[j] !== 0; ) {
-        const end = body.indexOf(0, j + 1);
-        if (body[j] === 0x43 /* C */) return body.toString('utf8', j + 1, end);
-        j = end + 1;
-      }
-    }
-    i += 1 + length;
-  }
-  return undefined;
-}
 
 test('a client whose pool has an idle connection is served from the startup C read: same backend, its own parameters, its address in SHOW CLIENTS', async (t) => {
   if (!requireNative(t)) return;
@@ -208,6 +171,23 @@ test('StartupTimeout in C: a client that sends nothing, half a length word or ha
     await waitUntil(() => proxy.logs.filter((l) => l['msg'] === 'client did not complete its startup in time; dropped').length === 3, 5000, 'three log lines');
     assert.match(await metrics.text(), /lakebase_proxy_login_failures_total\{[^}]*reason="startup_timeout"[^}]*\} 3/);
     assert.equal(await visit(proxy).then((v) => v.value), '1', 'the proxy serves the next client');
+  });
+});
+
+test('clients that leave in their startup in C (a health probe, a half packet then FIN, a reset) are counted opened and closed, as Node.js counts its own', async (t) => {
+  if (!requireNative(t)) return;
+  await withProxy([], async (proxy, metrics) => {
+    const total = async (name: string): Promise<number> => Number(new RegExp(`^lakebase_proxy_${name}\\{[^}]*\\} (\\d+)`, 'm').exec(await metrics.text())?.[1] ?? 0);
+    const probe = await tcp(proxy.port);
+    probe.end();
+    const half = await tcp(proxy.port);
+    half.end(startup({ user: USER }).subarray(0, 10));
+    const reset = await tcp(proxy.port);
+    reset.write(Buffer.from([0, 0, 0]));
+    reset.resetAndDestroy();
+    await waitUntil(async () => (await total('client_connections_total')) === 3, 5000, 'three clients counted');
+    await waitUntil(async () => (await total('client_connections_open')) === 0, 5000, 'none open');
+    assert.equal(proxy.server.connections, 0);
   });
 });
 

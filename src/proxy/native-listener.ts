@@ -10,16 +10,17 @@ import { closeSync } from 'node:fs';
 import { fdOf, native, type Handle } from './native-relay.js';
 
 /** How a client came (native/listener.h, enum lp_arrival, from 1). */
-const ARRIVALS = ['startup', 'busy', 'raw', 'timeout'] as const;
+const ARRIVALS = ['startup', 'busy', 'raw', 'timeout', 'gone'] as const;
 
 export interface Arrival {
   /**
    * startup: `data` holds its first packet other than an encryption request (refused with 'N'
    * already), and what followed it; busy: too many clients in their startup; raw: nothing read,
-   * or (handOver) what was read so far; timeout: its startup took too long (C closed it; for the log).
+   * or (handOver) what was read so far; timeout: its startup took too long (C closed it; for the log);
+   * gone: it left or failed in its startup (C closed it; for the counts).
    */
   readonly kind: (typeof ARRIVALS)[number];
-  /** The client's socket, the receiver's to close or to pass on; -1 for timeout. */
+  /** The client's socket, the receiver's to close or to pass on; -1 for timeout and gone. */
   readonly fd: number;
   readonly data: Buffer | undefined;
   /** The peer; undefined over a unix socket. */

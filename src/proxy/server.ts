@@ -460,7 +460,11 @@ export class ProxyServer {
       owned = false;
     };
     try {
-      if (arrival.kind === 'timeout') {
+      if (arrival.kind === 'timeout' || arrival.kind === 'gone') {
+        // Counted as a client that came and went, as one that Node.js accepted is.
+        this.#observer.clientOpened();
+        this.#observer.clientClosed();
+        if (arrival.kind === 'gone') return;
         this.#observer.failure('startup_timeout');
         this.#log.info({ peer: peerOf(arrival.remote) }, 'client did not complete its startup in time; dropped');
         return;
