@@ -32,16 +32,19 @@
  *    (reference_step), into room for at least what is needed; sends only one 'N', only when what
  *    it holds is exactly an SSLRequest or GSSENCRequest;
  *  - it closes only its listening socket (after lp_listener_close, once) and clients in their
- *    startup: dropped only after their socket said EOF or an error (or POLLERR), after a failed
- *    malloc, or by lp_listener_close; timed out (the callback right after the close) only at or
+ *    startup: dropped only after their socket said EOF or an error (or POLLERR), or after a failed
+ *    malloc (GONE, the callback right after the close), or by lp_listener_close (no callback);
+ *    timed out (TIMEOUT, the callback right after the close) only at or
  *    after the deadline the model computed at the accept; a deadline due at the start of a turn
  *    of the loop has fired by its end;
  *  - every callback comes before lp_listener_close, for a client the model knows, with the peer's
  *    address: RAW at once for a client accepted with negotiate off (or whose arrival could not be
- *    allocated), BUSY at once for one accepted with max_pending clients in their startup, STARTUP
+ *    allocated), BUSY at once for one accepted with max_pending clients in their startup (its own
+ *    and the `outside` ones lp_listener_outside set), RAW with the bytes read so far for each
+ *    client in its startup within lp_listener_hand_over, STARTUP
  *    with `data` exactly the bytes the listener read since the last refused request (the client's
  *    bytes, after those requests) that lp_startup_step and reference_step both call DONE, TIMEOUT
- *    with fd -1; the fd of the others is the accepted socket, open (fstat), non-blocking,
+ *    and GONE with fd -1; the fd of the others is the accepted socket, open (fstat), non-blocking,
  *    close-on-exec, the client's (getpeername), TCP_NODELAY over TCP; no client is handed over,
  *    dropped or timed out twice;
  *  - lp_listener_pending equals the model's count of clients in their startup, in every callback
@@ -177,9 +180,9 @@ enum client_state {
   C_GONE,     /* the listener closed it */
 };
 static const char *const STATE_NAMES[] = { "unconnected", "in the backlog", "accepted", "in its startup", "handed over", "closed by the listener" };
-static const char *const KIND_NAMES[] = { "?", "STARTUP", "BUSY", "RAW", "TIMEOUT" };
+static const char *const KIND_NAMES[] = { "?", "STARTUP", "BUSY", "RAW", "TIMEOUT", "GONE" };
 
-static const char *kind_name(int kind) { return kind >= 1 && kind <= 4 ? KIND_NAMES[kind] : "?"; }
+static const char *kind_name(int kind) { return kind >= 1 && kind < (int)(sizeof KIND_NAMES / sizeof KIND_NAMES[0]) ? KIND_NAMES[kind] : "?"; }
 
 typedef struct {
   int index;
@@ -229,7 +232,8 @@ typedef struct {
   int listen_closed;
   int closing;  /* lp_listener_close was called */
   int in_close; /* inside it */
-  int negotiate, max_pending;
+  int negotiate, max_pending, outside;
+  int handing; /* inside lp_listener_hand_over */
   uint64_t timeout_ms;
   unsigned react, react_config;
   client_t clients[MAX_CLIENTS];
@@ -313,7 +317,7 @@ static void check_between(int closing_fd) {
   if (S->just_closed) {
     const client_t *c = S->just_closed;
     S->just_closed = NULL;
-    if (!c->drop_ok) fail("client %d closed by the listener with its socket well (no EOF, no error), and no TIMEOUT came", c->index);
+    fail("client %d closed by the listener (%s), and no GONE or TIMEOUT came", c->index, c->drop_ok ? "EOF or an error" : "its socket well");
   }
   for (int i = 0; i < MAX_CLIENTS; i++) {
     const client_t *c = &S->clients[i];
@@ -365,7 +369,7 @@ int listener_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
   c->deadline = now + S->timeout_ms;
   c->accepted_in = S->turns;
   S->last_accepted = c;
-  c->expect = !S->negotiate ? LP_ARRIVED_RAW : S->max_pending > 0 && S->pending >= S->max_pending ? LP_ARRIVED_BUSY : 0;
+  c->expect = !S->negotiate ? LP_ARRIVED_RAW : S->max_pending > 0 && S->pending + S->outside >= S->max_pending ? LP_ARRIVED_BUSY : 0;
   if (c->expect) {
     c->state = C_ACCEPTED;
     S->awaited = c;
@@ -536,15 +540,15 @@ static void caller_read(client_t *c) {
   }
 }
 
-static void configure(unsigned b);
+static void configure(unsigned b, unsigned x);
 static void close_listener(void);
 
 static void react(client_t *c, enum lp_arrival kind) {
   unsigned r = S->react;
-  if (kind != LP_ARRIVED_TIMEOUT && (r & REACT_CLOSE_FD)) caller_close(c, r & REACT_RESET);
+  if (kind != LP_ARRIVED_TIMEOUT && kind != LP_ARRIVED_GONE && (r & REACT_CLOSE_FD)) caller_close(c, r & REACT_RESET);
   if (r & REACT_CONFIG) {
     S->react &= ~(unsigned)REACT_CONFIG;
-    configure(S->react_config);
+    configure(S->react_config, r >> 4);
   }
   if (r & REACT_CLOSE_LISTENER) {
     S->react &= ~(unsigned)REACT_CLOSE_LISTENER;
@@ -559,7 +563,8 @@ static void on_arrival(lp_listener *l, void *user, enum lp_arrival kind, int fd,
   client_t *c = client_by_address(peer);
   if (!c) fail("a %s callback for a peer that is no client", kind_name(kind));
   if (verbose) fprintf(stderr, "  callback: client %d %s, fd %d, %zu bytes\n", c->index, kind_name(kind), fd, n);
-  if (kind != LP_ARRIVED_STARTUP && n != 0) fail("client %d: %s with %zu bytes of data", c->index, kind_name(kind), n);
+  int handed_over = kind == LP_ARRIVED_RAW && S->handing && c->state == C_STARTUP;
+  if (kind != LP_ARRIVED_STARTUP && !handed_over && n != 0) fail("client %d: %s with %zu bytes of data", c->index, kind_name(kind), n);
   switch (kind) {
     case LP_ARRIVED_TIMEOUT:
       if (S->just_closed != c) fail("client %d: TIMEOUT (%s) not right after the listener closed its socket", c->index, STATE_NAMES[c->state]);
@@ -569,8 +574,27 @@ static void on_arrival(lp_listener *l, void *user, enum lp_arrival kind, int fd,
       if (uv_now(&S->loop) < c->deadline) fail("client %d: TIMEOUT at %llu, its deadline %llu", c->index, (unsigned long long)uv_now(&S->loop), (unsigned long long)c->deadline);
       c->kind = kind;
       break;
-    case LP_ARRIVED_BUSY:
+    case LP_ARRIVED_GONE:
+      if (S->just_closed != c) fail("client %d: GONE (%s) not right after the listener closed its socket", c->index, STATE_NAMES[c->state]);
+      if (!c->drop_ok) fail("client %d: GONE with its socket well (no EOF, no error, no failed malloc)", c->index);
+      S->just_closed = NULL;
+      check_between(-1);
+      if (fd != -1) fail("client %d: GONE with fd %d", c->index, fd);
+      c->kind = kind;
+      break;
     case LP_ARRIVED_RAW:
+      if (handed_over) { /* lp_listener_hand_over: what the listener read of it so far */
+        check_between(-1);
+        if (fd != c->lfd) fail("client %d: RAW (handed over) with fd %d, accepted as %d", c->index, fd, c->lfd);
+        check_descriptor(c, fd);
+        size_t have = c->read_total - c->consumed;
+        if (n != have || (n && (!data || memcmp(data, from(&c->written, c->consumed), n) != 0)))
+          fail("client %d: handed over with %zu bytes, not the %zu it sent after %d refused requests", c->index, n, have, c->refusals);
+        S->pending--;
+        break;
+      }
+      /* fall through */
+    case LP_ARRIVED_BUSY:
       if (S->awaited != c || c->expect != kind)
         fail("client %d: %s (%s), %s expected", c->index, kind_name(kind), STATE_NAMES[c->state], S->awaited == c ? kind_name(c->expect) : "nothing at once");
       S->awaited = NULL;
@@ -594,7 +618,7 @@ static void on_arrival(lp_listener *l, void *user, enum lp_arrival kind, int fd,
     default:
       fail("client %d: a callback of kind %d", c->index, (int)kind);
   }
-  if (kind != LP_ARRIVED_TIMEOUT) {
+  if (kind != LP_ARRIVED_TIMEOUT && kind != LP_ARRIVED_GONE) {
     c->state = C_HANDED;
     c->kind = kind;
     c->hfd = fd;
@@ -611,7 +635,9 @@ static void on_arrival(lp_listener *l, void *user, enum lp_arrival kind, int fd,
 static const int MAX_PENDING[] = { 0, 1, 2, 3, -1 };
 static const double TIMEOUTS[] = { 0, 1, 2, 3, 5, 60000, 30000, 86400000 };
 
-static void configure(unsigned b) {
+/* `b`: negotiate, max_pending and the timeout; `x`: the clients in their startup outside (0 to 3),
+   and with 4 a hand-over after. */
+static void configure(unsigned b, unsigned x) {
   if (!S->l || S->closing) return;
   int negotiate = !(b & 1), max_pending = MAX_PENDING[((b >> 1) & 7) % 5];
   double timeout = TIMEOUTS[(b >> 4) % 8];
@@ -620,6 +646,16 @@ static void configure(unsigned b) {
   S->negotiate = negotiate;
   S->max_pending = max_pending > 0 ? max_pending : 0;
   S->timeout_ms = (uint64_t)timeout;
+  S->outside = (int)(x & 3);
+  if (verbose) fprintf(stderr, "  outside: %d\n", S->outside);
+  lp_listener_outside(S->l, S->outside);
+  if (!(x & 4)) return;
+  if (verbose) fprintf(stderr, "  lp_listener_hand_over\n");
+  int outer = S->handing;
+  S->handing = 1;
+  lp_listener_hand_over(S->l);
+  S->handing = outer;
+  if (!S->closing && S->pending != 0) fail("%d clients in their startup after lp_listener_hand_over", S->pending);
 }
 
 static void close_listener(void) {
@@ -987,9 +1023,11 @@ static void step(void) {
       turn();
       break;
     }
-    case 8:
-      configure(in_u8());
+    case 8: {
+      unsigned b = in_u8();
+      configure(b, b & 0x80 ? in_u8() : 0);
       break;
+    }
     case 9:
       close_listener();
       break;
@@ -1075,7 +1113,7 @@ static void run_session(unsigned config) {
   if (!s.l) fail("lp_listener_open: %s", error);
   s.negotiate = 1;
   s.timeout_ms = 60000;
-  if (config & CFG_CONFIG) configure(in_u8());
+  if (config & CFG_CONFIG) configure(in_u8(), 0);
   phase = "script";
   while (in_left > 0) step();
   phase = "end";

@@ -63,6 +63,8 @@ const step = {
   wait: (ms = 1) => [op(7), ms],
   waitBackoff: () => [op(7), 3], // past an EMFILE's backoff (100 ms)
   config: (...args) => [op(8), config(...args)],
+  // With a second byte: `outside` clients in their startup elsewhere (0 to 3), then lp_listener_hand_over when asked.
+  configOutside: (outside, handOver = false, ...args) => [op(8), config(...args) | 0x80, outside | (handOver ? 4 : 0)],
   closeListener: () => [op(9)],
   callerRead: (client) => [op(10, client)],
   callerClose: (client, reset = false) => [op(11, client), reset ? 1 : 0],
@@ -124,6 +126,16 @@ const seeds = {
   'close-with-pending': [0, client(0, what.ssl()), client(1, what.pattern(5)), step.connect(), step.closeListener(), step.connect(), step.loop(2), step.read(0), step.read(1), step.settle()],
   'close-tcp-backlog': [TCP, client(0), step.connect(), step.closeListener(), step.loop(), step.settle()],
   // The caller's reactions: the socket closed inside the callback; the config, the listener closed inside one.
+  // lp_listener_hand_over: every client in its startup goes over (RAW) with what was read of it, mid-packet or after a refusal.
+  'hand-over-mid-packet': [TCP, client(0, what.ssl()), step.connect(), step.compose(1, what.startup()), step.write(1, 9), step.loop(), step.connect(), step.compose(2, what.lengthWord(300)),
+    step.write(2, 2), step.loop(), step.read(0), step.configOutside(0, true), step.callerRead(0), step.callerRead(1), step.callerRead(2), step.send(1, what.pattern(5)), step.callerRead(1),
+    step.settle()],
+  // Inside a callback: the caller hands the others over (a reaction's config with hand-over).
+  'react-hand-over': [0, step.react(REACT.config | 0x40, config(true, 0, 60000)), step.connect(), step.compose(0, what.startup()), step.write(0, 5), step.loop(), client(1, what.startup()),
+    step.callerRead(0), step.settle()],
+  // MaxStartups counts the clients outside: with 1 outside and a limit of 2, the second client here is turned away.
+  'outside-busy': [TCP, step.configOutside(1, false, true, 2), client(0, what.pattern(3)), step.connect(), step.loop(), step.configOutside(0, false, true, 2), step.connect(), step.loop(),
+    step.settle()],
   'react-close-fd': [0, step.react(REACT.closeFd), client(0, what.startup()), client(1, what.ssl(), what.startup()), step.read(1), step.settle()],
   'react-close-listener': [TCP, step.react(REACT.closeListener), client(0, what.pattern(2)), client(1, what.startup()), step.loop(), step.connect(), step.loop()],
   'react-config-busy': [0, step.react(REACT.config, config(true, 1)), client(0, what.startup()), client(1, what.pattern(3)), step.connect(), step.loop(), step.settle()],
