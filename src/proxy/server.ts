@@ -824,7 +824,14 @@ export class ProxyServer {
     const hello = Buffer.concat([AUTHENTICATION_OK, withKey(server.greeting(), clientKey)]);
     relay.onAbandoned = () => this.#cancelAbandoned(peer, cancelUpstream);
     session.relay = relay;
-    const refused = client.fd !== undefined ? relay.start(client.fd, hello, client.first, client.own) : 'the client socket cannot be taken over';
+    let refused: string | undefined;
+    try {
+      refused = client.fd !== undefined ? relay.start(client.fd, hello, client.first, client.own) : 'the client socket cannot be taken over';
+    } catch (error) {
+      // The addon throws before it takes the descriptor (N-API failed): a refusal like the others,
+      // or the session would stay listed and counted, drained() would wait for it, the connection taken.
+      refused = (error as Error).message;
+    }
     if (refused !== undefined) {
       session.relay = undefined;
       clientKey.release();
