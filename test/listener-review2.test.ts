@@ -183,6 +183,8 @@ test('stopAccepting from inside a quick-path arrival (re-entrant): the client is
 });
 
 /** The next DeskSession.start() throws, as the addon's deskRelay does when N-API fails (CHECK), instead of returning a refusal. */
+const originalStart = DeskSession.prototype.start;
+
 function failNextStart(t: { after: (fn: () => void) => void }): void {
   const start = DeskSession.prototype.start;
   let armed = true;
@@ -194,7 +196,7 @@ function failNextStart(t: { after: (fn: () => void) => void }): void {
     return start.apply(this, args);
   };
   t.after(() => {
-    DeskSession.prototype.start = start;
+    DeskSession.prototype.start = originalStart;
   });
 }
 
@@ -214,6 +216,7 @@ test('a pooled session whose start throws leaves no ghost session: the client ge
       ['startup read in C', '127.0.0.1'],
       ['startup read by Node.js', dir],
     ] as const) {
+      await parked(proxy); // on the desk, so that this client's session starts there (a connection C is resetting is not on offer)
       failNextStart(t);
       const client = pgClient(proxy.port, db, { host });
       const error = await client.connect().then(
