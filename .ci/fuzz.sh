@@ -23,7 +23,8 @@
 #   build-fuzz/harness -merge=1 native/fuzz/corpus build-fuzz/corpus
 #   build-fuzz/txclient-harness -merge=1 native/fuzz/txclient-corpus build-fuzz/txclient-corpus
 #   build-fuzz/listener-harness -merge=1 native/fuzz/listener-corpus build-fuzz/listener-corpus
-# An input of a defect found and not fixed yet goes in native/fuzz/txclient-crashes/, not replayed
+# An input of a defect found and not fixed yet goes in native/fuzz/txclient-crashes/ (relay-crashes/ for
+# harness.c's), not replayed
 # here (a failing corpus input would stop the run before any fuzzing); it moves to the corpus with its fix.
 # Debian 12's clang 14 and libFuzzer, binutils' objcopy, and the libuv and OpenSSL 3.0 development packages.
 set -euo pipefail
